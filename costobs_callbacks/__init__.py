@@ -1,0 +1,52 @@
+"""costobs-callbacks: what your LLM agents cost, while they run; and a stop for runaway ones.
+
+The whole public API is here; every other module is private and may move.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from ._exceptions import (
+    BudgetExceededError,
+    ConfigurationError,
+    LoopDetectedError,
+    MissingAttributionError,
+    RunAborted,
+)
+from ._ledger import UNATTRIBUTED, RunCost
+from ._policy import Budget, BudgetWarning, LoopPolicy
+from ._pricing import PriceBook, UnitPrices
+from ._scope import RunScope
+from ._store import RollupRow
+from ._tracker import CostTracker
+
+try:
+    __version__ = _version("costobs-callbacks")
+except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
+    __version__ = "0.0.0"
+
+COST_EVENT = "costobs.cost"
+"""The LangChain custom event a tool dispatches to report its own cost at run time:
+``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
+
+__all__ = [
+    "COST_EVENT",
+    "UNATTRIBUTED",
+    "Budget",
+    "BudgetExceededError",
+    "BudgetWarning",
+    "ConfigurationError",
+    "CostTracker",
+    "LoopDetectedError",
+    "LoopPolicy",
+    "MissingAttributionError",
+    "PriceBook",
+    "RollupRow",
+    "RunAborted",
+    "RunCost",
+    "RunScope",
+    "UnitPrices",
+    "__version__",
+]

@@ -1,0 +1,95 @@
+"""The event model every framework adapter translates into.
+
+Records are small slotted dataclasses: cheap to build on the hot path, immutable once exported.
+Money is integer nano-USD (1e-9 USD) everywhere inside; ``Decimal`` only at the public edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "nanos_to_usd", "usd_to_nanos"]
+
+NANOS_PER_USD = 1_000_000_000
+
+
+def nanos_to_usd(nanos: int | None) -> Decimal | None:
+    """Integer nano-USD to an exact ``Decimal`` in USD."""
+    if nanos is None:
+        return None
+    return Decimal(nanos).scaleb(-9)
+
+
+def usd_to_nanos(usd: Any) -> int:
+    """USD (``Decimal``, ``int``, ``float`` or numeric string) to integer nano-USD, half-even."""
+    d = usd if isinstance(usd, Decimal) else Decimal(str(usd))
+    if not d.is_finite():
+        raise ValueError(f"not a finite amount: {usd!r}")
+    return int((d * NANOS_PER_USD).to_integral_value())
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    """Tokens of one model call, in the providers' own sense.
+
+    ``input`` is the whole prompt, cache reads and writes included (they are subsets of it);
+    ``output`` is the whole completion, reasoning included (a subset of it).
+    """
+
+    input: int = 0
+    """Prompt tokens, cached ones included."""
+    output: int = 0
+    """Completion tokens, reasoning included."""
+    cache_read: int = 0
+    """Prompt tokens served from the provider's prompt cache (a subset of ``input``)."""
+    cache_write: int = 0
+    """Prompt tokens written to the provider's prompt cache (a subset of ``input``)."""
+    reasoning: int = 0
+    """Reasoning tokens (a subset of ``output``)."""
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One finished span, as exported to storage. Never holds prompts, completions or raw user ids."""
+
+    span_id: str
+    parent_id: str | None
+    root_id: str
+    kind: str
+    """``llm``, ``embedding``, ``tool``, ``retriever``, ``chain`` or ``run`` (a root scope)."""
+    name: str
+    start: datetime
+    end: datetime
+    latency_ms: float
+    status: str
+    """``ok``, ``error`` or ``aborted``."""
+    error: str | None = None
+    """The exception's class name, never its message (it may quote a prompt)."""
+    model: str | None = None
+    provider: str | None = None
+    usage: TokenUsage | None = None
+    cost_nanos: int | None = None
+    """Own cost (not the subtree's); ``None`` for an unpriced call."""
+    tree_cost_nanos: int = 0
+    """Cost of this span and every descendant ended before it."""
+    unpriced: bool = False
+    estimated: bool = False
+    cache_hit: bool = False
+    saved_nanos: int | None = None
+    """For a LangChain cache hit: what the call would have cost."""
+    price_source: str | None = None
+    price_input: Decimal | None = None
+    price_output: Decimal | None = None
+    price_cache_read: Decimal | None = None
+    price_cache_write: Decimal | None = None
+    flags: str | None = None
+    """Comma-separated data-quality flags (``malformed_usage``, ``no_usage``, ...)."""
+    feature: str | None = None
+    route: str | None = None
+    tenant_id: str | None = None
+    user_hash: str | None = None
+    prompt_version: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)

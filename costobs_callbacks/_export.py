@@ -1,0 +1,232 @@
+"""The non-blocking exporter: a bounded queue drained by one background thread, in batches.
+
+Modelled on OpenTelemetry's ``BatchSpanProcessor``: ``emit`` takes no lock and never blocks; the worker
+wakes when a batch is full or every ``schedule_delay`` seconds; ``force_flush`` waits for everything
+emitted before it; ``shutdown`` runs once, with a deadline, also at interpreter exit; a forked child gets
+a fresh queue and thread. Failures of the sink are retried with backoff (nothing is lost while the store
+comes back); what still cannot be written, and what overflows a full queue, is counted and logged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["BatchExporter", "ExportStats"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+
+class ExportStats:
+    """Counters of the exporter; read them to see that nothing was lost."""
+
+    __slots__ = ("emitted", "exported", "dropped", "failed", "batches", "retries")
+
+    def __init__(self) -> None:
+        self.emitted = 0
+        """Items handed to the queue."""
+        self.exported = 0
+        """Items written by the sink."""
+        self.dropped = 0
+        """Items refused because the queue was full."""
+        self.failed = 0
+        """Items lost because the sink kept failing past the retry deadline."""
+        self.batches = 0
+        self.retries = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class BatchExporter:
+    def __init__(
+        self,
+        sink: Callable[[Sequence[Any]], None],
+        *,
+        max_queue_size: int = 65_536,
+        max_batch_size: int = 2_048,
+        schedule_delay: float = 0.5,
+        retry_deadline: float = 60.0,
+        name: str = "costobs-exporter",
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        if max_queue_size < 1 or max_batch_size < 1 or schedule_delay <= 0:
+            raise ValueError("max_queue_size and max_batch_size must be >= 1, schedule_delay > 0")
+        self._sink = sink
+        self._max_queue = max_queue_size
+        self._max_batch = max_batch_size
+        self._delay = schedule_delay
+        self._retry_deadline = retry_deadline
+        self._name = name
+        self._on_start = on_start
+        self.stats = ExportStats()
+        self._init_state()
+        self._shutdown_once = threading.Lock()
+        self._closed = False
+        self._last_drop_log = 0.0
+        ref = weakref.ref(self)
+        atexit.register(_atexit_shutdown, ref)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+
+    def _init_state(self) -> None:
+        self._queue: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = 0  # flush generation asked for
+        self._done = 0  # flush generation completed
+        self._emitted_seq = 0
+        self._written_seq = 0
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._stop = False
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                if self._stop:
+                    return
+                t = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._worker = t
+                t.start()
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def emit(self, item: Any) -> None:
+        """Queue one item. Never blocks; counts and logs an overflow."""
+        q = self._queue
+        if len(q) >= self._max_queue or self._closed:
+            self.stats.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log > 10.0:
+                self._last_drop_log = now
+                logger.error(
+                    "costobs: export queue full (%d items) or exporter closed; %d items dropped so far",
+                    self._max_queue, self.stats.dropped,
+                )
+            return
+        q.append(item)
+        self.stats.emitted += 1
+        if self._worker is None:
+            self._ensure_worker()
+        if len(q) >= self._max_batch:
+            self._wake.set()
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:
+                logger.exception("costobs: exporter start hook failed")
+        while True:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            with self._cond:
+                target = self._requested
+            self._drain()
+            with self._cond:
+                if target > self._done:
+                    self._done = target
+                    self._cond.notify_all()
+            if self._stop and not self._queue:
+                with self._cond:
+                    self._done = self._requested
+                    self._cond.notify_all()
+                return
+
+    def _drain(self) -> None:
+        q = self._queue
+        while q:
+            n = min(len(q), self._max_batch)
+            batch = [q.popleft() for _ in range(n)]
+            self._write(batch)
+
+    def _write(self, batch: list[Any]) -> None:
+        deadline = time.monotonic() + self._retry_deadline
+        backoff = 0.1
+        while True:
+            try:
+                self._sink(batch)
+            except Exception as exc:
+                if time.monotonic() + backoff > deadline or self._stop:
+                    self.stats.failed += len(batch)
+                    logger.error(
+                        "costobs: could not store %d spans/runs (%r); %d lost so far",
+                        len(batch), exc, self.stats.failed, exc_info=exc,
+                    )
+                    return
+                self.stats.retries += 1
+                logger.warning("costobs: store write failed (%r); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self.stats.exported += len(batch)
+            self.stats.batches += 1
+            return
+
+    # -- control --------------------------------------------------------------------------------
+
+    def force_flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything emitted before this call is written (or failed). True if done in time."""
+        if self._worker is None or not self._worker.is_alive():
+            if not self._queue:
+                return True
+            self._ensure_worker()
+            if self._worker is None:  # stopped: drain here
+                self._drain()
+                return not self._queue
+        with self._cond:
+            self._requested += 1
+            target = self._requested
+        self._wake.set()
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._done < target:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+                if self._worker is not None and not self._worker.is_alive() and self._done < target:
+                    return not self._queue
+        return True
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Flush and stop the worker; runs once. Later ``emit`` calls are counted as dropped."""
+        if not self._shutdown_once.acquire(blocking=False):
+            return
+        self.force_flush(timeout)
+        self._stop = True
+        self._closed = True
+        self._wake.set()
+        w = self._worker
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout)
+
+
+def _atexit_shutdown(ref: weakref.ReferenceType[BatchExporter]) -> None:
+    exp = ref()
+    if exp is not None:
+        try:
+            exp.shutdown(timeout=10.0)
+        except Exception:  # pragma: no cover - interpreter teardown
+            pass
+
+
+def _after_fork(ref: weakref.ReferenceType[BatchExporter]) -> None:
+    exp = ref()
+    if exp is not None:
+        # The parent's queue belongs to the parent's worker; the child starts empty with its own.
+        exp._init_state()
+        exp._shutdown_once = threading.Lock()

@@ -1,0 +1,844 @@
+"""Open run trees: attribution, live totals, guards. Framework-free.
+
+Adapters (``integrations/``) translate framework events into ``Ledger.start`` / ``Ledger.end`` calls.
+Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
+finished spans are handed to the exporter's queue, and a short per-run lock covers only the counter
+updates of that run (runs never contend with each other).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._events import TokenUsage, nanos_to_usd, usd_to_nanos
+from ._exceptions import BudgetExceededError, LoopDetectedError, MissingAttributionError, RunAborted
+from ._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy, coerce_budget, coerce_loops
+
+if TYPE_CHECKING:
+    from ._pricing import PriceBook, UnitPrices
+
+__all__ = ["ATTRIBUTION_KEYS", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+UNATTRIBUTED = "unattributed"
+ATTRIBUTION_KEYS = ("feature", "route", "user_id", "tenant_id", "prompt_version")
+BUDGET_META_KEY = "costobs_budget"
+LOOPS_META_KEY = "costobs_loops"
+_INTERNAL_PREFIXES = ("ls_", "langgraph_", "langsmith", "costobs_", "checkpoint_", "__")
+_MAX_ATTR_LEN = 256
+_MAX_ATTRS = 32
+_RECENT_RUNS = 1024
+
+COST_KINDS = frozenset({"llm", "embedding", "tool"})
+
+
+class PromptOps(Protocol):
+    """What the ledger needs from a framework's prompt object (never stored, never exported)."""
+
+    def signature(self, model: str | None, prompt: Any) -> int: ...
+
+    def count_tokens(self, model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]: ...
+
+
+class Exporter(Protocol):
+    def emit(self, item: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunCost:
+    """What a run cost, live while it runs and from storage after."""
+
+    run_id: str
+    cost_usd: Decimal
+    """Priced calls only; ``unpriced_calls`` says how many calls have no price."""
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    llm_calls: int
+    tool_calls: int
+    unpriced_calls: int
+    by_model: dict[str, Decimal]
+    status: str
+    """``running``, ``ok``, ``error`` or ``aborted``."""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    """Why an aborted run was stopped."""
+    estimated_calls: int = 0
+    """Calls whose tokens were counted by us because the provider reported none."""
+
+
+class Run:
+    """A root run: attribution, policy and live totals of its whole tree."""
+
+    __slots__ = (
+        "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes",
+        "budget", "loops", "max_cost_nanos", "lock", "started_mono", "started_wall", "cost_nanos",
+        "input", "output", "cache_read", "cache_write", "reasoning", "llm_calls", "tool_calls",
+        "unpriced_calls", "estimated_calls", "steps", "by_model", "status", "aborted", "open_roots",
+        "warned", "last_tool_sig", "tool_repeat", "tool_seq", "model_reqs", "had_error", "scope",
+    )
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.feature: str = UNATTRIBUTED
+        self.route: str | None = None
+        self.tenant_id: str | None = None
+        self.user_hash: str | None = None
+        self.prompt_version: str | None = None
+        self.attributes: dict[str, Any] = {}
+        self.budget: Budget | None = None
+        self.loops: LoopPolicy | None = None
+        self.max_cost_nanos: int | None = None
+        self.lock = threading.Lock()
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self.cost_nanos = 0
+        self.input = 0
+        self.output = 0
+        self.cache_read = 0
+        self.cache_write = 0
+        self.reasoning = 0
+        self.llm_calls = 0
+        self.tool_calls = 0
+        self.unpriced_calls = 0
+        self.estimated_calls = 0
+        self.steps = 0
+        self.by_model: dict[str, int] = {}
+        self.status = "running"
+        self.aborted: RunAborted | None = None
+        self.open_roots = 0
+        self.warned: set[str] | None = None
+        self.last_tool_sig: Any = None
+        self.tool_repeat = 0
+        self.tool_seq: deque[Any] | None = None
+        self.model_reqs: dict[int, int] | None = None
+        self.had_error = False
+        self.scope = False
+
+    def snapshot(self) -> RunCost:
+        with self.lock:
+            return RunCost(
+                run_id=self.run_id,
+                cost_usd=nanos_to_usd(self.cost_nanos) or Decimal(0),
+                input_tokens=self.input,
+                output_tokens=self.output,
+                cache_read_tokens=self.cache_read,
+                cache_write_tokens=self.cache_write,
+                reasoning_tokens=self.reasoning,
+                llm_calls=self.llm_calls,
+                tool_calls=self.tool_calls,
+                unpriced_calls=self.unpriced_calls,
+                by_model={m: nanos_to_usd(n) or Decimal(0) for m, n in self.by_model.items()},
+                status=self.status,
+                attributes=self.public_attributes(),
+                reason=self.aborted.reason if self.aborted is not None else None,
+                estimated_calls=self.estimated_calls,
+            )
+
+    def public_attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"feature": self.feature}
+        if self.route is not None:
+            out["route"] = self.route
+        if self.tenant_id is not None:
+            out["tenant_id"] = self.tenant_id
+        if self.user_hash is not None:
+            out["user"] = self.user_hash
+        if self.prompt_version is not None:
+            out["prompt_version"] = self.prompt_version
+        out.update(self.attributes)
+        return out
+
+
+class Span:
+    """One open (then finished) span. Exported as is: the exporter's thread turns it into a row."""
+
+    __slots__ = (
+        "span_id", "parent", "run", "kind", "name", "start_wall", "start_perf", "end_wall", "latency_ms",
+        "depth", "model", "provider", "usage", "cost_nanos", "tree_cost", "unpriced", "estimated",
+        "cache_hit", "saved_nanos", "prices", "status", "error", "flags", "exported", "prompt",
+        "prompt_ops", "extra", "max_tokens", "request_sig", "is_root",
+    )
+
+    def __init__(self, span_id: str, parent: Span | None, run: Run, kind: str, name: str) -> None:
+        self.span_id = span_id
+        self.parent = parent
+        self.run = run
+        self.kind = kind
+        self.name = name
+        self.start_wall = time.time()
+        self.start_perf = time.perf_counter()
+        self.end_wall = 0.0
+        self.latency_ms = 0.0
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.model: str | None = None
+        self.provider: str | None = None
+        self.usage: TokenUsage | None = None
+        self.cost_nanos: int | None = None
+        self.tree_cost = 0
+        self.unpriced = False
+        self.estimated = False
+        self.cache_hit = False
+        self.saved_nanos: int | None = None
+        self.prices: UnitPrices | None = None
+        self.status = "running"
+        self.error: str | None = None
+        self.flags: list[str] | None = None
+        self.exported = True
+        self.prompt: Any = None
+        self.prompt_ops: PromptOps | None = None
+        self.extra: Any = None
+        self.max_tokens: int | None = None
+        self.request_sig: int | None = None
+        self.is_root = parent is None
+
+    def flag(self, name: str) -> None:
+        if self.flags is None:
+            self.flags = [name]
+        elif name not in self.flags:
+            self.flags.append(name)
+
+    @property
+    def export_parent_id(self) -> str | None:
+        p = self.parent
+        while p is not None and not p.exported:
+            p = p.parent
+        return p.span_id if p is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    run: Run
+    continued: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnded:
+    run: Run
+    status: str
+    reason: str | None
+    end_wall: float
+
+
+# The run scope opened by ``CostTracker.run()``; root events inside it attach to its run.
+current_scope: ContextVar[Span | None] = ContextVar("costobs_scope", default=None)
+
+
+def canonical_args(args: Any) -> str:
+    """A stable text for a tool's arguments (key order and whitespace do not matter)."""
+    if isinstance(args, str):
+        s = args.strip()
+        if s[:1] in ("{", "["):
+            try:
+                return json.dumps(json.loads(s), sort_keys=True, separators=(",", ":"), default=str)
+            except ValueError:
+                return s
+        return s
+    try:
+        return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):
+        return repr(args)
+
+
+class Ledger:
+    """The live state of every open run tree of one tracker."""
+
+    def __init__(
+        self,
+        *,
+        prices: PriceBook,
+        exporter: Exporter,
+        user_salt: bytes,
+        budget: Budget | None = None,
+        loops: LoopPolicy | None = None,
+        require: Iterable[str] = (),
+        on_budget_warning: BudgetHook | None = None,
+    ) -> None:
+        self.prices = prices
+        self.exporter = exporter
+        self._salt = user_salt
+        self.default_budget = budget if budget is not None and not budget.is_empty() else None
+        self.default_loops = loops if loops is not None else LoopPolicy()
+        self.require = tuple(require)
+        self.on_budget_warning = on_budget_warning
+        self.spans: dict[Any, Span] = {}
+        self.runs: dict[str, Run] = {}
+        self.recent: OrderedDict[str, Run] = OrderedDict()
+        self._user_cache: dict[str, str] = {}
+        self.internal_errors = 0
+
+    # -- attribution ----------------------------------------------------------------------------
+
+    def hash_user(self, user_id: Any) -> str:
+        key = str(user_id)
+        h = self._user_cache.get(key)
+        if h is None:
+            h = hmac.new(self._salt, key.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+            if len(self._user_cache) > 4096:
+                self._user_cache.clear()
+            self._user_cache[key] = h
+        return h
+
+    def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> Span | None:
+        merged: dict[str, Any] = {}
+        if meta:
+            merged.update(meta)
+        if extra:
+            merged.update(extra)
+        for key in self.require:
+            v = merged.get(key)
+            if v is None or v == "":
+                err = MissingAttributionError(
+                    f"run {run.run_id} is missing the attribution key {key!r} "
+                    f"(required by CostTracker(require={self.require!r})); pass it in config metadata "
+                    f"or tracker.config({key}=...)",
+                    run_id=run.run_id,
+                    reason="missing_attribution",
+                    limit=key,
+                )
+                run.aborted = err
+                run.status = "aborted"
+                raise err
+        feature = merged.get("feature")
+        run.feature = _clean(feature) if feature not in (None, "") else UNATTRIBUTED
+        for key in ("route", "tenant_id", "prompt_version"):
+            v = merged.get(key)
+            if v is not None and v != "":
+                setattr(run, key, _clean(v))
+        uid = merged.get("user_id")
+        if uid is not None and uid != "":
+            run.user_hash = self.hash_user(uid)
+        attrs: dict[str, Any] = {}
+        for k, v in merged.items():
+            if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
+                continue
+            if k in ("user", "user_hash"):  # never let a raw id in under another name
+                continue
+            if len(attrs) >= _MAX_ATTRS:
+                break
+            if isinstance(v, (str, int, float, bool)) or v is None:
+                attrs[k] = _clean(v) if isinstance(v, str) else v
+        run.attributes = attrs
+        budget = coerce_budget_quiet(merged.get(BUDGET_META_KEY))
+        run.budget = budget if budget is not None else self.default_budget
+        if run.budget is not None and run.budget.is_empty():
+            run.budget = None
+        if run.budget is not None and run.budget.max_cost_usd is not None:
+            run.max_cost_nanos = usd_to_nanos(run.budget.max_cost_usd)
+        loops = coerce_loops_quiet(merged.get(LOOPS_META_KEY))
+        run.loops = loops if loops is not None else self.default_loops
+        if not run.loops.enabled:
+            run.loops = None
+        return None
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def open_run(
+        self,
+        run_id: str,
+        meta: Mapping[str, Any] | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[Run, bool]:
+        """The run for a root span ``run_id``: an open one joined, a recent one reopened, or a new one."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run, True
+        continued = False
+        prev = self.recent.pop(run_id, None)
+        if prev is not None:
+            run = prev
+            run.status = "running"
+            continued = True
+        else:
+            run = Run(run_id)
+        try:
+            self._attribute(run, meta, extra)
+        except RunAborted:
+            self.exporter.emit(RunStarted(run, continued))
+            self.exporter.emit(RunEnded(run, "aborted", run.aborted.reason if run.aborted else None, time.time()))
+            raise
+        self.runs[run_id] = run
+        self.exporter.emit(RunStarted(run, continued))
+        return run, continued
+
+    def start(
+        self,
+        span_id: Any,
+        parent_id: Any,
+        kind: str,
+        name: str,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+        prompt: Any = None,
+        prompt_ops: PromptOps | None = None,
+        extra: Any = None,
+        max_tokens: int | None = None,
+        tool_args: Any = None,
+        exported: bool = True,
+        root: bool = False,
+        run_id: str | None = None,
+    ) -> Span:
+        """Open a span; raises ``RunAborted`` if a guard refuses it (nothing has been sent yet).
+
+        A span whose parent is unknown opens a root run (or joins the ``tracker.run()`` scope around
+        it); ``root=True`` forces a new root run named ``run_id`` (default: the span id).
+        """
+        parent = None
+        if not root:
+            parent = self.spans.get(parent_id) if parent_id is not None else None
+            if parent is None:
+                parent = current_scope.get()
+        if parent is None:
+            sid = str(span_id)
+            run, _ = self.open_run(run_id or sid, meta)
+            span = Span(sid, None, run, kind, name)
+            with run.lock:
+                run.open_roots += 1
+        else:
+            run = parent.run
+            span = Span(str(span_id), parent, run, kind, name)
+        span.exported = exported
+        try:
+            self._guard_start(run, span, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens, tool_args)
+        except RunAborted:
+            if span.is_root:
+                self._end_root(run, span, "aborted", None, refused=True)
+            raise
+        self.spans[span_id] = span
+        return span
+
+    def _guard_start(
+        self, run: Run, span: Span, kind: str, name: str, model: str | None, provider: str | None,
+        prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None, tool_args: Any,
+    ) -> None:
+        if run.aborted is not None:
+            raise _again(run.aborted)
+        loops = run.loops
+        budget = run.budget
+        if kind in COST_KINDS:
+            span.model = model
+            span.provider = provider
+            span.prompt = prompt
+            span.prompt_ops = prompt_ops
+            span.extra = extra
+            span.max_tokens = max_tokens
+            if budget is not None or loops is not None:
+                self._check_call_start(run, span, budget, loops, tool_args)
+            with run.lock:
+                run.steps += 1
+                if kind == "tool":
+                    run.tool_calls += 1
+                else:
+                    run.llm_calls += 1
+        elif budget is not None and budget.max_seconds is not None:
+            self._check_seconds(run, budget)
+        if loops is not None and loops.max_depth is not None and span.depth > loops.max_depth:
+            self._abort(run, LoopDetectedError(
+                f"run {run.run_id} nested {span.depth} levels deep (limit {loops.max_depth}): "
+                f"agents or chains calling each other without end; last: {kind} {name!r}",
+                run_id=run.run_id, reason="max_depth", limit=loops.max_depth, spent=span.depth,
+                detail={"kind": kind, "name": name},
+            ))
+
+    def _check_seconds(self, run: Run, budget: Budget) -> None:
+        assert budget.max_seconds is not None
+        elapsed = time.monotonic() - run.started_mono
+        if elapsed > budget.max_seconds:
+            self._abort(run, BudgetExceededError(
+                f"run {run.run_id} exceeded max_seconds={budget.max_seconds:g} "
+                f"(running for {elapsed:.1f}s); spent ${nanos_to_usd(run.cost_nanos)}",
+                run_id=run.run_id, reason="max_seconds", limit=budget.max_seconds, spent=elapsed,
+            ))
+
+    def _check_call_start(
+        self, run: Run, span: Span, budget: Budget | None, loops: LoopPolicy | None, tool_args: Any
+    ) -> None:
+        kind = span.kind
+        if budget is not None:
+            if budget.max_seconds is not None:
+                self._check_seconds(run, budget)
+            if kind == "tool":
+                if budget.max_tool_calls is not None and run.tool_calls + 1 > budget.max_tool_calls:
+                    self._abort(run, BudgetExceededError(
+                        f"run {run.run_id} refused tool call {run.tool_calls + 1} ({span.name!r}): "
+                        f"max_tool_calls={budget.max_tool_calls}; spent ${nanos_to_usd(run.cost_nanos)}",
+                        run_id=run.run_id, reason="max_tool_calls", limit=budget.max_tool_calls,
+                        spent=run.tool_calls, spent_usd=nanos_to_usd(run.cost_nanos),
+                        detail={"tool": span.name},
+                    ))
+                if run.max_cost_nanos is not None:
+                    price = self.prices.tool_price_nanos(span.name)
+                    if price and run.cost_nanos + price > run.max_cost_nanos:
+                        self._abort(run, BudgetExceededError(
+                            f"run {run.run_id} refused tool {span.name!r} costing ${nanos_to_usd(price)}: "
+                            f"spent ${nanos_to_usd(run.cost_nanos)} of max_cost_usd=${budget.max_cost_usd}",
+                            run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
+                            spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
+                            detail={"tool": span.name, "estimate_usd": nanos_to_usd(price)},
+                        ))
+            else:
+                if budget.max_llm_calls is not None and run.llm_calls + 1 > budget.max_llm_calls:
+                    self._abort(run, BudgetExceededError(
+                        f"run {run.run_id} refused LLM call {run.llm_calls + 1} ({span.model or span.name}): "
+                        f"max_llm_calls={budget.max_llm_calls}; spent ${nanos_to_usd(run.cost_nanos)}",
+                        run_id=run.run_id, reason="max_llm_calls", limit=budget.max_llm_calls,
+                        spent=run.llm_calls, spent_usd=nanos_to_usd(run.cost_nanos),
+                        detail={"model": span.model},
+                    ))
+                if budget.max_tokens is not None and run.input + run.output >= budget.max_tokens:
+                    self._abort(run, BudgetExceededError(
+                        f"run {run.run_id} refused an LLM call: {run.input + run.output} tokens used of "
+                        f"max_tokens={budget.max_tokens}",
+                        run_id=run.run_id, reason="max_tokens", limit=budget.max_tokens,
+                        spent=run.input + run.output, spent_usd=nanos_to_usd(run.cost_nanos),
+                    ))
+                if run.max_cost_nanos is not None:
+                    self._check_llm_estimate(run, span, budget)
+        if loops is not None:
+            self._check_loops(run, span, loops, tool_args)
+
+    def _check_llm_estimate(self, run: Run, span: Span, budget: Budget) -> None:
+        assert run.max_cost_nanos is not None
+        if run.cost_nanos >= run.max_cost_nanos:
+            self._abort(run, BudgetExceededError(
+                f"run {run.run_id} refused an LLM call: spent ${nanos_to_usd(run.cost_nanos)} of "
+                f"max_cost_usd=${budget.max_cost_usd}",
+                run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
+                spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
+            ))
+        prompt_tokens = 0
+        if span.prompt is not None and span.prompt_ops is not None:
+            prompt_tokens, _ = span.prompt_ops.count_tokens(span.model, span.prompt, span.extra)
+        estimate = self.prices.estimate_nanos(span.model, span.provider, prompt_tokens, span.max_tokens or 0)
+        if estimate is None:
+            return  # an unpriced model: its cost is unknown; counts and the after-call check still apply
+        if run.cost_nanos + estimate > run.max_cost_nanos:
+            self._abort(run, BudgetExceededError(
+                f"run {run.run_id} refused an LLM call to {span.model}: estimated "
+                f"${nanos_to_usd(estimate)} ({prompt_tokens} prompt tokens"
+                + (f", max_tokens={span.max_tokens}" if span.max_tokens else "")
+                + f") on top of ${nanos_to_usd(run.cost_nanos)} spent would pass max_cost_usd=${budget.max_cost_usd}",
+                run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
+                spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
+                detail={"model": span.model, "estimate_usd": nanos_to_usd(estimate), "prompt_tokens": prompt_tokens},
+            ))
+
+    def _check_loops(self, run: Run, span: Span, loops: LoopPolicy, tool_args: Any) -> None:
+        if loops.max_steps is not None and run.steps + 1 > loops.max_steps:
+            self._abort(run, LoopDetectedError(
+                f"run {run.run_id} reached max_steps={loops.max_steps} LLM and tool calls; "
+                f"spent ${nanos_to_usd(run.cost_nanos)}",
+                run_id=run.run_id, reason="max_steps", limit=loops.max_steps, spent=run.steps,
+                spent_usd=nanos_to_usd(run.cost_nanos),
+            ))
+        if span.kind == "tool":
+            sig = (span.name, canonical_args(tool_args))
+            with run.lock:
+                repeat = run.tool_repeat + 1 if sig == run.last_tool_sig else 1
+                seq = run.tool_seq
+                if seq is None:
+                    seq = run.tool_seq = deque(maxlen=loops.max_cycle_period * (loops.cycle_repeats or 1) + 1)
+                window = [*seq, sig]
+            limit = loops.max_identical_tool_calls
+            if limit is not None and repeat >= limit:
+                self._abort(run, LoopDetectedError(
+                    f"run {run.run_id} called tool {span.name!r} with the same arguments {repeat} times in a row "
+                    f"(max_identical_tool_calls={limit}); the call was refused",
+                    run_id=run.run_id, reason="tool_repeat", limit=limit, spent=repeat,
+                    spent_usd=nanos_to_usd(run.cost_nanos), detail={"tool": span.name, "arguments": sig[1][:200]},
+                ))
+            if loops.cycle_repeats is not None:
+                cyc = _find_cycle(window, loops.max_cycle_period, loops.cycle_repeats)
+                if cyc is not None:
+                    names = " -> ".join(s[0] for s in cyc)
+                    self._abort(run, LoopDetectedError(
+                        f"run {run.run_id} repeats the tool cycle {names} {loops.cycle_repeats} times "
+                        f"(cycle_repeats={loops.cycle_repeats}); the call was refused",
+                        run_id=run.run_id, reason="tool_cycle", limit=loops.cycle_repeats,
+                        spent=loops.cycle_repeats, spent_usd=nanos_to_usd(run.cost_nanos),
+                        detail={"cycle": [s[0] for s in cyc]},
+                    ))
+            with run.lock:
+                run.last_tool_sig = sig
+                run.tool_repeat = repeat
+                seq.append(sig)
+        elif loops.max_identical_model_requests is not None and span.prompt_ops is not None and span.prompt is not None:
+            sig_i = span.prompt_ops.signature(span.model, span.prompt)
+            span.request_sig = sig_i
+            reqs = run.model_reqs
+            seen = reqs.get(sig_i, 0) if reqs is not None else 0
+            if seen + 1 >= loops.max_identical_model_requests:
+                self._abort(run, LoopDetectedError(
+                    f"run {run.run_id} sent the same request to {span.model} {seen + 1} times "
+                    f"(max_identical_model_requests={loops.max_identical_model_requests}); the call was refused",
+                    run_id=run.run_id, reason="model_repeat", limit=loops.max_identical_model_requests,
+                    spent=seen + 1, spent_usd=nanos_to_usd(run.cost_nanos), detail={"model": span.model},
+                ))
+
+    def _abort(self, run: Run, err: RunAborted) -> None:
+        if err.spent_usd is None:
+            err.spent_usd = nanos_to_usd(run.cost_nanos)
+        with run.lock:
+            if run.aborted is None:
+                run.aborted = err
+                run.status = "aborted"
+        logger.warning("costobs: %s", err)
+        raise err
+
+    # -- custom cost reports ---------------------------------------------------------------------
+
+    def add_cost(self, span_id: Any, nanos: int) -> bool:
+        """A cost reported at run time (a tool's own price): added to that span when it ends."""
+        span = self.spans.get(span_id)
+        if span is None:
+            return False
+        span.cost_nanos = (span.cost_nanos or 0) + nanos
+        return True
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def end(
+        self,
+        span_id: Any,
+        *,
+        status: str = "ok",
+        error: BaseException | None = None,
+        usage: TokenUsage | None = None,
+        model: str | None = None,
+        estimated: bool = False,
+        cache_hit: bool = False,
+        flags: Iterable[str] | None = None,
+    ) -> Span | None:
+        """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
+        past a limit (the call's cost is recorded first)."""
+        span = self.spans.pop(span_id, None)
+        if span is None:
+            return None
+        span.end_wall = time.time()
+        span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
+        if error is not None:
+            span.error = type(error).__name__
+            status = "aborted" if isinstance(error, RunAborted) else status
+        span.status = status
+        if flags:
+            for f in flags:
+                span.flag(f)
+        if model:
+            span.model = model
+        run = span.run
+        kind = span.kind
+        own = span.cost_nanos or 0  # custom-reported cost so far
+        if kind == "llm" or kind == "embedding":
+            span.usage = usage
+            if usage is not None:
+                priced = self.prices.price(span.model, span.provider, usage)
+                if priced is None:
+                    span.unpriced = True
+                    span.cost_nanos = None if not own else own
+                else:
+                    span.prices = priced.prices
+                    if cache_hit:
+                        span.cache_hit = True
+                        span.saved_nanos = priced.cost_nanos
+                        span.cost_nanos = own
+                    else:
+                        span.cost_nanos = own + priced.cost_nanos
+                span.estimated = estimated
+            elif not own:
+                span.cost_nanos = None
+                if status == "ok":
+                    span.flag("no_usage")
+        elif kind == "tool":
+            price = self.prices.tool_price_nanos(span.name)
+            if price is not None:
+                own += price
+            span.cost_nanos = own if (own or price is not None) else None
+        span.prompt = None  # drop the reference to the user's messages now
+        span.extra = None
+        cost = span.cost_nanos or 0
+        span.tree_cost += cost
+        with run.lock:
+            if cost:
+                run.cost_nanos += cost
+                p = span.parent
+                while p is not None:
+                    p.tree_cost += cost
+                    p = p.parent
+            u = span.usage
+            if u is not None and not span.cache_hit:
+                run.input += u.input
+                run.output += u.output
+                run.cache_read += u.cache_read
+                run.cache_write += u.cache_write
+                run.reasoning += u.reasoning
+            if kind == "llm" or kind == "embedding":
+                if span.unpriced:
+                    run.unpriced_calls += 1
+                if span.estimated:
+                    run.estimated_calls += 1
+                if span.model and not span.cache_hit:
+                    run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
+                if span.request_sig is not None and status == "ok":
+                    reqs = run.model_reqs
+                    if reqs is None:
+                        reqs = run.model_reqs = {}
+                    reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
+            if status == "error":
+                run.had_error = True
+        if span.exported:
+            self.exporter.emit(span)
+        if span.is_root:
+            self._end_root(run, span, status, error)
+        elif run.budget is not None and (kind in COST_KINDS) and run.aborted is None:
+            self._check_after(run, span)
+        return span
+
+    def _check_after(self, run: Run, span: Span) -> None:
+        budget = run.budget
+        assert budget is not None
+        if self.on_budget_warning is not None:
+            self._maybe_warn(run, budget)
+        if run.max_cost_nanos is not None and run.cost_nanos > run.max_cost_nanos:
+            self._abort(run, BudgetExceededError(
+                f"run {run.run_id} spent ${nanos_to_usd(run.cost_nanos)}, past max_cost_usd=${budget.max_cost_usd} "
+                f"after {span.kind} {span.model or span.name!r}; stopped",
+                run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
+                spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
+            ))
+        if budget.max_tokens is not None and run.input + run.output > budget.max_tokens:
+            self._abort(run, BudgetExceededError(
+                f"run {run.run_id} used {run.input + run.output} tokens, past max_tokens={budget.max_tokens}; stopped",
+                run_id=run.run_id, reason="max_tokens", limit=budget.max_tokens,
+                spent=run.input + run.output, spent_usd=nanos_to_usd(run.cost_nanos),
+            ))
+
+    def _maybe_warn(self, run: Run, budget: Budget) -> None:
+        hook = self.on_budget_warning
+        assert hook is not None
+        checks: list[tuple[str, Any, Any, float]] = []
+        if run.max_cost_nanos is not None:
+            checks.append(("max_cost_usd", budget.max_cost_usd, nanos_to_usd(run.cost_nanos),
+                           run.cost_nanos / run.max_cost_nanos))
+        if budget.max_tokens is not None:
+            t = run.input + run.output
+            checks.append(("max_tokens", budget.max_tokens, t, t / budget.max_tokens))
+        if budget.max_llm_calls is not None:
+            checks.append(("max_llm_calls", budget.max_llm_calls, run.llm_calls, run.llm_calls / budget.max_llm_calls))
+        if budget.max_tool_calls:
+            checks.append(("max_tool_calls", budget.max_tool_calls, run.tool_calls,
+                           run.tool_calls / budget.max_tool_calls))
+        if budget.max_seconds is not None:
+            el = time.monotonic() - run.started_mono
+            checks.append(("max_seconds", budget.max_seconds, el, el / budget.max_seconds))
+        for name, limit, spent, ratio in checks:
+            if ratio >= budget.warn_at:
+                with run.lock:
+                    if run.warned is None:
+                        run.warned = set()
+                    if name in run.warned:
+                        continue
+                    run.warned.add(name)
+                try:
+                    hook(BudgetWarning(run.run_id, name, limit, spent, run.public_attributes()))
+                except Exception:
+                    logger.exception("costobs: on_budget_warning hook failed")
+
+    def _end_root(
+        self, run: Run, span: Span, status: str, error: BaseException | None, *, refused: bool = False
+    ) -> None:
+        with run.lock:
+            run.open_roots -= 1
+            last = run.open_roots <= 0
+        if not last:
+            return
+        if refused:
+            span.end_wall = time.time()
+        if run.aborted is not None:
+            final = "aborted"
+        elif status == "error" or (error is not None):
+            final = "error"
+        else:
+            final = "ok"
+        run.status = final
+        self.runs.pop(run.run_id, None)
+        self.exporter.emit(RunEnded(run, final, run.aborted.reason if run.aborted else None, span.end_wall))
+        # Keep a compact memory of the run so a second invocation with the same run_id continues it.
+        run.tool_seq = None
+        run.model_reqs = None
+        self.recent[run.run_id] = run
+        if len(self.recent) > _RECENT_RUNS:
+            self.recent.popitem(last=False)
+
+    def run_cost(self, run_id: str) -> RunCost | None:
+        run = self.runs.get(run_id)
+        return run.snapshot() if run is not None else None
+
+    def open_run_ids(self) -> list[str]:
+        return list(self.runs)
+
+
+def _again(err: RunAborted) -> RunAborted:
+    """A fresh instance of a sticky abort (re-raising one instance grows its traceback forever)."""
+    new = type(err)(err.message, run_id=err.run_id, reason=err.reason, limit=err.limit, spent=err.spent,
+                    spent_usd=err.spent_usd, detail=err.detail)
+    return new
+
+
+def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] | None:
+    for period in range(2, max_period + 1):
+        need = period * repeats
+        if len(window) < need:
+            continue
+        tail = window[-need:]
+        unit = tail[:period]
+        if len(set(unit)) < 2:
+            continue  # one repeated call is the identical-call rule's business
+        if all(tail[i] == unit[i % period] for i in range(need)):
+            return unit
+    return None
+
+
+def _clean(v: Any) -> str:
+    s = v if isinstance(v, str) else str(v)
+    return s[:_MAX_ATTR_LEN]
+
+
+def coerce_budget_quiet(value: Any) -> Budget | None:
+    """A budget from run metadata: bad input there is logged and ignored (a payload, not config)."""
+    if value is None:
+        return None
+    try:
+        return coerce_budget(value)
+    except Exception as exc:
+        logger.error("costobs: ignoring invalid %s in run metadata: %s", BUDGET_META_KEY, exc)
+        return None
+
+
+def coerce_loops_quiet(value: Any) -> LoopPolicy | None:
+    if value is None:
+        return None
+    try:
+        return coerce_loops(value)
+    except Exception as exc:
+        logger.error("costobs: ignoring invalid %s in run metadata: %s", LOOPS_META_KEY, exc)
+        return None
+
+
+def salt_from(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+

@@ -1,0 +1,842 @@
+"""Model and tool prices: pydantic's ``genai-prices`` catalog, with user overrides on top.
+
+Money is integer nano-USD (1e-9 USD) inside the library; ``Decimal`` only at the edges.
+
+How a call is priced
+--------------------
+``usage.input`` is the whole prompt (cache reads and writes included), ``usage.output`` the whole
+completion (reasoning included)::
+
+    cost = (input - cache_read - cache_write) * input_price      # clamped at 0 if the usage is malformed
+         + cache_read * cache_read_price
+         + cache_write * cache_write_price
+         + output * output_price                                 # reasoning billed at the output price
+         (+ the catalog's per-request fee, for the few models that have one)
+
+all prices in USD per million tokens, rounded once, half-even, to a whole nano-USD. A price the catalog
+lacks for cached tokens falls back to the input price (which is what genai-prices does too: tokens of an
+unpriced kind stay in their parent ``input_tokens`` bucket). The figure equals genai-prices' own
+``calc_price`` to the nano-dollar.
+
+The hot path
+------------
+A ``(model, provider)`` pair is resolved once (override or catalog, provider mapping, name fallbacks,
+effective-date prices for *now*) into integer unit prices and cached, misses too. Each call is then a
+dict look-up and a handful of integer multiplications. A cache entry lives at most ``ttl`` seconds
+(one hour by default) and never past the catalog's next price change for that model (a start date, or
+the edge of a time-of-day window such as DeepSeek's off-peak hours), so a price change is honoured.
+
+Tiers
+-----
+genai-prices' ``TieredPrices`` are *cliff* tiers: the tier is chosen by the call's total input tokens
+(the whole prompt, cached tokens included), the highest tier whose ``start`` is strictly below that
+count applies, and its price applies to **all** tokens of that kind, not only those above the
+threshold. Every price kind (input, output, cache read/write) may have its own tiers, all keyed on the
+total input tokens. We precompute one set of integer unit prices per threshold interval.
+
+Not modelled: audio/image/video token prices, web-search and other per-action fees (LangChain's
+normalised usage does not report them), and genai-prices' ``price_variants`` (service tiers, batch):
+the standard price is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Self
+
+import genai_prices
+import pydantic
+from genai_prices import data_snapshot
+from genai_prices import types as gp_types
+
+from ._events import TokenUsage
+from ._exceptions import ConfigurationError
+
+__all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+_monotonic = time.monotonic
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+SOURCE_OVERRIDE = "override"
+"""``UnitPrices.source`` of a user override."""
+
+DEFAULT_TTL_SECONDS = 3600.0
+"""How long a resolved price is trusted before it is looked up again."""
+
+_MAX_PRICE = Decimal(1_000_000_000)
+"""Sanity bound for a user price (USD per million tokens, or USD per tool call)."""
+
+_MAX_PLACES = 30
+"""Decimal places kept for a unit price (the catalog has at most 18); finer digits are rounded off."""
+
+_MAX_CACHE_ENTRIES = 10_000
+
+# LangChain ``ls_provider`` (and LlamaIndex / common spellings) -> genai-prices provider id.
+# Anything not listed is tried as a genai-prices provider id as is (genai-prices also matches ids
+# loosely, e.g. anything containing "bedrock" is AWS).
+_PROVIDER_IDS: dict[str, str] = {
+    "openai": "openai",
+    "azure": "azure",
+    "azure_openai": "azure",
+    "azureopenai": "azure",
+    "azure_ai": "azure",
+    "anthropic": "anthropic",
+    "google": "google",
+    "google_genai": "google",
+    "google_vertexai": "google",
+    "google_anthropic_vertex": "google",
+    "vertexai": "google",
+    "vertex": "google",
+    "gemini": "google",
+    "amazon_bedrock": "aws",
+    "bedrock": "aws",
+    "bedrock_converse": "aws",
+    "aws": "aws",
+    "mistral": "mistral",
+    "mistralai": "mistral",
+    "groq": "groq",
+    "fireworks": "fireworks",
+    "together": "together",
+    "deepseek": "deepseek",
+    "xai": "x-ai",
+    "x_ai": "x-ai",
+    "perplexity": "perplexity",
+    "cohere": "cohere",
+    "openrouter": "openrouter",
+    "cerebras": "cerebras",
+    "moonshot": "moonshotai",
+    "moonshotai": "moonshotai",
+    "novita": "novita",
+    "zhipuai": "zhipuai",
+    "voyageai": "voyageai",
+}
+
+# Models served locally cost nothing per token but are not "free" in the catalog's sense either: a name
+# like "deepseek-r1:8b" on Ollama must not be billed at DeepSeek's API price. They stay unpriced (and
+# flagged) unless the user gives an override (which may well be 0).
+_LOCAL_PROVIDERS = frozenset(
+    {"ollama", "llamacpp", "llama_cpp", "lmstudio", "gpt4all", "huggingface_pipeline", "vllm", "local"}
+)
+
+_DATE_SUFFIX = re.compile(r"(?:[-@_](?:\d{4}-\d{2}-\d{2}|\d{8}))$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public value types
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrices:
+    """Unit prices applied to a call (USD per million tokens, tier already resolved), for audit."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    source: str
+    """``"override"``, or ``"genai-prices X.Y.Z"`` (``"genai-prices X.Y.Z (refreshed <timestamp>)"`` when
+    refreshed catalog data was used)."""
+    per_request: Decimal = Decimal(0)
+    """A flat fee per call in USD (a handful of catalog models, e.g. Perplexity's Sonar); usually 0."""
+    reasoning: Decimal | None = None
+    """A separate reasoning-token price, when the catalog has one; ``None``: billed at ``output``."""
+    catalog_model: str | None = None
+    """The catalog entry used (genai-prices model id); ``None`` for an override."""
+    catalog_provider: str | None = None
+    """The catalog provider used (genai-prices provider id); ``None`` for an override."""
+
+
+@dataclass(frozen=True, slots=True)
+class PricedCall:
+    """The cost of one call and the unit prices it was computed with."""
+
+    cost_nanos: int
+    prices: UnitPrices
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation of user prices
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_decimal(value: Any) -> Decimal:
+    """A user price as an exact ``Decimal``: via ``str`` so that ``0.1`` is ``Decimal('0.1')``."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"must be a number, got {value!r}")
+    if isinstance(value, Decimal):
+        d = value
+    elif isinstance(value, (int, float, str)):
+        try:
+            d = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"must be a number, got {value!r}") from None
+    else:
+        # ValueError, not TypeError: pydantic turns only ValueError into a ValidationError
+        raise ValueError(f"must be a number, got {type(value).__name__} {value!r}")
+    if not d.is_finite():
+        raise ValueError(f"must be a finite number, got {value!r}")
+    if d < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    if d > _MAX_PRICE:
+        raise ValueError(f"is implausibly large: {value!r}")
+    return d + 0 if d.is_zero() else d  # -0 -> 0
+
+
+class _OverrideEntry(pydantic.BaseModel):
+    """One model's override, USD per million tokens."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+
+    @pydantic.field_validator("input", "output", "cache_read", "cache_write", mode="plain")
+    @classmethod
+    def _price(cls, value: Any) -> Decimal:
+        return _to_decimal(value)
+
+
+class _ToolPrice(pydantic.RootModel[Decimal]):
+    @pydantic.field_validator("root", mode="plain")
+    @classmethod
+    def _price(cls, value: Any) -> Decimal:
+        return _to_decimal(value)
+
+
+_OVERRIDES_ADAPTER: pydantic.TypeAdapter[dict[str, _OverrideEntry]] = pydantic.TypeAdapter(
+    dict[str, _OverrideEntry]
+)
+_TOOLS_ADAPTER: pydantic.TypeAdapter[dict[str, _ToolPrice]] = pydantic.TypeAdapter(dict[str, _ToolPrice])
+
+
+def _format_errors(exc: pydantic.ValidationError, what: str, origin: str) -> str:
+    parts: list[str] = []
+    for err in exc.errors():
+        loc = err.get("loc", ())
+        name = repr(loc[0]) if loc else "?"
+        fields = ".".join(str(x) for x in loc[1:])
+        kind = err.get("type", "")
+        if kind == "missing":
+            msg = "is required"
+        elif kind == "extra_forbidden":
+            msg = "is not a known field (expected input, output, cache_read, cache_write)"
+        elif kind in ("model_type", "dict_type"):
+            msg = "must be a mapping of prices"
+        else:
+            msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        if fields:
+            parts.append(f"{what} {name}: field {fields!r} {msg}")
+        else:
+            parts.append(f"{what} {name}: {msg}")
+    return f"invalid prices in {origin}: " + "; ".join(parts)
+
+
+def _check_keys(raw: Mapping[Any, Any], what: str, origin: str) -> None:
+    for key in raw:
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigurationError(f"invalid prices in {origin}: {what} name {key!r} must be a non-empty string")
+
+
+def _validate_overrides(raw: Any, origin: str) -> dict[str, dict[str, Decimal]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(
+            f"invalid prices in {origin}: expected a mapping of model name -> prices, got {type(raw).__name__}"
+        )
+    _check_keys(raw, "model", origin)
+    try:
+        parsed = _OVERRIDES_ADAPTER.validate_python(dict(raw))
+    except pydantic.ValidationError as exc:
+        raise ConfigurationError(_format_errors(exc, "model", origin)) from None
+    out: dict[str, dict[str, Decimal]] = {}
+    for name, entry in parsed.items():
+        out[name.strip()] = {
+            "input": entry.input,
+            "output": entry.output,
+            "cache_read": entry.input if entry.cache_read is None else entry.cache_read,
+            "cache_write": entry.input if entry.cache_write is None else entry.cache_write,
+        }
+    return out
+
+
+def _validate_tool_prices(raw: Any) -> dict[str, int]:
+    origin = "tool_prices"
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(
+            f"invalid prices in {origin}: expected a mapping of tool name -> USD per call, got {type(raw).__name__}"
+        )
+    _check_keys(raw, "tool", origin)
+    try:
+        parsed = _TOOLS_ADAPTER.validate_python(dict(raw))
+    except pydantic.ValidationError as exc:
+        raise ConfigurationError(_format_errors(exc, "tool", origin)) from None
+    return {name: _scaled_int(price.root, 9) for name, price in parsed.items()}
+
+
+def load_price_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Decimal]]:
+    """Load and validate a YAML or JSON price file: model name -> ``{input, output, cache_read, cache_write}``.
+
+    Prices are USD per million tokens; ``input`` and ``output`` are required, ``cache_read`` and
+    ``cache_write`` default to ``input``. A ``.json`` file is read as JSON, anything else as YAML.
+    Raises ``ConfigurationError`` (naming the model and the field) for anything malformed.
+    """
+    p = Path(os.fspath(path))
+    origin = f"price file {str(p)!r}"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(f"{origin} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{origin} cannot be read: {exc}") from None
+    if p.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"{origin} is not valid JSON: {exc}") from None
+    else:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"{origin} is not valid YAML: {exc}") from None
+    return _validate_overrides(raw, origin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Integer unit prices
+# --------------------------------------------------------------------------------------------------
+
+
+def _scaled_int(d: Decimal, places: int) -> int:
+    """``d * 10**places`` as an int, rounded half-even, exact whatever the digits (no context rounding)."""
+    _, digits, exp = d.as_tuple()
+    if not isinstance(exp, int):
+        raise ValueError(f"not a finite amount: {d!r}")
+    n = int("".join(map(str, digits)) or "0")
+    shift = exp + places
+    if shift >= 0:
+        return n * 10**shift
+    q, r = divmod(n, 10**-shift)
+    r2, div = r + r, 10**-shift
+    if r2 > div or (r2 == div and q & 1):
+        q += 1
+    return q
+
+
+def _places(d: Decimal) -> int:
+    exp = d.as_tuple().exponent
+    return -exp if isinstance(exp, int) and exp < 0 else 0
+
+
+class _Rates:
+    """Unit prices of one tier as integers in 1e-(6+scale) USD per token, and how to get nanos back.
+
+    ``sum(tokens * rate)`` is in units of 1e-(6+scale) USD; nanos = that * 10**(3-scale) when
+    ``scale <= 3``, else that / 10**(scale-3) rounded half-even. Exact for any Decimal prices.
+    """
+
+    __slots__ = ("cr", "cw", "div", "inp", "mul", "out", "req", "rsn", "unit")
+
+    def __init__(self, unit: UnitPrices) -> None:
+        prices = [unit.input, unit.output, unit.cache_read, unit.cache_write, unit.per_request]
+        if unit.reasoning is not None:
+            prices.append(unit.reasoning)
+        scale = min(max(_places(p) for p in prices), _MAX_PLACES)
+
+        def scaled(p: Decimal) -> int:
+            return _scaled_int(p, scale)
+
+        self.inp = scaled(unit.input)
+        self.out = scaled(unit.output)
+        self.cr = scaled(unit.cache_read)
+        self.cw = scaled(unit.cache_write)
+        self.rsn: int | None = None if unit.reasoning is None else scaled(unit.reasoning)
+        # USD per request -> per-million-token units: * 1e6.
+        self.req = scaled(unit.per_request) * 1_000_000
+        self.mul = 10 ** (3 - scale) if scale <= 3 else 1
+        self.div = 10 ** (scale - 3) if scale > 3 else 1
+        self.unit = unit
+
+    def nanos(self, inp: int, out: int, cr: int, cw: int, rsn: int) -> int:
+        if inp < 0 or out < 0 or cr < 0 or cw < 0:  # malformed usage: count nothing negative
+            inp, out, cr, cw = max(inp, 0), max(out, 0), max(cr, 0), max(cw, 0)
+        uncached = inp - cr - cw
+        if uncached < 0:  # cheaper than max() on the hot path
+            uncached = 0
+        total = uncached * self.inp + cr * self.cr + cw * self.cw + self.req
+        if self.rsn is None:
+            total += out * self.out
+        else:
+            if rsn < 0:
+                rsn = 0
+            elif rsn > out:
+                rsn = out
+            total += (out - rsn) * self.out + rsn * self.rsn
+        div = self.div
+        if div == 1:
+            return total * self.mul
+        q, r = divmod(total, div)
+        r2 = r + r
+        if r2 > div or (r2 == div and q & 1):
+            q += 1
+        return q
+
+
+class _Entry:
+    """A cached resolution: ``base`` rates (``None`` for a miss) and tiers, newest threshold first."""
+
+    __slots__ = ("base", "expires", "tiers")
+
+    def __init__(self, base: _Rates | None, tiers: tuple[tuple[int, _Rates], ...], expires: float) -> None:
+        self.base = base
+        self.tiers = tiers
+        self.expires = expires
+
+    def rates(self, input_tokens: int) -> _Rates | None:
+        for start, rates in self.tiers:
+            if input_tokens > start:
+                return rates
+        return self.base
+
+
+# --------------------------------------------------------------------------------------------------
+# Catalog resolution
+# --------------------------------------------------------------------------------------------------
+
+
+def _tier_price(price: Decimal | gp_types.TieredPrices | None, threshold: int | None) -> Decimal | None:
+    """The price that applies when total input tokens are just above ``threshold`` (``None``: base)."""
+    if price is None or isinstance(price, Decimal):
+        return price
+    applicable = price.base
+    if threshold is not None:
+        for tier in price.tiers:  # sorted ascending by genai-prices
+            if tier.start <= threshold:
+                applicable = tier.price
+    return applicable
+
+
+def _next_change(model: gp_types.ModelInfo, now: datetime) -> datetime | None:
+    """The next instant after ``now`` at which the model's catalog price may change."""
+    if isinstance(model.prices, gp_types.ModelPrice):
+        return None
+    candidates: list[datetime] = []
+    for cond in model.prices:
+        constraint = cond.constraint
+        if isinstance(constraint, gp_types.StartDateConstraint):
+            at = datetime(constraint.start_date.year, constraint.start_date.month, constraint.start_date.day,
+                          tzinfo=UTC)
+            if at > now:
+                candidates.append(at)
+        elif isinstance(constraint, gp_types.TimeOfDateConstraint):
+            today: date = now.date()
+            for t in (constraint.start_time, constraint.end_time):
+                t_utc = gp_types._utc_timetz(t)  # genai-prices' own normalisation
+                at = datetime.combine(today, t_utc.replace(tzinfo=None), tzinfo=UTC)
+                if at <= now:
+                    at += timedelta(days=1)
+                candidates.append(at)
+    return min(candidates) if candidates else None
+
+
+def _catalog_unit_prices(
+    model_price: gp_types.ModelPrice, threshold: int | None, source: str, model_id: str, provider_id: str
+) -> UnitPrices | None:
+    inp = _tier_price(model_price.input_mtok, threshold)
+    out = _tier_price(model_price.output_mtok, threshold)
+    if inp is None and out is None:
+        return None  # not priced per token (images, audio hours, ...): never a silent $0
+    inp = Decimal(0) if inp is None else inp
+    out = Decimal(0) if out is None else out
+    cr = _tier_price(model_price.cache_read_mtok, threshold)
+    cw = _tier_price(model_price.cache_write_mtok, threshold)
+    req = _tier_price(model_price.requests_kcount, threshold)
+    rsn = _tier_price(model_price.output_reasoning_mtok, threshold)
+    return UnitPrices(
+        input=inp,
+        output=out,
+        cache_read=inp if cr is None else cr,
+        cache_write=inp if cw is None else cw,
+        source=source,
+        per_request=Decimal(0) if req is None else req / 1000,
+        reasoning=rsn,
+        catalog_model=model_id,
+        catalog_provider=provider_id,
+    )
+
+
+def _catalog_source(snapshot: data_snapshot.DataSnapshot) -> str:
+    base = f"genai-prices {genai_prices.__version__}"
+    if snapshot.from_auto_update:
+        return f"{base} (refreshed {snapshot.timestamp.isoformat(timespec='seconds')})"
+    return base
+
+
+def _model_refs(model: str) -> list[tuple[str, str | None]]:
+    """Names to try for a model, each with the provider id implied by a ``provider/`` prefix, if any."""
+    refs: list[tuple[str, str | None]] = [(model, None)]
+    if "/" in model:
+        prefix, rest = model.split("/", 1)
+        if rest:
+            refs.append((rest, prefix))
+        last = model.rsplit("/", 1)[1]
+        if last and last != rest:
+            refs.append((last, None))
+    for ref, implied in list(refs):
+        undated = _DATE_SUFFIX.sub("", ref)
+        if undated and undated != ref:
+            refs.append((undated, implied))
+    return refs
+
+
+def _find_in_catalog(
+    snapshot: data_snapshot.DataSnapshot, model: str, provider: str | None
+) -> tuple[gp_types.Provider, gp_types.ModelInfo] | None:
+    norm = provider.strip().lower().replace("-", "_") if provider else None
+    if norm in _LOCAL_PROVIDERS:
+        return None
+    pid = _PROVIDER_IDS.get(norm, provider.strip().lower()) if norm and provider else None
+
+    def attempt(ref: str, provider_id: str | None) -> tuple[gp_types.Provider, gp_types.ModelInfo] | None:
+        try:
+            return snapshot.find_provider_model(ref, None, provider_id, None)
+        except (LookupError, ValueError):
+            return None
+
+    for ref, implied in _model_refs(model):
+        if pid is not None and (found := attempt(ref, pid)):
+            return found
+        if implied is not None:
+            implied_id = _PROVIDER_IDS.get(implied.lower().replace("-", "_"), implied.lower())
+            if found := attempt(ref, implied_id):
+                return found
+        if found := attempt(ref, None):
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# PriceBook
+# --------------------------------------------------------------------------------------------------
+
+
+class PriceBook:
+    """Prices of model calls and tool calls; shared by many threads.
+
+    Args:
+        overrides: user prices above the catalog: a mapping, or the path of a YAML or JSON file, of
+            model name -> ``{"input", "output", "cache_read", "cache_write"}`` in USD per million
+            tokens (see :func:`load_price_file`). A key matches the reported model name exactly,
+            case-insensitively, with the reported name's ``provider/`` prefix stripped, and, last,
+            without a trailing date (``gpt-4o-mini`` prices ``gpt-4o-mini-2024-07-18``).
+        tool_prices: tool name -> USD per call.
+        refresh: fetch genai-prices' newer data in a background thread (see :meth:`start_refresh`).
+        ttl: seconds a resolved price is cached (it is re-resolved sooner at a catalog price change).
+        refresh_interval: seconds between background fetches.
+        refresh_fetcher: what fetches newer catalog data; default: genai-prices'
+            ``UpdatePrices().fetch`` (the publisher's JSON). Returns a genai-prices ``DataSnapshot``, or
+            ``None`` for "nothing new"; may raise (logged, ignored).
+    """
+
+    def __init__(
+        self,
+        overrides: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str] | None = None,
+        *,
+        tool_prices: Mapping[str, Any] | None = None,
+        refresh: bool = False,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        refresh_interval: float = 3600.0,
+        refresh_fetcher: Callable[[], data_snapshot.DataSnapshot | None] | None = None,
+    ) -> None:
+        if overrides is None:
+            table: dict[str, dict[str, Decimal]] = {}
+        elif isinstance(overrides, (str, os.PathLike)):
+            table = load_price_file(overrides)
+        else:
+            table = _validate_overrides(overrides, "overrides")
+        self._overrides: dict[str, UnitPrices] = {}
+        self._overrides_lower: dict[str, UnitPrices] = {}
+        for name, p in table.items():
+            unit = UnitPrices(p["input"], p["output"], p["cache_read"], p["cache_write"], SOURCE_OVERRIDE)
+            self._overrides[name] = unit
+            self._overrides_lower.setdefault(name.lower(), unit)
+        self._tools: dict[str, int] = _validate_tool_prices(tool_prices) if tool_prices is not None else {}
+        self._tools_lower: dict[str, int] = {}
+        for tool, nanos in self._tools.items():
+            self._tools_lower.setdefault(tool.lower(), nanos)
+        if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl > 0):
+            raise ConfigurationError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if not (isinstance(refresh_interval, (int, float)) and math.isfinite(refresh_interval)
+                and refresh_interval > 0):
+            raise ConfigurationError(f"refresh_interval must be a positive number of seconds, got {refresh_interval!r}")
+        self._ttl = float(ttl)
+        self._refresh_interval = float(refresh_interval)
+        self._fetcher = refresh_fetcher
+        self._refreshed = threading.Event()  # set after each refresh attempt, for waiters
+        self._cache: dict[tuple[str | None, str | None], _Entry] = {}
+        self._warned: set[str | None] = set()
+        self._lock = threading.Lock()  # slow paths only: warnings, refresh state
+        self._snapshot: data_snapshot.DataSnapshot | None = None  # refreshed data, private to this book
+        self._refresh_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if refresh:
+            self.start_refresh()
+
+    # ---- hot path --------------------------------------------------------------------------------
+
+    def price(
+        self, model: str | None, provider: str | None, usage: TokenUsage, *, at: datetime | None = None
+    ) -> PricedCall | None:
+        """The cost of one call, or ``None`` if the model has no known price (flag the span unpriced).
+
+        ``at`` prices the call as of another instant (bypassing the cache), e.g. to re-price history;
+        a naive ``at`` is taken as UTC.
+        """
+        if at is None:
+            entry = self._cache.get((model, provider))
+            if entry is None or entry.expires <= _monotonic():
+                entry = self._resolve(model, provider)
+        else:
+            entry = self._resolve(model, provider, at)
+        inp = usage.input
+        rates = entry.base
+        for start, tier_rates in entry.tiers:
+            if inp > start:
+                rates = tier_rates
+                break
+        if rates is None:
+            return None
+        return PricedCall(
+            rates.nanos(inp, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
+        )
+
+    def unit_prices(
+        self, model: str | None, provider: str | None, input_tokens: int = 0, *, at: datetime | None = None
+    ) -> UnitPrices | None:
+        """The unit prices that apply to a call with ``input_tokens`` prompt tokens (tiers resolved)."""
+        entry = self._entry(model, provider, at)
+        rates = entry.rates(input_tokens)
+        return None if rates is None else rates.unit
+
+    def estimate_nanos(
+        self,
+        model: str | None,
+        provider: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        at: datetime | None = None,
+    ) -> int | None:
+        """A pre-call estimate: every input token uncached, every output token at the output price."""
+        entry = self._entry(model, provider, at)
+        rates = entry.rates(input_tokens)
+        if rates is None:
+            return None
+        return rates.nanos(input_tokens, output_tokens, 0, 0, 0)
+
+    def tool_price_nanos(self, name: str) -> int | None:
+        """The price of one call of tool ``name`` in nano-USD (exact name, then case-insensitive)."""
+        nanos = self._tools.get(name)
+        if nanos is None and name:
+            nanos = self._tools_lower.get(name.lower())
+        return nanos
+
+    def _entry(self, model: str | None, provider: str | None, at: datetime | None) -> _Entry:
+        if at is not None:
+            return self._resolve(model, provider, at)
+        entry = self._cache.get((model, provider))
+        if entry is None or entry.expires <= _monotonic():
+            entry = self._resolve(model, provider)
+        return entry
+
+    # ---- resolution (slow path) ------------------------------------------------------------------
+
+    def _resolve(self, model: str | None, provider: str | None, at: datetime | None = None) -> _Entry:
+        # Take the cache before reading the catalog: should refreshed data be installed meanwhile, this
+        # entry lands in the discarded dict, never in the new one.
+        cache = self._cache
+        mono = _monotonic()
+        now = _utcnow() if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC))
+        entry = self._resolve_uncached(model, provider, now, mono)
+        if entry.base is None:
+            self._warn_unpriced(model, provider)
+        if at is None:
+            if len(cache) >= _MAX_CACHE_ENTRIES:
+                cache.clear()
+            cache[(model, provider)] = entry
+        return entry
+
+    def _resolve_uncached(self, model: str | None, provider: str | None, now: datetime, mono: float) -> _Entry:
+        expires = mono + self._ttl
+        if not model or not isinstance(model, str):
+            return _Entry(None, (), expires)
+        override = self._find_override(model, provider)
+        if override is not None:
+            return _Entry(_Rates(override), (), expires)
+        snapshot = self._snapshot or data_snapshot.get_snapshot()
+        try:
+            found = _find_in_catalog(snapshot, model, provider)
+        except Exception:  # a catalog bug must never break the caller's LLM call
+            logger.debug("genai-prices lookup failed for model %r", model, exc_info=True)
+            found = None
+        if found is None:
+            return _Entry(None, (), expires)
+        gp_provider, gp_model = found
+        try:
+            model_price = gp_model.get_prices(now)
+        except Exception:
+            logger.debug("genai-prices could not resolve prices of %r", gp_model.id, exc_info=True)
+            return _Entry(None, (), expires)
+        change = _next_change(gp_model, now)
+        if change is not None:
+            expires = min(expires, mono + max((change - now).total_seconds(), 0.0))
+        source = _catalog_source(snapshot)
+        base_unit = _catalog_unit_prices(model_price, None, source, gp_model.id, gp_provider.id)
+        if base_unit is None:
+            return _Entry(None, (), expires)
+        thresholds: set[int] = set()
+        for key in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok",
+                    "requests_kcount", "output_reasoning_mtok"):
+            value = getattr(model_price, key, None)
+            if isinstance(value, gp_types.TieredPrices):
+                thresholds.update(tier.start for tier in value.tiers)
+        tiers: list[tuple[int, _Rates]] = []
+        for start in sorted(thresholds, reverse=True):
+            unit = _catalog_unit_prices(model_price, start, source, gp_model.id, gp_provider.id)
+            if unit is not None:
+                tiers.append((start, _Rates(unit)))
+        return _Entry(_Rates(base_unit), tuple(tiers), expires)
+
+    def _find_override(self, model: str, provider: str | None) -> UnitPrices | None:
+        if not self._overrides:
+            return None
+        names: list[str] = []
+        if provider:
+            names.append(f"{provider}/{model}")
+        names.append(model)
+        if "/" in model:
+            names.append(model.split("/", 1)[1])
+            names.append(model.rsplit("/", 1)[1])
+        for name in list(names):
+            undated = _DATE_SUFFIX.sub("", name)
+            if undated and undated != name:
+                names.append(undated)
+        for name in names:
+            unit = self._overrides.get(name) or self._overrides_lower.get(name.lower())
+            if unit is not None:
+                return unit
+        return None
+
+    def _warn_unpriced(self, model: str | None, provider: str | None) -> None:
+        with self._lock:
+            if model in self._warned:
+                return
+            self._warned.add(model)
+        if model:
+            logger.warning(
+                "costobs_callbacks: no price known for model %r (provider %r); its calls are recorded as "
+                "unpriced. Add it to the price overrides to price it.",
+                model,
+                provider,
+            )
+        else:
+            logger.warning("costobs_callbacks: a call reported no model name; its calls are recorded as unpriced.")
+
+    # ---- refresh ---------------------------------------------------------------------------------
+
+    def start_refresh(self) -> None:
+        """Fetch genai-prices' newer data in a daemon thread, now and every ``refresh_interval`` seconds.
+
+        Never blocks and never raises for network trouble: offline, the bundled data stays in use (logged
+        at INFO). Fetched data is private to this book (genai-prices' global snapshot is left alone), never
+        takes precedence over user overrides, and invalidates the resolution cache when it arrives.
+        """
+        with self._lock:
+            if self._refresh_thread is not None and self._refresh_thread.is_alive():
+                return
+            self._stop = threading.Event()
+            thread = threading.Thread(
+                target=self._refresh_loop, args=(self._stop,), name="costobs-price-refresh", daemon=True
+            )
+            self._refresh_thread = thread
+        thread.start()
+
+    def refresh_now(self) -> bool:
+        """Fetch newer catalog data in the calling thread (blocks up to the fetch's timeouts).
+
+        Returns True if new data was installed, False if the fetch failed (logged) or brought nothing.
+        """
+        try:
+            snapshot = self._fetch()
+        except Exception as exc:  # offline or bad data: keep the prices in use
+            logger.info("genai-prices refresh failed (%s: %s); keeping the prices in use", type(exc).__name__, exc)
+            return False
+        finally:
+            self._refreshed.set()
+        if snapshot is None:
+            return False
+        self._install_snapshot(snapshot)
+        return True
+
+    def wait_refreshed(self, timeout: float | None = None) -> bool:
+        """Wait until the background refresh has made an attempt (successful or not); False on timeout."""
+        return self._refreshed.wait(timeout)
+
+    def _fetch(self) -> data_snapshot.DataSnapshot | None:
+        if self._fetcher is not None:
+            return self._fetcher()
+        return genai_prices.UpdatePrices(update_interval=self._refresh_interval).fetch()
+
+    def _refresh_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                snapshot = self._fetch()
+            except Exception as exc:  # offline or bad data: keep the prices in use
+                logger.info("genai-prices refresh failed (%s: %s); keeping the prices in use", type(exc).__name__, exc)
+            else:
+                if snapshot is not None and not stop.is_set():
+                    self._install_snapshot(snapshot)
+            self._refreshed.set()
+            if stop.wait(self._refresh_interval):
+                break
+
+    def _install_snapshot(self, snapshot: data_snapshot.DataSnapshot) -> None:
+        """Use refreshed catalog data from now on and drop every cached resolution."""
+        self._snapshot = snapshot
+        self._cache = {}
+        logger.info("genai-prices data refreshed (%d providers)", len(snapshot.providers))
+
+    def close(self) -> None:
+        """Stop the refresh thread, if any (waits at most a moment; the thread is a daemon)."""
+        with self._lock:
+            thread = self._refresh_thread
+            self._refresh_thread = None
+            self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=0.5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

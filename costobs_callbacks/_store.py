@@ -1,0 +1,598 @@
+"""SQLAlchemy storage: tables, batch writes, queries. Dialect-neutral SQLAlchemy 2.x Core.
+
+Money is integer nano-USD (``BIGINT``), exact on every database; unit prices are stored as decimal
+text for audit. Times are naive UTC; ``hour`` is the span's start in whole hours since the epoch, so
+hourly and daily buckets are integer arithmetic on any dialect.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ._events import nanos_to_usd
+from ._exceptions import ConfigurationError
+from ._ledger import RunCost, RunEnded, RunStarted, Span
+
+__all__ = ["ROLLUP_KEYS", "RollupRow", "Store", "migrations_dir"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+HEAD_REVISION = "0001"
+
+metadata = sa.MetaData()
+
+_BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+spans = sa.Table(
+    "costobs_spans",
+    metadata,
+    sa.Column("id", _BigInt, primary_key=True, autoincrement=True),
+    sa.Column("span_id", sa.String(64), nullable=False),
+    sa.Column("parent_id", sa.String(64)),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(256)),
+    sa.Column("model", sa.String(256)),
+    sa.Column("provider", sa.String(64)),
+    sa.Column("start_at", sa.DateTime(), nullable=False),
+    sa.Column("end_at", sa.DateTime(), nullable=False),
+    sa.Column("hour", sa.Integer(), nullable=False),
+    sa.Column("latency_ms", sa.Float(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.String(128)),
+    sa.Column("input_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cache_read_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cache_write_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cost_nanos", sa.BigInteger()),
+    sa.Column("tree_cost_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("unpriced", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("estimated", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("cache_hit", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("saved_nanos", sa.BigInteger()),
+    sa.Column("price_source", sa.String(64)),
+    sa.Column("price_input", sa.String(40)),
+    sa.Column("price_output", sa.String(40)),
+    sa.Column("price_cache_read", sa.String(40)),
+    sa.Column("price_cache_write", sa.String(40)),
+    sa.Column("flags", sa.String(256)),
+    sa.Column("feature", sa.String(256), nullable=False),
+    sa.Column("route", sa.String(256)),
+    sa.Column("tenant_id", sa.String(256)),
+    sa.Column("user_hash", sa.String(64)),
+    sa.Column("prompt_version", sa.String(256)),
+    sa.Index("ix_costobs_spans_run_id", "run_id"),
+    sa.Index("ix_costobs_spans_hour", "hour"),
+    sa.Index("ix_costobs_spans_feature_hour", "feature", "hour"),
+    sa.Index("ix_costobs_spans_tenant_hour", "tenant_id", "hour"),
+)
+
+runs = sa.Table(
+    "costobs_runs",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("feature", sa.String(256), nullable=False),
+    sa.Column("route", sa.String(256)),
+    sa.Column("tenant_id", sa.String(256)),
+    sa.Column("user_hash", sa.String(64)),
+    sa.Column("prompt_version", sa.String(256)),
+    sa.Column("attributes", sa.JSON()),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("started_at", sa.DateTime(), nullable=False),
+    sa.Column("ended_at", sa.DateTime()),
+    sa.Column("invocations", sa.Integer(), nullable=False, server_default="1"),
+    sa.Column("cost_nanos", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("input_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cache_read_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("cache_write_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("llm_calls", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("tool_calls", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("unpriced_calls", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("estimated_calls", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("span_count", sa.Integer(), nullable=False, server_default="0"),
+    sa.Index("ix_costobs_runs_started_at", "started_at"),
+)
+
+meta_kv = sa.Table(
+    "costobs_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(512), nullable=False),
+)
+
+ROLLUP_KEYS: dict[str, sa.ColumnElement[Any]] = {
+    "feature": spans.c.feature,
+    "route": spans.c.route,
+    "tenant_id": spans.c.tenant_id,
+    "user": spans.c.user_hash,
+    "model": spans.c.model,
+    "provider": spans.c.provider,
+    "kind": spans.c.kind,
+    "name": spans.c.name,
+    "status": spans.c.status,
+    "prompt_version": spans.c.prompt_version,
+}
+
+_CALL_KINDS = ("llm", "embedding", "tool", "retriever")
+_LLM_KINDS = ("llm", "embedding")
+
+
+@dataclass(frozen=True, slots=True)
+class RollupRow:
+    """One group of a rollup: costs beside latency, so the costly slow calls show first."""
+
+    key: dict[str, Any]
+    bucket_start: datetime | None
+    cost_usd: Decimal
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    llm_calls: int
+    tool_calls: int
+    runs: int
+    avg_latency_ms: float | None
+    """Mean latency of the group's calls (LLM, embedding, tool and retriever spans)."""
+    max_latency_ms: float | None
+    unpriced_calls: int = 0
+    estimated_calls: int = 0
+    cache_hits: int = 0
+    saved_usd: Decimal = Decimal(0)
+    """What LangChain's own LLM cache saved (calls served from it cost $0)."""
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: inside the wheel at ``costobs_callbacks/_storage``, in a checkout at ``storage/``."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_storage", here.parent / "storage"):
+        if (cand / "env.py").exists():
+            return cand
+    raise RuntimeError("costobs-callbacks: the storage migrations are missing from this installation")
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
+
+
+def _dec(d: Decimal | None) -> str | None:
+    return None if d is None else str(d)
+
+
+class Store:
+    """One database. Thread-safe (SQLAlchemy's pool); writes come from the exporter's thread."""
+
+    def __init__(self, url: str, *, engine_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        try:
+            u = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(f"invalid database_url {url!r}: {exc}") from None
+        kwargs: dict[str, Any] = {"future": True}
+        if u.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True
+        if engine_kwargs:
+            kwargs.update(engine_kwargs)
+        try:
+            self.engine: Engine = sa.create_engine(u, **kwargs)
+        except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise ConfigurationError(f"cannot use database_url {url!r}: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        """Bring the database to the newest migration (Alembic), once per process."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            if self._current_revision() != HEAD_REVISION:
+                self._upgrade()
+            self._schema_ready = True
+
+    def _current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("costobs_alembic_version"):
+                return None
+            row = conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).first()
+            return row[0] if row else None
+
+    def _upgrade(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_dir()))
+        cfg.set_main_option("version_table", "costobs_alembic_version")
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+                return
+            except Exception:
+                # another process may have migrated at the same moment
+                if self._current_revision() == HEAD_REVISION:
+                    return
+                if attempt == 2:
+                    raise
+
+    def get_or_create_salt(self) -> bytes:
+        """The user-id salt kept in the database, so every process hashes ids alike."""
+        self.ensure_schema()
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).first()
+            if row is not None:
+                return bytes.fromhex(row[0])
+            salt = secrets.token_hex(32)
+            try:
+                conn.execute(sa.insert(meta_kv).values(key="user_salt", value=salt))
+            except sa.exc.IntegrityError:
+                pass
+        with self.engine.connect() as conn:
+            val = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).scalar_one()
+        return bytes.fromhex(val)
+
+    # -- writes (exporter thread) -----------------------------------------------------------------
+
+    def write_batch(self, items: Sequence[Any]) -> None:
+        """Write spans and run events in one transaction; all or nothing (the exporter retries)."""
+        self.ensure_schema()
+        span_rows: list[dict[str, Any]] = []
+        deltas: dict[str, list[int]] = {}
+        run_objs: dict[str, Any] = {}
+        starts: dict[str, int] = {}
+        final: dict[str, tuple[str, str | None, datetime | None]] = {}
+        first_start: dict[str, float] = {}
+        for it in items:
+            if isinstance(it, Span):
+                run = it.run
+                rid = run.run_id
+                run_objs[rid] = run
+                span_rows.append(_span_row(it))
+                d = deltas.get(rid)
+                if d is None:
+                    d = deltas[rid] = [0] * 11
+                cost = it.cost_nanos or 0
+                d[0] += cost
+                u = it.usage
+                if u is not None and not it.cache_hit:
+                    d[1] += u.input
+                    d[2] += u.output
+                    d[3] += u.cache_read
+                    d[4] += u.cache_write
+                    d[5] += u.reasoning
+                if it.kind in _LLM_KINDS:
+                    d[6] += 1
+                    if it.unpriced:
+                        d[8] += 1
+                    if it.estimated:
+                        d[9] += 1
+                elif it.kind == "tool":
+                    d[7] += 1
+                d[10] += 1
+            elif isinstance(it, RunStarted):
+                rid = it.run.run_id
+                run_objs[rid] = it.run
+                starts[rid] = starts.get(rid, 0) + 1
+                first_start.setdefault(rid, it.run.started_wall)
+                final[rid] = ("running", None, None)
+            elif isinstance(it, RunEnded):
+                rid = it.run.run_id
+                run_objs[rid] = it.run
+                final[rid] = (it.status, it.reason, _utc(it.end_wall))
+        if not run_objs:
+            return
+        with self.engine.begin() as conn:
+            existing = self._existing_runs(conn, run_objs)
+            new_rows = []
+            for rid, run in run_objs.items():
+                if rid in existing:
+                    continue
+                status = final.get(rid, ("running", None, None))
+                new_rows.append({
+                    "run_id": rid,
+                    "feature": run.feature,
+                    "route": run.route,
+                    "tenant_id": run.tenant_id,
+                    "user_hash": run.user_hash,
+                    "prompt_version": run.prompt_version,
+                    "attributes": dict(run.attributes) or None,
+                    "status": status[0],
+                    "reason": status[1],
+                    "started_at": _utc(first_start.get(rid, run.started_wall)),
+                    "ended_at": status[2],
+                    "invocations": max(1, starts.get(rid, 0)),
+                })
+            if new_rows:
+                conn.execute(self._insert_ignore(runs), new_rows)
+            if span_rows:
+                conn.execute(sa.insert(spans), span_rows)
+            if deltas:
+                c = runs.c
+                stmt = (
+                    sa.update(runs)
+                    .where(c.run_id == sa.bindparam("rid"))
+                    .values(
+                        cost_nanos=c.cost_nanos + sa.bindparam("d0", type_=sa.BigInteger()),
+                        input_tokens=c.input_tokens + sa.bindparam("d1", type_=sa.BigInteger()),
+                        output_tokens=c.output_tokens + sa.bindparam("d2", type_=sa.BigInteger()),
+                        cache_read_tokens=c.cache_read_tokens + sa.bindparam("d3", type_=sa.BigInteger()),
+                        cache_write_tokens=c.cache_write_tokens + sa.bindparam("d4", type_=sa.BigInteger()),
+                        reasoning_tokens=c.reasoning_tokens + sa.bindparam("d5", type_=sa.BigInteger()),
+                        llm_calls=c.llm_calls + sa.bindparam("d6", type_=sa.Integer()),
+                        tool_calls=c.tool_calls + sa.bindparam("d7", type_=sa.Integer()),
+                        unpriced_calls=c.unpriced_calls + sa.bindparam("d8", type_=sa.Integer()),
+                        estimated_calls=c.estimated_calls + sa.bindparam("d9", type_=sa.Integer()),
+                        span_count=c.span_count + sa.bindparam("d10", type_=sa.Integer()),
+                    )
+                )
+                params = [
+                    {"rid": rid, **{f"d{i}": v for i, v in enumerate(d)}} for rid, d in deltas.items()
+                ]
+                conn.execute(stmt, params)
+            upd = []
+            for rid, (status, reason, ended) in final.items():
+                if rid in existing:
+                    upd.append({"rid": rid, "st": status, "rs": reason, "en": ended, "inv": starts.get(rid, 0)})
+            if upd:
+                c = runs.c
+                conn.execute(
+                    sa.update(runs)
+                    .where(c.run_id == sa.bindparam("rid"))
+                    .values(
+                        status=sa.bindparam("st"),
+                        reason=sa.bindparam("rs"),
+                        ended_at=sa.bindparam("en"),
+                        invocations=c.invocations + sa.bindparam("inv", type_=sa.Integer()),
+                    ),
+                    upd,
+                )
+
+    def _existing_runs(self, conn: Connection, run_ids: Iterable[str]) -> set[str]:
+        ids = list(run_ids)
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            found.update(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(chunk))).scalars())
+        return found
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table).on_conflict_do_nothing()
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing()
+        return sa.insert(table)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def run_cost(self, run_id: str) -> RunCost | None:
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().first()
+            if row is None:
+                return None
+            by_model = {
+                m: nanos_to_usd(int(n or 0)) or Decimal(0)
+                for m, n in conn.execute(
+                    sa.select(spans.c.model, sa.func.sum(sa.func.coalesce(spans.c.cost_nanos, 0)))
+                    .where(spans.c.run_id == run_id, spans.c.kind.in_(_LLM_KINDS), spans.c.model.is_not(None),
+                           spans.c.cache_hit.is_(False))
+                    .group_by(spans.c.model)
+                )
+            }
+        attrs: dict[str, Any] = {"feature": row["feature"]}
+        for k, col in (("route", "route"), ("tenant_id", "tenant_id"), ("user", "user_hash"),
+                       ("prompt_version", "prompt_version")):
+            if row[col] is not None:
+                attrs[k] = row[col]
+        attrs.update(row["attributes"] or {})
+        return RunCost(
+            run_id=run_id,
+            cost_usd=nanos_to_usd(int(row["cost_nanos"])) or Decimal(0),
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            cache_read_tokens=int(row["cache_read_tokens"]),
+            cache_write_tokens=int(row["cache_write_tokens"]),
+            reasoning_tokens=int(row["reasoning_tokens"]),
+            llm_calls=int(row["llm_calls"]),
+            tool_calls=int(row["tool_calls"]),
+            unpriced_calls=int(row["unpriced_calls"]),
+            by_model=by_model,
+            status=row["status"],
+            attributes=attrs,
+            reason=row["reason"],
+            estimated_calls=int(row["estimated_calls"]),
+        )
+
+    def rollup(
+        self,
+        by: Sequence[str],
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        bucket: str | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[RollupRow]:
+        self.ensure_schema()
+        s = spans.c
+        keys = [ROLLUP_KEYS[k].label(f"k_{k}") for k in by]
+        group: list[Any] = list(keys)
+        bucket_col = None
+        if bucket == "hour":
+            bucket_col = s.hour.label("bucket")
+        elif bucket == "day":
+            bucket_col = (s.hour // 24).label("bucket")
+        if bucket_col is not None:
+            group.append(bucket_col)
+        not_hit = s.cache_hit.is_(False)
+
+        def tok(col: Any) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case((not_hit, col), else_=0)), 0)
+
+        is_call = s.kind.in_(_CALL_KINDS)
+        cols = [
+            *group,
+            sa.func.coalesce(sa.func.sum(s.cost_nanos), 0).label("cost"),
+            tok(s.input_tokens).label("inp"),
+            tok(s.output_tokens).label("out"),
+            tok(s.cache_read_tokens).label("cr"),
+            tok(s.cache_write_tokens).label("cw"),
+            tok(s.reasoning_tokens).label("rsn"),
+            sa.func.coalesce(sa.func.sum(sa.case((s.kind.in_(_LLM_KINDS), 1), else_=0)), 0).label("llm"),
+            sa.func.coalesce(sa.func.sum(sa.case((s.kind == "tool", 1), else_=0)), 0).label("tool"),
+            sa.func.count(sa.distinct(s.run_id)).label("runs"),
+            sa.func.sum(sa.case((is_call, s.latency_ms), else_=None)).label("lat_sum"),
+            sa.func.sum(sa.case((is_call, 1), else_=0)).label("lat_n"),
+            sa.func.max(sa.case((is_call, s.latency_ms), else_=None)).label("lat_max"),
+            sa.func.coalesce(sa.func.sum(sa.case((s.unpriced.is_(True), 1), else_=0)), 0).label("unpriced"),
+            sa.func.coalesce(sa.func.sum(sa.case((s.estimated.is_(True), 1), else_=0)), 0).label("est"),
+            sa.func.coalesce(sa.func.sum(sa.case((s.cache_hit.is_(True), 1), else_=0)), 0).label("hits"),
+            sa.func.coalesce(sa.func.sum(s.saved_nanos), 0).label("saved"),
+        ]
+        q = sa.select(*cols)
+        if since is not None:
+            q = q.where(s.start_at >= _naive_utc(since))
+        if until is not None:
+            q = q.where(s.start_at < _naive_utc(until))
+        for k, v in (where or {}).items():
+            col = ROLLUP_KEYS[k]
+            if v is None:
+                q = q.where(col.is_(None))
+            elif isinstance(v, (list, tuple, set, frozenset)):
+                q = q.where(col.in_(list(v)))
+            else:
+                q = q.where(col == v)
+        if group:
+            q = q.group_by(*group)
+        q = q.order_by(sa.desc("cost"))
+        out: list[RollupRow] = []
+        with self.engine.connect() as conn:
+            for r in conn.execute(q).mappings():
+                b = r.get("bucket")
+                if b is not None:
+                    hours = int(b) * (24 if bucket == "day" else 1)
+                    bstart: datetime | None = datetime.fromtimestamp(hours * 3600, UTC)
+                else:
+                    bstart = None
+                n = int(r["lat_n"] or 0)
+                out.append(RollupRow(
+                    key={k: r[f"k_{k}"] for k in by},
+                    bucket_start=bstart,
+                    cost_usd=nanos_to_usd(int(r["cost"])) or Decimal(0),
+                    input_tokens=int(r["inp"]),
+                    output_tokens=int(r["out"]),
+                    cache_read_tokens=int(r["cr"]),
+                    cache_write_tokens=int(r["cw"]),
+                    reasoning_tokens=int(r["rsn"]),
+                    llm_calls=int(r["llm"]),
+                    tool_calls=int(r["tool"]),
+                    runs=int(r["runs"]),
+                    avg_latency_ms=(float(r["lat_sum"]) / n) if n else None,
+                    max_latency_ms=float(r["lat_max"]) if r["lat_max"] is not None else None,
+                    unpriced_calls=int(r["unpriced"]),
+                    estimated_calls=int(r["est"]),
+                    cache_hits=int(r["hits"]),
+                    saved_usd=nanos_to_usd(int(r["saved"])) or Decimal(0),
+                ))
+        return out
+
+    def spans_of(self, run_id: str) -> list[dict[str, Any]]:
+        """Every stored span of a run, oldest first (for audits and the CLI)."""
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(spans).where(spans.c.run_id == run_id).order_by(spans.c.id)).mappings()
+            return [dict(r) for r in rows]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _naive_utc(dt: datetime) -> datetime:
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return dt
+
+
+def _span_row(sp: Span) -> dict[str, Any]:
+    run = sp.run
+    u = sp.usage
+    pr = sp.prices
+    return {
+        "span_id": sp.span_id,
+        "parent_id": sp.export_parent_id,
+        "run_id": run.run_id,
+        "kind": sp.kind,
+        "name": (sp.name or "")[:256],
+        "model": sp.model[:256] if sp.model else None,
+        "provider": sp.provider[:64] if sp.provider else None,
+        "start_at": _utc(sp.start_wall),
+        "end_at": _utc(sp.end_wall),
+        "hour": int(sp.start_wall // 3600),
+        "latency_ms": sp.latency_ms,
+        "status": sp.status,
+        "error": sp.error[:128] if sp.error else None,
+        "input_tokens": u.input if u else 0,
+        "output_tokens": u.output if u else 0,
+        "cache_read_tokens": u.cache_read if u else 0,
+        "cache_write_tokens": u.cache_write if u else 0,
+        "reasoning_tokens": u.reasoning if u else 0,
+        "cost_nanos": sp.cost_nanos,
+        "tree_cost_nanos": sp.tree_cost,
+        "unpriced": sp.unpriced,
+        "estimated": sp.estimated,
+        "cache_hit": sp.cache_hit,
+        "saved_nanos": sp.saved_nanos,
+        "price_source": pr.source[:64] if pr else None,
+        "price_input": _dec(pr.input) if pr else None,
+        "price_output": _dec(pr.output) if pr else None,
+        "price_cache_read": _dec(pr.cache_read) if pr else None,
+        "price_cache_write": _dec(pr.cache_write) if pr else None,
+        "flags": ",".join(sp.flags)[:256] if sp.flags else None,
+        "feature": run.feature,
+        "route": run.route,
+        "tenant_id": run.tenant_id,
+        "user_hash": run.user_hash,
+        "prompt_version": run.prompt_version,
+    }
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+    except Exception:  # a read-only or in-memory database
+        pass
+    finally:
+        cur.close()

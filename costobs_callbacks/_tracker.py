@@ -1,0 +1,295 @@
+"""``CostTracker``: the one object an app holds. Wires the ledger, pricing, exporter and store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import ConfigurationError
+from ._export import BatchExporter
+from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, salt_from
+from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
+from ._pricing import PriceBook
+from ._store import ROLLUP_KEYS, RollupRow, Store
+
+if TYPE_CHECKING:
+    from ._scope import RunScope
+    from .integrations.langchain import CostCallbackHandler
+
+__all__ = ["CostTracker"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+DEFAULT_DATABASE_URL = "sqlite:///costobs.db"
+
+
+class CostTracker:
+    """Tracks what LLM runs cost, guards their budgets and stores every span.
+
+    Args:
+        database_url: any SQLAlchemy URL; default ``$COSTOBS_DATABASE_URL``, else ``sqlite:///costobs.db``.
+        prices: model name -> ``{"input", "output", "cache_read", "cache_write"}`` in USD per million
+            tokens, or the path of a YAML / JSON file of that shape; overrides the built-in catalog.
+        tool_prices: tool name -> USD per call.
+        budget: the default ``Budget`` of every root run (a run's own budget replaces it).
+        loops: the loop guard's ``LoopPolicy``; ``None`` means the default policy (on).
+        user_salt: secret for hashing user ids (default ``$COSTOBS_USER_SALT``, else a random salt
+            kept in the database so every process agrees).
+        require: attribution keys every root run must carry (``MissingAttributionError`` otherwise).
+        on_budget_warning: called once per limit per run when a run reaches ``Budget.warn_at``.
+        refresh_prices: fetch newer catalog data from its publisher in the background (opt-in).
+        export_delay: seconds between background writes (lower: fresher rollups, more transactions).
+        max_queue_size: spans held in memory before new ones are dropped (and counted).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        prices: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str] | None = None,
+        tool_prices: Mapping[str, Any] | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        loops: LoopPolicy | Mapping[str, Any] | None = None,
+        user_salt: str | bytes | None = None,
+        require: Iterable[str] = (),
+        on_budget_warning: BudgetHook | None = None,
+        refresh_prices: bool = False,
+        export_delay: float = 0.5,
+        max_queue_size: int = 65_536,
+    ) -> None:
+        if isinstance(require, str):
+            require = (require,)
+        req = tuple(require)
+        for k in req:
+            if not isinstance(k, str) or not k:
+                raise ConfigurationError(f"require takes attribution key names, got {k!r}")
+        if on_budget_warning is not None and not callable(on_budget_warning):
+            raise ConfigurationError("on_budget_warning must be callable")
+        self.database_url = database_url or os.environ.get("COSTOBS_DATABASE_URL") or DEFAULT_DATABASE_URL
+        self.prices = PriceBook(prices, tool_prices=tool_prices, refresh=refresh_prices)
+        self.store = Store(self.database_url)
+        salt = user_salt if user_salt is not None else os.environ.get("COSTOBS_USER_SALT")
+        if salt is not None and not salt:
+            raise ConfigurationError("user_salt must not be empty")
+        try:
+            self.store.ensure_schema()
+            if salt is None:
+                salt = self.store.get_or_create_salt()
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            if salt is None:
+                raise ConfigurationError(
+                    f"cannot open the cost database {self.store.engine.url!r} ({exc}); it keeps the salt that "
+                    "anonymises user ids: fix the URL, or pass user_salt= so tracking can start while "
+                    "the database is down"
+                ) from exc
+            logger.error("costobs: database unavailable at start (%r); spans are queued and retried", exc)
+        self.exporter = BatchExporter(
+            self.store.write_batch, schedule_delay=export_delay, max_queue_size=max_queue_size,
+            on_start=_warm_tokenizers,
+        )
+        self.ledger = Ledger(
+            prices=self.prices,
+            exporter=self.exporter,
+            user_salt=salt_from(salt),
+            budget=coerce_budget(budget),
+            loops=coerce_loops(loops),
+            require=req,
+            on_budget_warning=on_budget_warning,
+        )
+        self._handler: CostCallbackHandler | None = None
+        self._handler_lock = threading.Lock()
+        self._closed = False
+
+    # -- LangChain ------------------------------------------------------------------------------
+
+    def langchain_handler(self) -> CostCallbackHandler:
+        """The LangChain callback handler (one per tracker, shared by every thread and task)."""
+        if self._handler is None:
+            with self._handler_lock:
+                if self._handler is None:
+                    from .integrations.langchain import CostCallbackHandler
+
+                    self._handler = CostCallbackHandler(self.ledger)
+        return self._handler
+
+    def config(
+        self,
+        *,
+        feature: str | None = None,
+        route: str | None = None,
+        user_id: str | None = None,
+        tenant_id: str | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        run_id: uuid.UUID | str | None = None,
+        loops: LoopPolicy | Mapping[str, Any] | None = None,
+        **attributes: Any,
+    ) -> dict[str, Any]:
+        """A ``RunnableConfig`` with this tracker's handler, the attribution metadata and a fresh ``run_id``.
+
+        Reusing the returned config for a second invocation continues the same run.
+        """
+        meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
+        rid = _as_uuid(run_id) if run_id is not None else uuid.uuid4()
+        return {"callbacks": [self.langchain_handler()], "metadata": meta, "run_id": rid}
+
+    @staticmethod
+    def _metadata(
+        feature: Any, route: Any, user_id: Any, tenant_id: Any, budget: Any, loops: Any, attributes: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for k, v in (("feature", feature), ("route", route), ("user_id", user_id), ("tenant_id", tenant_id)):
+            if v is not None:
+                meta[k] = v
+        for k, v in attributes.items():
+            if k.startswith(("ls_", "langgraph_", "costobs_")):
+                raise ConfigurationError(f"attribute name {k!r} is reserved")
+            meta[k] = v
+        b = coerce_budget(budget)
+        if b is not None:
+            meta[BUDGET_META_KEY] = b.model_dump(exclude_none=True, mode="json")
+        lp = coerce_loops(loops)
+        if lp is not None:
+            meta[LOOPS_META_KEY] = lp.model_dump(mode="json")
+        return meta
+
+    # -- LlamaIndex -----------------------------------------------------------------------------
+
+    def instrument_llamaindex(self, *, request_stream_usage: bool = False) -> None:
+        """Attribute, price and guard every LlamaIndex LLM, embedding, retrieval and agent call
+        (call once at start-up; ``uninstrument_llamaindex()`` undoes it).
+
+        ``request_stream_usage=True`` asks OpenAI-compatible LLMs for usage on streamed responses,
+        so streamed calls (every ``FunctionAgent`` call) are priced exactly rather than estimated.
+        """
+        from .integrations import llamaindex
+
+        llamaindex.instrument(self, request_stream_usage=request_stream_usage)
+
+    def uninstrument_llamaindex(self) -> None:
+        from .integrations import llamaindex
+
+        llamaindex.uninstrument(self)
+
+    def llamaindex_handler(self) -> Any:
+        """A legacy LlamaIndex ``CallbackManager`` handler, for apps that wire their own managers."""
+        from .integrations import llamaindex
+
+        return llamaindex.legacy_handler(self)
+
+    # -- scopes ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        feature: str | None = None,
+        route: str | None = None,
+        user_id: str | None = None,
+        tenant_id: str | None = None,
+        budget: Budget | Mapping[str, Any] | None = None,
+        run_id: uuid.UUID | str | None = None,
+        loops: LoopPolicy | Mapping[str, Any] | None = None,
+        **attributes: Any,
+    ) -> RunScope:
+        """A context manager that opens a root run: everything costed inside it (LangChain or
+        LlamaIndex, this thread, asyncio tasks and threads started with a copied context) is
+        attributed to it. ``run.run_id``, ``run.cost`` (the live ``RunCost``)."""
+        from ._scope import RunScope
+
+        meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
+        return RunScope(self, meta, run_id)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def run_cost(self, run_id: uuid.UUID | str) -> RunCost | None:
+        """What a run cost: live from memory while it is open here, else from the database
+        (after flushing what this process still holds)."""
+        rid = str(run_id)
+        live = self.ledger.run_cost(rid)
+        if live is not None:
+            return live
+        self.flush(timeout=10.0)
+        return self.store.run_cost(rid)
+
+    def rollup(
+        self,
+        by: Sequence[str] | str = ("feature",),
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        bucket: str | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[RollupRow]:
+        """Costs grouped by attribution keys (and hour or day), most expensive first."""
+        keys = (by,) if isinstance(by, str) else tuple(by)
+        for k in (*keys, *(where or {})):
+            if k not in ROLLUP_KEYS:
+                raise ConfigurationError(f"unknown rollup key {k!r}; choose from {', '.join(ROLLUP_KEYS)}")
+        if len(set(keys)) != len(keys):
+            raise ConfigurationError(f"duplicate rollup key in {keys!r}")
+        if bucket not in (None, "hour", "day"):
+            raise ConfigurationError(f"bucket must be 'hour', 'day' or None, not {bucket!r}")
+        self.flush(timeout=10.0)
+        return self.store.rollup(keys, since=since, until=until, bucket=bucket, where=where)
+
+    def spans(self, run_id: uuid.UUID | str) -> list[dict[str, Any]]:
+        """The stored spans of a run (after flushing), for audits."""
+        self.flush(timeout=10.0)
+        return self.store.spans_of(str(run_id))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Exporter counters plus the handler's internal errors: check that nothing was lost."""
+        out = self.exporter.stats.as_dict()
+        out["internal_errors"] = self.ledger.internal_errors
+        out["open_runs"] = len(self.ledger.runs)
+        out["pending"] = self.exporter.pending()
+        return out
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write everything finished so far; True if done within ``timeout``."""
+        return self.exporter.force_flush(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush, stop the exporter and release the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.exporter.shutdown(timeout)
+        finally:
+            self.prices.close()
+            self.store.close()
+
+    def __enter__(self) -> CostTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CostTracker({self.store.engine.url.render_as_string(hide_password=True)!r})"
+
+
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ConfigurationError(f"run_id must be a UUID (LangChain requires one), got {value!r}") from None
+
+
+def _warm_tokenizers() -> None:
+    from ._tokens import warm
+
+    warm()
+

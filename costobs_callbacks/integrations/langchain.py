@@ -1,0 +1,506 @@
+"""LangChain / LangGraph adapter: a thin translator from langchain-core callback events to the ledger.
+
+One ``CostCallbackHandler`` serves every thread and task of the app. It sets ``raise_error=True`` so
+that a deliberate ``RunAborted`` reaches the app (LangChain logs and drops a handler's exceptions
+otherwise), and guards every hook so that nothing else of ours ever does. It sets ``run_inline=True``:
+its hooks do no I/O, so async runs call them inline instead of hopping to a thread pool, and an abort
+raised in them propagates from ``ainvoke`` / ``astream`` just as from ``invoke``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.outputs import LLMResult
+
+from .._events import TokenUsage, usd_to_nanos
+from .._exceptions import RunAborted
+from .._tokens import count_text
+
+if TYPE_CHECKING:
+    from .._ledger import Ledger
+
+__all__ = ["COST_EVENT", "CostCallbackHandler"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+COST_EVENT = "costobs.cost"
+"""Name of the custom event a tool dispatches to report its own cost:
+``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
+
+_BUBBLE_UP = frozenset({"GraphInterrupt", "NodeInterrupt", "ParentCommand", "GraphBubbleUp"})
+
+
+class _MessagesOps:
+    """Prompt operations on LangChain message lists (``on_chat_model_start``'s payload)."""
+
+    @staticmethod
+    def signature(model: str | None, prompt: Any) -> int:
+        msgs = prompt[0] if prompt else ()
+        parts: list[Any] = [model]
+        for m in msgs:
+            c = getattr(m, "content", None)
+            if not isinstance(c, str):
+                c = repr(c)
+            tc = getattr(m, "tool_calls", None)
+            if tc:
+                parts.append((m.type, c, repr([(t.get("name"), t.get("args")) for t in tc])))
+            else:
+                parts.append((getattr(m, "type", None), c))
+        return hash(tuple(parts))
+
+    @staticmethod
+    def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        total = 3  # the reply's priming tokens (OpenAI's cookbook accounting)
+        exact = True
+        for msgs in prompt or ():
+            for m in msgs:
+                text = _message_text(m)
+                n, ok = count_text(text, model)
+                total += n + 4
+                exact = exact and ok
+                tc = getattr(m, "tool_calls", None)
+                if tc:
+                    n, ok = count_text(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
+                                                  default=str), model)
+                    total += n
+        if extra:
+            n, ok = count_text(json.dumps(extra, default=str), model)
+            total += n
+            exact = exact and ok
+        return total, exact
+
+
+class _StringsOps:
+    """Prompt operations on plain prompt strings (``on_llm_start``'s payload)."""
+
+    @staticmethod
+    def signature(model: str | None, prompt: Any) -> int:
+        return hash((model, tuple(prompt or ())))
+
+    @staticmethod
+    def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        total, exact = 0, True
+        for p in prompt or ():
+            n, ok = count_text(p if isinstance(p, str) else str(p), model)
+            total += n
+            exact = exact and ok
+        return total, exact
+
+
+MESSAGES = _MessagesOps()
+STRINGS = _StringsOps()
+
+
+def _message_text(m: Any) -> str:
+    c = getattr(m, "content", m)
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        out = []
+        for part in c:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                out.append(part["text"])
+        return "".join(out)
+    return str(c)
+
+
+def _int(v: Any) -> int:
+    """A token count from a provider payload; raises on garbage (the caller flags it)."""
+    if v is None:
+        return 0
+    if isinstance(v, bool):
+        raise ValueError("bool is not a token count")
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, float) and v.is_integer():
+        n = int(v)
+    elif isinstance(v, str) and v.strip().isdigit():
+        n = int(v)
+    else:
+        raise ValueError(f"not a token count: {v!r}")
+    if n < 0:
+        raise ValueError(f"negative token count: {n}")
+    return n
+
+
+def usage_from_metadata(um: Any) -> TokenUsage:
+    """``AIMessage.usage_metadata`` -> ``TokenUsage`` (raises ``ValueError`` on malformed input)."""
+    if not isinstance(um, dict):
+        raise ValueError(f"usage_metadata is {type(um).__name__}")
+    itd = um.get("input_token_details") or {}
+    otd = um.get("output_token_details") or {}
+    if not isinstance(itd, dict) or not isinstance(otd, dict):
+        raise ValueError("token details are not mappings")
+    return TokenUsage(
+        input=_int(um.get("input_tokens")),
+        output=_int(um.get("output_tokens")),
+        cache_read=_int(itd.get("cache_read")),
+        cache_write=_int(itd.get("cache_creation")),
+        reasoning=_int(otd.get("reasoning")),
+    )
+
+
+def usage_from_openai(tu: Any) -> TokenUsage:
+    """An OpenAI-style ``token_usage`` dict (``llm_output``) -> ``TokenUsage``."""
+    if not isinstance(tu, dict):
+        raise ValueError(f"token_usage is {type(tu).__name__}")
+    ptd = tu.get("prompt_tokens_details") or {}
+    ctd = tu.get("completion_tokens_details") or {}
+    if not isinstance(ptd, dict) or not isinstance(ctd, dict):
+        raise ValueError("token details are not mappings")
+    inp = tu.get("prompt_tokens", tu.get("input_tokens"))
+    out = tu.get("completion_tokens", tu.get("output_tokens"))
+    if inp is None and out is None:
+        raise ValueError("no token counts")
+    return TokenUsage(
+        input=_int(inp),
+        output=_int(out),
+        cache_read=_int(ptd.get("cached_tokens")),
+        cache_write=_int(ptd.get("cache_creation_tokens") or ptd.get("cache_write_tokens")),
+        reasoning=_int(ctd.get("reasoning_tokens")),
+    )
+
+
+class CostCallbackHandler(BaseCallbackHandler):
+    """Attributes, prices and guards every LangChain run it sees. Get it from
+    ``CostTracker.langchain_handler()``; one instance is shared by all threads and tasks."""
+
+    raise_error = True
+    run_inline = True
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.internal_errors = 0
+        self._last_log = 0.0
+
+    def __repr__(self) -> str:
+        return f"<CostCallbackHandler open_spans={len(self._ledger.spans)}>"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CostCallbackHandler:
+        return self  # configs get deep-copied; the handler is shared state by design
+
+    def __copy__(self) -> CostCallbackHandler:
+        return self
+
+    def _fault(self, hook: str, exc: BaseException) -> None:
+        """Our own bug or a payload we could not read: count, log (rate-limited), carry on."""
+        self.internal_errors += 1
+        self._ledger.internal_errors += 1
+        now = time.monotonic()
+        if now - self._last_log > 5.0:
+            self._last_log = now
+            logger.warning("costobs: internal error in %s (%d so far): %r", hook, self.internal_errors, exc,
+                           exc_info=exc)
+
+    # -- chains / graph nodes ----------------------------------------------------------------------
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = kwargs.get("name") or _name(serialized) or "chain"
+            hidden = bool(tags) and "langsmith:hidden" in tags  # type: ignore[operator]
+            self._ledger.start(run_id, parent_run_id, "chain", name, meta=metadata, exported=not hidden)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_chain_start", exc)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._ledger.end(run_id)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_chain_end", exc)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            if type(error).__name__ in _BUBBLE_UP:  # LangGraph control flow (interrupts), not a failure
+                self._ledger.end(run_id)
+            else:
+                self._ledger.end(run_id, status="error", error=error)
+        except RunAborted:
+            if isinstance(error, RunAborted):
+                return  # already on its way up
+            raise
+        except Exception as exc:
+            self._fault("on_chain_error", exc)
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[Any]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._model_start(serialized, messages, MESSAGES, run_id, parent_run_id, metadata, kwargs)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_chat_model_start", exc)
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._model_start(serialized, prompts, STRINGS, run_id, parent_run_id, metadata, kwargs)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_llm_start", exc)
+
+    def _model_start(
+        self, serialized: dict[str, Any] | None, prompt: Any, ops: Any, run_id: UUID, parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None, kwargs: dict[str, Any],
+    ) -> None:
+        ip = kwargs.get("invocation_params") or {}
+        meta = metadata or {}
+        model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
+        provider = meta.get("ls_provider") or ip.get("_type")
+        max_tokens = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            max_tokens = None
+        name = kwargs.get("name") or _name(serialized) or "llm"
+        self._ledger.start(
+            run_id, parent_run_id, "llm", name, meta=metadata,
+            model=str(model) if model is not None else None,
+            provider=str(provider) if provider is not None else None,
+            prompt=prompt, prompt_ops=ops, extra=ip.get("tools") or ip.get("functions"),
+            max_tokens=max_tokens,
+        )
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._model_end(response, run_id, "ok", None)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_llm_end", exc)
+            self._end_quietly(run_id, "ok", None)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            resp = kwargs.get("response")
+            self._model_end(resp if isinstance(resp, LLMResult) else None, run_id, "error", error)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_llm_error", exc)
+            self._end_quietly(run_id, "error", error)
+
+    def _end_quietly(self, run_id: UUID, status: str, error: BaseException | None) -> None:
+        try:
+            self._ledger.end(run_id, status=status, error=error, flags=("internal_error",))
+        except RunAborted:
+            raise
+        except Exception as exc:  # pragma: no cover - belt and braces
+            self._fault("end", exc)
+
+    def _model_end(self, response: LLMResult | None, run_id: UUID, status: str, error: BaseException | None) -> None:
+        span = self._ledger.spans.get(run_id)
+        if span is None:
+            return
+        usage: TokenUsage | None = None
+        model: str | None = None
+        cache_hit = False
+        flags: list[str] = []
+        out_text: list[str] = []
+        if response is not None:
+            for gens in response.generations or ():
+                for gen in gens:
+                    msg = getattr(gen, "message", None)
+                    if msg is not None:
+                        rm = getattr(msg, "response_metadata", None) or {}
+                        if model is None and isinstance(rm, dict):
+                            m = rm.get("model_name") or rm.get("model")
+                            model = m if isinstance(m, str) else None
+                        um = getattr(msg, "usage_metadata", None)
+                        if usage is None and um:
+                            try:
+                                usage = usage_from_metadata(um)
+                                if "total_cost" in um:  # set by langchain-core on LLM-cache hits only
+                                    cache_hit = True
+                            except (ValueError, TypeError):
+                                flags.append("malformed_usage")
+                    gi = getattr(gen, "generation_info", None) or {}
+                    if model is None and isinstance(gi, dict) and isinstance(gi.get("model_name"), str):
+                        model = gi["model_name"]
+                    text = getattr(gen, "text", None)
+                    if isinstance(text, str) and text:
+                        out_text.append(text)
+                    if msg is not None:
+                        tc = getattr(msg, "tool_calls", None)
+                        if tc:
+                            out_text.append(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
+                                                       default=str))
+            lo = response.llm_output
+            if isinstance(lo, dict):
+                if model is None and isinstance(lo.get("model_name"), str):
+                    model = lo["model_name"]
+                if usage is None and lo.get("token_usage"):
+                    try:
+                        usage = usage_from_openai(lo["token_usage"])
+                    except (ValueError, TypeError):
+                        if "malformed_usage" not in flags:
+                            flags.append("malformed_usage")
+            if usage is not None and usage.input == 0 and usage.output == 0 and not cache_hit:
+                usage = None  # an all-zero report from a stream without usage is no report
+        estimated = False
+        if usage is None and (status == "ok" or out_text):
+            usage = self._estimate(span, model, out_text)
+            estimated = True
+            flags.append("estimated")
+        self._ledger.end(run_id, status=status, error=error, usage=usage, model=model, estimated=estimated,
+                         cache_hit=cache_hit, flags=flags)
+
+    @staticmethod
+    def _estimate(span: Any, model: str | None, out_text: Sequence[str]) -> TokenUsage:
+        m = model or span.model
+        inp, ok_in = (0, True)
+        if span.prompt is not None and span.prompt_ops is not None:
+            inp, ok_in = span.prompt_ops.count_tokens(m, span.prompt, span.extra)
+        out, ok_out = count_text("".join(out_text), m)
+        if not (ok_in and ok_out):
+            span.flag("estimate:chars")
+        return TokenUsage(input=inp, output=out)
+
+    # -- tools and retrievers ----------------------------------------------------------------------
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = kwargs.get("name") or _name(serialized) or "tool"
+            self._ledger.start(run_id, parent_run_id, "tool", name, meta=metadata,
+                               tool_args=inputs if inputs is not None else input_str)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_tool_start", exc)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._ledger.end(run_id)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_tool_end", exc)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._ledger.end(run_id, status="error", error=error)
+        except RunAborted:
+            if isinstance(error, RunAborted):
+                return
+            raise
+        except Exception as exc:
+            self._fault("on_tool_error", exc)
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any] | None,
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            name = kwargs.get("name") or _name(serialized) or "retriever"
+            self._ledger.start(run_id, parent_run_id, "retriever", name, meta=metadata)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_retriever_start", exc)
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._ledger.end(run_id)
+        except RunAborted:
+            raise
+        except Exception as exc:
+            self._fault("on_retriever_end", exc)
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._ledger.end(run_id, status="error", error=error)
+        except RunAborted:
+            if isinstance(error, RunAborted):
+                return
+            raise
+        except Exception as exc:
+            self._fault("on_retriever_error", exc)
+
+    # -- costs reported at run time ----------------------------------------------------------------
+
+    def on_custom_event(
+        self, name: str, data: Any, *, run_id: UUID, tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        if name != COST_EVENT:
+            return
+        try:
+            usd = data.get("usd") if isinstance(data, dict) else data
+            nanos = usd_to_nanos(usd)
+            if nanos < 0:
+                raise ValueError(f"negative cost {usd!r}")
+            if not self._ledger.add_cost(run_id, nanos):
+                logger.warning("costobs: %s event outside any open span (run %s) ignored", COST_EVENT, run_id)
+        except Exception as exc:
+            self._fault("on_custom_event", exc)
+
+
+def _name(serialized: dict[str, Any] | None) -> str | None:
+    if not serialized:
+        return None
+    n = serialized.get("name")
+    if isinstance(n, str):
+        return n
+    ident = serialized.get("id")
+    if isinstance(ident, list) and ident:
+        return str(ident[-1])
+    return None
