@@ -135,6 +135,16 @@ _LOCAL_PROVIDERS = frozenset(
     {"ollama", "llamacpp", "llama_cpp", "lmstudio", "gpt4all", "huggingface_pipeline", "vllm", "local"}
 )
 
+# The catalog prices we apply (everything LangChain's normalised usage can count).
+_TOKEN_PRICE_KEYS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "output_reasoning_mtok",
+    "requests_kcount",
+)
+
 _DATE_SUFFIX = re.compile(r"(?:[-@_](?:\d{4}-\d{2}-\d{2}|\d{8}))$")
 
 
@@ -223,9 +233,7 @@ class _ToolPrice(pydantic.RootModel[Decimal]):
         return _to_decimal(value)
 
 
-_OVERRIDES_ADAPTER: pydantic.TypeAdapter[dict[str, _OverrideEntry]] = pydantic.TypeAdapter(
-    dict[str, _OverrideEntry]
-)
+_OVERRIDES_ADAPTER: pydantic.TypeAdapter[dict[str, _OverrideEntry]] = pydantic.TypeAdapter(dict[str, _OverrideEntry])
 _TOOLS_ADAPTER: pydantic.TypeAdapter[dict[str, _ToolPrice]] = pydantic.TypeAdapter(dict[str, _ToolPrice])
 
 
@@ -335,9 +343,10 @@ def _scaled_int(d: Decimal, places: int) -> int:
     n = int("".join(map(str, digits)) or "0")
     shift = exp + places
     if shift >= 0:
-        return n * 10**shift
-    q, r = divmod(n, 10**-shift)
-    r2, div = r + r, 10**-shift
+        return n * int(10**shift)
+    div = int(10**-shift)
+    q, r = divmod(n, div)
+    r2 = r + r
     if r2 > div or (r2 == div and q & 1):
         q += 1
     return q
@@ -444,15 +453,18 @@ def _next_change(model: gp_types.ModelInfo, now: datetime) -> datetime | None:
     for cond in model.prices:
         constraint = cond.constraint
         if isinstance(constraint, gp_types.StartDateConstraint):
-            at = datetime(constraint.start_date.year, constraint.start_date.month, constraint.start_date.day,
-                          tzinfo=UTC)
+            at = datetime(
+                constraint.start_date.year, constraint.start_date.month, constraint.start_date.day, tzinfo=UTC
+            )
             if at > now:
                 candidates.append(at)
         elif isinstance(constraint, gp_types.TimeOfDateConstraint):
             today: date = now.date()
             for t in (constraint.start_time, constraint.end_time):
-                t_utc = gp_types._utc_timetz(t)  # genai-prices' own normalisation
-                at = datetime.combine(today, t_utc.replace(tzinfo=None), tzinfo=UTC)
+                # As genai-prices does: a naive time of day is UTC.
+                if t.tzinfo is not None:
+                    t = datetime.combine(date(1970, 1, 1), t).astimezone(UTC).time()
+                at = datetime.combine(today, t.replace(tzinfo=None), tzinfo=UTC)
                 if at <= now:
                     at += timedelta(days=1)
                 candidates.append(at)
@@ -586,8 +598,9 @@ class PriceBook:
             self._tools_lower.setdefault(tool.lower(), nanos)
         if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl > 0):
             raise ConfigurationError(f"ttl must be a positive number of seconds, got {ttl!r}")
-        if not (isinstance(refresh_interval, (int, float)) and math.isfinite(refresh_interval)
-                and refresh_interval > 0):
+        if not (
+            isinstance(refresh_interval, (int, float)) and math.isfinite(refresh_interval) and refresh_interval > 0
+        ):
             raise ConfigurationError(f"refresh_interval must be a positive number of seconds, got {refresh_interval!r}")
         self._ttl = float(ttl)
         self._refresh_interval = float(refresh_interval)
@@ -693,20 +706,19 @@ class PriceBook:
         override = self._find_override(model, provider)
         if override is not None:
             return _Entry(_Rates(override), (), expires)
-        snapshot = self._snapshot or data_snapshot.get_snapshot()
         try:
-            found = _find_in_catalog(snapshot, model, provider)
-        except Exception:  # a catalog bug must never break the caller's LLM call
-            logger.debug("genai-prices lookup failed for model %r", model, exc_info=True)
-            found = None
+            return self._resolve_catalog(model, provider, now, mono, expires)
+        except Exception:  # a catalog surprise (odd refreshed data, ...) must never break the caller's call
+            logger.debug("genai-prices could not price model %r (provider %r)", model, provider, exc_info=True)
+            return _Entry(None, (), expires)
+
+    def _resolve_catalog(self, model: str, provider: str | None, now: datetime, mono: float, expires: float) -> _Entry:
+        snapshot = self._snapshot or data_snapshot.get_snapshot()
+        found = _find_in_catalog(snapshot, model, provider)
         if found is None:
             return _Entry(None, (), expires)
         gp_provider, gp_model = found
-        try:
-            model_price = gp_model.get_prices(now)
-        except Exception:
-            logger.debug("genai-prices could not resolve prices of %r", gp_model.id, exc_info=True)
-            return _Entry(None, (), expires)
+        model_price = gp_model.get_prices(now)
         change = _next_change(gp_model, now)
         if change is not None:
             expires = min(expires, mono + max((change - now).total_seconds(), 0.0))
@@ -715,8 +727,7 @@ class PriceBook:
         if base_unit is None:
             return _Entry(None, (), expires)
         thresholds: set[int] = set()
-        for key in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok",
-                    "requests_kcount", "output_reasoning_mtok"):
+        for key in _TOKEN_PRICE_KEYS:
             value = getattr(model_price, key, None)
             if isinstance(value, gp_types.TieredPrices):
                 thresholds.update(tier.start for tier in value.tiers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import genai_prices
+import httpx2
 import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices import types as gp_types
@@ -168,10 +170,18 @@ def test_override_wins_over_catalog() -> None:
 # --------------------------------------------------------------------------------------------------
 
 EXPECTED_FILE = {
-    "gpt-4o": {"input": Decimal("2.5"), "output": Decimal(10), "cache_read": Decimal("1.25"),
-               "cache_write": Decimal("2.5")},
-    "my-llm": {"input": Decimal("0.1"), "output": Decimal("0.4"), "cache_read": Decimal("0.1"),
-               "cache_write": Decimal("0.2")},
+    "gpt-4o": {
+        "input": Decimal("2.5"),
+        "output": Decimal(10),
+        "cache_read": Decimal("1.25"),
+        "cache_write": Decimal("2.5"),
+    },
+    "my-llm": {
+        "input": Decimal("0.1"),
+        "output": Decimal("0.4"),
+        "cache_read": Decimal("0.1"),
+        "cache_write": Decimal("0.2"),
+    },
 }
 
 
@@ -191,10 +201,12 @@ def test_load_yaml(tmp_path: Path) -> None:
 def test_load_json(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(
-        json.dumps({
-            "gpt-4o": {"input": 2.5, "output": "10", "cache_read": 1.25},
-            "my-llm": {"input": "0.1", "output": 0.4, "cache_write": "0.2"},
-        }),
+        json.dumps(
+            {
+                "gpt-4o": {"input": 2.5, "output": "10", "cache_read": 1.25},
+                "my-llm": {"input": "0.1", "output": 0.4, "cache_write": "0.2"},
+            }
+        ),
         encoding="utf-8",
     )
     assert load_price_file(path) == EXPECTED_FILE
@@ -380,15 +392,23 @@ def test_catalog_exact_figures() -> None:
     assert gpt4o is not None
     assert gpt4o.cost_nanos == 7_250_000
     assert gpt4o.prices == UnitPrices(
-        Decimal("2.5"), Decimal(10), Decimal("1.25"), Decimal("2.5"), CATALOG,
-        catalog_model="gpt-4o", catalog_provider="openai",
+        Decimal("2.5"),
+        Decimal(10),
+        Decimal("1.25"),
+        Decimal("2.5"),
+        CATALOG,
+        catalog_model="gpt-4o",
+        catalog_provider="openai",
     )
     mini = pb.price("gpt-4o-mini-2024-07-18", "openai", usage)
     assert mini is not None
     # 800 * 0.15 + 200 * 0.075 + 500 * 0.6 = 120 + 15 + 300 = 435 -> 0.000435 USD
     assert mini.cost_nanos == 435_000
-    sonnet = pb.price("claude-sonnet-4-20250514", "anthropic",
-                      TokenUsage(input=10_000, output=1_000, cache_read=6_000, cache_write=2_000))
+    sonnet = pb.price(
+        "claude-sonnet-4-20250514",
+        "anthropic",
+        TokenUsage(input=10_000, output=1_000, cache_read=6_000, cache_write=2_000),
+    )
     assert sonnet is not None
     # 2000 * 3 + 6000 * 0.3 + 2000 * 3.75 + 1000 * 15 = 6000 + 1800 + 7500 + 15000 = 30300
     assert sonnet.cost_nanos == 30_300_000
@@ -428,8 +448,12 @@ def test_per_request_fee_and_reasoning_price_from_catalog() -> None:
         ("models/gemini-2.5-pro", "google_genai", "gemini-2.5-pro", "google"),
         ("claude-sonnet-4-20250514", None, "claude-sonnet-4-0", "anthropic"),
         ("deepseek-chat", "openai", "deepseek-chat", "deepseek"),  # ChatOpenAI pointed at DeepSeek
-        ("anthropic.claude-3-5-sonnet-20240620-v1:0", "bedrock", "regional.anthropic.claude-3-5-sonnet-20240620-v1:0",
-         "aws"),
+        (
+            "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "bedrock",
+            "regional.anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "aws",
+        ),
     ],
 )
 def test_model_names_resolve(model: str, provider: str | None, catalog_model: str, catalog_provider: str) -> None:
@@ -622,7 +646,20 @@ def _fake_snapshot(gpt4o_input: str) -> data_snapshot.DataSnapshot:
     )
 
 
-def test_refresh_offline_does_not_block_or_break() -> None:
+def test_refresh_offline_does_not_block_or_break(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The default fetcher (genai-prices' UpdatePrices.fetch) with the network down, without sending anything.
+    attempts: list[str] = []
+    gate = threading.Event()
+
+    def offline_get(url: str, **_: Any) -> Any:
+        attempts.append(url)
+        gate.wait(5)  # a slow, failing network: construction must not wait for it
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(httpx2, "get", offline_get)
+    caplog.set_level(logging.DEBUG, logger="costobs_callbacks")
     started = time.perf_counter()
     pb = PriceBook(refresh=True)
     construction = time.perf_counter() - started
@@ -630,10 +667,14 @@ def test_refresh_offline_does_not_block_or_break() -> None:
         assert construction < 0.5
         call = pb.price("gpt-4o", "openai", TokenUsage(input=1000, output=500, cache_read=200))
         assert call is not None and call.cost_nanos == 7_250_000
-        assert pb.wait_refreshed(30)  # the (failed) attempt is over
+        gate.set()
+        assert pb.wait_refreshed(10)  # the (failed) attempt is over
+        assert attempts == [genai_prices.update_prices.DEFAULT_UPDATE_URL]
         after = pb.price("gpt-4o", "openai", TokenUsage(input=1000, output=500, cache_read=200))
         assert after is not None and after.cost_nanos == 7_250_000
         assert after.prices.source == CATALOG
+        failures = [r for r in caplog.records if r.name == "costobs_callbacks" and "refresh failed" in r.message]
+        assert [r.levelno for r in failures] == [logging.INFO]
     finally:
         pb.close()
 
@@ -661,6 +702,15 @@ def test_background_refresh_with_a_fetcher() -> None:
         assert call is not None and call.cost_nanos == 4_000_000_000
     finally:
         pb.close()
+
+
+def test_odd_refreshed_data_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    snapshot = _fake_snapshot("NaN")
+    pb = PriceBook(refresh_fetcher=lambda: snapshot)
+    assert pb.refresh_now() is True
+    caplog.set_level(logging.WARNING, logger="costobs_callbacks")
+    assert pb.price("gpt-4o", "openai", TokenUsage(input=1)) is None
+    assert len(_unpriced_warnings(caplog)) == 1
 
 
 def test_failed_refresh_keeps_prices() -> None:
