@@ -27,7 +27,7 @@ logger = logging.getLogger("costobs_callbacks")
 class ExportStats:
     """Counters of the exporter; read them to see that nothing was lost."""
 
-    __slots__ = ("emitted", "exported", "dropped", "failed", "batches", "retries")
+    __slots__ = ("batches", "dropped", "emitted", "exported", "failed", "retries")
 
     def __init__(self) -> None:
         self.emitted = 0

@@ -85,11 +85,44 @@ class Run:
     """A root run: attribution, policy and live totals of its whole tree."""
 
     __slots__ = (
-        "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes",
-        "budget", "loops", "max_cost_nanos", "lock", "started_mono", "started_wall", "cost_nanos",
-        "input", "output", "cache_read", "cache_write", "reasoning", "llm_calls", "tool_calls",
-        "unpriced_calls", "estimated_calls", "steps", "by_model", "status", "aborted", "open_roots",
-        "warned", "last_tool_sig", "tool_repeat", "tool_seq", "model_reqs", "had_error", "scope",
+        "aborted",
+        "attributes",
+        "budget",
+        "by_model",
+        "cache_read",
+        "cache_write",
+        "cost_nanos",
+        "ended_wall",
+        "estimated_calls",
+        "feature",
+        "graceful",
+        "had_error",
+        "input",
+        "last_tool_sig",
+        "llm_calls",
+        "lock",
+        "loops",
+        "max_cost_nanos",
+        "model_reqs",
+        "open_roots",
+        "output",
+        "prompt_version",
+        "reasoning",
+        "reserved_nanos",
+        "route",
+        "run_id",
+        "scope",
+        "started_mono",
+        "started_wall",
+        "status",
+        "steps",
+        "tenant_id",
+        "tool_calls",
+        "tool_repeat",
+        "tool_seq",
+        "unpriced_calls",
+        "user_hash",
+        "warned",
     )
 
     def __init__(self, run_id: str) -> None:
@@ -106,6 +139,7 @@ class Run:
         self.lock = threading.Lock()
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
+        self.ended_wall = 0.0
         self.cost_nanos = 0
         self.input = 0
         self.output = 0
@@ -128,6 +162,10 @@ class Run:
         self.model_reqs: dict[int, int] | None = None
         self.had_error = False
         self.scope = False
+        # CostGuardMiddleware(on_limit="end") sets it: after an abort, chain starts no longer raise (paid
+        # calls still do), so that the agent can end with its final message.
+        self.graceful = False
+        self.reserved_nanos = 0  # pre-call estimates of the calls in flight (sum of their Span.reserved)
 
     def snapshot(self) -> RunCost:
         with self.lock:
@@ -167,10 +205,37 @@ class Span:
     """One open (then finished) span. Exported as is: the exporter's thread turns it into a row."""
 
     __slots__ = (
-        "span_id", "parent", "run", "kind", "name", "start_wall", "start_perf", "end_wall", "latency_ms",
-        "depth", "model", "provider", "usage", "cost_nanos", "tree_cost", "unpriced", "estimated",
-        "cache_hit", "saved_nanos", "prices", "status", "error", "flags", "exported", "prompt",
-        "prompt_ops", "extra", "max_tokens", "request_sig", "is_root",
+        "cache_hit",
+        "cost_nanos",
+        "depth",
+        "end_wall",
+        "error",
+        "estimated",
+        "exported",
+        "extra",
+        "flags",
+        "is_root",
+        "kind",
+        "latency_ms",
+        "max_tokens",
+        "model",
+        "name",
+        "parent",
+        "prices",
+        "prompt",
+        "prompt_ops",
+        "provider",
+        "request_sig",
+        "reserved",
+        "run",
+        "saved_nanos",
+        "span_id",
+        "start_perf",
+        "start_wall",
+        "status",
+        "tree_cost",
+        "unpriced",
+        "usage",
     )
 
     def __init__(self, span_id: str, parent: Span | None, run: Run, kind: str, name: str) -> None:
@@ -183,7 +248,7 @@ class Span:
         self.start_perf = time.perf_counter()
         self.end_wall = 0.0
         self.latency_ms = 0.0
-        self.depth = 0 if parent is None else parent.depth + 1
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.model: str | None = None
         self.provider: str | None = None
         self.usage: TokenUsage | None = None
@@ -203,6 +268,7 @@ class Span:
         self.extra: Any = None
         self.max_tokens: int | None = None
         self.request_sig: int | None = None
+        self.reserved = 0  # nano-USD of the run's budget this call holds while in flight
         self.is_root = parent is None
 
     def flag(self, name: str) -> None:
@@ -217,20 +283,6 @@ class Span:
         while p is not None and not p.exported:
             p = p.parent
         return p.span_id if p is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class RunStarted:
-    run: Run
-    continued: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RunEnded:
-    run: Run
-    status: str
-    reason: str | None
-    end_wall: float
 
 
 # The run scope opened by ``CostTracker.run()``; root events inside it attach to its run.
@@ -367,11 +419,10 @@ class Ledger:
         try:
             self._attribute(run, meta, extra)
         except RunAborted:
-            self.exporter.emit(RunStarted(run, continued))
-            self.exporter.emit(RunEnded(run, "aborted", run.aborted.reason if run.aborted else None, time.time()))
+            run.ended_wall = time.time()
+            self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
             raise
         self.runs[run_id] = run
-        self.exporter.emit(RunStarted(run, continued))
         return run, continued
 
     def start(
@@ -416,9 +467,12 @@ class Ledger:
         try:
             self._guard_start(run, span, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens, tool_args)
         except RunAborted:
-            if span.is_root:
-                self._end_root(run, span, "aborted", None, refused=True)
-            raise
+            if not run.graceful or kind in COST_KINDS:
+                if span.is_root:
+                    self._end_root(run, span, "aborted", None, refused=True)
+                raise
+            # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
+            # is still refused, but the graph's own steps go on, so that the agent can end with its message.
         self.spans[span_id] = span
         return span
 
@@ -430,6 +484,13 @@ class Ledger:
             raise _again(run.aborted)
         loops = run.loops
         budget = run.budget
+        if loops is not None and loops.max_depth is not None and span.depth > loops.max_depth:
+            self._abort(run, LoopDetectedError(
+                f"run {run.run_id} nested {span.depth} levels deep (max_depth={loops.max_depth}): "
+                f"agents or chains calling each other without end; refused {kind} {name!r}",
+                run_id=run.run_id, reason="max_depth", limit=loops.max_depth, spent=span.depth,
+                detail={"kind": kind, "name": name},
+            ))
         if kind in COST_KINDS:
             span.model = model
             span.provider = provider
@@ -437,23 +498,32 @@ class Ledger:
             span.prompt_ops = prompt_ops
             span.extra = extra
             span.max_tokens = max_tokens
-            if budget is not None or loops is not None:
-                self._check_call_start(run, span, budget, loops, tool_args)
+            # Count the call before checking it, under the run's lock, so that concurrent calls (a ToolNode
+            # runs one message's tool calls in parallel) never pass a count limit together.
             with run.lock:
                 run.steps += 1
+                steps = run.steps
                 if kind == "tool":
                     run.tool_calls += 1
+                    nth = run.tool_calls
                 else:
                     run.llm_calls += 1
+                    nth = run.llm_calls
+            if budget is not None or loops is not None:
+                try:
+                    self._check_call_start(run, span, budget, loops, tool_args, nth, steps)
+                except RunAborted:
+                    with run.lock:  # a refused call was never made
+                        run.steps -= 1
+                        if kind == "tool":
+                            run.tool_calls -= 1
+                        else:
+                            run.llm_calls -= 1
+                        run.reserved_nanos -= span.reserved
+                        span.reserved = 0
+                    raise
         elif budget is not None and budget.max_seconds is not None:
             self._check_seconds(run, budget)
-        if loops is not None and loops.max_depth is not None and span.depth > loops.max_depth:
-            self._abort(run, LoopDetectedError(
-                f"run {run.run_id} nested {span.depth} levels deep (limit {loops.max_depth}): "
-                f"agents or chains calling each other without end; last: {kind} {name!r}",
-                run_id=run.run_id, reason="max_depth", limit=loops.max_depth, spent=span.depth,
-                detail={"kind": kind, "name": name},
-            ))
 
     def _check_seconds(self, run: Run, budget: Budget) -> None:
         assert budget.max_seconds is not None
@@ -461,43 +531,40 @@ class Ledger:
         if elapsed > budget.max_seconds:
             self._abort(run, BudgetExceededError(
                 f"run {run.run_id} exceeded max_seconds={budget.max_seconds:g} "
-                f"(running for {elapsed:.1f}s); spent ${nanos_to_usd(run.cost_nanos)}",
+                f"(running for {elapsed:.1f}s); spent {_usd(run.cost_nanos)}",
                 run_id=run.run_id, reason="max_seconds", limit=budget.max_seconds, spent=elapsed,
             ))
 
     def _check_call_start(
-        self, run: Run, span: Span, budget: Budget | None, loops: LoopPolicy | None, tool_args: Any
+        self, run: Run, span: Span, budget: Budget | None, loops: LoopPolicy | None, tool_args: Any, nth: int,
+        steps: int,
     ) -> None:
+        """``nth``: this call's number among the run's tool (or LLM) calls; ``steps``: among all its calls."""
         kind = span.kind
         if budget is not None:
             if budget.max_seconds is not None:
                 self._check_seconds(run, budget)
             if kind == "tool":
-                if budget.max_tool_calls is not None and run.tool_calls + 1 > budget.max_tool_calls:
+                if budget.max_tool_calls is not None and nth > budget.max_tool_calls:
                     self._abort(run, BudgetExceededError(
-                        f"run {run.run_id} refused tool call {run.tool_calls + 1} ({span.name!r}): "
-                        f"max_tool_calls={budget.max_tool_calls}; spent ${nanos_to_usd(run.cost_nanos)}",
+                        f"run {run.run_id} refused tool call {nth} ({span.name!r}): "
+                        f"max_tool_calls={budget.max_tool_calls}; spent {_usd(run.cost_nanos)}",
                         run_id=run.run_id, reason="max_tool_calls", limit=budget.max_tool_calls,
-                        spent=run.tool_calls, spent_usd=nanos_to_usd(run.cost_nanos),
+                        spent=nth - 1, spent_usd=nanos_to_usd(run.cost_nanos),
                         detail={"tool": span.name},
                     ))
                 if run.max_cost_nanos is not None:
                     price = self.prices.tool_price_nanos(span.name)
-                    if price and run.cost_nanos + price > run.max_cost_nanos:
-                        self._abort(run, BudgetExceededError(
-                            f"run {run.run_id} refused tool {span.name!r} costing ${nanos_to_usd(price)}: "
-                            f"spent ${nanos_to_usd(run.cost_nanos)} of max_cost_usd=${budget.max_cost_usd}",
-                            run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
-                            spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
-                            detail={"tool": span.name, "estimate_usd": nanos_to_usd(price)},
-                        ))
+                    if price:
+                        self._reserve(run, span, budget, price, f"tool {span.name!r} costing {_usd(price)}",
+                                      {"tool": span.name})
             else:
-                if budget.max_llm_calls is not None and run.llm_calls + 1 > budget.max_llm_calls:
+                if budget.max_llm_calls is not None and nth > budget.max_llm_calls:
                     self._abort(run, BudgetExceededError(
-                        f"run {run.run_id} refused LLM call {run.llm_calls + 1} ({span.model or span.name}): "
-                        f"max_llm_calls={budget.max_llm_calls}; spent ${nanos_to_usd(run.cost_nanos)}",
+                        f"run {run.run_id} refused LLM call {nth} ({span.model or span.name}): "
+                        f"max_llm_calls={budget.max_llm_calls}; spent {_usd(run.cost_nanos)}",
                         run_id=run.run_id, reason="max_llm_calls", limit=budget.max_llm_calls,
-                        spent=run.llm_calls, spent_usd=nanos_to_usd(run.cost_nanos),
+                        spent=nth - 1, spent_usd=nanos_to_usd(run.cost_nanos),
                         detail={"model": span.model},
                     ))
                 if budget.max_tokens is not None and run.input + run.output >= budget.max_tokens:
@@ -510,13 +577,13 @@ class Ledger:
                 if run.max_cost_nanos is not None:
                     self._check_llm_estimate(run, span, budget)
         if loops is not None:
-            self._check_loops(run, span, loops, tool_args)
+            self._check_loops(run, span, loops, tool_args, steps)
 
     def _check_llm_estimate(self, run: Run, span: Span, budget: Budget) -> None:
         assert run.max_cost_nanos is not None
         if run.cost_nanos >= run.max_cost_nanos:
             self._abort(run, BudgetExceededError(
-                f"run {run.run_id} refused an LLM call: spent ${nanos_to_usd(run.cost_nanos)} of "
+                f"run {run.run_id} refused an LLM call: spent {_usd(run.cost_nanos)} of "
                 f"max_cost_usd=${budget.max_cost_usd}",
                 run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
                 spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
@@ -527,23 +594,36 @@ class Ledger:
         estimate = self.prices.estimate_nanos(span.model, span.provider, prompt_tokens, span.max_tokens or 0)
         if estimate is None:
             return  # an unpriced model: its cost is unknown; counts and the after-call check still apply
-        if run.cost_nanos + estimate > run.max_cost_nanos:
+        what = (f"an LLM call to {span.model} estimated at {_usd(estimate)} ({prompt_tokens} prompt tokens"
+                + (f", max_tokens={span.max_tokens})" if span.max_tokens else ", no max_tokens)"))
+        self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens})
+
+    def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any]) -> None:
+        """Hold ``estimate`` of the run's budget for this call while it is in flight, or refuse the call if
+        what is spent, what calls in flight hold and the estimate would pass ``max_cost_usd``."""
+        assert run.max_cost_nanos is not None
+        with run.lock:
+            spent, held = run.cost_nanos, run.reserved_nanos
+            fits = spent + held + estimate <= run.max_cost_nanos
+            if fits:
+                run.reserved_nanos += estimate
+                span.reserved += estimate
+        if not fits:
+            in_flight = f" and {_usd(held)} held by calls in flight" if held else ""
             self._abort(run, BudgetExceededError(
-                f"run {run.run_id} refused an LLM call to {span.model}: estimated "
-                f"${nanos_to_usd(estimate)} ({prompt_tokens} prompt tokens"
-                + (f", max_tokens={span.max_tokens}" if span.max_tokens else "")
-                + f") on top of ${nanos_to_usd(run.cost_nanos)} spent would pass max_cost_usd=${budget.max_cost_usd}",
+                f"run {run.run_id} refused {what}: on top of {_usd(spent)} spent{in_flight} it would pass "
+                f"max_cost_usd=${budget.max_cost_usd}",
                 run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
-                spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
-                detail={"model": span.model, "estimate_usd": nanos_to_usd(estimate), "prompt_tokens": prompt_tokens},
+                spent=nanos_to_usd(spent), spent_usd=nanos_to_usd(spent),
+                detail={**detail, "estimate_usd": nanos_to_usd(estimate), "in_flight_usd": nanos_to_usd(held)},
             ))
 
-    def _check_loops(self, run: Run, span: Span, loops: LoopPolicy, tool_args: Any) -> None:
-        if loops.max_steps is not None and run.steps + 1 > loops.max_steps:
+    def _check_loops(self, run: Run, span: Span, loops: LoopPolicy, tool_args: Any, steps: int) -> None:
+        if loops.max_steps is not None and steps > loops.max_steps:
             self._abort(run, LoopDetectedError(
-                f"run {run.run_id} reached max_steps={loops.max_steps} LLM and tool calls; "
-                f"spent ${nanos_to_usd(run.cost_nanos)}",
-                run_id=run.run_id, reason="max_steps", limit=loops.max_steps, spent=run.steps,
+                f"run {run.run_id} reached max_steps={loops.max_steps} LLM and tool calls; refused "
+                f"{span.kind} {span.model or span.name!r}; spent {_usd(run.cost_nanos)}",
+                run_id=run.run_id, reason="max_steps", limit=loops.max_steps, spent=steps - 1,
                 spent_usd=nanos_to_usd(run.cost_nanos),
             ))
         if span.kind == "tool":
@@ -649,7 +729,7 @@ class Ledger:
                 priced = self.prices.price(span.model, span.provider, usage)
                 if priced is None:
                     span.unpriced = True
-                    span.cost_nanos = None if not own else own
+                    span.cost_nanos = own or None
                 else:
                     span.prices = priced.prices
                     if cache_hit:
@@ -673,6 +753,9 @@ class Ledger:
         cost = span.cost_nanos or 0
         span.tree_cost += cost
         with run.lock:
+            if span.reserved:
+                run.reserved_nanos -= span.reserved
+                span.reserved = 0
             if cost:
                 run.cost_nanos += cost
                 p = span.parent
@@ -700,11 +783,16 @@ class Ledger:
                     reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
             if status == "error":
                 run.had_error = True
-        if span.exported:
-            self.exporter.emit(span)
         if span.is_root:
             self._end_root(run, span, status, error)
-        elif run.budget is not None and (kind in COST_KINDS) and run.aborted is None:
+            if span.exported:
+                self.exporter.emit(span)
+            elif run.status != "running":
+                self.exporter.emit(run)
+            return span
+        if span.exported:
+            self.exporter.emit(span)
+        if run.budget is not None and (kind in COST_KINDS) and run.aborted is None:
             self._check_after(run, span)
         return span
 
@@ -715,7 +803,7 @@ class Ledger:
             self._maybe_warn(run, budget)
         if run.max_cost_nanos is not None and run.cost_nanos > run.max_cost_nanos:
             self._abort(run, BudgetExceededError(
-                f"run {run.run_id} spent ${nanos_to_usd(run.cost_nanos)}, past max_cost_usd=${budget.max_cost_usd} "
+                f"run {run.run_id} spent {_usd(run.cost_nanos)}, past max_cost_usd=${budget.max_cost_usd}, "
                 f"after {span.kind} {span.model or span.name!r}; stopped",
                 run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
                 spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
@@ -768,6 +856,8 @@ class Ledger:
             return
         if refused:
             span.end_wall = time.time()
+            self.exporter.emit(run)
+        run.ended_wall = span.end_wall
         if run.aborted is not None:
             final = "aborted"
         elif status == "error" or (error is not None):
@@ -776,7 +866,6 @@ class Ledger:
             final = "ok"
         run.status = final
         self.runs.pop(run.run_id, None)
-        self.exporter.emit(RunEnded(run, final, run.aborted.reason if run.aborted else None, span.end_wall))
         # Keep a compact memory of the run so a second invocation with the same run_id continues it.
         run.tool_seq = None
         run.model_reqs = None
@@ -791,12 +880,36 @@ class Ledger:
     def open_run_ids(self) -> list[str]:
         return list(self.runs)
 
+    def adopt_policy(
+        self, run: Run, *, budget: Budget | None = None, loops: LoopPolicy | None = None, graceful: bool = False
+    ) -> None:
+        """Policy given by an agent middleware (``CostGuardMiddleware``): its budget and loop policy replace
+        the tracker's defaults, never a policy the run was given itself (config metadata, ``tracker.run()``).
+        ``graceful``: after an abort, chain starts no longer raise (paid calls still do)."""
+        with run.lock:
+            if graceful:
+                run.graceful = True
+            if budget is not None and run.budget is self.default_budget:
+                run.budget = None if budget.is_empty() else budget
+                run.max_cost_nanos = (
+                    usd_to_nanos(budget.max_cost_usd) if run.budget is not None and budget.max_cost_usd is not None
+                    else None
+                )
+            default_loops = self.default_loops if self.default_loops.enabled else None
+            if loops is not None and run.loops is default_loops:
+                run.loops = loops if loops.enabled else None
+
 
 def _again(err: RunAborted) -> RunAborted:
     """A fresh instance of a sticky abort (re-raising one instance grows its traceback forever)."""
     new = type(err)(err.message, run_id=err.run_id, reason=err.reason, limit=err.limit, spent=err.spent,
                     spent_usd=err.spent_usd, detail=err.detail)
     return new
+
+
+def _usd(nanos: int) -> str:
+    """``$0.0021`` for a message: exact, without trailing zeros or an exponent."""
+    return "$" + format(Decimal(nanos).scaleb(-9).normalize(), "f")
 
 
 def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] | None:

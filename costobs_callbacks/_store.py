@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._events import nanos_to_usd
 from ._exceptions import ConfigurationError
-from ._ledger import RunCost, RunEnded, RunStarted, Span
+from ._ledger import Run, RunCost, Span
 
 __all__ = ["ROLLUP_KEYS", "RollupRow", "Store", "migrations_dir"]
 
@@ -93,7 +93,7 @@ runs = sa.Table(
     sa.Column("reason", sa.String(64)),
     sa.Column("started_at", sa.DateTime(), nullable=False),
     sa.Column("ended_at", sa.DateTime()),
-    sa.Column("invocations", sa.Integer(), nullable=False, server_default="1"),
+    sa.Column("invocations", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("cost_nanos", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("input_tokens", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("output_tokens", sa.BigInteger(), nullable=False, server_default="0"),
@@ -261,118 +261,85 @@ class Store:
     # -- writes (exporter thread) -----------------------------------------------------------------
 
     def write_batch(self, items: Sequence[Any]) -> None:
-        """Write spans and run events in one transaction; all or nothing (the exporter retries)."""
+        """Write finished spans and the summaries of their runs in one transaction (all or nothing:
+        the exporter retries a failed batch whole).
+
+        Items are finished ``Span`` objects and, for runs refused before any span, ``Run`` objects.
+        Each run touched by the batch gets one upsert: its totals grow by the batch's spans, and its
+        status, reason and end are read from the live run (the root span of a run ends it).
+        """
         self.ensure_schema()
         span_rows: list[dict[str, Any]] = []
-        deltas: dict[str, list[int]] = {}
-        run_objs: dict[str, Any] = {}
-        starts: dict[str, int] = {}
-        final: dict[str, tuple[str, str | None, datetime | None]] = {}
-        first_start: dict[str, float] = {}
+        runs_seen: dict[str, dict[str, Any]] = {}
         for it in items:
             if isinstance(it, Span):
                 run = it.run
-                rid = run.run_id
-                run_objs[rid] = run
+                acc = runs_seen.get(run.run_id)
+                if acc is None:
+                    acc = runs_seen[run.run_id] = _run_row(run)
                 span_rows.append(_span_row(it))
-                d = deltas.get(rid)
-                if d is None:
-                    d = deltas[rid] = [0] * 11
-                cost = it.cost_nanos or 0
-                d[0] += cost
+                acc["cost_nanos"] += it.cost_nanos or 0
                 u = it.usage
                 if u is not None and not it.cache_hit:
-                    d[1] += u.input
-                    d[2] += u.output
-                    d[3] += u.cache_read
-                    d[4] += u.cache_write
-                    d[5] += u.reasoning
-                if it.kind in _LLM_KINDS:
-                    d[6] += 1
+                    acc["input_tokens"] += u.input
+                    acc["output_tokens"] += u.output
+                    acc["cache_read_tokens"] += u.cache_read
+                    acc["cache_write_tokens"] += u.cache_write
+                    acc["reasoning_tokens"] += u.reasoning
+                kind = it.kind
+                if kind in _LLM_KINDS:
+                    acc["llm_calls"] += 1
                     if it.unpriced:
-                        d[8] += 1
+                        acc["unpriced_calls"] += 1
                     if it.estimated:
-                        d[9] += 1
-                elif it.kind == "tool":
-                    d[7] += 1
-                d[10] += 1
-            elif isinstance(it, RunStarted):
-                rid = it.run.run_id
-                run_objs[rid] = it.run
-                starts[rid] = starts.get(rid, 0) + 1
-                first_start.setdefault(rid, it.run.started_wall)
-                final[rid] = ("running", None, None)
-            elif isinstance(it, RunEnded):
-                rid = it.run.run_id
-                run_objs[rid] = it.run
-                final[rid] = (it.status, it.reason, _utc(it.end_wall))
-        if not run_objs:
+                        acc["estimated_calls"] += 1
+                elif kind == "tool":
+                    acc["tool_calls"] += 1
+                acc["span_count"] += 1
+                if it.is_root:
+                    acc["invocations"] += 1
+            elif isinstance(it, Run) and it.run_id not in runs_seen:
+                runs_seen[it.run_id] = _run_row(it)
+        if not runs_seen:
             return
+        run_rows = list(runs_seen.values())
         with self.engine.begin() as conn:
-            existing = self._existing_runs(conn, run_objs)
-            new_rows = []
-            for rid, run in run_objs.items():
-                if rid in existing:
-                    continue
-                status = final.get(rid, ("running", None, None))
-                new_rows.append({
-                    "run_id": rid,
-                    "feature": run.feature,
-                    "route": run.route,
-                    "tenant_id": run.tenant_id,
-                    "user_hash": run.user_hash,
-                    "prompt_version": run.prompt_version,
-                    "attributes": dict(run.attributes) or None,
-                    "status": status[0],
-                    "reason": status[1],
-                    "started_at": _utc(first_start.get(rid, run.started_wall)),
-                    "ended_at": status[2],
-                    "invocations": max(1, starts.get(rid, 0)),
-                })
-            if new_rows:
-                conn.execute(self._insert_ignore(runs), new_rows)
             if span_rows:
                 conn.execute(sa.insert(spans), span_rows)
-            if deltas:
-                c = runs.c
-                stmt = (
-                    sa.update(runs)
-                    .where(c.run_id == sa.bindparam("rid"))
-                    .values(
-                        cost_nanos=c.cost_nanos + sa.bindparam("d0", type_=sa.BigInteger()),
-                        input_tokens=c.input_tokens + sa.bindparam("d1", type_=sa.BigInteger()),
-                        output_tokens=c.output_tokens + sa.bindparam("d2", type_=sa.BigInteger()),
-                        cache_read_tokens=c.cache_read_tokens + sa.bindparam("d3", type_=sa.BigInteger()),
-                        cache_write_tokens=c.cache_write_tokens + sa.bindparam("d4", type_=sa.BigInteger()),
-                        reasoning_tokens=c.reasoning_tokens + sa.bindparam("d5", type_=sa.BigInteger()),
-                        llm_calls=c.llm_calls + sa.bindparam("d6", type_=sa.Integer()),
-                        tool_calls=c.tool_calls + sa.bindparam("d7", type_=sa.Integer()),
-                        unpriced_calls=c.unpriced_calls + sa.bindparam("d8", type_=sa.Integer()),
-                        estimated_calls=c.estimated_calls + sa.bindparam("d9", type_=sa.Integer()),
-                        span_count=c.span_count + sa.bindparam("d10", type_=sa.Integer()),
-                    )
-                )
-                params = [
-                    {"rid": rid, **{f"d{i}": v for i, v in enumerate(d)}} for rid, d in deltas.items()
-                ]
-                conn.execute(stmt, params)
-            upd = []
-            for rid, (status, reason, ended) in final.items():
-                if rid in existing:
-                    upd.append({"rid": rid, "st": status, "rs": reason, "en": ended, "inv": starts.get(rid, 0)})
-            if upd:
-                c = runs.c
-                conn.execute(
-                    sa.update(runs)
-                    .where(c.run_id == sa.bindparam("rid"))
-                    .values(
-                        status=sa.bindparam("st"),
-                        reason=sa.bindparam("rs"),
-                        ended_at=sa.bindparam("en"),
-                        invocations=c.invocations + sa.bindparam("inv", type_=sa.Integer()),
-                    ),
-                    upd,
-                )
+            if self.dialect in ("sqlite", "postgresql"):
+                conn.execute(self._upsert_runs(), run_rows)
+            else:
+                self._merge_runs_portable(conn, run_rows)
+
+    def _upsert_runs(self) -> Any:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
+        ins = dialect_insert(runs)
+        ex = ins.excluded
+        c = runs.c
+        add = {k: getattr(c, k) + getattr(ex, k) for k in _RUN_SUMS}
+        return ins.on_conflict_do_update(
+            index_elements=[c.run_id],
+            set_={**add, "status": ex.status, "reason": ex.reason, "ended_at": ex.ended_at},
+        )
+
+    def _merge_runs_portable(self, conn: Connection, run_rows: list[dict[str, Any]]) -> None:
+        existing = self._existing_runs(conn, [r["run_id"] for r in run_rows])
+        new = [r for r in run_rows if r["run_id"] not in existing]
+        old = [r for r in run_rows if r["run_id"] in existing]
+        if new:
+            conn.execute(sa.insert(runs), new)
+        if old:
+            c = runs.c
+            values: dict[str, Any] = {k: getattr(c, k) + sa.bindparam(f"d_{k}", type_=sa.BigInteger())
+                                      for k in _RUN_SUMS}
+            values.update(status=sa.bindparam("d_status"), reason=sa.bindparam("d_reason"),
+                          ended_at=sa.bindparam("d_ended_at"))
+            params = [{"rid": r["run_id"], **{f"d_{k}": r[k] for k in (*_RUN_SUMS, "status", "reason", "ended_at")}}
+                      for r in old]
+            conn.execute(sa.update(runs).where(c.run_id == sa.bindparam("rid")).values(values), params)
 
     def _existing_runs(self, conn: Connection, run_ids: Iterable[str]) -> set[str]:
         ids = list(run_ids)
@@ -381,17 +348,6 @@ class Store:
             chunk = ids[i:i + 500]
             found.update(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(chunk))).scalars())
         return found
-
-    def _insert_ignore(self, table: sa.Table) -> Any:
-        if self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            return sqlite_insert(table).on_conflict_do_nothing()
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(table).on_conflict_do_nothing()
-        return sa.insert(table)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -541,6 +497,34 @@ def _naive_utc(dt: datetime) -> datetime:
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC).replace(tzinfo=None)
     return dt
+
+
+_RUN_SUMS = (
+    "cost_nanos", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+    "llm_calls", "tool_calls", "unpriced_calls", "estimated_calls", "span_count", "invocations",
+)
+
+
+def _run_row(run: Run) -> dict[str, Any]:
+    """A run's summary row with zero totals; its status, reason and end as the run has them now."""
+    status = run.status
+    ended = run.ended_wall if status != "running" else 0.0
+    return {
+        "run_id": run.run_id,
+        "feature": run.feature,
+        "route": run.route,
+        "tenant_id": run.tenant_id,
+        "user_hash": run.user_hash,
+        "prompt_version": run.prompt_version,
+        "attributes": dict(run.attributes) or None,
+        "status": status,
+        "reason": run.aborted.reason if run.aborted is not None else None,
+        "started_at": _utc(run.started_wall),
+        "ended_at": _utc(ended) if ended else None,
+        "cost_nanos": 0, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+        "reasoning_tokens": 0, "llm_calls": 0, "tool_calls": 0, "unpriced_calls": 0, "estimated_calls": 0,
+        "span_count": 0, "invocations": 0,
+    }
 
 
 def _span_row(sp: Span) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from ._pricing import PriceBook
 from ._store import ROLLUP_KEYS, RollupRow, Store
 
 if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+
     from ._scope import RunScope
     from .integrations.langchain import CostCallbackHandler
 
@@ -130,14 +132,15 @@ class CostTracker:
         run_id: uuid.UUID | str | None = None,
         loops: LoopPolicy | Mapping[str, Any] | None = None,
         **attributes: Any,
-    ) -> dict[str, Any]:
+    ) -> RunnableConfig:
         """A ``RunnableConfig`` with this tracker's handler, the attribution metadata and a fresh ``run_id``.
 
         Reusing the returned config for a second invocation continues the same run.
         """
         meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
         rid = _as_uuid(run_id) if run_id is not None else uuid.uuid4()
-        return {"callbacks": [self.langchain_handler()], "metadata": meta, "run_id": rid}
+        cfg: RunnableConfig = {"callbacks": [self.langchain_handler()], "metadata": meta, "run_id": rid}
+        return cfg
 
     @staticmethod
     def _metadata(

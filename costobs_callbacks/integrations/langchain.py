@@ -121,9 +121,7 @@ def _int(v: Any) -> int:
         raise ValueError("bool is not a token count")
     if isinstance(v, int):
         n = v
-    elif isinstance(v, float) and v.is_integer():
-        n = int(v)
-    elif isinstance(v, str) and v.strip().isdigit():
+    elif (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and v.strip().isdigit()):
         n = int(v)
     else:
         raise ValueError(f"not a token count: {v!r}")

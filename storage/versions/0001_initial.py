@@ -75,7 +75,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(64)),
         sa.Column("started_at", sa.DateTime(), nullable=False),
         sa.Column("ended_at", sa.DateTime()),
-        sa.Column("invocations", sa.Integer(), nullable=False, server_default="1"),
+        sa.Column("invocations", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("cost_nanos", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("input_tokens", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("output_tokens", sa.BigInteger(), nullable=False, server_default="0"),
