@@ -116,7 +116,7 @@ class BatchExporter:
         self.stats.emitted += 1
         if self._worker is None:
             self._ensure_worker()
-        if len(q) >= self._max_batch:
+        if len(q) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
     # -- the worker -----------------------------------------------------------------------------
