@@ -112,10 +112,17 @@ def _load(name: str) -> Callable[[str], int] | None:
         return fn
 
 
+MAX_EXACT_CHARS = 400_000
+"""Longer texts are estimated at 4 characters a token: tokenizing megabytes on the app's thread would
+cost it tens of milliseconds for a figure that is an estimate anyway."""
+
+
 def count_text(text: str, model: str | None = None) -> tuple[int, bool]:
     """Tokens in ``text`` for ``model``: ``(count, exact_tokenizer_used)``."""
     if not text:
         return 0, True
+    if len(text) > MAX_EXACT_CHARS:
+        return (len(text) + 3) // 4, False
     name = encoding_for_model(model)
     fn = _encoders.get(name, _encoders)  # sentinel: not loaded yet
     if fn is _encoders:
