@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
     BudgetExceededError,
@@ -21,6 +22,9 @@ from ._pricing import PriceBook, UnitPrices
 from ._scope import RunScope
 from ._store import RollupRow
 from ._tracker import CostTracker
+
+if TYPE_CHECKING:
+    from .integrations.langchain_agents import CostGuardMiddleware
 
 try:
     __version__ = _version("costobs-callbacks")
@@ -38,6 +42,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetWarning",
     "ConfigurationError",
+    "CostGuardMiddleware",
     "CostTracker",
     "LoopDetectedError",
     "LoopPolicy",
@@ -50,3 +55,12 @@ __all__ = [
     "UnitPrices",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: it needs ``langchain`` (the ``langgraph`` extra), which plain users lack.
+    if name == "CostGuardMiddleware":
+        from .integrations.langchain_agents import CostGuardMiddleware
+
+        return CostGuardMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

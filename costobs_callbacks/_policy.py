@@ -49,6 +49,13 @@ class Budget(BaseModel):
             raise ValueError("must be > 0 (a zero or negative budget allows nothing)")
         return d
 
+    @field_validator("max_tokens", "max_llm_calls", "max_tool_calls", "max_seconds", "warn_at", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would take True for 1
+            raise ValueError("must be a number, not a bool")
+        return v
+
     @field_validator("max_tokens", "max_llm_calls")
     @classmethod
     def _positive_int(cls, v: int | None) -> int | None:
@@ -102,9 +109,10 @@ class LoopPolicy(BaseModel):
       answer the same thing again (OpenRouter's threshold of 3).
     * ``cycle_repeats=3`` over periods up to ``max_cycle_period=3``: A-B-A-B-A-B (OpenHands' pattern
       over 6 steps) and A-B-C repeated three times.
-    * ``max_depth=48``: run-tree depth; a LangGraph agent uses about 4 levels, one more agent
-      called as a tool adds about 5, so 48 allows several nested agents and stops endless recursion
-      long before Python's own limit.
+    * ``max_depth=48``: run-tree depth. A ``create_agent`` agent uses 3 levels (graph, node, model or
+      tool call) and each agent called as a tool of another adds 3 more, so 48 lets 15 agents nest
+      (subgraphs, chains inside tools and ``tracker.run()`` add a level or two each) and stops an
+      agent that calls itself without end after 16 model calls, long before Python's own limit.
     * ``max_steps=250``: LLM plus tool calls in one root run, a hard cap far below LangGraph's
       recursion limit (10,000 steps) and far above what a healthy agent needs.
     """
@@ -112,12 +120,12 @@ class LoopPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    max_identical_tool_calls: int | None = Field(default=4, ge=2)
-    max_identical_model_requests: int | None = Field(default=3, ge=2)
-    cycle_repeats: int | None = Field(default=3, ge=2)
-    max_cycle_period: int = Field(default=3, ge=2, le=8)
-    max_depth: int | None = Field(default=48, ge=1)
-    max_steps: int | None = Field(default=250, ge=1)
+    max_identical_tool_calls: int | None = Field(default=4, ge=2, strict=True)
+    max_identical_model_requests: int | None = Field(default=3, ge=2, strict=True)
+    cycle_repeats: int | None = Field(default=3, ge=2, strict=True)
+    max_cycle_period: int = Field(default=3, ge=2, le=8, strict=True)
+    max_depth: int | None = Field(default=48, ge=1, strict=True)
+    max_steps: int | None = Field(default=250, ge=1, strict=True)
 
 
 @dataclass(frozen=True, slots=True)
