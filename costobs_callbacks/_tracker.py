@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,6 +73,7 @@ class CostTracker:
                 raise ConfigurationError(f"require takes attribution key names, got {k!r}")
         if on_budget_warning is not None and not callable(on_budget_warning):
             raise ConfigurationError("on_budget_warning must be callable")
+        default_budget, default_loops = coerce_budget(budget), coerce_loops(loops)  # before any thread or file
         self.database_url = database_url or os.environ.get("COSTOBS_DATABASE_URL") or DEFAULT_DATABASE_URL
         self.prices = PriceBook(prices, tool_prices=tool_prices, refresh=refresh_prices)
         self.store = Store(self.database_url)
@@ -100,8 +102,8 @@ class CostTracker:
             prices=self.prices,
             exporter=self.exporter,
             user_salt=salt_from(salt),
-            budget=coerce_budget(budget),
-            loops=coerce_loops(loops),
+            budget=default_budget,
+            loops=default_loops,
             require=req,
             on_budget_warning=on_budget_warning,
         )
@@ -205,6 +207,10 @@ class CostTracker:
         attributed to it. ``run.run_id``, ``run.cost`` (the live ``RunCost``)."""
         from ._scope import RunScope
 
+        if run_id is not None and not isinstance(run_id, uuid.UUID):
+            text = str(run_id)
+            if not text or len(text) > 64 or "\x00" in text:  # it keys a 64-character column
+                raise ConfigurationError(f"run_id must be a UUID or a text of 1 to 64 characters, got {run_id!r}")
         meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
         return RunScope(self, meta, run_id)
 
@@ -266,6 +272,9 @@ class CostTracker:
         if self._closed:
             return
         self._closed = True
+        li = sys.modules.get("costobs_callbacks.integrations.llamaindex")
+        if li is not None:  # leave LlamaIndex's global dispatcher and Settings as they were
+            li.uninstrument(self)
         try:
             self.exporter.shutdown(timeout)
         finally:

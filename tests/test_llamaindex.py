@@ -1,0 +1,790 @@
+"""LlamaIndex: attribution, costs, budgets and the loop guard, through the real framework.
+
+Real ``llama_index.llms.openai.OpenAI`` clients talk HTTP to the local stub server; MockLLM /
+MockEmbedding pipelines run over real in-memory ``VectorStoreIndex`` instances; FunctionAgent runs are real
+llama-index workflows. Figures are exact: provider usage where the stub reports it, otherwise the
+documented estimate (3 + per message 4 + text + tool calls, + the tools' JSON; the model's own
+tiktoken encoding), recomputed here from what the stub actually received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import os
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import llama_index.core
+import pytest
+import tiktoken
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.agent.workflow import FunctionAgent
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.llms import ChatMessage, MockLLM
+from llama_index.core.tools import FunctionTool
+from llama_index.llms.openai import OpenAI
+
+from costobs_callbacks import Budget, BudgetExceededError, CostTracker, LoopDetectedError, RunAborted
+
+pytestmark = pytest.mark.filterwarnings(  # llama-index-workflows inspects pydantic agents
+    "ignore::pydantic.warnings.PydanticDeprecationWarning"
+)
+
+try:
+    from .stub_openai import StubReply, StubUsage
+except ImportError:
+    from stub_openai import StubReply, StubUsage
+
+M = Decimal(1_000_000)
+P_MINI = (Decimal("0.15"), Decimal("0.60"), Decimal("0.075"))
+P_4O = (Decimal("2.5"), Decimal("10"), Decimal("1.25"))
+P_MOCK = (Decimal("1"), Decimal("2"), Decimal("1"))
+P_EMB = Decimal("0.02")
+PRICES = {
+    "gpt-4o-mini": {"input": P_MINI[0], "output": P_MINI[1], "cache_read": P_MINI[2]},
+    "gpt-4o": {"input": P_4O[0], "output": P_4O[1], "cache_read": P_4O[2]},
+    "MockLLM": {"input": P_MOCK[0], "output": P_MOCK[1], "cache_read": P_MOCK[2]},
+    "MockEmbedding": {"input": P_EMB, "output": "0", "cache_read": "0"},
+}
+TOOL_PRICE = Decimal("0.01")
+
+
+def cost(inp: int, out: int, prices: tuple[Decimal, Decimal, Decimal] = P_MINI, cached: int = 0) -> Decimal:
+    return ((inp - cached) * prices[0] + cached * prices[2] + out * prices[1]) / M
+
+
+# -- tokens, recomputed independently ----------------------------------------------------------------
+
+_STATIC = Path(llama_index.core.__file__).parent / "_static" / "tiktoken_cache"
+
+
+def _encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken encodings from the copies llama-index-core ships (no network)."""
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_STATIC)
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+O200K = _encoding("o200k_base")
+CL100K = _encoding("cl100k_base")
+
+
+def tok(text: str) -> int:
+    return len(O200K.encode_ordinary(text))
+
+
+def calls_json(calls: list[tuple[str, dict[str, Any]]]) -> str:
+    return json.dumps([{"name": n, "args": a} for n, a in calls])
+
+
+def request_tokens(req: dict[str, Any]) -> int:
+    """Everything a chat request carries: 3 + per message (4 + content + tool calls) + the tools."""
+    n = 3
+    for m in req["messages"]:
+        n += 4 + tok(m.get("content") or "")
+        if m.get("tool_calls"):
+            n += tok(calls_json([(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                 for c in m["tool_calls"]]))
+    if req.get("tools"):
+        n += tok(json.dumps(req["tools"]))
+    return n
+
+
+# -- fixtures ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _settings_isolated():
+    saved = (Settings._callback_manager, Settings._llm, Settings._embed_model)
+    Settings._callback_manager = None
+    yield
+    Settings._callback_manager, Settings._llm, Settings._embed_model = saved
+
+
+def _tracker(tmp_path: Path, **kw: Any) -> CostTracker:
+    kw.setdefault("prices", PRICES)
+    kw.setdefault("tool_prices", {"get_weather": TOOL_PRICE})
+    return CostTracker(f"sqlite:///{tmp_path}/costs.db", user_salt="test-salt", **kw)
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    t = _tracker(tmp_path)
+    yield t
+    t.uninstrument_llamaindex()
+    assert t.stats["internal_errors"] == 0  # nothing we could not read, no bug of ours swallowed
+    t.close()
+
+
+@pytest.fixture
+def tr(tracker):
+    """An instrumented tracker."""
+    tracker.instrument_llamaindex()
+    return tracker
+
+
+def openai_llm(stub: Any, model: str = "gpt-4o-mini", **kw: Any) -> OpenAI:
+    return OpenAI(api_base=stub.base_url, api_key="sk-test", model=model, max_retries=0, **kw)
+
+
+def msgs(text: str = "hi") -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return f"sunny in {city}"
+
+
+def weather_tool() -> FunctionTool:
+    return FunctionTool.from_defaults(get_weather)
+
+
+def spans_by_kind(tracker: CostTracker, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s in tracker.spans(run_id):
+        out.setdefault(s["kind"], []).append(s)
+    return out
+
+
+# -- LLM calls: chat, complete, sync, async, streaming -------------------------------------------------
+
+
+def test_chat_exact_usage_served_model_and_cache(tr, stub_openai):
+    stub_openai.enqueue(StubReply("hello", usage=StubUsage(120, 7, cached_tokens=100, reasoning_tokens=2),
+                                  model="gpt-4o-mini-2024-07-18"))
+    llm = openai_llm(stub_openai)
+    with tr.run(feature="chat", user_id="u-1", tenant_id="acme") as run:
+        assert llm.chat(msgs()).message.content == "hello"
+        live = run.cost
+    expected = cost(120, 7, cached=100)
+    assert (live.cost_usd, live.input_tokens, live.output_tokens) == (expected, 120, 7)
+    assert (live.cache_read_tokens, live.reasoning_tokens, live.llm_calls, live.estimated_calls) == (100, 2, 1, 0)
+    assert live.by_model == {"gpt-4o-mini-2024-07-18": expected}
+    assert live.attributes["tenant_id"] == "acme" and live.attributes["user"] != "u-1"
+    stored = tr.run_cost(run.run_id)
+    assert (stored.cost_usd, stored.status, stored.llm_calls) == (expected, "ok", 1)
+    (llm_span,) = spans_by_kind(tr, run.run_id)["llm"]
+    assert (llm_span["name"], llm_span["model"], llm_span["provider"]) == ("OpenAI", "gpt-4o-mini-2024-07-18", "openai")
+    assert llm_span["parent_id"] == run.run_id
+
+
+def test_complete_and_async_calls(tr, stub_openai):
+    stub_openai.enqueue(StubReply("c1", usage=StubUsage(11, 3)), StubReply("c2", usage=StubUsage(13, 5)),
+                        StubReply("c3", usage=StubUsage(17, 2)))
+    llm = openai_llm(stub_openai)
+
+    async def go() -> Any:
+        async with tr.run(feature="complete") as run:
+            assert llm.complete("hi").text == "c1"
+            assert (await llm.acomplete("hi")).text == "c2"
+            assert (await llm.achat(msgs())).message.content == "c3"
+            return run.cost
+
+    live = asyncio.run(go())
+    assert (live.llm_calls, live.input_tokens, live.output_tokens) == (3, 41, 10)
+    assert live.cost_usd == cost(11, 3) + cost(13, 5) + cost(17, 2)
+    assert stub_openai.count() == 3
+
+
+def test_stream_without_usage_is_estimated_after_its_span_closed(tr, stub_openai):
+    """Pitfall: the streamed LLM span exits before the stream is read; the end is matched by span id."""
+    stub_openai.enqueue(StubReply("hello world, streamed", usage=StubUsage(99, 99)))
+    llm = openai_llm(stub_openai)
+    with tr.run(feature="stream") as run:
+        gen = llm.stream_chat(msgs("stream me"))
+        assert run.cost.llm_calls == 1 and run.cost.output_tokens == 0  # span exited, call still open
+        parts = list(gen)
+        live = run.cost
+    assert parts[-1].message.content == "hello world, streamed"
+    assert "stream_options" not in stub_openai.requests[-1]
+    inp, out = request_tokens(stub_openai.requests[-1]), tok("hello world, streamed")
+    assert inp == 3 + 4 + tok("stream me")
+    assert (live.input_tokens, live.output_tokens, live.estimated_calls) == (inp, out, 1)
+    assert live.cost_usd == cost(inp, out)
+    (span,) = spans_by_kind(tr, run.run_id)["llm"]
+    assert span["estimated"] and span["flags"] == "estimated"
+
+
+def test_stream_with_usage_from_stream_options(tr, stub_openai):
+    stub_openai.enqueue(StubReply("abc", usage=StubUsage(12, 7, cached_tokens=4)),
+                        StubReply("defg", usage=StubUsage(20, 3)))
+    llm = openai_llm(stub_openai, additional_kwargs={"stream_options": {"include_usage": True}})
+
+    async def go() -> Any:
+        async with tr.run(feature="stream") as run:
+            assert list(llm.stream_chat(msgs()))[-1].message.content == "abc"
+            assert [p async for p in await llm.astream_chat(msgs())][-1].message.content == "defg"
+            return run.cost
+
+    live = asyncio.run(go())
+    assert (live.input_tokens, live.output_tokens, live.cache_read_tokens) == (32, 10, 4)
+    assert (live.cost_usd, live.estimated_calls) == (cost(12, 7, cached=4) + cost(20, 3), 0)
+
+
+def test_request_stream_usage_asks_openai_llms_for_stream_usage(tracker, stub_openai):
+    tracker.instrument_llamaindex(request_stream_usage=True)
+    stub_openai.enqueue(StubReply("abc", usage=StubUsage(12, 7)), StubReply("xyz", usage=StubUsage(5, 1)))
+    llm = openai_llm(stub_openai)
+    with tracker.run(feature="stream") as run:
+        list(llm.stream_complete("hi"))
+        llm.chat(msgs())  # not a stream: nothing added (OpenAI rejects stream_options there)
+        live = run.cost
+    assert stub_openai.requests[0]["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in stub_openai.requests[1]
+    assert (live.input_tokens, live.output_tokens, live.estimated_calls) == (17, 8, 0)
+    assert live.cost_usd == cost(12, 7) + cost(5, 1)
+
+
+def test_abandoned_stream_is_recorded(tr, stub_openai):
+    stub_openai.enqueue(StubReply("one two three four five six", usage=StubUsage(9, 9)))
+    llm = openai_llm(stub_openai)
+    with tr.run(feature="stream") as run:
+        gen = llm.stream_chat(msgs())
+        first = next(gen)
+        gen.close()
+        live = run.cost
+    assert live.llm_calls == 1 and live.estimated_calls == 1
+    assert live.output_tokens == tok(first.message.content or "")
+    (span,) = spans_by_kind(tr, run.run_id)["llm"]
+    assert span["status"] == "ok" and "stream_closed" in span["flags"]
+
+
+def test_provider_error_is_recorded_and_propagates_unchanged(tr, stub_openai):
+    import openai
+
+    stub_openai.enqueue(StubReply(status=500))
+    llm = openai_llm(stub_openai)
+    with pytest.raises(openai.InternalServerError), tr.run(feature="err") as run:
+        llm.chat(msgs())
+    (span,) = spans_by_kind(tr, run.run_id)["llm"]
+    assert (span["status"], span["error"], span["cost_nanos"]) == ("error", "InternalServerError", None)
+    assert tr.run_cost(run.run_id).status == "error"
+    assert tr.stats["internal_errors"] == 0
+
+
+def test_concurrent_async_runs_are_exact_without_cross_talk(tr, stub_openai):
+    def responder(req: dict[str, Any]) -> StubReply:
+        i = int(req["messages"][-1]["content"].split()[-1])
+        return StubReply(f"answer {i}", usage=StubUsage(100 + i, 10 + i), delay_s=0.01 * (5 - i))
+
+    stub_openai.responder = responder
+    llm = openai_llm(stub_openai)
+
+    async def one(i: int) -> tuple[str, Any]:
+        async with tr.run(feature="gather", user_id=f"u{i}") as run:
+            await llm.achat(msgs(f"question {i}"))
+            await asyncio.sleep(0)
+            await llm.achat(msgs(f"question {i}"))
+            return run.run_id, run.cost
+
+    async def go() -> list[tuple[str, Any]]:
+        return await asyncio.gather(*(one(i) for i in range(5)))
+
+    results = asyncio.run(go())
+    assert len({rid for rid, _ in results}) == 5
+    for i, (rid, live) in enumerate(results):
+        assert (live.llm_calls, live.input_tokens, live.output_tokens) == (2, 2 * (100 + i), 2 * (10 + i))
+        assert live.cost_usd == 2 * cost(100 + i, 10 + i)
+        assert tr.run_cost(rid).cost_usd == live.cost_usd
+
+
+def test_threads_with_copied_context_and_langchain_share_the_scope(tr, stub_openai):
+    from langchain_openai import ChatOpenAI
+
+    stub_openai.enqueue(StubReply("a", usage=StubUsage(10, 1)), StubReply("b", usage=StubUsage(20, 2)))
+    llm = openai_llm(stub_openai)
+    chat = ChatOpenAI(base_url=stub_openai.base_url, api_key="sk-test", model="gpt-4o-mini", max_retries=0)
+    with tr.run(feature="mixed") as run:
+        ctx = contextvars.copy_context()
+        t = threading.Thread(target=ctx.run, args=(llm.chat, msgs()))
+        t.start()
+        t.join()
+        chat.invoke("hi", config={"callbacks": [tr.langchain_handler()]})
+        live = run.cost
+    assert (live.llm_calls, live.input_tokens, live.output_tokens) == (2, 30, 3)
+    assert live.cost_usd == cost(10, 1) + cost(20, 2)
+    kinds = spans_by_kind(tr, run.run_id)
+    assert sorted(s["name"] for s in kinds["llm"]) == ["ChatOpenAI", "OpenAI"]
+
+
+def test_several_models_in_one_run_each_priced(tr, stub_openai):
+    """Pitfall: one handler per model. Here one tracker prices every model of a run separately."""
+    stub_openai.enqueue(StubReply("m", usage=StubUsage(10, 2)), StubReply("o", usage=StubUsage(30, 4)))
+    mini, big, mock = openai_llm(stub_openai), openai_llm(stub_openai, model="gpt-4o"), MockLLM(max_tokens=3)
+    with tr.run(feature="multi") as run:
+        mini.chat(msgs())
+        big.chat(msgs())
+        out = mock.complete("ping").text
+        live = run.cost
+    assert out == "text text text"
+    mock_cost = cost(tok("ping"), tok(out), P_MOCK)
+    assert live.by_model == {"gpt-4o-mini": cost(10, 2), "gpt-4o": cost(30, 4, P_4O), "MockLLM": mock_cost}
+    assert live.cost_usd == cost(10, 2) + cost(30, 4, P_4O) + mock_cost
+
+
+def test_gpt4o_is_counted_with_its_own_encoding(tr, stub_openai):
+    """Pitfall: gpt-4o tokenized with cl100k_base. It is o200k_base."""
+    text = "Überraschung! Ωμέγα — 東京の天気は晴れです。 def f(x): return x**2"
+    assert tok(text) != len(CL100K.encode_ordinary(text))
+    stub_openai.enqueue(StubReply(text, usage=None))
+    llm = openai_llm(stub_openai, model="gpt-4o")
+    with tr.run(feature="enc") as run:
+        llm.chat(msgs(text))
+        live = run.cost
+    assert (live.input_tokens, live.output_tokens) == (3 + 4 + tok(text), tok(text))
+    assert live.cost_usd == cost(3 + 4 + tok(text), tok(text), P_4O)
+
+
+# -- pitfalls of CustomLLM / MockLLM ---------------------------------------------------------------------
+
+
+def test_custom_llm_chat_calling_complete_is_one_call(tr):
+    llm = MockLLM()
+    with tr.run(feature="mock") as run:
+        reply = llm.chat(msgs("count me once")).message.content
+        live = run.cost
+    # MockLLM echoes the prompt chat() built and sent to complete(): that prompt is what is counted
+    assert "count me once" in reply
+    assert (live.llm_calls, live.input_tokens, live.output_tokens) == (1, tok(reply), tok(reply))
+    assert live.cost_usd == cost(tok(reply), tok(reply), P_MOCK)
+    (span,) = spans_by_kind(tr, run.run_id)["llm"]
+    assert (span["name"], span["model"], span["estimated"]) == ("MockLLM", "MockLLM", True)
+
+
+def test_custom_llm_stream_chat_and_achat_once(tr):
+    llm = MockLLM(max_tokens=4)
+
+    async def go() -> Any:
+        async with tr.run(feature="mock") as run:
+            streamed = list(llm.stream_chat(msgs("a")))[-1].message.content
+            await llm.achat(msgs("b"))
+            return run.cost, streamed
+
+    live, streamed = asyncio.run(go())
+    assert streamed == "text text text"  # MockLLM's last streamed text (its deltas say one more "text")
+    assert live.llm_calls == 2
+    assert live.output_tokens == tok(streamed) + tok("text text text text")
+
+
+def _rag(emb: MockEmbedding, llm: MockLLM) -> Any:
+    docs = [Document(text="The sky is blue."), Document(text="Grass is green.")]
+    return VectorStoreIndex.from_documents(docs, embed_model=emb).as_query_engine(llm=llm, similarity_top_k=1)
+
+
+def test_rag_pipeline_embeddings_retrieval_and_synthesis(tr):
+    emb, llm = MockEmbedding(embed_dim=8), MockLLM()
+    with tr.run(feature="ingest") as ingest:
+        qe = _rag(emb, llm)
+        live = ingest.cost
+    emb_tokens = tok("The sky is blue.") + tok("Grass is green.")
+    assert (live.llm_calls, live.input_tokens, live.cost_usd) == (1, emb_tokens, emb_tokens * P_EMB / M)
+    with tr.run(feature="rag-answer", tenant_id="acme") as run:
+        answer = qe.query("What colour is the sky?").response
+        live = run.cost
+    q = tok("What colour is the sky?")
+    assert "What colour is the sky?" in answer  # MockLLM echoes its prompt
+    assert (live.llm_calls, live.estimated_calls) == (2, 2)  # the query's embedding and one completion
+    assert (live.input_tokens, live.output_tokens) == (q + tok(answer), tok(answer))
+    assert live.cost_usd == q * P_EMB / M + cost(tok(answer), tok(answer), P_MOCK)
+    assert live.by_model == {"MockEmbedding": q * P_EMB / M, "MockLLM": cost(tok(answer), tok(answer), P_MOCK)}
+    names = {s["name"]: s for s in tr.spans(run.run_id)}  # the run tree, from LlamaIndex's spans
+    assert {n: s["kind"] for n, s in names.items()} == {
+        "rag-answer": "run", "RetrieverQueryEngine": "chain", "VectorIndexRetriever": "retriever",
+        "MockEmbedding": "embedding", "CompactAndRefine": "chain", "MockLLM": "llm",
+    }
+    assert names["RetrieverQueryEngine"]["parent_id"] == run.run_id
+    assert names["VectorIndexRetriever"]["parent_id"] == names["RetrieverQueryEngine"]["span_id"]
+    assert names["MockEmbedding"]["parent_id"] == names["VectorIndexRetriever"]["span_id"]
+    assert names["CompactAndRefine"]["parent_id"] == names["RetrieverQueryEngine"]["span_id"]
+    assert names["MockLLM"]["parent_id"] == names["CompactAndRefine"]["span_id"]
+    assert names["RetrieverQueryEngine"]["tree_cost_nanos"] == int(live.cost_usd * 10**9)
+
+
+def test_aquery_is_not_counted_twice(tr):
+    """Pitfall: counts double on aquery (MockLLM.acomplete calls complete)."""
+    qe = _rag(MockEmbedding(embed_dim=8), MockLLM())
+    with tr.run(feature="sync") as sync_run:
+        qe.query("Where is the grass?")
+        sync = sync_run.cost
+
+    async def go() -> Any:
+        async with tr.run(feature="async") as run:
+            await qe.aquery("Where is the grass?")
+            return run.cost
+
+    live = asyncio.run(go())
+    assert (live.llm_calls, live.input_tokens, live.output_tokens, live.cost_usd) == (
+        sync.llm_calls, sync.input_tokens, sync.output_tokens, sync.cost_usd)
+    assert live.llm_calls == 2
+
+
+def test_ingestion_outside_a_scope_is_one_run(tr):
+    emb = MockEmbedding(embed_dim=8, embed_batch_size=2)
+    texts = ["one", "two", "three", "four", "five"]
+    VectorStoreIndex.from_documents([Document(text=t) for t in texts], embed_model=emb)
+    tr.flush()
+    rows = tr.rollup(by=("feature",))
+    (row,) = rows
+    assert row.key == {"feature": "unattributed"}
+    assert (row.runs, row.llm_calls, row.input_tokens) == (1, 3, sum(tok(t) for t in texts))
+
+
+def test_totals_are_running_sums(tr):
+    """Pitfall: totals re-summed from every stored event on each access. Here finished calls are not
+    kept in memory; the run's totals are counters."""
+    llm = MockLLM(max_tokens=1)
+    prompts = [f"prompt {i}" for i in range(60)]
+    with tr.run(feature="many") as run:
+        for p in prompts:
+            llm.complete(p)
+        assert len(tr.ledger.spans) == 1  # only the open scope
+        live = run.cost
+    assert (live.llm_calls, live.output_tokens) == (60, 60 * tok("text"))
+    assert live.input_tokens == sum(tok(p) for p in prompts)
+
+
+def test_identical_model_requests_stop_the_run(tr):
+    llm = MockLLM(max_tokens=1)
+    with pytest.raises(LoopDetectedError) as ei, tr.run(feature="same"):
+        for _ in range(5):
+            llm.complete("same question")
+    assert ei.value.reason == "model_repeat"
+    assert tr.run_cost(ei.value.run_id).llm_calls == 2
+
+
+# -- construction order, uninstrument, the stand-alone handler ----------------------------------------
+
+
+def test_llm_built_before_instrument_and_before_settings_manager_reports_and_is_stopped(tracker, stub_openai):
+    assert Settings._callback_manager is None
+    llm = openai_llm(stub_openai)  # its CallbackManager was built with no handler at all
+    mock = MockLLM()
+    tracker.instrument_llamaindex()
+    stub_openai.enqueue(StubReply("a", usage=StubUsage(10, 5)))
+    with pytest.raises(BudgetExceededError) as ei, tracker.run(feature="old", budget=Budget(max_llm_calls=2)) as run:
+        llm.chat(msgs())
+        mock.complete("x")
+        llm.chat(msgs())  # refused before it is sent
+    assert ei.value.reason == "max_llm_calls"
+    assert stub_openai.count() == 1
+    stored = tracker.run_cost(run.run_id)
+    assert (stored.status, stored.llm_calls) == ("aborted", 2)
+    assert stored.cost_usd == cost(10, 5) + cost(tok("x"), tok("x"), P_MOCK)
+
+
+def test_uninstrument_stops_tracking(tracker, stub_openai):
+    llm = openai_llm(stub_openai)
+    tracker.instrument_llamaindex()
+    stub_openai.enqueue(StubReply("a", usage=StubUsage(10, 5)), StubReply("b", usage=StubUsage(10, 5)))
+    llm.chat(msgs())
+    handler = tracker.llamaindex_handler()
+    assert handler in llm.callback_manager.handlers and handler in Settings.callback_manager.handlers
+    tracker.uninstrument_llamaindex()
+    assert handler not in llm.callback_manager.handlers
+    assert Settings._callback_manager is None  # the manager instrument() created is gone again
+    dispatcher = get_dispatcher()
+    assert all("CostObs" not in type(h).__name__ for h in [*dispatcher.span_handlers, *dispatcher.event_handlers])
+    with tracker.run(feature="after", budget=Budget(max_llm_calls=1)) as run:
+        llm.chat(msgs())
+        MockLLM().complete("x")
+    assert tracker.run_cost(run.run_id).llm_calls == 0
+    (row,) = [r for r in tracker.rollup(by=("feature",)) if r.key == {"feature": "unattributed"}]
+    assert row.llm_calls == 1
+
+
+def test_standalone_legacy_handler(tracker):
+    """Without instrument(): the handler in a manager the app wires itself costs and guards."""
+    handler = tracker.llamaindex_handler()
+    llm = MockLLM(callback_manager=CallbackManager([handler]))
+    with pytest.raises(BudgetExceededError), tracker.run(feature="legacy", budget=Budget(max_llm_calls=2)) as run:
+        reply = llm.chat(msgs("legacy")).message.content  # chat -> complete: one call
+        streamed = list(llm.stream_chat(msgs("again")))[-1].message.content
+        llm.complete("refused")
+    stored = tracker.run_cost(run.run_id)
+    assert (stored.llm_calls, stored.status) == (2, "aborted")
+    assert stored.input_tokens == tok(reply) + tok(streamed)
+    assert stored.cost_usd == cost(tok(reply), tok(reply), P_MOCK) + cost(tok(streamed), tok(streamed), P_MOCK)
+
+
+# -- agents: tools, tool prices, budgets and the loop guard ------------------------------------------
+
+
+def test_function_agent_with_tool_estimates_everything_the_request_carries(tr, stub_openai):
+    """Pitfall: agents' tool schemas missed. FunctionAgent streams without usage: estimated, tools in."""
+    stub_openai.enqueue(StubReply("", tool_calls=[("get_weather", {"city": "Paris"})], usage=StubUsage(1, 1)),
+                        StubReply("It is sunny in Paris.", usage=StubUsage(1, 1)))
+    agent = FunctionAgent(tools=[weather_tool()], llm=openai_llm(stub_openai))
+
+    async def go() -> Any:
+        async with tr.run(feature="agent", user_id="u-9") as run:
+            result = await agent.run("What is the weather in Paris?")
+            return run, run.cost, str(result)
+
+    run, live, result = asyncio.run(go())
+    assert result == "It is sunny in Paris."
+    r1, r2 = stub_openai.requests
+    assert r1["tools"] and r2["messages"][-1] == {"role": "tool", "content": "sunny in Paris", "tool_call_id": "call_1"}
+    in1, in2 = request_tokens(r1), request_tokens(r2)
+    assert in1 > tok(json.dumps(r1["tools"])) > 20  # the schema is counted
+    out1, out2 = tok(calls_json([("get_weather", {"city": "Paris"})])), tok("It is sunny in Paris.")
+    assert (live.llm_calls, live.tool_calls, live.estimated_calls) == (2, 1, 2)
+    assert (live.input_tokens, live.output_tokens) == (in1 + in2, out1 + out2)
+    assert live.cost_usd == cost(in1, out1) + cost(in2, out2) + TOOL_PRICE
+    spans = tr.spans(run.run_id)
+    by_kind = {k: [s for s in spans if s["kind"] == k] for k in ("run", "chain", "llm", "tool")}
+    (agent_span,) = by_kind["chain"]
+    assert agent_span["name"] == "FunctionAgent" and agent_span["parent_id"] == run.run_id
+    assert all(s["parent_id"] == agent_span["span_id"] for s in by_kind["llm"] + by_kind["tool"])
+    (tool,) = by_kind["tool"]
+    assert (tool["name"], Decimal(tool["cost_nanos"]) / 10**9) == ("get_weather", TOOL_PRICE)
+    assert agent_span["tree_cost_nanos"] == int(live.cost_usd * 10**9)
+
+
+def _looping_agent(stub: Any, same_args: bool = False) -> FunctionAgent:
+    n = iter(range(10_000))
+
+    def responder(req: dict[str, Any]) -> StubReply:
+        city = "Paris" if same_args else f"city-{next(n)}"
+        return StubReply("", tool_calls=[("get_weather", {"city": city})], usage=StubUsage(50, 20))
+
+    stub.responder = responder
+    return FunctionAgent(tools=[weather_tool()], llm=openai_llm(stub))
+
+
+def test_agent_loop_stopped_by_budget_before_max_iterations(tmp_path, stub_openai):
+    prices = {"gpt-4o-mini": {"input": "0", "output": "10", "cache_read": "0"}}
+    with _tracker(tmp_path, prices=prices, tool_prices={}) as t:
+        t.instrument_llamaindex(request_stream_usage=True)
+        try:
+            agent = _looping_agent(stub_openai)
+
+            async def go() -> Any:
+                async with t.run(feature="loop", budget=Budget(max_cost_usd="0.0005")) as run:
+                    await agent.run("loop forever", max_iterations=20)
+                return run
+
+            with pytest.raises(BudgetExceededError) as ei:
+                asyncio.run(go())
+        finally:
+            t.uninstrument_llamaindex()
+        # each call costs 20 * $10/M = $0.0002: the third takes the run past $0.0005 and raises at its end
+        assert stub_openai.count() == 3
+        assert all(r["stream_options"] == {"include_usage": True} for r in stub_openai.requests)
+        err = ei.value
+        assert (err.reason, err.spent_usd) == ("max_cost_usd", Decimal("0.0006"))
+        stored = t.run_cost(err.run_id)
+        assert (stored.status, stored.reason, stored.llm_calls, stored.tool_calls) == ("aborted", "max_cost_usd", 3, 2)
+        assert (stored.cost_usd, stored.estimated_calls) == (Decimal("0.0006"), 0)
+
+
+def test_agent_call_refused_before_sending_by_its_estimate(tmp_path, stub_openai):
+    prices = {"gpt-4o-mini": {"input": "1", "output": "0", "cache_read": "0"}}
+    with _tracker(tmp_path, prices=prices, tool_prices={}) as t:
+        t.instrument_llamaindex(request_stream_usage=True)
+        try:
+            agent = _looping_agent(stub_openai)
+
+            async def go() -> None:
+                async with t.run(feature="est", budget=Budget(max_cost_usd="0.00015")):
+                    await agent.run("loop")
+
+            with pytest.raises(BudgetExceededError) as ei:
+                asyncio.run(go())
+        finally:
+            t.uninstrument_llamaindex()
+    # call 1 (estimated at its prompt's tokens, < 150) costs 50 * $1/M; call 2's estimate (its messages and
+    # the tools, > 100 tokens) would take the run past $0.00015: refused before it is sent
+    assert stub_openai.count() == 1
+    (r1,) = stub_openai.requests
+    assert request_tokens(r1) < 150
+    call = {"function": {"name": "get_weather", "arguments": json.dumps({"city": "city-0"})}}
+    r2 = {"messages": [*r1["messages"], {"role": "assistant", "content": None, "tool_calls": [call]},
+                       {"role": "tool", "content": "sunny in city-0"}], "tools": r1["tools"]}
+    assert ei.value.detail["prompt_tokens"] == request_tokens(r2) > 100
+    assert ei.value.spent_usd == Decimal("0.00005")
+
+
+def test_max_tool_calls_takes_effect_at_the_next_llm_call(tr, stub_openai):
+    agent = _looping_agent(stub_openai)
+
+    async def go() -> None:
+        async with tr.run(feature="tools", budget=Budget(max_tool_calls=1)):
+            await agent.run("loop")
+
+    with pytest.raises(BudgetExceededError) as ei:
+        asyncio.run(go())
+    assert ei.value.reason == "max_tool_calls"
+    assert stub_openai.count() == 2  # the second tool call was refused (it ran: LlamaIndex cannot stop it)
+    stored = tr.run_cost(ei.value.run_id)
+    assert (stored.tool_calls, stored.status) == (1, "aborted")
+
+
+def test_identical_tool_calls_stop_the_agent(tr, stub_openai):
+    agent = _looping_agent(stub_openai, same_args=True)
+
+    async def go() -> None:
+        async with tr.run(feature="stuck"):
+            await agent.run("loop")
+
+    with pytest.raises(LoopDetectedError) as ei:
+        asyncio.run(go())
+    assert ei.value.reason == "tool_repeat" and isinstance(ei.value, RunAborted)
+    assert stub_openai.count() == 4  # the 4th identical call is refused; the 5th LLM call never goes out
+    stored = tr.run_cost(ei.value.run_id)
+    assert (stored.llm_calls, stored.tool_calls) == (4, 3)
+
+
+def test_query_engine_stopped_by_budget(tr):
+    qe = _rag(MockEmbedding(embed_dim=8), MockLLM())
+    with pytest.raises(BudgetExceededError) as ei, tr.run(feature="q", budget=Budget(max_llm_calls=1)):
+        qe.query("What colour is the sky?")  # the embedding is call 1; the completion is refused
+    assert ei.value.reason == "max_llm_calls"
+
+
+def test_a_call_that_passes_the_budget_raises_at_its_end(tr, stub_openai):
+    stub_openai.enqueue(StubReply("long answer", usage=StubUsage(100, 20)),
+                        StubReply("long streamed answer", usage=StubUsage(100, 20)))
+    llm = openai_llm(stub_openai, additional_kwargs={"stream_options": {"include_usage": True}})
+    with pytest.raises(BudgetExceededError) as ei, tr.run(feature="b1", budget=Budget(max_tokens=50)):
+        llm.chat(msgs())
+    assert (ei.value.reason, ei.value.spent) == ("max_tokens", 120)
+    assert tr.run_cost(ei.value.run_id).cost_usd == cost(100, 20)
+    seen: list[str] = []
+    with pytest.raises(BudgetExceededError) as ei, tr.run(feature="b2", budget=Budget(max_tokens=50)):
+        for part in llm.stream_chat(msgs()):  # raised where the stream is read, once it ends
+            seen.append(part.delta or "")
+    assert "".join(seen) == "long streamed answer"
+    assert (ei.value.reason, stub_openai.count()) == ("max_tokens", 2)
+    assert tr.run_cost(ei.value.run_id).cost_usd == cost(100, 20)
+
+
+def test_embeddings_are_stopped_too(tr):
+    emb = MockEmbedding(embed_dim=8, embed_batch_size=1)
+    docs = [Document(text="first"), Document(text="second")]
+    with pytest.raises(BudgetExceededError) as ei, tr.run(feature="ingest", budget=Budget(max_llm_calls=1)):
+        VectorStoreIndex.from_documents(docs, embed_model=emb)
+    assert ei.value.reason == "max_llm_calls"
+    stored = tr.run_cost(ei.value.run_id)
+    assert (stored.llm_calls, stored.input_tokens, stored.status) == (1, tok("first"), "aborted")
+
+
+def test_missing_attribution_reaches_the_caller(tmp_path, stub_openai):
+    with _tracker(tmp_path, require=("feature",)) as t:
+        t.instrument_llamaindex()
+        try:
+            with pytest.raises(RunAborted) as ei:
+                MockLLM().complete("no feature")
+            assert ei.value.reason == "missing_attribution"
+            with t.run(feature="ok") as run:
+                MockLLM().complete("x")
+            assert t.run_cost(run.run_id).llm_calls == 1
+        finally:
+            t.uninstrument_llamaindex()
+
+
+def test_streaming_query_answer_read_inside_the_scope(tr):
+    """A streaming query engine calls its LLM lazily, when the answer is read (outside the query's span):
+    read inside ``tracker.run()``, it belongs to the run."""
+    qe = VectorStoreIndex.from_documents([Document(text="The sky is blue.")], embed_model=MockEmbedding(
+        embed_dim=8)).as_query_engine(llm=MockLLM(), streaming=True)
+    with tr.run(feature="stream-rag") as run:
+        answer = "".join(qe.query("What colour is the sky?").response_gen)
+        live = run.cost
+    q = tok("What colour is the sky?")
+    assert (live.llm_calls, live.output_tokens) == (2, tok(answer))
+    assert live.cost_usd == q * P_EMB / M + cost(tok(answer), tok(answer), P_MOCK)
+
+
+def test_streaming_chat_engine_outside_a_scope_ends_with_its_stream(tr):
+    """The chat engine's span exits before its answer streams: its run stays open until the stream ends."""
+    from llama_index.core.chat_engine import SimpleChatEngine
+
+    engine = SimpleChatEngine.from_defaults(llm=MockLLM())
+    response = engine.stream_chat("Tell me about the sky")
+    answer = "".join(response.response_gen)
+    for _ in range(200):  # LlamaIndex finishes the stream in its own thread
+        if not tr.ledger.open_run_ids():
+            break
+        threading.Event().wait(0.01)
+    tr.flush()
+    (row,) = tr.rollup(by=("feature",))
+    assert (row.runs, row.llm_calls, row.output_tokens) == (1, 1, tok(answer))
+    assert row.cost_usd == cost(tok(answer), tok(answer), P_MOCK)
+    rid = row_run_id(tr)
+    names = {s["name"]: s for s in tr.spans(rid)}
+    root, llm = names["SimpleChatEngine"], names["MockLLM"]
+    assert root["span_id"] == rid and root["parent_id"] is None and llm["parent_id"] == rid
+    assert root["end_at"] >= llm["end_at"] and root["tree_cost_nanos"] == int(row.cost_usd * 10**9)
+    assert tr.run_cost(rid).status == "ok"
+
+
+def row_run_id(tracker: CostTracker) -> str:
+    import sqlalchemy as sa
+
+    with tracker.store.engine.connect() as conn:
+        (rid,) = conn.execute(sa.text("select run_id from costobs_runs")).scalars()
+    return str(rid)
+
+
+def test_agent_workflow_run(tr, stub_openai):
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    stub_openai.enqueue(StubReply("", tool_calls=[("get_weather", {"city": "Rome"})], usage=StubUsage(40, 9)),
+                        StubReply("Sunny.", usage=StubUsage(60, 2)))
+    tr.instrument_llamaindex(request_stream_usage=True)
+    agent = FunctionAgent(name="weather", description="weather", tools=[weather_tool()],
+                          llm=openai_llm(stub_openai))
+    flow = AgentWorkflow(agents=[agent], root_agent="weather")
+
+    async def go() -> Any:
+        async with tr.run(feature="workflow") as run:
+            await flow.run(user_msg="Rome?")
+            return run, run.cost
+
+    run, live = asyncio.run(go())
+    assert (live.llm_calls, live.tool_calls, live.estimated_calls) == (2, 1, 0)
+    assert live.cost_usd == cost(40, 9) + cost(60, 2) + TOOL_PRICE
+    (chain,) = spans_by_kind(tr, run.run_id)["chain"]
+    assert chain["name"] == "AgentWorkflow"
+
+
+def test_close_uninstruments(tmp_path, stub_openai):
+    t = _tracker(tmp_path)
+    t.instrument_llamaindex()
+    handler = t.llamaindex_handler()
+    t.close()
+    dispatcher = get_dispatcher()
+    assert all("CostObs" not in type(h).__name__ for h in [*dispatcher.span_handlers, *dispatcher.event_handlers])
+    assert Settings._callback_manager is None or handler not in Settings._callback_manager.handlers
+    MockLLM().complete("after close")  # nothing of the closed tracker runs
+
+
+def test_standalone_handler_on_settings_manager_traces_a_query(tracker):
+    """Without instrument(): the handler on a Settings manager the app sets traces the legacy tree."""
+    Settings.callback_manager = CallbackManager([tracker.llamaindex_handler()])
+    qe = _rag(MockEmbedding(embed_dim=8), MockLLM())  # built after: they share Settings' handlers
+    with tracker.run(feature="legacy-rag") as run:
+        answer = qe.query("What colour is the sky?").response
+        live = run.cost
+    q = tok("What colour is the sky?")
+    assert (live.llm_calls, live.input_tokens, live.output_tokens) == (2, q + tok(answer), tok(answer))
+    assert live.cost_usd == q * P_EMB / M + cost(tok(answer), tok(answer), P_MOCK)
+    spans = {s["kind"] + ":" + s["name"]: s for s in tracker.spans(run.run_id)}
+    assert set(spans) == {"run:legacy-rag", "chain:query", "retriever:retrieve", "embedding:MockEmbedding",
+                          "chain:synthesize", "llm:MockLLM"}
+    assert spans["embedding:MockEmbedding"]["parent_id"] == spans["retriever:retrieve"]["span_id"]
+    assert spans["llm:MockLLM"]["parent_id"] == spans["chain:synthesize"]["span_id"]
+    assert spans["chain:query"]["parent_id"] == run.run_id
