@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -352,7 +353,7 @@ class Ledger:
             merged.update(extra)
         for key in self.require:
             v = merged.get(key)
-            if v is None or v == "":
+            if not _present(v):
                 err = MissingAttributionError(
                     f"run {run.run_id} is missing the attribution key {key!r} "
                     f"(required by CostTracker(require={self.require!r})); pass it in config metadata "
@@ -365,14 +366,14 @@ class Ledger:
                 run.status = "aborted"
                 raise err
         feature = merged.get("feature")
-        run.feature = _clean(feature) if feature not in (None, "") else UNATTRIBUTED
+        run.feature = _clean(feature) if _present(feature) else UNATTRIBUTED
         for key in ("route", "tenant_id", "prompt_version"):
             v = merged.get(key)
-            if v is not None and v != "":
+            if _present(v):
                 setattr(run, key, _clean(v))
         uid = merged.get("user_id")
-        if uid is not None and uid != "":
-            run.user_hash = self.hash_user(uid)
+        if _present(uid):
+            run.user_hash = self.hash_user(uid if isinstance(uid, str) else _text(uid))
         attrs: dict[str, Any] = {}
         for k, v in merged.items():
             if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
@@ -381,8 +382,10 @@ class Ledger:
                 continue
             if len(attrs) >= _MAX_ATTRS:
                 break
-            if isinstance(v, (str, int, float, bool)) or v is None:
-                attrs[k] = _clean(v) if isinstance(v, str) else v
+            if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+                attrs[_clean(k)] = _clean(v)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
+            elif isinstance(v, (int, float, bool)) or v is None:
+                attrs[_clean(k)] = v
         run.attributes = attrs
         budget = coerce_budget_quiet(merged.get(BUDGET_META_KEY))
         run.budget = budget if budget is not None else self.default_budget
@@ -926,9 +929,25 @@ def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] |
     return None
 
 
+def _present(v: Any) -> bool:
+    """An attribution value was given (``None`` and ``""`` are not; never calls the value's own ``__eq__``)."""
+    return v is not None and not (isinstance(v, str) and not v)
+
+
+def _text(v: Any) -> str:
+    """Any value as text, without NUL characters (PostgreSQL refuses them); never raises."""
+    if isinstance(v, str):
+        s = v
+    else:
+        try:
+            s = str(v)
+        except Exception:  # an app object whose __str__ fails must not cost us the run
+            s = f"<{type(v).__name__}>"
+    return s.replace("\x00", "") if "\x00" in s else s
+
+
 def _clean(v: Any) -> str:
-    s = v if isinstance(v, str) else str(v)
-    return s[:_MAX_ATTR_LEN]
+    return _text(v)[:_MAX_ATTR_LEN]
 
 
 def coerce_budget_quiet(value: Any) -> Budget | None:

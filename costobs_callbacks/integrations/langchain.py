@@ -44,15 +44,25 @@ class _MessagesOps:
     def signature(model: str | None, prompt: Any) -> int:
         msgs = prompt[0] if prompt else ()
         parts: list[Any] = [model]
+        append = parts.append
         for m in msgs:
-            c = getattr(m, "content", None)
+            # Fields are read from __dict__: on a pydantic message, getattr of a missing field (tool_calls
+            # of a HumanMessage) raises inside pydantic, which made this 3x slower on every call.
+            d = getattr(m, "__dict__", None) or {}
+            mid = d.get("id")
+            if mid:
+                # A message with an id (LangGraph gives every state message one) is the same message
+                # wherever it appears: an agent's history costs one lookup per message, not a repr.
+                append(mid)
+                continue
+            c = d.get("content", m)
             if not isinstance(c, str):
                 c = repr(c)
-            tc = getattr(m, "tool_calls", None)
+            tc = d.get("tool_calls")
             if tc:
-                parts.append((m.type, c, repr([(t.get("name"), t.get("args")) for t in tc])))
+                append((d.get("type"), c, repr([(t.get("name"), t.get("args")) for t in tc])))
             else:
-                parts.append((getattr(m, "type", None), c))
+                append((d.get("type"), c))
         return hash(tuple(parts))
 
     @staticmethod
@@ -61,20 +71,49 @@ class _MessagesOps:
         exact = True
         for msgs in prompt or ():
             for m in msgs:
-                text = _message_text(m)
-                n, ok = count_text(text, model)
-                total += n + 4
-                exact = exact and ok
-                tc = getattr(m, "tool_calls", None)
-                if tc:
-                    n, ok = count_text(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
-                                                  default=str), model)
-                    total += n
+                d = getattr(m, "__dict__", None) or {}
+                mid = d.get("id")
+                key = (mid, 0, model) if mid else None
+                hit = _COUNTS.get(key) if key is not None else None
+                if hit is None:
+                    n, ok = _count(_message_text(m), model)
+                    tc = d.get("tool_calls")
+                    if tc:
+                        n2, ok2 = _count(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
+                                                    default=str), model)
+                        n, ok = n + n2, ok and ok2
+                    hit = (n, ok)
+                    if key is not None:
+                        _remember(key, hit)
+                total += hit[0] + 4
+                exact = exact and hit[1]
         if extra:
-            n, ok = count_text(json.dumps(extra, default=str), model)
+            n, ok = _count(json.dumps(extra, default=str), model)
             total += n
             exact = exact and ok
         return total, exact
+
+
+_COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
+_MAX_COUNTS = 16_384
+
+
+def _count(text: str, model: str | None) -> tuple[int, bool]:
+    """``count_text``, remembered: an agent sends its whole history with every call, and the pre-call cost
+    estimate would tokenize it all again each time. Keyed by the text's hash and length, so no text is
+    kept; a hash collision could only misstate an estimate."""
+    key = (hash(text), len(text), model)
+    hit = _COUNTS.get(key)
+    if hit is None:
+        hit = count_text(text, model)
+        _remember(key, hit)
+    return hit
+
+
+def _remember(key: tuple[Any, int, str | None], value: tuple[int, bool]) -> None:
+    if len(_COUNTS) >= _MAX_COUNTS:
+        _COUNTS.clear()
+    _COUNTS[key] = value
 
 
 class _StringsOps:
