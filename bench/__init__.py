@@ -1,0 +1,1 @@
+"""Benchmarks of costobs-callbacks (scripts, not tests): see ``bench/README.md``."""

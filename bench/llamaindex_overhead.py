@@ -1,0 +1,208 @@
+"""Overhead per LlamaIndex LLM call: ours beside LlamaIndex's own TokenCountingHandler, interleaved.
+
+Configurations, each on its own ``MockLLM`` (MockLLM reports no usage, so both token counters
+tokenise the prompt and the reply, as they would for any provider that reports none):
+
+  none         nothing: ``MockLLM()``
+  tokencount   ``MockLLM(callback_manager=CallbackManager([TokenCountingHandler()]))``
+  ours         ``tracker.instrument_llamaindex()`` (instrumentation handlers + legacy handler), on
+               only around this configuration's batches (``uninstrument_llamaindex()`` after each;
+               both untimed), since instrumentation is process-wide
+  ours_legacy  ``MockLLM(callback_manager=CallbackManager([tracker.llamaindex_handler()]))``: our
+               legacy handler alone, wired like TokenCountingHandler (when the integration has it)
+
+As in ``handler_overhead.py``: calling-thread CPU time, rounds of one batch per configuration with
+the order rotating, median (p10, p90) of batch means, overhead = median of per-round differences.
+Two sections: ``llm.complete(prompt)`` and ``llm.chat([ChatMessage])``.
+
+Our LlamaIndex integration is being written alongside this benchmark: if ``instrument_llamaindex()``
+is missing or records nothing, the benchmark says so and exits 0 without figures for ours.
+
+Run: ``python -m bench.llamaindex_overhead [--rounds N] [--batch N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/llamaindex_overhead.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (
+    fmt,
+    interleave,
+    metric,
+    paired_overhead,
+    print_summary,
+    summarize,
+    table,
+    write_results,
+)
+
+NAME = "llamaindex_overhead"
+TOKENCOUNT_REFERENCE_US = 60.0
+PROMPT = "What is the capital of France? Answer in one short sentence, please."
+LABELS = {
+    "none": "nothing",
+    "tokencount": "TokenCountingHandler (CallbackManager)",
+    "ours": "costobs: tracker.instrument_llamaindex()",
+    "ours_legacy": "costobs: legacy handler in a CallbackManager",
+}
+MOCK_PRICES = {"MockLLM": {"input": "0.15", "output": "0.60"}}
+
+
+def _skip(reason: str) -> int:
+    print(f"# {NAME}: skipped: {reason}")
+    summary = [metric("LlamaIndex: costobs over nothing", None, "us", note=f"skipped: {reason}")]
+    write_results(NAME, {}, {"skipped": reason}, summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=200)
+    args = ap.parse_args(argv)
+    logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
+
+    try:
+        from llama_index.core.base.llms.types import ChatMessage
+        from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+        from llama_index.core.llms import MockLLM
+    except ImportError as exc:
+        return _skip(f"llama-index-core is not installed ({exc})")
+    from costobs_callbacks import CostTracker
+
+    with tempfile.TemporaryDirectory(prefix="costobs-li-") as d:
+        tracker = CostTracker(f"sqlite:///{d}/li.db", prices=MOCK_PRICES, user_salt="bench-salt")
+        legacy_tracker = CostTracker(f"sqlite:///{d}/li_legacy.db", prices=MOCK_PRICES, user_salt="bench-salt")
+        try:
+            return _run(args, tracker, legacy_tracker, MockLLM, CallbackManager, TokenCountingHandler, ChatMessage)
+        finally:
+            try:
+                tracker.uninstrument_llamaindex()
+            except Exception:
+                pass
+            tracker.close()
+            legacy_tracker.close()
+
+
+def _stored_calls(tracker: Any) -> int:
+    tracker.flush()
+    return sum(r.llm_calls for r in tracker.rollup("model"))
+
+
+def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: Any, CallbackManager: Any,
+         TokenCountingHandler: Any, ChatMessage: Any) -> int:
+    # Does our integration exist, and does it see a MockLLM call?
+    probe = MockLLM()
+    try:
+        tracker.instrument_llamaindex()
+    except (ImportError, AttributeError, NotImplementedError) as exc:
+        return _skip(f"tracker.instrument_llamaindex() is not available yet ({type(exc).__name__}: {exc})")
+    probe.complete(PROMPT)
+    tracker.uninstrument_llamaindex()
+    if _stored_calls(tracker) < 1:
+        return _skip("tracker.instrument_llamaindex() recorded no MockLLM call")
+
+    notes: list[str] = []
+    counter = TokenCountingHandler()
+    llms: dict[str, Any] = {
+        "none": MockLLM(),
+        "tokencount": MockLLM(callback_manager=CallbackManager([counter])),
+        "ours": MockLLM(),
+    }
+    try:
+        llms["ours_legacy"] = MockLLM(callback_manager=CallbackManager([legacy_tracker.llamaindex_handler()]))
+    except (ImportError, AttributeError, NotImplementedError) as exc:
+        notes.append(f"ours_legacy skipped: {type(exc).__name__}: {exc}")
+    hooks_before = {"ours": tracker.instrument_llamaindex}
+    hooks_after = {"ours": tracker.uninstrument_llamaindex}
+    messages = [ChatMessage(role="user", content=PROMPT)]
+    sections: list[dict[str, Any]] = []
+    calls_made = {k: 0 for k in llms}
+    for title, make in (
+        ("llm.complete(prompt)", lambda llm: partial(llm.complete, PROMPT)),
+        ("llm.chat([ChatMessage])", lambda llm: partial(llm.chat, messages)),
+    ):
+        calls: dict[str, Callable[[], Any]] = {k: make(llm) for k, llm in llms.items()}
+        for k, call in calls.items():
+            hooks_before.get(k, _nothing)()
+            for _ in range(args.warmup):
+                call()
+            hooks_after.get(k, _nothing)()
+            calls_made[k] += args.warmup
+        gc.collect()
+        t0 = time.perf_counter()
+        cpu, wall = interleave(calls, rounds=args.rounds, batch=args.batch, before=hooks_before, after=hooks_after)
+        sec: dict[str, Any] = {"title": title, "seconds": time.perf_counter() - t0, "configs": {}}
+        for k in calls:
+            calls_made[k] += args.rounds * args.batch
+            row: dict[str, Any] = {"label": LABELS[k], "cpu_us": summarize(cpu[k]), "wall_us": summarize(wall[k]),
+                                   "cpu_us_rounds": cpu[k]}
+            if k != "none":
+                row["over_none_us"] = paired_overhead(cpu, k, "none")
+            if k not in ("none", "tokencount"):
+                row["over_tokencount_us"] = paired_overhead(cpu, k, "tokencount")
+            sec["configs"][k] = row
+        sections.append(sec)
+
+    stored = _stored_calls(tracker) - 1  # minus the probe
+    stored_legacy = _stored_calls(legacy_tracker) if "ours_legacy" in llms else None
+    # chat() on MockLLM runs complete() inside it: LlamaIndex emits a chat and a completion event pair.
+    checks = {"ours": {"calls": calls_made["ours"], "stored_llm_calls": stored, "stats": tracker.stats}}
+    if stored_legacy is not None:
+        checks["ours_legacy"] = {"calls": calls_made["ours_legacy"], "stored_llm_calls": stored_legacy,
+                                 "stats": legacy_tracker.stats}
+
+    print(f"# {NAME}: per-call thread CPU time, {args.rounds} rounds x {args.batch} calls, configs interleaved")
+    for sec in sections:
+        print(f"\n## {sec['title']}  ({sec['seconds']:.1f}s)\n")
+        rows = []
+        for row in sec["configs"].values():
+            c, o_n, o_t = row["cpu_us"], row.get("over_none_us"), row.get("over_tokencount_us")
+            rows.append([row["label"], fmt(c["median"]), f"{fmt(c['p10'])} / {fmt(c['p90'])}",
+                         f"{fmt(o_n['median'])} ({fmt(o_n['p10'])}..{fmt(o_n['p90'])})" if o_n else "-",
+                         fmt(o_t["median"]) if o_t else "-", fmt(row["wall_us"]["median"])])
+        print(table(["config", "CPU us/call", "p10 / p90", "over nothing (p10..p90)", "over TokenCounting",
+                     "wall us/call"], rows))
+    for n in notes:
+        print(f"\nnote: {n}")
+    print(f"\nstored: {checks}")
+
+    summary: list[dict[str, Any]] = []
+    for sec in sections:
+        cfg = sec["configs"]
+        tc = cfg["tokencount"]["over_none_us"]["median"]
+        ours = cfg["ours"]["over_none_us"]["median"]
+        tag = sec["title"].split("(")[0].removeprefix("llm.")
+        summary.append(metric(f"{tag}: TokenCountingHandler over nothing", tc, "us",
+                              note=f"reference ~{TOKENCOUNT_REFERENCE_US:g} us" if tag == "complete" else None))
+        summary.append(metric(f"{tag}: costobs (instrument_llamaindex) over nothing", ours, "us",
+                              "< TokenCountingHandler", ours < tc))
+        if "ours_legacy" in cfg:
+            summary.append(metric(f"{tag}: costobs legacy handler over nothing",
+                                  cfg["ours_legacy"]["over_none_us"]["median"], "us"))
+    print()
+    print_summary(summary)
+    path = write_results(NAME, vars(args), {"sections": sections, "checks": checks, "notes": notes}, summary)
+    print(f"\nresults: {path}")
+    return 0
+
+
+def _nothing() -> None:
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
