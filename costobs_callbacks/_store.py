@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,15 @@ def _utc(ts: float) -> datetime:
 
 
 def _dec(d: Decimal | None) -> str | None:
-    return None if d is None else str(d)
+    """A unit price for its 40-character audit column. A longer one (an override with more digits) is
+    rounded to 30 decimal places, the precision costs are computed with; too long a value would fail
+    its whole batch on databases that enforce lengths."""
+    if d is None:
+        return None
+    s = str(d)
+    if len(s) > 40:
+        s = format(d.quantize(Decimal("1e-30"), ROUND_HALF_EVEN, Context(prec=80)).normalize(Context(prec=80)), "f")
+    return s[:40]
 
 
 class Store:
@@ -199,6 +208,17 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
+        # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
+        self._span_insert_sql: str | None = None
+        self._span_row_fn: Any = _span_row
+        cols = ", ".join(_SPAN_COLS)
+        if self.dialect == "sqlite" and self.engine.dialect.paramstyle == "qmark":
+            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join('?' * len(_SPAN_COLS))})"
+            self._span_row_fn = lambda sp: _span_tuple(sp, _sqlite_dt, int)
+        elif self.dialect == "postgresql" and self.engine.dialect.paramstyle in ("format", "pyformat"):
+            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
+            self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -269,7 +289,8 @@ class Store:
         status, reason and end are read from the live run (the root span of a run ends it).
         """
         self.ensure_schema()
-        span_rows: list[dict[str, Any]] = []
+        make_row = self._span_row_fn
+        span_rows: list[Any] = []
         runs_seen: dict[str, dict[str, Any]] = {}
         for it in items:
             if isinstance(it, Span):
@@ -277,7 +298,7 @@ class Store:
                 acc = runs_seen.get(run.run_id)
                 if acc is None:
                     acc = runs_seen[run.run_id] = _run_row(run)
-                span_rows.append(_span_row(it))
+                span_rows.append(make_row(it))
                 acc["cost_nanos"] += it.cost_nanos or 0
                 u = it.usage
                 if u is not None and not it.cache_hit:
@@ -305,7 +326,11 @@ class Store:
         run_rows = list(runs_seen.values())
         with self.engine.begin() as conn:
             if span_rows:
-                conn.execute(sa.insert(spans), span_rows)
+                if self._span_insert_sql is not None:
+                    # the hot write: straight to the driver's executemany, rows prepared as tuples
+                    conn.exec_driver_sql(self._span_insert_sql, span_rows)
+                else:
+                    conn.execute(sa.insert(spans), span_rows)
             if self.dialect in ("sqlite", "postgresql"):
                 conn.execute(self._upsert_runs(), run_rows)
             else:
@@ -527,47 +552,84 @@ def _run_row(run: Run) -> dict[str, Any]:
     }
 
 
-def _span_row(sp: Span) -> dict[str, Any]:
+def _txt(s: str, n: int) -> str:
+    """Text from a framework or provider, fit for a column: NUL characters dropped (PostgreSQL refuses
+    them, and one bad row would fail its whole batch), cut to ``n`` characters."""
+    return (s.replace("\x00", "") if "\x00" in s else s)[:n]
+
+
+_SPAN_COLS = (
+    "span_id", "parent_id", "run_id", "kind", "name", "model", "provider", "start_at", "end_at", "hour",
+    "latency_ms", "status", "error", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+    "reasoning_tokens", "cost_nanos", "tree_cost_nanos", "unpriced", "estimated", "cache_hit", "saved_nanos",
+    "price_source", "price_input", "price_output", "price_cache_read", "price_cache_write", "flags", "feature",
+    "route", "tenant_id", "user_hash", "prompt_version",
+)
+_NO_PRICES: tuple[str | None, ...] = (None, None, None, None, None)
+_price_text: dict[Any, tuple[str | None, ...]] = {}
+
+
+def _prices_of(pr: Any) -> tuple[str | None, ...]:
+    """The audit columns of a ``UnitPrices``, formatted once per distinct price (not once per span)."""
+    if pr is None:
+        return _NO_PRICES
+    hit = _price_text.get(pr)
+    if hit is None:
+        hit = (_txt(pr.source, 64), _dec(pr.input), _dec(pr.output), _dec(pr.cache_read), _dec(pr.cache_write))
+        if len(_price_text) > 4096:
+            _price_text.clear()
+        _price_text[pr] = hit
+    return hit
+
+
+_second_text: dict[int, str] = {}
+
+
+def _sqlite_dt(ts: float) -> str:
+    """SQLAlchemy's own SQLite DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), so Core reads it
+    back; the date and time of a whole second are formatted once (spans come in bursts)."""
+    sec = int(ts)
+    us = round((ts - sec) * 1_000_000)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    head = _second_text.get(sec)
+    if head is None:
+        head = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
+        if len(_second_text) > 4096:
+            _second_text.clear()
+        _second_text[sec] = head
+    return f"{head}.{us:06d}"
+
+
+def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
+    """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver."""
     run = sp.run
     u = sp.usage
-    pr = sp.prices
-    return {
-        "span_id": sp.span_id,
-        "parent_id": sp.export_parent_id,
-        "run_id": run.run_id,
-        "kind": sp.kind,
-        "name": (sp.name or "")[:256],
-        "model": sp.model[:256] if sp.model else None,
-        "provider": sp.provider[:64] if sp.provider else None,
-        "start_at": _utc(sp.start_wall),
-        "end_at": _utc(sp.end_wall),
-        "hour": int(sp.start_wall // 3600),
-        "latency_ms": sp.latency_ms,
-        "status": sp.status,
-        "error": sp.error[:128] if sp.error else None,
-        "input_tokens": u.input if u else 0,
-        "output_tokens": u.output if u else 0,
-        "cache_read_tokens": u.cache_read if u else 0,
-        "cache_write_tokens": u.cache_write if u else 0,
-        "reasoning_tokens": u.reasoning if u else 0,
-        "cost_nanos": sp.cost_nanos,
-        "tree_cost_nanos": sp.tree_cost,
-        "unpriced": sp.unpriced,
-        "estimated": sp.estimated,
-        "cache_hit": sp.cache_hit,
-        "saved_nanos": sp.saved_nanos,
-        "price_source": pr.source[:64] if pr else None,
-        "price_input": _dec(pr.input) if pr else None,
-        "price_output": _dec(pr.output) if pr else None,
-        "price_cache_read": _dec(pr.cache_read) if pr else None,
-        "price_cache_write": _dec(pr.cache_write) if pr else None,
-        "flags": ",".join(sp.flags)[:256] if sp.flags else None,
-        "feature": run.feature,
-        "route": run.route,
-        "tenant_id": run.tenant_id,
-        "user_hash": run.user_hash,
-        "prompt_version": run.prompt_version,
-    }
+    name = sp.name
+    if name and (len(name) > 256 or "\x00" in name):
+        name = _txt(name, 256)
+    model = sp.model
+    if model and (len(model) > 256 or "\x00" in model):
+        model = _txt(model, 256)
+    provider = sp.provider
+    if provider and (len(provider) > 64 or "\x00" in provider):
+        provider = _txt(provider, 64)
+    start = sp.start_wall
+    return (
+        sp.span_id, sp.export_parent_id, run.run_id, sp.kind, name or "", model or None, provider or None,
+        dt(start), dt(sp.end_wall), int(start // 3600), sp.latency_ms, sp.status,
+        _txt(sp.error, 128) if sp.error else None,
+        u.input if u else 0, u.output if u else 0, u.cache_read if u else 0, u.cache_write if u else 0,
+        u.reasoning if u else 0, sp.cost_nanos, sp.tree_cost, flag(sp.unpriced), flag(sp.estimated),
+        flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
+        _txt(",".join(sp.flags), 256) if sp.flags else None,
+        run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+    )
+
+
+def _span_row(sp: Span) -> dict[str, Any]:
+    """One span as a Core parameter dict (the portable path, for dialects without a fast path)."""
+    return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, bool), strict=True))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
