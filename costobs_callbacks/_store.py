@@ -7,6 +7,7 @@ hourly and daily buckets are integer arithmetic on any dialect.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -212,6 +213,17 @@ class Store:
         # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
         self._span_insert_sql: str | None = None
         self._span_row_fn: Any = _span_row
+        self._sql_cache: dict[tuple[str, int], str] = {}
+        self._sqlite_max_vars = 999  # SQLite's limit before 3.32; raised below when the library says so
+        if self.dialect == "sqlite":
+            try:
+                import sqlite3
+
+                probe = sqlite3.connect(":memory:")
+                self._sqlite_max_vars = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                probe.close()
+            except Exception:
+                pass
         cols = ", ".join(_SPAN_COLS)
         if self.dialect == "sqlite" and self.engine.dialect.paramstyle == "qmark":
             self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join('?' * len(_SPAN_COLS))})"
@@ -325,16 +337,37 @@ class Store:
             return
         run_rows = list(runs_seen.values())
         with self.engine.begin() as conn:
+            if self.dialect == "sqlite":
+                # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
+                # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
+                # few hundred rows keeps the writer from starving behind the app.
+                if span_rows:
+                    self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
+                self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS),
+                                  [_sqlite_run_tuple(r) for r in run_rows], _SQLITE_RUN_TAIL)
+                return
             if span_rows:
                 if self._span_insert_sql is not None:
                     # the hot write: straight to the driver's executemany, rows prepared as tuples
                     conn.exec_driver_sql(self._span_insert_sql, span_rows)
                 else:
                     conn.execute(sa.insert(spans), span_rows)
-            if self.dialect in ("sqlite", "postgresql"):
+            if self.dialect == "postgresql":
                 conn.execute(self._upsert_runs(), run_rows)
             else:
                 self._merge_runs_portable(conn, run_rows)
+
+    def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
+                     tail: str) -> None:
+        per = max(1, min(500, self._sqlite_max_vars // ncols))
+        group = "(" + ",".join("?" * ncols) + ")"
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            key = (head, len(chunk))
+            sql = self._sql_cache.get(key)
+            if sql is None:
+                sql = self._sql_cache[key] = head + ",".join([group] * len(chunk)) + tail
+            conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
 
     def _upsert_runs(self) -> Any:
         if self.dialect == "sqlite":
@@ -530,6 +563,31 @@ _RUN_SUMS = (
 )
 
 
+_RUN_COLS = (
+    "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes", "status", "reason",
+    "started_at", "ended_at", *_RUN_SUMS,
+)
+_SQLITE_RUN_HEAD = f"INSERT INTO costobs_runs ({', '.join(_RUN_COLS)}) VALUES "
+_SQLITE_RUN_TAIL = (
+    " ON CONFLICT (run_id) DO UPDATE SET "
+    + ", ".join(f"{k} = costobs_runs.{k} + excluded.{k}" for k in _RUN_SUMS)
+    + ", status = excluded.status, reason = excluded.reason, ended_at = excluded.ended_at"
+)
+
+
+def _sqlite_run_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
+    attrs = row["attributes"]
+    out = [row[k] for k in _RUN_COLS]
+    out[6] = json.dumps(attrs) if attrs is not None else None
+    out[9] = _sqlite_dt_of(row["started_at"])
+    out[10] = _sqlite_dt_of(row["ended_at"]) if row["ended_at"] is not None else None
+    return tuple(out)
+
+
+def _sqlite_dt_of(dt: datetime) -> str:
+    return dt.isoformat(" ", "microseconds")
+
+
 def _run_row(run: Run) -> dict[str, Any]:
     """A run's summary row with zero totals; its status, reason and end as the run has them now."""
     status = run.status
@@ -558,13 +616,14 @@ def _txt(s: str, n: int) -> str:
     return (s.replace("\x00", "") if "\x00" in s else s)[:n]
 
 
-_SPAN_COLS = (
+_SPAN_COLS: tuple[str, ...] = (
     "span_id", "parent_id", "run_id", "kind", "name", "model", "provider", "start_at", "end_at", "hour",
     "latency_ms", "status", "error", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "reasoning_tokens", "cost_nanos", "tree_cost_nanos", "unpriced", "estimated", "cache_hit", "saved_nanos",
     "price_source", "price_input", "price_output", "price_cache_read", "price_cache_write", "flags", "feature",
     "route", "tenant_id", "user_hash", "prompt_version",
 )
+_SQLITE_SPAN_HEAD = f"INSERT INTO costobs_spans ({', '.join(_SPAN_COLS)}) VALUES "
 _NO_PRICES: tuple[str | None, ...] = (None, None, None, None, None)
 _price_text: dict[Any, tuple[str | None, ...]] = {}
 
