@@ -359,15 +359,19 @@ class Store:
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> None:
-        per = max(1, min(500, self._sqlite_max_vars // ncols))
+        # Chunks come in a few fixed sizes (256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
+        # statement it prepares, and one per batch remainder would pile up large compiled programs.
         group = "(" + ",".join("?" * ncols) + ")"
-        for i in range(0, len(rows), per):
-            chunk = rows[i:i + per]
-            key = (head, len(chunk))
+        i, n = 0, len(rows)
+        while i < n:
+            size = next(z for z in _CHUNK_SIZES if z <= n - i and z * ncols <= self._sqlite_max_vars)
+            chunk = rows[i:i + size]
+            key = (head, size)
             sql = self._sql_cache.get(key)
             if sql is None:
-                sql = self._sql_cache[key] = head + ",".join([group] * len(chunk)) + tail
+                sql = self._sql_cache[key] = head + ",".join([group] * size) + tail
             conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
+            i += size
 
     def _upsert_runs(self) -> Any:
         if self.dialect == "sqlite":
@@ -562,6 +566,8 @@ _RUN_SUMS = (
     "llm_calls", "tool_calls", "unpriced_calls", "estimated_calls", "span_count", "invocations",
 )
 
+
+_CHUNK_SIZES = (256, 64, 16, 4, 1)
 
 _RUN_COLS = (
     "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes", "status", "reason",
