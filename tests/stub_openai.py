@@ -154,6 +154,7 @@ def _split(text: str, parts: int = 3) -> list[str]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # many concurrent clients in the concurrency tests
     stub: StubOpenAI
 
     def handle_error(self, request: Any, client_address: Any) -> None:
