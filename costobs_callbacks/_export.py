@@ -19,9 +19,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["BatchExporter", "ExportStats"]
+__all__ = ["BatchExporter", "ExportStats", "PoisonBatch"]
 
 logger = logging.getLogger("costobs_callbacks")
+
+
+class PoisonBatch(Exception):
+    """Raised by a sink when a batch failed because of its *content* (a row the database refuses),
+    not because the database is unreachable: retrying the same batch cannot help, so the exporter
+    splits it to write every good item and count the bad ones."""
 
 
 class ExportStats:
@@ -156,6 +162,16 @@ class BatchExporter:
         while True:
             try:
                 self._sink(batch)
+            except PoisonBatch as exc:
+                if len(batch) > 1:
+                    mid = len(batch) // 2
+                    self._write(batch[:mid])
+                    self._write(batch[mid:])
+                    return
+                self.stats.failed += 1
+                logger.error("costobs: the database refused an item (%r); %d lost so far", exc.__cause__ or exc,
+                             self.stats.failed)
+                return
             except Exception as exc:
                 if time.monotonic() + backoff > deadline or self._stop:
                     self.stats.failed += len(batch)

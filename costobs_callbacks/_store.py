@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._events import nanos_to_usd
 from ._exceptions import ConfigurationError
+from ._export import PoisonBatch
 from ._ledger import Run, RunCost, Span
 
 __all__ = ["ROLLUP_KEYS", "RollupRow", "Store", "migrations_dir"]
@@ -293,6 +294,14 @@ class Store:
     # -- writes (exporter thread) -----------------------------------------------------------------
 
     def write_batch(self, items: Sequence[Any]) -> None:
+        """Write a batch; a row the database refuses raises ``PoisonBatch`` (the exporter then splits
+        the batch), anything else (the database is down) propagates and is retried."""
+        try:
+            self._write_batch(items)
+        except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
+            raise PoisonBatch(str(exc.orig) if exc.orig is not None else str(exc)) from exc
+
+    def _write_batch(self, items: Sequence[Any]) -> None:
         """Write finished spans and the summaries of their runs in one transaction (all or nothing:
         the exporter retries a failed batch whole).
 

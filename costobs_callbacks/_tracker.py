@@ -224,7 +224,15 @@ class CostTracker:
         if live is not None:
             return live
         self.flush(timeout=10.0)
-        return self.store.run_cost(rid)
+        try:
+            return self.store.run_cost(rid)
+        except Exception:
+            recent = self.ledger.recent.get(rid)
+            if recent is None:
+                raise
+            # the database is unreachable: this process still remembers the run (its last 1,024 runs)
+            logger.warning("costobs: database unavailable; run_cost(%s) answered from memory", rid, exc_info=True)
+            return recent.snapshot()
 
     def rollup(
         self,

@@ -142,3 +142,47 @@ def test_forked_child_gets_its_own_empty_queue_and_worker(tmp_path: Any) -> None
     assert f"{os.getpid()}:parent-1" in lines
     assert len(lines) == 2
     exp.shutdown()
+
+
+def test_a_poison_item_is_isolated_and_the_rest_of_its_batch_is_written() -> None:
+    from costobs_callbacks._export import PoisonBatch
+
+    written: list[Any] = []
+
+    def sink(batch: Sequence[Any]) -> None:
+        if "bad" in batch:
+            raise PoisonBatch("value too long")
+        written.extend(batch)
+
+    exp = BatchExporter(sink, max_batch_size=64, schedule_delay=0.01)
+    items = [*range(20), "bad", *range(20, 40)]
+    for it in items:
+        exp.emit(it)
+    assert exp.force_flush(timeout=10)
+    assert written == [*range(20), *range(20, 40)]
+    assert exp.stats.failed == 1 and exp.stats.retries == 0
+    exp.shutdown()
+
+
+def test_a_row_the_database_refuses_costs_only_that_row(tmp_path: Any) -> None:
+    """A real store: a span whose name the database refuses is lost alone, counted; its batch-mates land."""
+    import sqlalchemy as sa
+
+    from costobs_callbacks import CostTracker
+    from costobs_callbacks.testing import FakeChatModel
+
+    with CostTracker(f"sqlite:///{tmp_path}/c.db", user_salt="s", prices={"m": {"input": 1, "output": 1}}) as t:
+        with t.store.engine.begin() as conn:  # a database that refuses one kind of row
+            conn.execute(sa.text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON costobs_spans WHEN NEW.name = 'poison' "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        model = FakeChatModel(model_name="m")
+        ids = []
+        for i in range(10):
+            cfg = t.config(feature="f")
+            model.invoke("hi", config={**cfg, "run_name": "poison" if i == 4 else "ok"})
+            ids.append(cfg["run_id"])
+        t.flush()
+        assert t.stats["failed"] == 1
+        with t.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_spans")).scalar_one() == 9
