@@ -15,6 +15,11 @@ As in ``handler_overhead.py``: calling-thread CPU time, rounds of one batch per 
 the order rotating, median (p10, p90) of batch means, overhead = median of per-round differences.
 Two sections: ``llm.complete(prompt)`` and ``llm.chat([ChatMessage])``.
 
+``--unique-prompts``: every call sends a prompt of its own (built before timing, distinct per
+configuration). By default every call sends the same prompt, so our token counts, remembered by text
+hash, are never recomputed, while ``TokenCountingHandler`` tokenizes it on every call; with distinct
+prompts both tokenize what each call sends, as with real traffic.
+
 Our LlamaIndex integration is being written alongside this benchmark: if ``instrument_llamaindex()``
 is missing or records nothing, the benchmark says so and exits 0 without figures for ours.
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="a distinct prompt for every call (no configuration can reuse a previous count)")
     args = ap.parse_args(argv)
     logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
 
@@ -131,11 +138,22 @@ def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: A
     messages = [ChatMessage(role="user", content=PROMPT)]
     sections: list[dict[str, Any]] = []
     calls_made = {k: 0 for k in llms}
-    for title, make in (
-        ("llm.complete(prompt)", lambda llm: partial(llm.complete, PROMPT)),
-        ("llm.chat([ChatMessage])", lambda llm: partial(llm.chat, messages)),
-    ):
-        calls: dict[str, Callable[[], Any]] = {k: make(llm) for k, llm in llms.items()}
+    n_calls = args.warmup + args.rounds * args.batch
+
+    def complete_call(key: str, llm: Any) -> Callable[[], Any]:
+        if not args.unique_prompts:
+            return partial(llm.complete, PROMPT)
+        prompts = iter([f"{PROMPT} ({key} #{i})" for i in range(n_calls)])
+        return lambda: llm.complete(next(prompts))
+
+    def chat_call(key: str, llm: Any) -> Callable[[], Any]:
+        if not args.unique_prompts:
+            return partial(llm.chat, messages)
+        chats = iter([[ChatMessage(role="user", content=f"{PROMPT} ({key} #{i})")] for i in range(n_calls)])
+        return lambda: llm.chat(next(chats))
+
+    for title, make in (("llm.complete(prompt)", complete_call), ("llm.chat([ChatMessage])", chat_call)):
+        calls: dict[str, Callable[[], Any]] = {k: make(k, llm) for k, llm in llms.items()}
         for k, call in calls.items():
             hooks_before.get(k, _nothing)()
             for _ in range(args.warmup):

@@ -20,6 +20,14 @@ Two LlamaIndex mechanisms are used, each for what it can do:
 
 The legacy handler also works alone (``tracker.llamaindex_handler()`` in a manager the app wires
 itself, without ``instrument()``): it then costs and guards from the legacy events only.
+
+All of it runs on the app's thread for every span and event, so the hot path is kept short: what a
+span of a given ``Class.method`` needs is decided once per class (``_PLANS``; most spans are transparent),
+events are routed by their class (``_ROUTES``), a chat call's messages are read once for the loop guard
+and both estimates (``_Prompt``), tool schemas are built only when an estimate needs them (``_Tools``),
+and token counts are remembered by text hash (``_count``), so a history resent with every call of an
+agent is tokenized once. A call whose provider reports usage tokenizes nothing at its end (only a
+``max_cost_usd`` budget counts its prompt, before it is sent).
 """
 
 from __future__ import annotations
@@ -30,14 +38,20 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.llms.base import BaseLLM
-from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, ToolCallBlock
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    TextBlock,
+    ToolCallBlock,
+)
 from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.chat_engine.types import BaseChatEngine
@@ -62,7 +76,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer
 from llama_index.core.settings import Settings
 from llama_index.core.tools.types import BaseTool
 from llama_index_instrumentation import get_dispatcher
-from pydantic import PrivateAttr
+from pydantic import BaseModel, Field
 
 from .._events import TokenUsage
 from .._exceptions import RunAborted
@@ -96,9 +110,63 @@ _LEGACY_CHAINS = frozenset({
     CBEventType.RERANKING, CBEventType.TREE,
 })
 _UUID_LEN = 36
+# Enum members as module constants: reading them off their class goes through the enum machinery each time.
+_EV_LLM = CBEventType.LLM
+_EV_EMBEDDING = CBEventType.EMBEDDING
+_EV_EXCEPTION = CBEventType.EXCEPTION
+_EV_RETRIEVE = CBEventType.RETRIEVE
+_EV_FUNCTION_CALL = CBEventType.FUNCTION_CALL
+_P_PROMPT = EventPayload.PROMPT
+_P_MESSAGES = EventPayload.MESSAGES
+_P_KWARGS = EventPayload.ADDITIONAL_KWARGS
+_P_SERIALIZED = EventPayload.SERIALIZED
+_P_RESPONSE = EventPayload.RESPONSE
+_P_COMPLETION = EventPayload.COMPLETION
+_P_EXCEPTION = EventPayload.EXCEPTION
+_P_CHUNKS = EventPayload.CHUNKS
+_P_TOOL = EventPayload.TOOL
+_P_FUNCTION_CALL = EventPayload.FUNCTION_CALL
+_EMPTY: Mapping[str, Any] = {}
 
 
 # -- prompt operations -------------------------------------------------------------------------------
+
+
+_COUNTS: dict[tuple[int, int, str | None], tuple[int, bool]] = {}
+_MAX_COUNTS = 16_384
+
+
+def _count(text: str, model: str | None) -> tuple[int, bool]:
+    """``count_text``, remembered: an agent sends its whole history with every call, and a chat call is
+    counted for the loop guard's budget estimate before it is sent and again at its end when the provider
+    reports no usage. Keyed by the text's hash and length, so no text is kept; a hash collision could only
+    misstate an estimate."""
+    if not text:
+        return 0, True
+    key = (hash(text), len(text), model)
+    hit = _COUNTS.get(key)
+    if hit is None:
+        hit = count_text(text, model)
+        if len(_COUNTS) >= _MAX_COUNTS:
+            _COUNTS.clear()
+        _COUNTS[key] = hit
+    return hit
+
+
+def _calls_json(calls: list[dict[str, Any]]) -> str:
+    return json.dumps(calls, default=str) if calls else ""
+
+
+def _raw_tool_calls(raw_calls: Any) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    for tc in raw_calls or ():
+        fn = tc.get("function") if isinstance(tc, Mapping) else getattr(tc, "function", None)
+        if isinstance(fn, Mapping):
+            name, args = fn.get("name"), fn.get("arguments")
+        else:
+            name, args = getattr(fn, "name", None), getattr(fn, "arguments", None)
+        calls.append({"name": name, "args": _args(args)})
+    return calls
 
 
 def _tool_calls_json(msg: Any) -> str:
@@ -109,15 +177,9 @@ def _tool_calls_json(msg: Any) -> str:
             calls.append({"name": block.tool_name, "args": _args(block.tool_kwargs)})
     if not calls:
         ak = getattr(msg, "additional_kwargs", None)
-        raw_calls = ak.get("tool_calls") if isinstance(ak, Mapping) else None
-        for tc in raw_calls or ():
-            fn = tc.get("function") if isinstance(tc, Mapping) else getattr(tc, "function", None)
-            if isinstance(fn, Mapping):
-                name, args = fn.get("name"), fn.get("arguments")
-            else:
-                name, args = getattr(fn, "name", None), getattr(fn, "arguments", None)
-            calls.append({"name": name, "args": _args(args)})
-    return json.dumps(calls, default=str) if calls else ""
+        if isinstance(ak, Mapping) and ak:
+            calls = _raw_tool_calls(ak.get("tool_calls"))
+    return _calls_json(calls)
 
 
 def _args(args: Any) -> Any:
@@ -136,9 +198,78 @@ def _message_text(msg: Any) -> str:
     return c if isinstance(c, str) else str(c)
 
 
+def _message_parts(msg: Any) -> tuple[Any, str, str]:
+    """A message's role, text and tool calls (JSON, "" without), read in one pass over a ``ChatMessage``'s
+    blocks (its ``content`` property and the tool-call lookups would each walk them again)."""
+    if type(msg) is not ChatMessage:
+        return getattr(msg, "role", None), _message_text(msg), _tool_calls_json(msg)
+    blocks = msg.blocks
+    if len(blocks) == 1 and type(blocks[0]) is TextBlock:  # the common case: one text block
+        text: str = blocks[0].text
+        calls: list[dict[str, Any]] = []
+    else:
+        texts: list[str] = []
+        calls = []
+        for block in blocks:
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ToolCallBlock):
+                calls.append({"name": block.tool_name, "args": _args(block.tool_kwargs)})
+        text = "\n".join(texts)  # what ChatMessage.content gives ("" for None)
+    if not calls:
+        ak = msg.additional_kwargs
+        if ak:
+            calls = _raw_tool_calls(ak.get("tool_calls"))
+    return msg.role, text, _calls_json(calls)
+
+
+class _Prompt:
+    """The messages of a chat call, each read once (for the loop guard's signature, the pre-call budget
+    estimate and the end estimate alike). Held only while the call is in flight."""
+
+    __slots__ = ("_parts", "messages")
+
+    def __init__(self, messages: list[Any]) -> None:
+        self.messages = messages
+        self._parts: tuple[tuple[Any, str, str], ...] | None = None
+
+    def parts(self) -> tuple[tuple[Any, str, str], ...]:
+        p = self._parts
+        if p is None:
+            p = self._parts = tuple(_message_parts(m) for m in self.messages)
+        return p
+
+
+class _Tools:
+    """The ``tools`` of a request, turned into the JSON the provider receives only when an estimate needs
+    it (building function schemas is costly, and a provider that reports usage never needs it)."""
+
+    __slots__ = ("_json", "raw")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self._json: str | None = None
+
+    def json(self) -> str:
+        j = self._json
+        if j is None:
+            schemas = _tool_schemas(self.raw)
+            j = self._json = json.dumps(schemas, default=str) if schemas else ""
+        return j
+
+
+def _as_prompt(prompt: Any) -> _Prompt:
+    """A chat prompt (a ``_Prompt``, or a message list an app's own code passed) as a ``_Prompt``."""
+    return prompt if isinstance(prompt, _Prompt) else _Prompt(list(prompt or ()))
+
+
+def _tools_of(raw: Any) -> _Tools | None:
+    return _Tools(raw) if raw else None
+
+
 class _LlamaOps:
-    """Prompt operations on what a LlamaIndex LLM call sends: a message list (chat) or a prompt string
-    (completion), plus the request's tool schemas. Never stored, never exported.
+    """Prompt operations on what a LlamaIndex LLM call sends: a message list (chat, as a ``_Prompt``) or a
+    prompt string (completion), plus the request's tools (a ``_Tools``). Never stored, never exported.
 
     Token count of a chat request: 3 + sum over messages of (4 + text + tool calls) + the tools' JSON
     (OpenAI's cookbook accounting), each counted with the model's own tiktoken encoding."""
@@ -147,30 +278,28 @@ class _LlamaOps:
     def signature(model: str | None, prompt: Any) -> int:
         if isinstance(prompt, str):
             return hash((model, prompt))
-        parts: list[Any] = [model]
-        for m in prompt or ():
-            parts.append((str(getattr(m, "role", "")), _message_text(m), _tool_calls_json(m)))
-        return hash(tuple(parts))
+        return hash((model, _as_prompt(prompt).parts()))
 
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         if isinstance(prompt, str):
-            total, exact = count_text(prompt, model)
+            total, exact = _count(prompt, model)
         else:
             total, exact = 3, True
-            for m in prompt or ():
-                n, ok = count_text(_message_text(m), model)
+            for _role, text, calls in _as_prompt(prompt).parts():
+                n, ok = _count(text, model)
                 total += n + 4
                 exact = exact and ok
-                tc = _tool_calls_json(m)
-                if tc:
-                    n, ok = count_text(tc, model)
+                if calls:
+                    n, ok = _count(calls, model)
                     total += n
                     exact = exact and ok
         if extra:
-            n, ok = count_text(json.dumps(extra, default=str), model)
-            total += n
-            exact = exact and ok
+            tools_json = extra.json() if isinstance(extra, _Tools) else json.dumps(extra, default=str)
+            if tools_json:
+                n, ok = _count(tools_json, model)
+                total += n
+                exact = exact and ok
         return total, exact
 
 
@@ -195,7 +324,8 @@ def _tool_schemas(tools: Any) -> list[Any] | None:
 def _response_text(resp: Any) -> str:
     """What a model produced (text and tool calls), for an output estimate."""
     if isinstance(resp, ChatResponse):
-        return _message_text(resp.message) + _tool_calls_json(resp.message)
+        _role, text, calls = _message_parts(resp.message)
+        return text + calls if calls else text
     if isinstance(resp, CompletionResponse):
         return resp.text or ""
     return ""
@@ -270,20 +400,23 @@ def usage_of(resp: Any) -> TokenUsage | None:
     """The usage a LlamaIndex response carries: ``response.raw.usage`` (the provider's own object,
     e.g. an openai ``ChatCompletion``, or a dict), else the counts copied into ``additional_kwargs``."""
     raw = getattr(resp, "raw", None)
-    u = raw.get("usage") if isinstance(raw, Mapping) else getattr(raw, "usage", None)
-    d = _as_dict(u)
-    if d:
-        usage = usage_from_dict(d)
-        if usage is not None:
-            return usage
+    if raw is not None:
+        u = raw.get("usage") if isinstance(raw, Mapping) else getattr(raw, "usage", None)
+        d = _as_dict(u)
+        if d:
+            usage = usage_from_dict(d)
+            if usage is not None:
+                return usage
     ak = getattr(resp, "additional_kwargs", None)
-    if isinstance(ak, Mapping):
+    if ak and isinstance(ak, Mapping):
         return usage_from_dict(ak)
     return None
 
 
 def _served_model(resp: Any) -> str | None:
     raw = getattr(resp, "raw", None)
+    if raw is None:
+        return None
     m = raw.get("model") if isinstance(raw, Mapping) else getattr(raw, "model", None)
     return m if isinstance(m, str) and m else None
 
@@ -301,10 +434,19 @@ def _provider_of(cls: type | None) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _class_info(cls: type) -> tuple[str, str | None]:
+    """A component class's name and provider (the instrumentation handlers see the instance)."""
+    return cls.__name__, _provider_of(cls)
+
+
 def _provider_from_class_name(name: Any) -> str | None:
     """For the stand-alone handler (it sees only ``to_payload()``): ``openai_llm`` -> ``openai``."""
-    if not isinstance(name, str):
-        return None
+    return _provider_from_name(name) if isinstance(name, str) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _provider_from_name(name: str) -> str | None:
     n = name.lower()
     if "like" in n:
         return None
@@ -317,11 +459,13 @@ def _provider_from_class_name(name: Any) -> str | None:
 def _model_of(model_dict: Any, cls_name: str | None) -> str | None:
     """The model a call names: ``model`` / ``model_name`` of ``to_payload()``, else the class name
     (``MockLLM``, ``MockEmbedding``: price them under that name)."""
-    if isinstance(model_dict, Mapping):
-        for k in ("model", "model_name"):
-            v = model_dict.get(k)
-            if isinstance(v, str) and v and v != "unknown":
-                return v
+    if type(model_dict) is dict or isinstance(model_dict, Mapping):
+        v = model_dict.get("model")
+        if isinstance(v, str) and v and v != "unknown":
+            return v
+        v = model_dict.get("model_name")
+        if isinstance(v, str) and v and v != "unknown":
+            return v
         if cls_name is None:
             cn = model_dict.get("class_name")
             return cn if isinstance(cn, str) and cn else None
@@ -329,11 +473,13 @@ def _model_of(model_dict: Any, cls_name: str | None) -> str | None:
 
 
 def _max_tokens(kwargs: Mapping[str, Any], model_dict: Any) -> int | None:
-    for v in (kwargs.get("max_tokens"), kwargs.get("max_completion_tokens"),
-              model_dict.get("num_output") if isinstance(model_dict, Mapping) else None):
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
+    if kwargs:
+        for k in ("max_tokens", "max_completion_tokens"):
+            v = kwargs.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    v = model_dict.get("num_output") if type(model_dict) is dict or isinstance(model_dict, Mapping) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def _key(span_id: str) -> str:
@@ -341,12 +487,6 @@ def _key(span_id: str) -> str:
     if len(span_id) > _UUID_LEN + 1 and span_id[-_UUID_LEN - 1] == "-":
         return span_id[-_UUID_LEN:]
     return span_id[:64]
-
-
-def _method_of(span_id: str) -> tuple[str, str]:
-    """``("Class.method", "method")`` of a span id."""
-    head = span_id[:-_UUID_LEN - 1] if len(span_id) > _UUID_LEN + 1 else span_id
-    return head, head.rsplit(".", 1)[-1]
 
 
 @functools.lru_cache(maxsize=256)
@@ -363,18 +503,92 @@ _TRACED: tuple[tuple[type, frozenset[str], str], ...] = (
 )
 """Spans opened as ledger spans (besides LLM and embedding calls and tools): base class, methods, kind."""
 
+_SPAN_OTHER, _SPAN_LLM, _SPAN_TOOL, _SPAN_TRACED = 0, 1, 2, 3
+
+
+class _Plan:
+    """What ``span_enter`` does for one ``Class.method`` span: decided once per class (most spans are
+    transparent and cost a dict lookup and a ``_Node``)."""
+
+    __slots__ = ("cls", "hookable", "kind", "label", "node_cls", "stream_check", "what")
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.node_cls: type | None = None  # the instance's class (None: a function's span)
+        self.what = _SPAN_OTHER
+        self.kind = ""
+        self.label = ""
+        self.hookable = False  # instances may carry a callback manager to put the legacy handler on
+        self.stream_check = False  # an OpenAI-compatible LLM's streaming method
+
+
+_PLANS: dict[str, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _plan_for(instance: Any, head: str) -> _Plan:
+    """Decide (and cache) the plan of a span of ``instance`` named ``head`` (``Class.method``); the caller
+    looks in ``_PLANS`` first."""
+    cls: type = type(instance)
+    plan = _Plan(cls)
+    if instance is not None:
+        method = head.rsplit(".", 1)[-1]
+        plan.node_cls = cls
+        plan.label = cls.__name__
+        plan.hookable = _hookable(cls)
+        if isinstance(instance, BaseLLM):
+            plan.what = _SPAN_LLM
+            plan.stream_check = method in _STREAM_METHODS and _is_openai_compatible(cls)
+        elif isinstance(instance, BaseTool) and method in _TOOL_METHODS:
+            plan.what = _SPAN_TOOL
+        else:
+            for base, methods, k in _TRACED:
+                if method in methods and isinstance(instance, base):
+                    plan.what, plan.kind = _SPAN_TRACED, k
+                    break
+        if getattr(instance, "__class__", cls) is not cls:
+            return plan  # a proxy: its isinstance answers may differ between instances; not cached
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[head] = plan
+    return plan
+
+
+def _hookable(cls: type) -> bool:
+    """Can instances of ``cls`` have a ``callback_manager``? A pydantic model without such a field would
+    make every ``getattr`` of it fail through pydantic's slow ``__getattr__``."""
+    try:
+        if not issubclass(cls, BaseModel) or hasattr(cls, "callback_manager"):
+            return True
+        return "callback_manager" in cls.model_fields or cls.model_config.get("extra") == "allow"
+    except Exception:  # an exotic class: look on every span, as for any other
+        return True
+
 
 # -- state -----------------------------------------------------------------------------------------------
 
 
 class _Track:
-    """One span we opened in the ledger, with what its end needs."""
+    """One span we opened in the ledger, with what its end needs.
 
-    __slots__ = (
-        "ctx_token", "ended", "event_id", "exit_error", "exit_status", "exited", "inner_prompt", "inner_usage", "key",
-        "kind", "model", "node", "open_children", "parent", "partial", "prompt", "span", "span_id",
-        "stream_usage_requested", "tools",
-    )
+    Most fields keep their class-level default for the whole call: only what differs is set on the
+    instance (a call creates one of these, and a transparent span a ``_Node``, on the app's thread)."""
+
+    open_children = 0
+    exited = False
+    ended = False
+    exit_status = "ok"
+    exit_error: BaseException | None = None
+    event_id: str | None = None
+    span_id: str | None = None
+    model: str | None = None
+    prompt: Any = None
+    tools: Any = None
+    partial: Any = None
+    inner_prompt: Any = None
+    inner_usage: TokenUsage | None = None
+    ctx_token: Any = None
+    stream_usage_requested = False
 
     def __init__(self, key: str, parent: _Track | None, kind: str, span: Span, node: _Node | None) -> None:
         self.key = key
@@ -382,42 +596,22 @@ class _Track:
         self.node = node
         self.kind = kind
         self.span = span
-        self.open_children = 0
-        self.exited = False
-        self.ended = False
-        self.exit_status = "ok"
-        self.exit_error: BaseException | None = None
-        self.event_id: str | None = None
-        self.span_id: str | None = None
-        self.model: str | None = None
-        self.prompt: Any = None
-        self.tools: Any = None
-        self.partial: Any = None
-        self.inner_prompt: Any = None
-        self.inner_usage: TokenUsage | None = None
-        self.ctx_token: Any = None
-        self.stream_usage_requested = False
 
 
 class _Node:
     """A LlamaIndex instrumentation span in flight (most are transparent: only the anchor matters)."""
 
-    __slots__ = (
-        "cls", "emb", "id", "method", "name", "parent", "refused", "refused_raised", "start_perf", "start_wall",
-        "stream_usage_ok", "track",
-    )
+    track: _Track | None = None
+    refused: RunAborted | None = None
+    refused_raised = False
+    emb: list[_Track] | None = None  # embedding calls open in this span (rare: made on the first one)
+    stream_usage_ok = False  # an OpenAI-compatible LLM's streaming method, stream_options unset
 
-    def __init__(self, id_: str, parent: _Node | None, name: str, method: str, cls: type | None) -> None:
+    def __init__(self, id_: str, parent: _Node | None, name: str, cls: type | None) -> None:
         self.id = id_
         self.parent = parent
         self.name = name
-        self.method = method
         self.cls = cls
-        self.track: _Track | None = None
-        self.refused: RunAborted | None = None
-        self.refused_raised = False
-        self.emb: list[_Track] = []
-        self.stream_usage_ok = False  # an OpenAI-compatible LLM's streaming method, stream_options unset
         self.start_wall = time.time()
         self.start_perf = time.perf_counter()
 
@@ -466,6 +660,20 @@ class _Adapter:
         if parent is not None:
             with self.lock:
                 parent.open_children += 1
+        return track
+
+    def open_llm(self, key: str, parent: _Track | None, name: str, node: _Node | None, model: str | None,
+                 provider: str | None, prompt: str | _Prompt, tools: _Tools | None, max_tokens: int | None) -> _Track:
+        """``open`` for an LLM call (its hot path: no keyword packing), its request kept for the end estimate."""
+        span = self.ledger.start(key, parent.key if parent is not None else None, "llm", name, model=model,
+                                 provider=provider, prompt=prompt, prompt_ops=OPS, extra=tools, max_tokens=max_tokens)
+        track = _Track(key, parent, "llm", span, node)
+        if parent is not None:
+            with self.lock:
+                parent.open_children += 1
+        track.model = model
+        track.prompt = prompt
+        track.tools = tools
         return track
 
     def finish(self, track: _Track, **kw: Any) -> None:
@@ -541,25 +749,25 @@ class _Adapter:
     # -- instrumentation: spans ----------------------------------------------------------------------
 
     def span_enter(self, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
-        parent = self.nodes.get(parent_id) if parent_id else None
-        cls = type(instance) if instance is not None else None
-        name, method = _method_of(id_)
-        node = _Node(id_, parent, name, method, cls)
-        self.nodes[id_] = node
-        if instance is None:
+        nodes = self.nodes
+        head = id_[:-_UUID_LEN - 1] if len(id_) > _UUID_LEN + 1 else id_  # "Class.method"
+        plan = _PLANS.get(head)
+        if plan is None or plan.cls is not type(instance):
+            plan = _plan_for(instance, head)
+        node = _Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls)
+        nodes[id_] = node
+        if plan.hookable:
+            self.hook(instance)
+        what = plan.what
+        if what == _SPAN_OTHER:
             return
-        self.hook(instance)
-        kind: str | None = None
-        tool_args: Any = None
-        label = cls.__name__ if cls is not None else name
-        if isinstance(instance, BaseLLM):
-            if method in _STREAM_METHODS and _is_openai_compatible(type(instance)):
+        if what == _SPAN_LLM:
+            if plan.stream_check:
                 ak = getattr(instance, "additional_kwargs", None)
                 node.stream_usage_ok = not (isinstance(ak, Mapping) and "stream_options" in ak)
             return  # the LLM span opens at its start event, which carries the request
-        if isinstance(instance, BaseTool) and method in _TOOL_METHODS:
-            kind = "tool"
-            label = _tool_name(instance) or label
+        if what == _SPAN_TOOL:
+            label = _tool_name(instance) or plan.label
             up = self.anchor(node, include_self=False)
             if up is not None and up.kind == "tool" and up.span.name == label:
                 return  # FunctionTool.__call__ -> call: one call
@@ -569,15 +777,9 @@ class _Adapter:
             except RunAborted as err:  # the tool runs anyway; the run stops at its next LLM call
                 node.refused = err
             return
-        for base, methods, k in _TRACED:
-            if method in methods and isinstance(instance, base):
-                kind = k
-                break
-        if kind is None:
-            return
         up = self.anchor(node, include_self=False)
         try:
-            node.track = self.open(_key(id_), up, kind, label, node)
+            node.track = self.open(_key(id_), up, plan.kind, plan.label, node)
         except RunAborted as err:
             node.refused = err
 
@@ -587,9 +789,10 @@ class _Adapter:
             return
         if error is not None:
             self.nested.pop(id_, None)
-        for t in list(node.emb):  # an embedding call cut short by an exception
-            node.emb.remove(t)
-            self._finish_quietly(t, status="error" if error is not None else "ok", error=error)
+        if node.emb:
+            for t in list(node.emb):  # an embedding call cut short by an exception
+                node.emb.remove(t)
+                self._finish_quietly(t, status="error" if error is not None else "ok", error=error)
         track = node.track
         if track is None or track.node is not node:
             return
@@ -625,14 +828,17 @@ class _Adapter:
 
     def llm_start(self, event: LLMChatStartEvent | LLMCompletionStartEvent) -> None:
         sid = event.span_id
-        node = self.nodes.get(sid) if sid else None
-        is_chat = isinstance(event, LLMChatStartEvent)
-        prompt: Any = list(event.messages) if isinstance(event, LLMChatStartEvent) else event.prompt
-        kwargs = event.additional_kwargs or {}
-        tools = _tool_schemas(kwargs.get("tools"))
         if sid is not None and sid in self.llm_tracks:
             return  # a second start event in the same span: the first call is the one
-        outer = self.enclosing_llm(node)
+        node = self.nodes.get(sid) if sid else None
+        prompt: str | _Prompt = (
+            _Prompt(list(event.messages)) if isinstance(event, LLMChatStartEvent) else str(event.prompt)
+        )
+        kwargs = event.additional_kwargs or _EMPTY
+        raw_tools = kwargs.get("tools")
+        tools = _Tools(raw_tools) if raw_tools else None
+        parent = node.parent if node is not None else None
+        outer = self.enclosing_llm(node) if parent is not None else None
         if outer is not None:  # CustomLLM.chat -> complete, acomplete -> complete: one call, not two
             if sid is not None:
                 self.nested[sid] = outer
@@ -641,59 +847,60 @@ class _Adapter:
             if outer.inner_prompt is None:
                 outer.inner_prompt = (prompt, tools)
             return
+        model_dict = event.model_dict
         cls = node.cls if node is not None else None
-        cls_name = cls.__name__ if cls is not None else None
-        model = _model_of(event.model_dict, cls_name)
-        provider = _provider_of(cls) if cls is not None else _provider_from_class_name(
-            event.model_dict.get("class_name"))
-        up = self.anchor(node, include_self=False)
+        if cls is not None:
+            cls_name, provider = _class_info(cls)
+        else:
+            cls_name, provider = None, _provider_from_class_name(model_dict.get("class_name"))
+        model = _model_of(model_dict, cls_name)
+        up = self.anchor(node, include_self=False) if parent is not None else None  # a top-level call: no anchor
         key = _key(sid) if sid else event.id_
         try:
-            track = self.open(key, up, "llm", cls_name or str(event.model_dict.get("class_name") or "llm"), node,
-                              model=model, provider=provider, prompt=prompt if is_chat else str(prompt),
-                              prompt_ops=OPS, extra=tools, max_tokens=_max_tokens(kwargs, event.model_dict))
+            track = self.open_llm(key, up, cls_name or str(model_dict.get("class_name") or "llm"), node, model,
+                                  provider, prompt, tools, _max_tokens(kwargs, model_dict))
         except RunAborted as err:
             if node is not None:
                 node.refused = err
             return
-        track.model = model
-        track.prompt = prompt
-        track.tools = tools
         track.span_id = sid
         if node is not None:
             node.track = track
         if sid is not None:
             self.llm_tracks[sid] = track
 
-    def llm_progress(self, span_id: str | None, response: Any) -> None:
+    def llm_progress(self, event: LLMChatInProgressEvent | LLMCompletionInProgressEvent) -> None:
+        span_id = event.span_id
         if span_id is None:
             return
         track = self.llm_tracks.get(span_id)
         if track is not None:
-            track.partial = response
+            track.partial = event.response
 
-    def llm_end_event(self, span_id: str | None, response: Any) -> None:
+    def llm_end_event(self, event: LLMChatEndEvent | LLMCompletionEndEvent) -> None:
+        span_id = event.span_id
         if span_id is None:
             return
-        outer = self.nested.pop(span_id, None)
+        outer = self.nested.pop(span_id, None) if self.nested else None
         if outer is not None:
             if outer.inner_usage is None:
                 try:
-                    outer.inner_usage = usage_of(response)
+                    outer.inner_usage = usage_of(event.response)
                 except (ValueError, TypeError):
                     pass
             return
         track = self.llm_tracks.get(span_id)
         if track is not None and not track.ended:
-            self.finish_llm(track, response, None, quiet=True)
+            self.finish_llm(track, event.response, None, quiet=True)
 
-    def llm_exception(self, span_id: str | None, error: BaseException) -> None:
+    def llm_exception(self, event: ExceptionEvent) -> None:
+        span_id = event.span_id
         if span_id is None:
             return
         self.nested.pop(span_id, None)
         track = self.llm_tracks.get(span_id)
         if track is not None and not track.ended:
-            self.finish_llm(track, None, error, quiet=True)
+            self.finish_llm(track, None, event.exception, quiet=True)
 
     def finish_llm(self, track: _Track, response: Any, error: BaseException | None, *, quiet: bool) -> None:
         """Cost an LLM call from its response (or what streamed before an error) and end it. Raises
@@ -712,12 +919,18 @@ class _Adapter:
         try:
             resp = response if response is not None else track.partial
             usage: TokenUsage | None = None
-            model = _served_model(resp)
+            model: str | None = None
             if resp is not None:
-                try:
-                    usage = usage_of(resp)
-                except (ValueError, TypeError):
-                    flags.append("malformed_usage")
+                if getattr(resp, "raw", None) is not None:
+                    model = _served_model(resp)
+                    reported = True
+                else:
+                    reported = bool(getattr(resp, "additional_kwargs", None))
+                if reported:  # else usage_of would find nothing (MockLLM, a CustomLLM)
+                    try:
+                        usage = usage_of(resp)
+                    except (ValueError, TypeError):
+                        flags.append("malformed_usage")
             if usage is None and track.inner_usage is not None:
                 usage = track.inner_usage
             estimated = False
@@ -734,13 +947,20 @@ class _Adapter:
             usage, model, estimated = None, None, False
             flags.append("internal_error")
         track.prompt = track.tools = track.partial = track.inner_prompt = None  # drop the app's messages now
+        with self.lock:
+            if track.ended:
+                return
+            track.ended = True
         try:
-            self.finish(track, status=status, error=error if status == "error" else None, usage=usage,
-                        model=model, estimated=estimated, flags=flags)
+            self.ledger.end(track.key, status=status, error=error if status == "error" else None, usage=usage,
+                            model=model, estimated=estimated, flags=flags)
         except RunAborted:
             if quiet or isinstance(error, RunAborted):
                 return
             raise
+        finally:
+            if track.parent is not None:
+                self._release(track.parent)
 
     @staticmethod
     def _estimate(track: _Track, model: str | None, resp: Any) -> tuple[TokenUsage, bool]:
@@ -749,8 +969,8 @@ class _Adapter:
             prompt, tools = track.inner_prompt
         else:
             prompt, tools = track.prompt, track.tools
-        inp, ok_in = OPS.count_tokens(m, prompt, tools)
-        out, ok_out = count_text(_response_text(resp), m)
+        inp, ok_in = _count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
+        out, ok_out = _count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
         return TokenUsage(input=inp, output=out), ok_in and ok_out
 
     # -- instrumentation: embeddings ---------------------------------------------------------------------
@@ -766,10 +986,11 @@ class _Adapter:
                 break
             n = n.parent
         cls = node.cls if node is not None else None
-        cls_name = cls.__name__ if cls is not None else None
+        if cls is not None:
+            cls_name, provider = _class_info(cls)
+        else:
+            cls_name, provider = None, _provider_from_class_name(event.model_dict.get("class_name"))
         model = _model_of(event.model_dict, cls_name)
-        provider = _provider_of(cls) if cls is not None else _provider_from_class_name(
-            event.model_dict.get("class_name"))
         up = self.anchor(node, include_self=True)
         try:
             track = self.open(event.id_, up, "embedding", cls_name or "embedding", node, model=model,
@@ -780,11 +1001,14 @@ class _Adapter:
             return
         track.model = model
         if node is not None:
+            if node.emb is None:
+                node.emb = []
             node.emb.append(track)
         else:
             self.orphans.append(track)
 
-    def embedding_end(self, span_id: str | None, chunks: Sequence[str]) -> None:
+    def embedding_end(self, event: EmbeddingEndEvent | SparseEmbeddingEndEvent) -> None:
+        span_id, chunks = event.span_id, event.chunks
         node = self.nodes.get(span_id) if span_id else None
         pending = node.emb if node is not None else self.orphans
         if not pending:
@@ -796,7 +1020,7 @@ class _Adapter:
         if track.event_id is not None:
             self.events.pop(track.event_id, None)
         node = track.node
-        if node is not None and track in node.emb:
+        if node is not None and node.emb and track in node.emb:
             node.emb.remove(track)
         usage, exact = _count_chunks(chunks, track.model)
         flags = ["estimated"] if exact else ["estimated", "estimate:chars"]
@@ -832,19 +1056,25 @@ class _Adapter:
     def legacy_start_instrumented(self, event_type: CBEventType, payload: Any, event_id: str) -> None:
         sid = active_span_id.get()
         node = self.nodes.get(sid) if sid else None
-        self.raise_if_stopped(node)
-        if event_type == CBEventType.LLM and sid is not None:
+        track = node.track if node is not None and node.refused is None else None
+        if track is None:
+            self.raise_if_stopped(node)
+        elif track.span.run.aborted is not None:  # raise_if_stopped's first step, inline (the common case)
+            raise _again(track.span.run.aborted)
+        if event_type == _EV_LLM:
+            if sid is None:
+                return
             track = self.llm_tracks.get(sid)
             if track is None or track.event_id is not None:
                 return
             track.event_id = event_id
             self.events[event_id] = track
             if self.request_stream_usage and node is not None and node.stream_usage_ok and isinstance(payload, dict):
-                kw = payload.get(EventPayload.ADDITIONAL_KWARGS)
+                kw = payload.get(_P_KWARGS)
                 if isinstance(kw, dict) and "stream_options" not in kw:
                     kw["stream_options"] = {"include_usage": True}  # the very dict the call is made with
                     track.stream_usage_requested = True
-        elif event_type == CBEventType.EMBEDDING and node is not None:
+        elif event_type == _EV_EMBEDDING and node is not None and node.emb:
             for t in reversed(node.emb):
                 if t.event_id is None:
                     t.event_id = event_id
@@ -852,78 +1082,77 @@ class _Adapter:
                     break
 
     def legacy_start_alone(self, event_type: CBEventType, payload: Any, event_id: str, parent_id: str) -> None:
-        if event_id in self.events:
+        events = self.events
+        if event_id in events:
             return  # the handler sits twice in one manager
-        parent = self.events.get(parent_id) if parent_id else None
-        p = payload if isinstance(payload, Mapping) else {}
-        if event_type == CBEventType.LLM:
+        parent = events.get(parent_id) if parent_id else None
+        p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
+        if event_type == _EV_LLM:
+            kw = p.get(_P_KWARGS) or _EMPTY
+            if not (type(kw) is dict or isinstance(kw, Mapping)):
+                kw = _EMPTY
             outer = self.legacy_llm.get()
             if outer is not None and not outer.ended:  # CustomLLM.chat -> complete
-                self.events[event_id] = None
+                events[event_id] = None
                 if outer.inner_prompt is None:
-                    pr = p.get(EventPayload.PROMPT)
-                    msgs = p.get(EventPayload.MESSAGES)
-                    kw = p.get(EventPayload.ADDITIONAL_KWARGS) or {}
-                    outer.inner_prompt = (str(pr) if pr is not None else list(msgs or ()),
-                                          _tool_schemas(kw.get("tools")) if isinstance(kw, Mapping) else None)
+                    pr = p.get(_P_PROMPT)
+                    outer.inner_prompt = (str(pr) if pr is not None else _Prompt(list(p.get(_P_MESSAGES) or ())),
+                                          _tools_of(kw.get("tools")))
                 return
-            md = p.get(EventPayload.SERIALIZED) or {}
-            msgs = p.get(EventPayload.MESSAGES)
-            prompt: Any = list(msgs) if msgs is not None else str(p.get(EventPayload.PROMPT) or "")
-            kw = p.get(EventPayload.ADDITIONAL_KWARGS) or {}
-            kw = kw if isinstance(kw, Mapping) else {}
-            tools = _tool_schemas(kw.get("tools"))
-            cls_name = md.get("class_name") if isinstance(md, Mapping) else None
+            msgs = p.get(_P_MESSAGES)
+            prompt: str | _Prompt = _Prompt(list(msgs)) if msgs is not None else str(p.get(_P_PROMPT) or "")
+            md = p.get(_P_SERIALIZED) or _EMPTY
+            tools = _tools_of(kw.get("tools"))
+            cls_name = md.get("class_name") if type(md) is dict or isinstance(md, Mapping) else None
             model = _model_of(md, None)
-            track = self.open(event_id, parent, "llm", str(cls_name or "llm"), None, model=model,
-                              provider=_provider_from_class_name(cls_name), prompt=prompt, prompt_ops=OPS,
-                              extra=tools, max_tokens=_max_tokens(kw, md))
-            track.model, track.prompt, track.tools, track.event_id = model, prompt, tools, event_id
+            track = self.open_llm(event_id, parent, str(cls_name or "llm"), None, model,
+                                  _provider_from_class_name(cls_name), prompt, tools, _max_tokens(kw, md))
+            track.event_id = event_id
             track.ctx_token = self.legacy_llm.set(track)
-        elif event_type == CBEventType.EMBEDDING:
-            md = p.get(EventPayload.SERIALIZED) or {}
+        elif event_type == _EV_EMBEDDING:
+            md = p.get(_P_SERIALIZED) or _EMPTY
             model = _model_of(md, None)
             cls_name = md.get("class_name") if isinstance(md, Mapping) else None
             track = self.open(event_id, parent, "embedding", str(cls_name or "embedding"), None, model=model,
                               provider=_provider_from_class_name(cls_name))
             track.model, track.event_id = model, event_id
-        elif event_type == CBEventType.RETRIEVE:
+        elif event_type == _EV_RETRIEVE:
             track = self.open(event_id, parent, "retriever", "retrieve", None)
-        elif event_type == CBEventType.FUNCTION_CALL:
-            tool = p.get(EventPayload.TOOL)
+        elif event_type == _EV_FUNCTION_CALL:
+            tool = p.get(_P_TOOL)
             name = getattr(tool, "name", None) or "tool"
-            track = self.open(event_id, parent, "tool", str(name), None, tool_args=p.get(EventPayload.FUNCTION_CALL))
+            track = self.open(event_id, parent, "tool", str(name), None, tool_args=p.get(_P_FUNCTION_CALL))
         elif event_type in _LEGACY_CHAINS:
             track = self.open(event_id, parent, "chain", event_type.value, None)
         else:
             return
-        self.events[event_id] = track
+        events[event_id] = track
 
     def legacy_end(self, event_type: CBEventType, payload: Any, event_id: str) -> None:
-        if event_id not in self.events:
+        track = self.events.pop(event_id, None)
+        if track is None or track.ended:  # not ours, or a nested call (None)
             return
-        track = self.events.pop(event_id)
-        if track is None or track.ended:
-            return
-        p = payload if isinstance(payload, Mapping) else {}
-        error = p.get(EventPayload.EXCEPTION)
-        error = error if isinstance(error, BaseException) else None
-        if track.kind == "llm":
+        p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
+        error = p.get(_P_EXCEPTION)
+        if error is not None and not isinstance(error, BaseException):
+            error = None
+        kind = track.kind
+        if kind == "llm":
             if track.ctx_token is not None:
                 try:
                     self.legacy_llm.reset(track.ctx_token)
                 except ValueError:  # a stream ending in another context
                     pass
                 track.ctx_token = None
-            resp = p.get(EventPayload.RESPONSE)
+            resp = p.get(_P_RESPONSE)
             if resp is None:
-                resp = p.get(EventPayload.COMPLETION)
+                resp = p.get(_P_COMPLETION)
             self.finish_llm(track, resp, error, quiet=False)
-        elif track.kind == "embedding":
+        elif kind == "embedding":
             if error is not None:
                 self.finish(track, status="error", error=error)
             else:
-                self.finish_embedding(track, p.get(EventPayload.CHUNKS), quiet=False)
+                self.finish_embedding(track, p.get(_P_CHUNKS), quiet=False)
         else:
             try:
                 self.finish(track, status="error" if error is not None else "ok", error=error)
@@ -941,7 +1170,7 @@ class _Adapter:
             cm = getattr(instance, "callback_manager", None)
         except Exception:
             return
-        if isinstance(cm, CallbackManager) and self.legacy not in cm.handlers:
+        if cm is not None and isinstance(cm, CallbackManager) and self.legacy not in cm.handlers:
             cm.add_handler(self.legacy)
             self.managers.add(cm)
 
@@ -992,11 +1221,13 @@ def _tool_args(tool: Any, bound_args: Any) -> Any:
 class _SpanHandler(BaseSpanHandler[Any]):
     """Instrumentation span handler: builds the run tree and opens chain, retriever and tool spans."""
 
-    _adapter: Any = PrivateAttr(default=None)
+    # A field, not a pydantic private attribute: those are read through pydantic's ``__getattr__``, which
+    # cost more than the rest of a transparent span's handling.
+    costobs_adapter: Any = Field(default=None, exclude=True, repr=False)
 
     def __init__(self, adapter: _Adapter) -> None:
         super().__init__()
-        self._adapter = adapter
+        self.costobs_adapter = adapter
 
     @classmethod
     def class_name(cls) -> str:
@@ -1004,24 +1235,34 @@ class _SpanHandler(BaseSpanHandler[Any]):
 
     def span_enter(self, id_: str, bound_args: Any, instance: Any = None, parent_id: str | None = None,
                    tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        a: _Adapter = self.costobs_adapter
         try:
-            self._adapter.span_enter(id_, bound_args, instance, parent_id)
+            a.span_enter(id_, bound_args, instance, parent_id)
         except Exception as exc:
-            self._adapter.fault("span_enter", exc)
+            a.fault("span_enter", exc)
 
     def span_exit(self, id_: str, bound_args: Any, instance: Any = None, result: Any = None,
                   **kwargs: Any) -> None:
+        a: _Adapter = self.costobs_adapter
         try:
-            self._adapter.span_exit(id_, "ok", None)
+            node = a.nodes.get(id_)
+            if node is not None and not node.emb:
+                track = node.track
+                # A transparent span: nothing to end; an LLM call's span: the call ends at its end event.
+                if track is None or track.kind == "llm":
+                    a.nodes.pop(id_, None)
+                    return
+            a.span_exit(id_, "ok", None)
         except Exception as exc:
-            self._adapter.fault("span_exit", exc)
+            a.fault("span_exit", exc)
 
     def span_drop(self, id_: str, bound_args: Any, instance: Any = None, err: BaseException | None = None,
                   **kwargs: Any) -> None:
+        a: _Adapter = self.costobs_adapter
         try:
-            self._adapter.span_exit(id_, "error", err if err is not None else RuntimeError("span dropped"))
+            a.span_exit(id_, "error", err if err is not None else RuntimeError("span dropped"))
         except Exception as exc:
-            self._adapter.fault("span_drop", exc)
+            a.fault("span_drop", exc)
 
     def new_span(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -1033,38 +1274,57 @@ class _SpanHandler(BaseSpanHandler[Any]):
         return None
 
 
+_Route = Callable[[_Adapter, Any], None]
+_ROUTE_ORDER: tuple[tuple[tuple[type, ...], _Route], ...] = (
+    ((LLMChatInProgressEvent, LLMCompletionInProgressEvent), _Adapter.llm_progress),
+    ((LLMChatStartEvent, LLMCompletionStartEvent), _Adapter.llm_start),
+    ((LLMChatEndEvent, LLMCompletionEndEvent), _Adapter.llm_end_event),
+    ((ExceptionEvent,), _Adapter.llm_exception),
+    ((EmbeddingStartEvent,), _Adapter.embedding_start),
+    ((EmbeddingEndEvent, SparseEmbeddingEndEvent), _Adapter.embedding_end),
+)
+_ROUTES: dict[type, _Route | None] = {}
+"""Event class -> what handles it (``None``: ignored), decided once per class from ``_ROUTE_ORDER``."""
+
+
+def _route_of(event_type: type) -> _Route | None:
+    route: _Route | None = None
+    for types, fn in _ROUTE_ORDER:
+        if issubclass(event_type, types):
+            route = fn
+            break
+    _ROUTES[event_type] = route
+    return route
+
+
 class _EventHandler(BaseEventHandler):
     """Instrumentation event handler: LLM and embedding calls, matched to their spans by span id."""
 
-    _adapter: Any = PrivateAttr(default=None)
+    costobs_adapter: Any = Field(default=None, exclude=True, repr=False)
 
     def __init__(self, adapter: _Adapter) -> None:
         super().__init__()
-        self._adapter = adapter
+        self.costobs_adapter = adapter
 
     @classmethod
     def class_name(cls) -> str:
         return "CostObsEventHandler"
 
     def handle(self, event: Any, **kwargs: Any) -> None:
-        a: _Adapter = self._adapter
+        t = type(event)
         try:
-            if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
-                a.llm_progress(event.span_id, event.response)
-            elif isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent)):
-                a.llm_start(event)
-            elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
-                a.llm_end_event(event.span_id, event.response)
-            elif isinstance(event, ExceptionEvent):
-                a.llm_exception(event.span_id, event.exception)
-            elif isinstance(event, EmbeddingStartEvent):
-                a.embedding_start(event)
-            elif isinstance(event, (EmbeddingEndEvent, SparseEmbeddingEndEvent)):
-                a.embedding_end(event.span_id, event.chunks)
+            route = _ROUTES[t]
+        except KeyError:
+            route = _route_of(t)
+        if route is None:
+            return
+        a: _Adapter = self.costobs_adapter
+        try:
+            route(a, event)
         except RunAborted:
             pass  # cannot reach the app from here; the run is aborted (sticky)
         except Exception as exc:
-            a.fault(type(event).__name__, exc)
+            a.fault(t.__name__, exc)
 
 
 class CostLlamaIndexHandler(BaseCallbackHandler):
@@ -1090,7 +1350,7 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
 
     def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                        parent_id: str = "", **kwargs: Any) -> str:
-        if event_type == CBEventType.EXCEPTION:
+        if event_type == _EV_EXCEPTION:
             return event_id
         a = self._adapter
         try:
@@ -1106,7 +1366,7 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
 
     def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                      **kwargs: Any) -> None:
-        if event_type == CBEventType.EXCEPTION:
+        if event_type == _EV_EXCEPTION:
             return
         a = self._adapter
         try:
