@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
 
 from ._events import TokenUsage, nanos_to_usd, usd_to_nanos
 from ._exceptions import BudgetExceededError, LoopDetectedError, MissingAttributionError, RunAborted
@@ -103,6 +104,7 @@ class Run:
         "llm_calls",
         "lock",
         "loops",
+        "loose_holds",
         "max_cost_nanos",
         "model_reqs",
         "open_roots",
@@ -167,6 +169,7 @@ class Run:
         # calls still do), so that the agent can end with its final message.
         self.graceful = False
         self.reserved_nanos = 0  # pre-call estimates of the calls in flight (sum of their Span.reserved)
+        self.loose_holds: set[Span] | None = None  # calls in flight holding an upper bound of their estimate
 
     def snapshot(self) -> RunCost:
         with self.lock:
@@ -206,6 +209,7 @@ class Span:
     """One open (then finished) span. Exported as is: the exporter's thread turns it into a row."""
 
     __slots__ = (
+        "_sid",
         "cache_hit",
         "cost_nanos",
         "depth",
@@ -230,7 +234,6 @@ class Span:
         "reserved",
         "run",
         "saved_nanos",
-        "span_id",
         "start_perf",
         "start_wall",
         "status",
@@ -239,8 +242,12 @@ class Span:
         "usage",
     )
 
-    def __init__(self, span_id: str, parent: Span | None, run: Run, kind: str, name: str) -> None:
-        self.span_id = span_id
+    def __init__(
+        self, span_id: str | UUID, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,
+        provider: str | None = None, prompt: Any = None, prompt_ops: PromptOps | None = None, extra: Any = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self._sid = span_id
         self.parent = parent
         self.run = run
         self.kind = kind
@@ -250,8 +257,8 @@ class Span:
         self.end_wall = 0.0
         self.latency_ms = 0.0
         self.depth: int = 0 if parent is None else parent.depth + 1
-        self.model: str | None = None
-        self.provider: str | None = None
+        self.model = model
+        self.provider = provider
         self.usage: TokenUsage | None = None
         self.cost_nanos: int | None = None
         self.tree_cost = 0
@@ -264,13 +271,22 @@ class Span:
         self.error: str | None = None
         self.flags: list[str] | None = None
         self.exported = True
-        self.prompt: Any = None
-        self.prompt_ops: PromptOps | None = None
-        self.extra: Any = None
-        self.max_tokens: int | None = None
-        self.request_sig: int | None = None
+        self.prompt = prompt
+        self.prompt_ops = prompt_ops
+        self.extra = extra
+        self.max_tokens = max_tokens
+        self.request_sig: Any = None  # int, or _DEFERRED
         self.reserved = 0  # nano-USD of the run's budget this call holds while in flight
         self.is_root = parent is None
+
+    @property
+    def span_id(self) -> str:
+        """The span's id as text. A LangChain run id (a ``UUID``) is turned into text when first read, which is
+        usually on the exporter's thread: ``str(uuid)`` costs the app's thread a fair part of a span."""
+        sid = self._sid
+        if type(sid) is not str:
+            sid = self._sid = str(sid)
+        return sid
 
     def flag(self, name: str) -> None:
         if self.flags is None:
@@ -332,6 +348,8 @@ class Ledger:
         self.recent: OrderedDict[str, Run] = OrderedDict()
         self._user_cache: dict[str, str] = {}
         self.internal_errors = 0
+        # (budget, the budget a run gets from it (None if empty), its max_cost_usd in nanos): the last one seen
+        self._budget_memo: tuple[Budget, Budget | None, int | None] | None = None
 
     # -- attribution ----------------------------------------------------------------------------
 
@@ -346,14 +364,13 @@ class Ledger:
         return h
 
     def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> Span | None:
-        merged: dict[str, Any] = {}
-        if meta:
-            merged.update(meta)
         if extra:
-            merged.update(extra)
+            merged: Mapping[str, Any] = {**meta, **extra} if meta else dict(extra)
+        else:
+            merged = meta or _NO_META
+        get = merged.get
         for key in self.require:
-            v = merged.get(key)
-            if not _present(v):
+            if not _present(get(key)):
                 err = MissingAttributionError(
                     f"run {run.run_id} is missing the attribution key {key!r} "
                     f"(required by CostTracker(require={self.require!r})); pass it in config metadata "
@@ -365,39 +382,109 @@ class Ledger:
                 run.aborted = err
                 run.status = "aborted"
                 raise err
-        feature = merged.get("feature")
-        run.feature = _clean(feature) if _present(feature) else UNATTRIBUTED
-        for key in ("route", "tenant_id", "prompt_version"):
-            v = merged.get(key)
-            if _present(v):
-                setattr(run, key, _clean(v))
-        uid = merged.get("user_id")
-        if _present(uid):
-            run.user_hash = self.hash_user(uid if isinstance(uid, str) else _text(uid))
+        # An attribution value counts when present: not None and not "" (never calls the value's own __eq__).
+        v: Any = get("feature")
+        if v is None or (isinstance(v, str) and not v):
+            run.feature = UNATTRIBUTED
+        elif type(v) is str and len(v) <= _MAX_ATTR_LEN and "\x00" not in v:
+            run.feature = v
+        else:
+            run.feature = _clean(v)
+        v = get("route")
+        if v is not None and not (isinstance(v, str) and not v):
+            run.route = _clean(v)
+        v = get("tenant_id")
+        if v is not None and not (isinstance(v, str) and not v):
+            run.tenant_id = v if type(v) is str and len(v) <= _MAX_ATTR_LEN and "\x00" not in v else _clean(v)
+        v = get("prompt_version")
+        if v is not None and not (isinstance(v, str) and not v):
+            run.prompt_version = _clean(v)
+        v = get("user_id")
+        if v is not None and not (isinstance(v, str) and not v):
+            h = self._user_cache.get(v) if type(v) is str else None
+            run.user_hash = h if h is not None else self.hash_user(v if isinstance(v, str) else _text(v))
+        # Other attributes: which keys can be attributes depends on the keys alone, so it is worked out once per
+        # set of keys (LangChain and LangGraph send the same keys with every call) and only their values are read.
+        shape = tuple(merged)
+        cands = _ATTR_PLANS.get(shape)
+        if cands is None:
+            cands = _attr_candidates(shape)
+            if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
+                _ATTR_PLANS.clear()
+            _ATTR_PLANS[shape] = cands
         attrs: dict[str, Any] = {}
-        for k, v in merged.items():
-            if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
-                continue
-            if k in ("user", "user_hash"):  # never let a raw id in under another name
-                continue
+        for k, ck in cands:
             if len(attrs) >= _MAX_ATTRS:
                 break
-            if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
-                attrs[_clean(k)] = _clean(v)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
-            elif isinstance(v, (int, float, bool)) or v is None:
-                attrs[_clean(k)] = v
+            v = get(k)
+            tv = type(v)
+            if tv is str:
+                attrs[ck] = (v.replace("\x00", "") if "\x00" in v else v)[:_MAX_ATTR_LEN]
+            elif tv is int or tv is bool or v is None:
+                attrs[ck] = v
+            elif isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+                attrs[ck] = _clean(v)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
+            elif isinstance(v, (int, float, bool)):
+                attrs[ck] = v
         run.attributes = attrs
-        budget = coerce_budget_quiet(merged.get(BUDGET_META_KEY))
-        run.budget = budget if budget is not None else self.default_budget
-        if run.budget is not None and run.budget.is_empty():
+        budget_value = get(BUDGET_META_KEY)
+        loops_value = get(LOOPS_META_KEY)
+        budget = None if budget_value is None else self._budget_from_meta(budget_value)
+        if budget is None:
+            budget = self.default_budget
+        if budget is not None:
+            memo = self._budget_memo
+            if memo is None or memo[0] is not budget:
+                memo = self._budget_memo = (
+                    budget, None if budget.is_empty() else budget,
+                    usd_to_nanos(budget.max_cost_usd) if budget.max_cost_usd is not None else None,
+                )
+            run.budget = memo[1]
+            if memo[1] is not None and memo[2] is not None:
+                run.max_cost_nanos = memo[2]
+        else:
             run.budget = None
-        if run.budget is not None and run.budget.max_cost_usd is not None:
-            run.max_cost_nanos = usd_to_nanos(run.budget.max_cost_usd)
-        loops = coerce_loops_quiet(merged.get(LOOPS_META_KEY))
-        run.loops = loops if loops is not None else self.default_loops
-        if not run.loops.enabled:
-            run.loops = None
+        loops = None if loops_value is None else self._loops_from_meta(loops_value)
+        if loops is None:
+            loops = self.default_loops
+        run.loops = loops if loops.enabled else None
         return None
+
+    @staticmethod
+    def _budget_from_meta(value: Any) -> Budget | None:
+        """``coerce_budget_quiet``, remembered per distinct plain mapping (``tracker.config(budget=...)`` puts
+        the same small dict in every run's metadata; validating it again costs more than the whole call)."""
+        key = _policy_key(value)
+        if key is not None:
+            hit = _BUDGETS.get(key)
+            if hit is not None:
+                return hit
+            value = {k: v for k, _, v in key}  # validate what the key says (the same items)
+        elif isinstance(value, Budget):
+            return value
+        budget = coerce_budget_quiet(value)
+        if key is not None and budget is not None:  # invalid input is not remembered: it is logged every time
+            if len(_BUDGETS) >= _MAX_POLICIES:
+                _BUDGETS.clear()
+            _BUDGETS[key] = budget
+        return budget
+
+    @staticmethod
+    def _loops_from_meta(value: Any) -> LoopPolicy | None:
+        key = _policy_key(value)
+        if key is not None:
+            hit = _LOOP_POLICIES.get(key)
+            if hit is not None:
+                return hit
+            value = {k: v for k, _, v in key}
+        elif isinstance(value, LoopPolicy):
+            return value
+        loops = coerce_loops_quiet(value)
+        if key is not None and loops is not None:
+            if len(_LOOP_POLICIES) >= _MAX_POLICIES:
+                _LOOP_POLICIES.clear()
+            _LOOP_POLICIES[key] = loops
+        return loops
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -412,7 +499,8 @@ class Ledger:
         if run is not None:
             return run, True
         continued = False
-        prev = self.recent.pop(run_id, None)
+        recent = self.recent
+        prev = recent.pop(run_id, None) if run_id in recent else None  # (OrderedDict.pop parses its arguments slowly)
         if prev is not None:
             run = prev
             run.status = "running"
@@ -434,7 +522,6 @@ class Ledger:
         parent_id: Any,
         kind: str,
         name: str,
-        *,
         meta: Mapping[str, Any] | None = None,
         model: str | None = None,
         provider: str | None = None,
@@ -447,28 +534,36 @@ class Ledger:
         root: bool = False,
         run_id: str | None = None,
     ) -> Span:
-        """Open a span; raises ``RunAborted`` if a guard refuses it (nothing has been sent yet).
+        """Open a span; raises ``RunAborted`` if a guard refuses it (nothing has been sent yet). (The options may
+        be passed by position, in this order: adapters on the hot path do, keyword arguments cost more.)
 
         A span whose parent is unknown opens a root run (or joins the ``tracker.run()`` scope around
         it); ``root=True`` forces a new root run named ``run_id`` (default: the span id).
         """
         parent = None
         if not root:
-            parent = self.spans.get(parent_id) if parent_id is not None else None
+            if parent_id is not None:
+                parent = self.spans.get(parent_id)
             if parent is None:
                 parent = current_scope.get()
+        sid: str | UUID
         if parent is None:
-            sid = str(span_id)
-            run, _ = self.open_run(run_id or sid, meta)
-            span = Span(sid, None, run, kind, name)
+            sid = text = str(span_id)
+            run = self.open_run(run_id or text, meta)[0]
+        else:
+            sid = span_id if type(span_id) is UUID else str(span_id)  # a UUID's text is made when needed
+            run = parent.run
+        if kind in COST_KINDS:
+            span = Span(sid, parent, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
+        else:
+            span = Span(sid, parent, run, kind, name)
+        if parent is None:
             with run.lock:
                 run.open_roots += 1
-        else:
-            run = parent.run
-            span = Span(str(span_id), parent, run, kind, name)
-        span.exported = exported
+        if not exported:
+            span.exported = False
         try:
-            self._guard_start(run, span, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens, tool_args)
+            self._guard_start(run, span, kind, name, tool_args)
         except RunAborted:
             if not run.graceful or kind in COST_KINDS:
                 if span.is_root:
@@ -479,10 +574,7 @@ class Ledger:
         self.spans[span_id] = span
         return span
 
-    def _guard_start(
-        self, run: Run, span: Span, kind: str, name: str, model: str | None, provider: str | None,
-        prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None, tool_args: Any,
-    ) -> None:
+    def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
         if run.aborted is not None:
             raise _again(run.aborted)
         loops = run.loops
@@ -495,12 +587,6 @@ class Ledger:
                 detail={"kind": kind, "name": name},
             ))
         if kind in COST_KINDS:
-            span.model = model
-            span.provider = provider
-            span.prompt = prompt
-            span.prompt_ops = prompt_ops
-            span.extra = extra
-            span.max_tokens = max_tokens
             # Count the call before checking it, under the run's lock, so that concurrent calls (a ToolNode
             # runs one message's tool calls in parallel) never pass a count limit together.
             with run.lock:
@@ -512,19 +598,32 @@ class Ledger:
                 else:
                     run.llm_calls += 1
                     nth = run.llm_calls
-            if budget is not None or loops is not None:
-                try:
-                    self._check_call_start(run, span, budget, loops, tool_args, nth, steps)
-                except RunAborted:
-                    with run.lock:  # a refused call was never made
-                        run.steps -= 1
-                        if kind == "tool":
-                            run.tool_calls -= 1
-                        else:
-                            run.llm_calls -= 1
-                        run.reserved_nanos -= span.reserved
-                        span.reserved = 0
-                    raise
+            if budget is None:
+                if loops is None:
+                    return
+                if kind != "tool" and (loops.max_steps is None or steps <= loops.max_steps):
+                    # A model call under the loop guard alone (the common case): what _check_loops would find,
+                    # without the calls, as long as nothing can refuse it.
+                    limit = loops.max_identical_model_requests
+                    if limit is None or span.prompt is None or span.prompt_ops is None:
+                        return
+                    if span.is_root and limit > 1 and not run.model_reqs:
+                        span.request_sig = _DEFERRED
+                        return
+            try:
+                self._check_call_start(run, span, budget, loops, tool_args, nth, steps)
+            except RunAborted:
+                with run.lock:  # a refused call was never made
+                    run.steps -= 1
+                    if kind == "tool":
+                        run.tool_calls -= 1
+                    else:
+                        run.llm_calls -= 1
+                    run.reserved_nanos -= span.reserved
+                    span.reserved = 0
+                    if run.loose_holds:
+                        run.loose_holds.discard(span)
+                raise
         elif budget is not None and budget.max_seconds is not None:
             self._check_seconds(run, budget)
 
@@ -591,12 +690,29 @@ class Ledger:
                 run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
                 spent=nanos_to_usd(run.cost_nanos), spent_usd=nanos_to_usd(run.cost_nanos),
             ))
-        prompt_tokens = 0
-        if span.prompt is not None and span.prompt_ops is not None:
-            prompt_tokens, _ = span.prompt_ops.count_tokens(span.model, span.prompt, span.extra)
-        estimate = self.prices.estimate_nanos(span.model, span.provider, prompt_tokens, span.max_tokens or 0)
-        if estimate is None:
+        prices = self.prices
+        if not prices.is_priced(span.model, span.provider):
             return  # an unpriced model: its cost is unknown; counts and the after-call check still apply
+        max_out = span.max_tokens or 0
+        prompt_tokens = 0
+        ops = span.prompt_ops
+        if span.prompt is not None and ops is not None:
+            bound = getattr(ops, "token_upper_bound", None)
+            if bound is None:
+                prompt_tokens, _ = ops.count_tokens(span.model, span.prompt, span.extra)
+            else:
+                # Tokenizing a long new prompt costs far more than the rest of the call: first try an upper bound
+                # (texts not counted before count one token per byte). If even that fits, the call is let through
+                # holding the bound, which is tightened to the exact estimate should another call need the room.
+                prompt_tokens, exact = bound(span.model, span.prompt, span.extra)
+                if not exact:
+                    upper = prices.estimate_upper_nanos(span.model, span.provider, prompt_tokens, max_out)
+                    if upper is not None and self._hold_if_fits(run, span, upper):
+                        return
+                    prompt_tokens, _ = ops.count_tokens(span.model, span.prompt, span.extra)
+        estimate = prices.estimate_nanos(span.model, span.provider, prompt_tokens, max_out)
+        if estimate is None:
+            return
         what = (f"an LLM call to {span.model} estimated at {_usd(estimate)} ({prompt_tokens} prompt tokens"
                 + (f", max_tokens={span.max_tokens})" if span.max_tokens else ", no max_tokens)"))
         self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens})
@@ -611,6 +727,15 @@ class Ledger:
             if fits:
                 run.reserved_nanos += estimate
                 span.reserved += estimate
+        if not fits and run.loose_holds:
+            # Calls in flight hold upper bounds: make them exact (what they would hold otherwise) and look again.
+            self._tighten_holds(run)
+            with run.lock:
+                spent, held = run.cost_nanos, run.reserved_nanos
+                fits = spent + held + estimate <= run.max_cost_nanos
+                if fits:
+                    run.reserved_nanos += estimate
+                    span.reserved += estimate
         if not fits:
             in_flight = f" and {_usd(held)} held by calls in flight" if held else ""
             self._abort(run, BudgetExceededError(
@@ -620,6 +745,44 @@ class Ledger:
                 spent=nanos_to_usd(spent), spent_usd=nanos_to_usd(spent),
                 detail={**detail, "estimate_usd": nanos_to_usd(estimate), "in_flight_usd": nanos_to_usd(held)},
             ))
+
+    @staticmethod
+    def _hold_if_fits(run: Run, span: Span, amount: int) -> bool:
+        """Hold ``amount`` (an upper bound of the call's estimate) if it fits in the run's budget now."""
+        assert run.max_cost_nanos is not None
+        with run.lock:
+            if run.cost_nanos + run.reserved_nanos + amount > run.max_cost_nanos:
+                return False
+            run.reserved_nanos += amount
+            span.reserved += amount
+            loose = run.loose_holds
+            if loose is None:
+                loose = run.loose_holds = set()
+            loose.add(span)
+        return True
+
+    def _tighten_holds(self, run: Run) -> None:
+        """Replace the upper bounds held by the run's calls in flight by their exact estimates."""
+        with run.lock:
+            spans = list(run.loose_holds or ())
+        for sp in spans:
+            prompt, ops = sp.prompt, sp.prompt_ops
+            if prompt is None or ops is None:
+                continue  # ended meanwhile: its hold is gone
+            try:
+                n, _ = ops.count_tokens(sp.model, prompt, sp.extra)
+                est = self.prices.estimate_nanos(sp.model, sp.provider, n, sp.max_tokens or 0)
+            except Exception:
+                logger.debug("costobs: could not tighten a budget hold", exc_info=True)
+                continue
+            if est is None:
+                continue
+            with run.lock:
+                loose = run.loose_holds
+                if loose is not None and sp in loose:  # still in flight, still holding its bound
+                    loose.discard(sp)
+                    run.reserved_nanos -= sp.reserved - est
+                    sp.reserved = est
 
     def _check_loops(self, run: Run, span: Span, loops: LoopPolicy, tool_args: Any, steps: int) -> None:
         if loops.max_steps is not None and steps > loops.max_steps:
@@ -661,6 +824,11 @@ class Ledger:
                 run.tool_repeat = repeat
                 seq.append(sig)
         elif loops.max_identical_model_requests is not None and span.prompt_ops is not None and span.prompt is not None:
+            if span.is_root and loops.max_identical_model_requests > 1 and not run.model_reqs:
+                # The run has no successful model request yet, so this one repeats nothing: its signature is only
+                # needed to count it, at its end, and only if the run goes on after it (see _end_root).
+                span.request_sig = _DEFERRED
+                return
             sig_i = span.prompt_ops.signature(span.model, span.prompt)
             span.request_sig = sig_i
             reqs = run.model_reqs
@@ -698,7 +866,6 @@ class Ledger:
     def end(
         self,
         span_id: Any,
-        *,
         status: str = "ok",
         error: BaseException | None = None,
         usage: TokenUsage | None = None,
@@ -708,7 +875,7 @@ class Ledger:
         flags: Iterable[str] | None = None,
     ) -> Span | None:
         """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
-        past a limit (the call's cost is recorded first)."""
+        past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)"""
         span = self.spans.pop(span_id, None)
         if span is None:
             return None
@@ -721,6 +888,11 @@ class Ledger:
         if flags:
             for f in flags:
                 span.flag(f)
+        pending = None
+        if span.request_sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
+            span.request_sig = None
+            if status == "ok":
+                pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
         if model:
             span.model = model
         run = span.run
@@ -729,18 +901,18 @@ class Ledger:
         if kind == "llm" or kind == "embedding":
             span.usage = usage
             if usage is not None:
-                priced = self.prices.price(span.model, span.provider, usage)
+                priced = self.prices.price_nanos(span.model, span.provider, usage)
                 if priced is None:
                     span.unpriced = True
                     span.cost_nanos = own or None
                 else:
-                    span.prices = priced.prices
+                    nanos, span.prices = priced
                     if cache_hit:
                         span.cache_hit = True
-                        span.saved_nanos = priced.cost_nanos
+                        span.saved_nanos = nanos
                         span.cost_nanos = own
                     else:
-                        span.cost_nanos = own + priced.cost_nanos
+                        span.cost_nanos = own + nanos
                 span.estimated = estimated
             elif not own:
                 span.cost_nanos = None
@@ -759,6 +931,8 @@ class Ledger:
             if span.reserved:
                 run.reserved_nanos -= span.reserved
                 span.reserved = 0
+                if run.loose_holds:
+                    run.loose_holds.discard(span)
             if cost:
                 run.cost_nanos += cost
                 p = span.parent
@@ -787,7 +961,7 @@ class Ledger:
             if status == "error":
                 run.had_error = True
         if span.is_root:
-            self._end_root(run, span, status, error)
+            self._end_root(run, span, status, error, pending=pending)
             if span.exported:
                 self.exporter.emit(span)
             elif run.status != "running":
@@ -850,12 +1024,15 @@ class Ledger:
                     logger.exception("costobs: on_budget_warning hook failed")
 
     def _end_root(
-        self, run: Run, span: Span, status: str, error: BaseException | None, *, refused: bool = False
+        self, run: Run, span: Span, status: str, error: BaseException | None, *, refused: bool = False,
+        pending: tuple[Any, str | None, Any] | None = None,
     ) -> None:
         with run.lock:
             run.open_roots -= 1
             last = run.open_roots <= 0
         if not last:
+            if pending is not None:
+                self._count_request(run, *pending)
             return
         if refused:
             span.end_wall = time.time()
@@ -872,9 +1049,24 @@ class Ledger:
         # Keep a compact memory of the run so a second invocation with the same run_id continues it.
         run.tool_seq = None
         run.model_reqs = None
+        run.loose_holds = None
         self.recent[run.run_id] = run
         if len(self.recent) > _RECENT_RUNS:
-            self.recent.popitem(last=False)
+            self.recent.popitem(False)  # the oldest (positional: cheaper than last=False)
+
+    @staticmethod
+    def _count_request(run: Run, ops: PromptOps, model: str | None, prompt: Any) -> None:
+        """Count a successful model request whose signature was deferred (its run goes on after it)."""
+        try:
+            sig = ops.signature(model, prompt)
+        except Exception:  # an odd payload costs the loop guard one count, never the call
+            logger.debug("costobs: could not compute a request signature", exc_info=True)
+            return
+        with run.lock:
+            reqs = run.model_reqs
+            if reqs is None:
+                reqs = run.model_reqs = {}
+            reqs[sig] = reqs.get(sig, 0) + 1
 
     def run_cost(self, run_id: str) -> RunCost | None:
         run = self.runs.get(run_id)
@@ -927,6 +1119,47 @@ def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] |
         if all(tail[i] == unit[i % period] for i in range(need)):
             return unit
     return None
+
+
+_DEFERRED: Any = object()
+"""``Span.request_sig`` of a call whose request signature is computed at its end, if it is needed then."""
+_NO_META: Mapping[str, Any] = {}  # read-only
+_ATTR_PLANS: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+"""Metadata keys (in order) -> the ones that may be attributes, with their attribute names. Bounded; filled on the
+app's threads (a lost race only recomputes an entry)."""
+_MAX_ATTR_PLANS = 1024
+
+
+def _attr_candidates(keys: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for k in keys:
+        if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
+            continue
+        if k in ("user", "user_hash"):  # never let a raw id in under another name
+            continue
+        out.append((k, _clean(k)))
+    return tuple(out)
+
+
+_BUDGETS: dict[tuple[tuple[str, type, Any], ...], Budget] = {}
+_LOOP_POLICIES: dict[tuple[tuple[str, type, Any], ...], LoopPolicy] = {}
+_MAX_POLICIES = 256
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _policy_key(value: Any) -> tuple[tuple[str, type, Any], ...] | None:
+    """A hashable stand-in for a plain policy mapping, JSON-like values only (with their types, so ``True``
+    and ``1`` differ), or ``None`` when it is anything else (it is then validated every time)."""
+    if type(value) is not dict:
+        return None
+    try:
+        key = tuple([(k, type(v), v) for k, v in value.items()])
+    except RuntimeError:  # changed by another thread meanwhile
+        return None
+    for k, tv, _ in key:
+        if type(k) is not str or tv not in _PLAIN:
+            return None
+    return key
 
 
 def _present(v: Any) -> bool:

@@ -643,6 +643,34 @@ class PriceBook:
             rates.nanos(inp, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
         )
 
+    def price_nanos(self, model: str | None, provider: str | None, usage: TokenUsage) -> tuple[int, UnitPrices] | None:
+        """:meth:`price` now, as ``(cost_nanos, unit prices)`` without building a ``PricedCall`` (the ledger's
+        hot path); ``None`` if the model has no known price."""
+        entry = self._cache.get((model, provider))
+        if entry is None or entry.expires <= _monotonic():
+            entry = self._resolve(model, provider)
+        inp = usage.input
+        rates = entry.base
+        if entry.tiers:
+            for start, tier_rates in entry.tiers:
+                if inp > start:
+                    rates = tier_rates
+                    break
+        if rates is None:
+            return None
+        out = usage.output
+        if rates.div == 1 and not (usage.cache_read or usage.cache_write or usage.reasoning) and inp >= 0 and out >= 0:
+            # What rates.nanos computes for a call without cache or reasoning tokens, when no rounding is needed.
+            return (inp * rates.inp + out * rates.out + rates.req) * rates.mul, rates.unit
+        return rates.nanos(inp, out, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
+
+    def is_priced(self, model: str | None, provider: str | None) -> bool:
+        """Whether calls of ``model`` have a price now (tiers only exist beside a base price)."""
+        entry = self._cache.get((model, provider))
+        if entry is None or entry.expires <= _monotonic():
+            entry = self._resolve(model, provider)
+        return entry.base is not None
+
     def unit_prices(
         self, model: str | None, provider: str | None, input_tokens: int = 0, *, at: datetime | None = None
     ) -> UnitPrices | None:
@@ -666,6 +694,22 @@ class PriceBook:
         if rates is None:
             return None
         return rates.nanos(input_tokens, output_tokens, 0, 0, 0)
+
+    def estimate_upper_nanos(self, model: str | None, provider: str | None, input_bound: int,
+                             output_tokens: int) -> int | None:
+        """An upper bound of :meth:`estimate_nanos` for any ``input_tokens <= input_bound``: the most any tier
+        that could apply charges for ``input_bound`` tokens. ``None`` if unpriced (or a price is negative)."""
+        entry = self._entry(model, provider, None)
+        best = None
+        for rates in (entry.base, *(r for start, r in entry.tiers if input_bound > start)):
+            if rates is None:
+                continue
+            if rates.inp < 0 or rates.out < 0 or rates.req < 0:
+                return None  # not monotonic in the token counts: no bound
+            n = rates.nanos(input_bound, output_tokens, 0, 0, 0)
+            if best is None or n > best:
+                best = n
+        return best
 
     def tool_price_nanos(self, name: str) -> int | None:
         """The price of one call of tool ``name`` in nano-USD (exact name, then case-insensitive)."""

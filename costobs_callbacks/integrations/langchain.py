@@ -34,6 +34,7 @@ COST_EVENT = "costobs.cost"
 """Name of the custom event a tool dispatches to report its own cost:
 ``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
 
+_EMPTY: dict[str, Any] = {}  # read-only
 _BUBBLE_UP = frozenset({"GraphInterrupt", "NodeInterrupt", "ParentCommand", "GraphBubbleUp"})
 
 
@@ -93,6 +94,52 @@ class _MessagesOps:
             exact = exact and ok
         return total, exact
 
+    @staticmethod
+    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count: texts
+        counted before (the same cache) count as counted, other texts one token per UTF-8 byte (every BPE
+        token is at least one byte, and the 4-characters-a-token fallback is below that too)."""
+        total = 3
+        exact = True
+        for msgs in prompt or ():
+            for m in msgs:
+                d = getattr(m, "__dict__", None) or {}
+                mid = d.get("id")
+                hit = _COUNTS.get((mid, 0, model)) if mid else None
+                if hit is not None:
+                    total += hit[0] + 4
+                    continue
+                text = _message_text(m)
+                hit = _COUNTS.get((hash(text), len(text), model)) if text else (0, True)
+                if hit is None:
+                    exact = False
+                    total += _utf8_len(text) + 4
+                else:
+                    total += hit[0] + 4
+                tc = d.get("tool_calls")
+                if tc:
+                    n, ok = _known_or_bytes(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
+                                                       default=str), model)
+                    total += n
+                    exact = exact and ok
+        if extra:
+            n, ok = _known_or_bytes(json.dumps(extra, default=str), model)
+            total += n
+            exact = exact and ok
+        return total, exact
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _known_or_bytes(text: str, model: str | None) -> tuple[int, bool]:
+    """A text's remembered token count, else its UTF-8 length (an upper bound): ``(n, n_is_the_count)``."""
+    if not text:
+        return 0, True
+    hit = _COUNTS.get((hash(text), len(text), model))
+    return (hit[0], True) if hit is not None else (_utf8_len(text), False)
+
 
 _COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
 _MAX_COUNTS = 16_384
@@ -131,6 +178,14 @@ class _StringsOps:
             total += n
             exact = exact and ok
         return total, exact
+
+    @staticmethod
+    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        """See ``_MessagesOps.token_upper_bound``: one token per UTF-8 byte."""
+        total = 0
+        for p in prompt or ():
+            total += _utf8_len(p if isinstance(p, str) else str(p))
+        return total, total == 0
 
 
 MESSAGES = _MessagesOps()
@@ -173,16 +228,27 @@ def usage_from_metadata(um: Any) -> TokenUsage:
     """``AIMessage.usage_metadata`` -> ``TokenUsage`` (raises ``ValueError`` on malformed input)."""
     if not isinstance(um, dict):
         raise ValueError(f"usage_metadata is {type(um).__name__}")
-    itd = um.get("input_token_details") or {}
-    otd = um.get("output_token_details") or {}
-    if not isinstance(itd, dict) or not isinstance(otd, dict):
+    itd = um.get("input_token_details")
+    otd = um.get("output_token_details")
+    if (itd and not isinstance(itd, dict)) or (otd and not isinstance(otd, dict)):
         raise ValueError("token details are not mappings")
+    # A plain non-negative int (what providers send) is taken as is; anything else goes through _int.
+    i = um.get("input_tokens")
+    if type(i) is not int or i < 0:
+        i = _int(i)
+    o = um.get("output_tokens")
+    if type(o) is not int or o < 0:
+        o = _int(o)
+    if not itd and not otd:
+        return TokenUsage(i, o)
+    cr = itd.get("cache_read") if itd else None
+    cw = itd.get("cache_creation") if itd else None
+    r = otd.get("reasoning") if otd else None
     return TokenUsage(
-        input=_int(um.get("input_tokens")),
-        output=_int(um.get("output_tokens")),
-        cache_read=_int(itd.get("cache_read")),
-        cache_write=_int(itd.get("cache_creation")),
-        reasoning=_int(otd.get("reasoning")),
+        i, o,
+        cr if type(cr) is int and cr >= 0 else _int(cr),
+        cw if type(cw) is int and cw >= 0 else _int(cw),
+        r if type(r) is int and r >= 0 else _int(r),
     )
 
 
@@ -323,21 +389,22 @@ class CostCallbackHandler(BaseCallbackHandler):
         self, serialized: dict[str, Any] | None, prompt: Any, ops: Any, run_id: UUID, parent_run_id: UUID | None,
         metadata: dict[str, Any] | None, kwargs: dict[str, Any],
     ) -> None:
-        ip = kwargs.get("invocation_params") or {}
-        meta = metadata or {}
+        ip = kwargs.get("invocation_params") or _EMPTY
+        meta = metadata or _EMPTY
         model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
+        if model is not None and type(model) is not str:
+            model = str(model)
         provider = meta.get("ls_provider") or ip.get("_type")
+        if provider is not None and type(provider) is not str:
+            provider = str(provider)
         max_tokens = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
             max_tokens = None
         name = kwargs.get("name") or _name(serialized) or "llm"
-        self._ledger.start(
-            run_id, parent_run_id, "llm", name, meta=metadata,
-            model=str(model) if model is not None else None,
-            provider=str(provider) if provider is not None else None,
-            prompt=prompt, prompt_ops=ops, extra=ip.get("tools") or ip.get("functions"),
-            max_tokens=max_tokens,
-        )
+        # Positional: start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra,
+        # max_tokens), cheaper than keywords on this path.
+        self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, prompt, ops,
+                           ip.get("tools") or ip.get("functions"), max_tokens)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         try:
@@ -374,35 +441,29 @@ class CostCallbackHandler(BaseCallbackHandler):
         model: str | None = None
         cache_hit = False
         flags: list[str] = []
-        out_text: list[str] = []
         if response is not None:
             for gens in response.generations or ():
                 for gen in gens:
                     msg = getattr(gen, "message", None)
                     if msg is not None:
-                        rm = getattr(msg, "response_metadata", None) or {}
-                        if model is None and isinstance(rm, dict):
-                            m = rm.get("model_name") or rm.get("model")
-                            model = m if isinstance(m, str) else None
-                        um = getattr(msg, "usage_metadata", None)
-                        if usage is None and um:
-                            try:
-                                usage = usage_from_metadata(um)
-                                if "total_cost" in um:  # set by langchain-core on LLM-cache hits only
-                                    cache_hit = True
-                            except (ValueError, TypeError):
-                                flags.append("malformed_usage")
-                    gi = getattr(gen, "generation_info", None) or {}
-                    if model is None and isinstance(gi, dict) and isinstance(gi.get("model_name"), str):
-                        model = gi["model_name"]
-                    text = getattr(gen, "text", None)
-                    if isinstance(text, str) and text:
-                        out_text.append(text)
-                    if msg is not None:
-                        tc = getattr(msg, "tool_calls", None)
-                        if tc:
-                            out_text.append(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
-                                                       default=str))
+                        if model is None:
+                            rm = getattr(msg, "response_metadata", None)
+                            if rm and isinstance(rm, dict):
+                                m = rm.get("model_name") or rm.get("model")
+                                model = m if isinstance(m, str) else None
+                        if usage is None:
+                            um = getattr(msg, "usage_metadata", None)
+                            if um:
+                                try:
+                                    usage = usage_from_metadata(um)
+                                    if "total_cost" in um:  # set by langchain-core on LLM-cache hits only
+                                        cache_hit = True
+                                except (ValueError, TypeError):
+                                    flags.append("malformed_usage")
+                    if model is None:
+                        gi = getattr(gen, "generation_info", None)
+                        if gi and isinstance(gi, dict) and isinstance(gi.get("model_name"), str):
+                            model = gi["model_name"]
             lo = response.llm_output
             if isinstance(lo, dict):
                 if model is None and isinstance(lo.get("model_name"), str):
@@ -416,12 +477,14 @@ class CostCallbackHandler(BaseCallbackHandler):
             if usage is not None and usage.input == 0 and usage.output == 0 and not cache_hit:
                 usage = None  # an all-zero report from a stream without usage is no report
         estimated = False
-        if usage is None and (status == "ok" or out_text):
-            usage = self._estimate(span, model, out_text)
-            estimated = True
-            flags.append("estimated")
-        self._ledger.end(run_id, status=status, error=error, usage=usage, model=model, estimated=estimated,
-                         cache_hit=cache_hit, flags=flags)
+        if usage is None:
+            out_text = _output_text(response) if response is not None else []  # only needed to estimate
+            if status == "ok" or out_text:
+                usage = self._estimate(span, model, out_text)
+                estimated = True
+                flags.append("estimated")
+        # end(span_id, status, error, usage, model, estimated, cache_hit, flags), by position: cheaper.
+        self._ledger.end(run_id, status, error, usage, model, estimated, cache_hit, flags)
 
     @staticmethod
     def _estimate(span: Any, model: str | None, out_text: Sequence[str]) -> TokenUsage:
@@ -529,6 +592,22 @@ class CostCallbackHandler(BaseCallbackHandler):
                 logger.warning("costobs: %s event outside any open span (run %s) ignored", COST_EVENT, run_id)
         except Exception as exc:
             self._fault("on_custom_event", exc)
+
+
+def _output_text(response: LLMResult) -> list[str]:
+    """The reply's text and tool calls, what the output-token estimate counts."""
+    out: list[str] = []
+    for gens in response.generations or ():
+        for gen in gens:
+            text = getattr(gen, "text", None)
+            if isinstance(text, str) and text:
+                out.append(text)
+            msg = getattr(gen, "message", None)
+            if msg is not None:
+                tc = getattr(msg, "tool_calls", None)
+                if tc:
+                    out.append(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc], default=str))
+    return out
 
 
 def _name(serialized: dict[str, Any] | None) -> str | None:
