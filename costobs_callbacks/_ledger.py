@@ -350,6 +350,10 @@ class Ledger:
         self.internal_errors = 0
         # (budget, the budget a run gets from it (None if empty), its max_cost_usd in nanos): the last one seen
         self._budget_memo: tuple[Budget, Budget | None, int | None] | None = None
+        # (loop policy, max_depth, max_steps, max_identical_model_requests): the last one seen
+        self._loops_memo: tuple[LoopPolicy | None, int | None, int | None, int | None] = (None, None, None, None)
+        # (loop policy, the one a run gets from it: None if disabled): the last one seen
+        self._enabled_memo: tuple[LoopPolicy | None, LoopPolicy | None] = (None, None)
 
     # -- attribution ----------------------------------------------------------------------------
 
@@ -447,7 +451,10 @@ class Ledger:
         loops = None if loops_value is None else self._loops_from_meta(loops_value)
         if loops is None:
             loops = self.default_loops
-        run.loops = loops if loops.enabled else None
+        em = self._enabled_memo
+        if em[0] is not loops:
+            em = self._enabled_memo = (loops, loops if loops.enabled else None)
+        run.loops = em[1]
         return None
 
     @staticmethod
@@ -493,10 +500,15 @@ class Ledger:
         run_id: str,
         meta: Mapping[str, Any] | None,
         extra: Mapping[str, Any] | None = None,
+        count_root: bool = False,
     ) -> tuple[Run, bool]:
-        """The run for a root span ``run_id``: an open one joined, a recent one reopened, or a new one."""
+        """The run for a root span ``run_id``: an open one joined, a recent one reopened, or a new one.
+        ``count_root``: count the root span being opened in ``Run.open_roots``."""
         run = self.runs.get(run_id)
         if run is not None:
+            if count_root:
+                with run.lock:
+                    run.open_roots += 1
             return run, True
         continued = False
         recent = self.recent
@@ -513,6 +525,12 @@ class Ledger:
             run.ended_wall = time.time()
             self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
             raise
+        if count_root:
+            if continued:
+                with run.lock:
+                    run.open_roots += 1
+            else:
+                run.open_roots = 1  # no other thread can see a new run before the line below
         self.runs[run_id] = run
         return run, continued
 
@@ -549,7 +567,7 @@ class Ledger:
         sid: str | UUID
         if parent is None:
             sid = text = str(span_id)
-            run = self.open_run(run_id or text, meta)[0]
+            run = self.open_run(run_id or text, meta, None, True)[0]  # counts this root in run.open_roots
         else:
             sid = span_id if type(span_id) is UUID else str(span_id)  # a UUID's text is made when needed
             run = parent.run
@@ -557,9 +575,6 @@ class Ledger:
             span = Span(sid, parent, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
         else:
             span = Span(sid, parent, run, kind, name)
-        if parent is None:
-            with run.lock:
-                run.open_roots += 1
         if not exported:
             span.exported = False
         try:
@@ -579,7 +594,15 @@ class Ledger:
             raise _again(run.aborted)
         loops = run.loops
         budget = run.budget
-        if loops is not None and loops.max_depth is not None and span.depth > loops.max_depth:
+        max_steps = max_reqs = None
+        if loops is not None:
+            # The policy's limits as plain values, read once per policy object (a pydantic model's attributes
+            # cost several times a plain one's).
+            lm = self._loops_memo
+            if lm[0] is not loops:
+                lm = self._loops_memo = (loops, loops.max_depth, loops.max_steps, loops.max_identical_model_requests)
+            max_depth, max_steps, max_reqs = lm[1], lm[2], lm[3]
+        if loops is not None and max_depth is not None and span.depth > max_depth:
             self._abort(run, LoopDetectedError(
                 f"run {run.run_id} nested {span.depth} levels deep (max_depth={loops.max_depth}): "
                 f"agents or chains calling each other without end; refused {kind} {name!r}",
@@ -601,13 +624,12 @@ class Ledger:
             if budget is None:
                 if loops is None:
                     return
-                if kind != "tool" and (loops.max_steps is None or steps <= loops.max_steps):
+                if kind != "tool" and (max_steps is None or steps <= max_steps):
                     # A model call under the loop guard alone (the common case): what _check_loops would find,
                     # without the calls, as long as nothing can refuse it.
-                    limit = loops.max_identical_model_requests
-                    if limit is None or span.prompt is None or span.prompt_ops is None:
+                    if max_reqs is None or span.prompt is None or span.prompt_ops is None:
                         return
-                    if span.is_root and limit > 1 and not run.model_reqs:
+                    if span.is_root and max_reqs > 1 and not run.model_reqs:
                         span.request_sig = _DEFERRED
                         return
             try:
@@ -918,48 +940,53 @@ class Ledger:
                 span.cost_nanos = None
                 if status == "ok":
                     span.flag("no_usage")
+            span.prompt = None  # drop the reference to the user's messages now
+            span.extra = None
         elif kind == "tool":
             price = self.prices.tool_price_nanos(span.name)
             if price is not None:
                 own += price
             span.cost_nanos = own if (own or price is not None) else None
-        span.prompt = None  # drop the reference to the user's messages now
-        span.extra = None
+            span.prompt = None
+            span.extra = None
         cost = span.cost_nanos or 0
-        span.tree_cost += cost
-        with run.lock:
-            if span.reserved:
-                run.reserved_nanos -= span.reserved
-                span.reserved = 0
-                if run.loose_holds:
-                    run.loose_holds.discard(span)
-            if cost:
-                run.cost_nanos += cost
-                p = span.parent
-                while p is not None:
-                    p.tree_cost += cost
-                    p = p.parent
-            u = span.usage
-            if u is not None and not span.cache_hit:
-                run.input += u.input
-                run.output += u.output
-                run.cache_read += u.cache_read
-                run.cache_write += u.cache_write
-                run.reasoning += u.reasoning
-            if kind == "llm" or kind == "embedding":
-                if span.unpriced:
-                    run.unpriced_calls += 1
-                if span.estimated:
-                    run.estimated_calls += 1
-                if span.model and not span.cache_hit:
-                    run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
-                if span.request_sig is not None and status == "ok":
-                    reqs = run.model_reqs
-                    if reqs is None:
-                        reqs = run.model_reqs = {}
-                    reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
-            if status == "error":
-                run.had_error = True
+        # A span that costs nothing, holds nothing, reports no usage and did not fail (a chain's, a retriever's)
+        # changes nothing in its run: no lock then.
+        if cost or kind == "llm" or kind == "embedding" or span.reserved or span.usage is not None or status == "error":
+            span.tree_cost += cost
+            with run.lock:
+                if span.reserved:
+                    run.reserved_nanos -= span.reserved
+                    span.reserved = 0
+                    if run.loose_holds:
+                        run.loose_holds.discard(span)
+                if cost:
+                    run.cost_nanos += cost
+                    p = span.parent
+                    while p is not None:
+                        p.tree_cost += cost
+                        p = p.parent
+                u = span.usage
+                if u is not None and not span.cache_hit:
+                    run.input += u.input
+                    run.output += u.output
+                    run.cache_read += u.cache_read
+                    run.cache_write += u.cache_write
+                    run.reasoning += u.reasoning
+                if kind == "llm" or kind == "embedding":
+                    if span.unpriced:
+                        run.unpriced_calls += 1
+                    if span.estimated:
+                        run.estimated_calls += 1
+                    if span.model and not span.cache_hit:
+                        run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
+                    if span.request_sig is not None and status == "ok":
+                        reqs = run.model_reqs
+                        if reqs is None:
+                            reqs = run.model_reqs = {}
+                        reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
+                if status == "error":
+                    run.had_error = True
         if span.is_root:
             self._end_root(run, span, status, error, pending=pending)
             if span.exported:

@@ -361,7 +361,21 @@ class CostCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         try:
-            self._model_start(serialized, messages, MESSAGES, run_id, parent_run_id, metadata, kwargs)
+            # _model_start(serialized, messages, MESSAGES, ...), inlined: this is the hottest hook.
+            ip = kwargs.get("invocation_params") or _EMPTY
+            meta = metadata or _EMPTY
+            model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
+            if model is not None and type(model) is not str:
+                model = str(model)
+            provider = meta.get("ls_provider") or ip.get("_type")
+            if provider is not None and type(provider) is not str:
+                provider = str(provider)
+            max_tokens = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
+            if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+                max_tokens = None
+            name = kwargs.get("name") or _name(serialized) or "llm"
+            self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, messages, MESSAGES,
+                               ip.get("tools") or ip.get("functions"), max_tokens)
         except RunAborted:
             raise
         except Exception as exc:
@@ -389,6 +403,7 @@ class CostCallbackHandler(BaseCallbackHandler):
         self, serialized: dict[str, Any] | None, prompt: Any, ops: Any, run_id: UUID, parent_run_id: UUID | None,
         metadata: dict[str, Any] | None, kwargs: dict[str, Any],
     ) -> None:
+        # (on_chat_model_start has its own copy of this, inlined: keep them in step.)
         ip = kwargs.get("invocation_params") or _EMPTY
         meta = metadata or _EMPTY
         model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
