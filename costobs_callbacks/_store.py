@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -368,7 +369,7 @@ class Store:
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> None:
-        # Chunks come in a few fixed sizes (256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
+        # Chunks come in a few fixed sizes (1024, 256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
         # statement it prepares, and one per batch remainder would pile up large compiled programs.
         group = "(" + ",".join("?" * ncols) + ")"
         i, n = 0, len(rows)
@@ -379,7 +380,7 @@ class Store:
             sql = self._sql_cache.get(key)
             if sql is None:
                 sql = self._sql_cache[key] = head + ",".join([group] * size) + tail
-            conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
+            conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
             i += size
 
     def _upsert_runs(self) -> Any:
@@ -576,7 +577,7 @@ _RUN_SUMS = (
 )
 
 
-_CHUNK_SIZES = (256, 64, 16, 4, 1)
+_CHUNK_SIZES = (1024, 256, 64, 16, 4, 1)
 
 _RUN_COLS = (
     "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes", "status", "reason",
