@@ -350,6 +350,9 @@ class Ledger:
         self.internal_errors = 0
         # (budget, the budget a run gets from it (None if empty), its max_cost_usd in nanos): the last one seen
         self._budget_memo: tuple[Budget, Budget | None, int | None] | None = None
+        # (budget, max_seconds, max_tool_calls, max_llm_calls, max_tokens): the last one seen
+        self._budget_limits: tuple[Budget | None, float | None, int | None, int | None, int | None] = (
+            None, None, None, None, None)
         # (loop policy, max_depth, max_steps, max_identical_model_requests): the last one seen
         self._loops_memo: tuple[LoopPolicy | None, int | None, int | None, int | None] = (None, None, None, None)
         # (loop policy, the one a run gets from it: None if disabled): the last one seen
@@ -666,10 +669,14 @@ class Ledger:
         """``nth``: this call's number among the run's tool (or LLM) calls; ``steps``: among all its calls."""
         kind = span.kind
         if budget is not None:
-            if budget.max_seconds is not None:
+            bl = self._budget_limits
+            if bl[0] is not budget:  # the budget's limits as plain values, read once per budget object
+                bl = self._budget_limits = (budget, budget.max_seconds, budget.max_tool_calls, budget.max_llm_calls,
+                                            budget.max_tokens)
+            if bl[1] is not None:
                 self._check_seconds(run, budget)
             if kind == "tool":
-                if budget.max_tool_calls is not None and nth > budget.max_tool_calls:
+                if bl[2] is not None and nth > bl[2]:
                     self._abort(run, BudgetExceededError(
                         f"run {run.run_id} refused tool call {nth} ({span.name!r}): "
                         f"max_tool_calls={budget.max_tool_calls}; spent {_usd(run.cost_nanos)}",
@@ -683,7 +690,7 @@ class Ledger:
                         self._reserve(run, span, budget, price, f"tool {span.name!r} costing {_usd(price)}",
                                       {"tool": span.name})
             else:
-                if budget.max_llm_calls is not None and nth > budget.max_llm_calls:
+                if bl[3] is not None and nth > bl[3]:
                     self._abort(run, BudgetExceededError(
                         f"run {run.run_id} refused LLM call {nth} ({span.model or span.name}): "
                         f"max_llm_calls={budget.max_llm_calls}; spent {_usd(run.cost_nanos)}",
@@ -691,7 +698,7 @@ class Ledger:
                         spent=nth - 1, spent_usd=nanos_to_usd(run.cost_nanos),
                         detail={"model": span.model},
                     ))
-                if budget.max_tokens is not None and run.input + run.output >= budget.max_tokens:
+                if bl[4] is not None and run.input + run.output >= bl[4]:
                     self._abort(run, BudgetExceededError(
                         f"run {run.run_id} refused an LLM call: {run.input + run.output} tokens used of "
                         f"max_tokens={budget.max_tokens}",
