@@ -81,6 +81,9 @@ class RunCost:
     """Why an aborted run was stopped."""
     estimated_calls: int = 0
     """Calls whose tokens were counted by us because the provider reported none."""
+    unpriced_models: tuple[str, ...] = ()
+    """Models called in this run that have no price: their calls are in ``unpriced_calls``, not in
+    ``by_model`` or ``cost_usd`` (an unknown price is never shown as $0)."""
 
 
 class Run:
@@ -124,6 +127,7 @@ class Run:
         "tool_repeat",
         "tool_seq",
         "unpriced_calls",
+        "unpriced_models",
         "user_hash",
         "warned",
     )
@@ -155,6 +159,7 @@ class Run:
         self.estimated_calls = 0
         self.steps = 0
         self.by_model: dict[str, int] = {}
+        self.unpriced_models: list[str] = []
         self.status = "running"
         self.aborted: RunAborted | None = None
         self.open_roots = 0
@@ -185,6 +190,7 @@ class Run:
                 tool_calls=self.tool_calls,
                 unpriced_calls=self.unpriced_calls,
                 by_model={m: nanos_to_usd(n) or Decimal(0) for m, n in self.by_model.items()},
+                unpriced_models=tuple(self.unpriced_models),
                 status=self.status,
                 attributes=self.public_attributes(),
                 reason=self.aborted.reason if self.aborted is not None else None,
@@ -986,7 +992,11 @@ class Ledger:
                     if span.estimated:
                         run.estimated_calls += 1
                     if span.model and not span.cache_hit:
-                        run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
+                        if span.unpriced:  # never a silent $0: listed apart, with no figure
+                            if span.model not in run.unpriced_models:
+                                run.unpriced_models.append(span.model)
+                        else:
+                            run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
                     if span.request_sig is not None and status == "ok":
                         reqs = run.model_reqs
                         if reqs is None:
@@ -1186,14 +1196,16 @@ def _policy_key(value: Any) -> tuple[tuple[str, type, Any], ...] | None:
     and ``1`` differ), or ``None`` when it is anything else (it is then validated every time)."""
     if type(value) is not dict:
         return None
+    key = []
     try:
-        key = tuple([(k, type(v), v) for k, v in value.items()])
+        for k, v in value.items():
+            tv = type(v)
+            if type(k) is not str or tv not in _PLAIN:
+                return None
+            key.append((k, tv, v))
     except RuntimeError:  # changed by another thread meanwhile
         return None
-    for k, tv, _ in key:
-        if type(k) is not str or tv not in _PLAIN:
-            return None
-    return key
+    return tuple(key)
 
 
 def _present(v: Any) -> bool:

@@ -434,10 +434,14 @@ class Store:
                 for m, n in conn.execute(
                     sa.select(spans.c.model, sa.func.sum(sa.func.coalesce(spans.c.cost_nanos, 0)))
                     .where(spans.c.run_id == run_id, spans.c.kind.in_(_LLM_KINDS), spans.c.model.is_not(None),
-                           spans.c.cache_hit.is_(False))
+                           spans.c.cache_hit.is_(False), spans.c.unpriced.is_(False))
                     .group_by(spans.c.model)
                 )
             }
+            unpriced_models = tuple(sorted(conn.execute(
+                sa.select(spans.c.model).distinct()
+                .where(spans.c.run_id == run_id, spans.c.unpriced.is_(True), spans.c.model.is_not(None))
+            ).scalars()))
         attrs: dict[str, Any] = {"feature": row["feature"]}
         for k, col in (("route", "route"), ("tenant_id", "tenant_id"), ("user", "user_hash"),
                        ("prompt_version", "prompt_version")):
@@ -456,6 +460,7 @@ class Store:
             tool_calls=int(row["tool_calls"]),
             unpriced_calls=int(row["unpriced_calls"]),
             by_model=by_model,
+            unpriced_models=unpriced_models,
             status=row["status"],
             attributes=attrs,
             reason=row["reason"],

@@ -253,7 +253,7 @@ def test_non_finite_and_nul_metadata_stored_on_every_backend(database_url, stub_
         assert run_cost(tracker, good["run_id"]).cost_usd == usd(10, 2)
         rc = run_cost(tracker, bad)
         assert rc.attributes == {"feature": "nulfeature", "tenant_id": "t", "nan": "nan", "inf": "-inf", "txt": "ab"}
-        assert (rc.unpriced_calls, rc.by_model) == (1, {"mx": Decimal(0)})
+        assert (rc.unpriced_calls, rc.by_model, rc.unpriced_models) == (1, {}, ("mx",))
 
 
 @pytest.mark.parametrize(("payload", "faults"), [
