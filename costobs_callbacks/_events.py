@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "nanos_to_usd", "usd_to_nanos"]
+__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "nanos_to_usd", "token_count", "usd_to_nanos"]
 
 NANOS_PER_USD = 1_000_000_000
 
@@ -29,6 +29,25 @@ def usd_to_nanos(usd: Any) -> int:
     if not d.is_finite():
         raise ValueError(f"not a finite amount: {usd!r}")
     return int((d * NANOS_PER_USD).to_integral_value())
+
+
+def token_count(v: Any) -> int:
+    """A token count from a provider payload: ``None`` is 0; an int, an integral float or a digit
+    string is read; anything else (a bool, a negative number, text) raises ``ValueError`` and the
+    adapter flags the span ``malformed_usage``."""
+    if v is None:
+        return 0
+    if isinstance(v, bool):
+        raise ValueError("bool is not a token count")
+    if isinstance(v, int):
+        n = v
+    elif (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and v.strip().isdigit()):
+        n = int(v)
+    else:
+        raise ValueError(f"not a token count: {v!r}")
+    if n < 0:
+        raise ValueError(f"negative token count: {n}")
+    return n
 
 
 @dataclass(slots=True)

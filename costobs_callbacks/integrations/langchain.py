@@ -19,7 +19,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
-from .._events import TokenUsage, usd_to_nanos
+from .._events import TokenUsage, token_count, usd_to_nanos
 from .._exceptions import RunAborted
 from .._tokens import count_text
 
@@ -207,21 +207,7 @@ def _message_text(m: Any) -> str:
     return str(c)
 
 
-def _int(v: Any) -> int:
-    """A token count from a provider payload; raises on garbage (the caller flags it)."""
-    if v is None:
-        return 0
-    if isinstance(v, bool):
-        raise ValueError("bool is not a token count")
-    if isinstance(v, int):
-        n = v
-    elif (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and v.strip().isdigit()):
-        n = int(v)
-    else:
-        raise ValueError(f"not a token count: {v!r}")
-    if n < 0:
-        raise ValueError(f"negative token count: {n}")
-    return n
+_int = token_count
 
 
 def usage_from_metadata(um: Any) -> TokenUsage:

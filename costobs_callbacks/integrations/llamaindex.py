@@ -78,7 +78,7 @@ from llama_index.core.tools.types import BaseTool
 from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel, Field
 
-from .._events import TokenUsage
+from .._events import TokenUsage, token_count
 from .._exceptions import RunAborted
 from .._ledger import Span, _again, current_scope
 from .._tokens import count_text
@@ -334,20 +334,7 @@ def _response_text(resp: Any) -> str:
 # -- usage ---------------------------------------------------------------------------------------------
 
 
-def _int(v: Any) -> int:
-    if v is None:
-        return 0
-    if isinstance(v, bool):
-        raise ValueError("bool is not a token count")
-    if isinstance(v, int):
-        n = v
-    elif (isinstance(v, float) and v.is_integer()) or (isinstance(v, str) and v.strip().isdigit()):
-        n = int(v)
-    else:
-        raise ValueError(f"not a token count: {v!r}")
-    if n < 0:
-        raise ValueError(f"negative token count: {n}")
-    return n
+_int = token_count
 
 
 def _as_dict(obj: Any) -> Mapping[str, Any] | None:
