@@ -755,22 +755,11 @@ class Ledger:
     def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any]) -> None:
         """Hold ``estimate`` of the run's budget for this call while it is in flight, or refuse the call if
         what is spent, what calls in flight hold and the estimate would pass ``max_cost_usd``."""
-        assert run.max_cost_nanos is not None
-        with run.lock:
-            spent, held = run.cost_nanos, run.reserved_nanos
-            fits = spent + held + estimate <= run.max_cost_nanos
-            if fits:
-                run.reserved_nanos += estimate
-                span.reserved += estimate
+        fits, spent, held = self._try_hold(run, span, estimate)
         if not fits and run.loose_holds:
             # Calls in flight hold upper bounds: make them exact (what they would hold otherwise) and look again.
             self._tighten_holds(run)
-            with run.lock:
-                spent, held = run.cost_nanos, run.reserved_nanos
-                fits = spent + held + estimate <= run.max_cost_nanos
-                if fits:
-                    run.reserved_nanos += estimate
-                    span.reserved += estimate
+            fits, spent, held = self._try_hold(run, span, estimate)
         if not fits:
             in_flight = f" and {_usd(held)} held by calls in flight" if held else ""
             self._abort(run, BudgetExceededError(
@@ -780,6 +769,18 @@ class Ledger:
                 spent=nanos_to_usd(spent), spent_usd=nanos_to_usd(spent),
                 detail={**detail, "estimate_usd": nanos_to_usd(estimate), "in_flight_usd": nanos_to_usd(held)},
             ))
+
+    @staticmethod
+    def _try_hold(run: Run, span: Span, estimate: int) -> tuple[bool, int, int]:
+        """Hold ``estimate`` for this call if it fits: ``(fits, spent, held by others)``, read under the lock."""
+        assert run.max_cost_nanos is not None
+        with run.lock:
+            spent, held = run.cost_nanos, run.reserved_nanos
+            fits = spent + held + estimate <= run.max_cost_nanos
+            if fits:
+                run.reserved_nanos += estimate
+                span.reserved += estimate
+        return fits, spent, held
 
     @staticmethod
     def _hold_if_fits(run: Run, span: Span, amount: int) -> bool:
