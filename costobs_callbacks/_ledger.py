@@ -15,11 +15,13 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import islice
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
@@ -30,7 +32,7 @@ from ._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy, coerce_budge
 if TYPE_CHECKING:
     from ._pricing import PriceBook, UnitPrices
 
-__all__ = ["ATTRIBUTION_KEYS", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span"]
+__all__ = ["ATTRIBUTION_KEYS", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span", "run_key", "run_text", "span_key"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -38,10 +40,11 @@ UNATTRIBUTED = "unattributed"
 ATTRIBUTION_KEYS = ("feature", "route", "user_id", "tenant_id", "prompt_version")
 BUDGET_META_KEY = "costobs_budget"
 LOOPS_META_KEY = "costobs_loops"
-_INTERNAL_PREFIXES = ("ls_", "langgraph_", "langsmith", "costobs_", "checkpoint_", "__")
+_INTERNAL_PREFIXES = ("ls_", "lc_", "langgraph_", "langsmith", "costobs_", "checkpoint_", "__")
 _MAX_ATTR_LEN = 256
 _MAX_ATTRS = 32
 _RECENT_RUNS = 1024
+_RECENT_SLACK = 256  # ended runs are forgotten in batches of this many
 
 COST_KINDS = frozenset({"llm", "embedding", "tool"})
 
@@ -86,95 +89,100 @@ class RunCost:
     ``by_model`` or ``cost_usd`` (an unknown price is never shown as $0)."""
 
 
+def run_key(run_id: Any) -> Any:
+    """The key of a run in ``Ledger.runs`` and ``Ledger.recent``, and of a LangChain span in ``Ledger.spans``: a
+    ``UUID`` (or its text) as its 128-bit integer, whose hash is computed in C (a ``UUID``'s in Python), any other
+    id as text."""
+    if type(run_id) is UUID:
+        return run_id.int
+    if type(run_id) is int:
+        return run_id
+    text = str(run_id)
+    if len(text) == 36 and text[8] == "-":
+        try:
+            return UUID(text).int
+        except ValueError:
+            pass
+    return text
+
+
+def run_text(run_id: Any) -> str:
+    """A run id as stored: a ``UUID`` or its text (any case) in the canonical form, any other id as text."""
+    key = run_key(run_id)
+    return str(UUID(int=key)) if type(key) is int else str(key)
+
+
+def span_key(span_id: Any) -> Any:
+    """The key of a span in ``Ledger.spans``: a ``UUID`` as its integer (see ``run_key``), any other id as is."""
+    return span_id.int if type(span_id) is UUID else span_id
+
+
 class Run:
-    """A root run: attribution, policy and live totals of its whole tree."""
+    """A root run: attribution, policy and live totals of its whole tree.
 
-    __slots__ = (
-        "aborted",
-        "attributes",
-        "budget",
-        "by_model",
-        "cache_read",
-        "cache_write",
-        "cost_nanos",
-        "ended_wall",
-        "estimated_calls",
-        "feature",
-        "graceful",
-        "had_error",
-        "input",
-        "last_tool_sig",
-        "llm_calls",
-        "lock",
-        "loops",
-        "loose_holds",
-        "max_cost_nanos",
-        "model_reqs",
-        "open_roots",
-        "output",
-        "prompt_version",
-        "reasoning",
-        "reserved_nanos",
-        "route",
-        "run_id",
-        "scope",
-        "started_mono",
-        "started_wall",
-        "status",
-        "steps",
-        "tenant_id",
-        "tool_calls",
-        "tool_repeat",
-        "tool_seq",
-        "unpriced_calls",
-        "unpriced_models",
-        "user_hash",
-        "warned",
-    )
+    The defaults below are class attributes: a run stores only what differs from them (most runs are one call
+    with no policy hit), so opening one costs a few assignments instead of forty.
+    """
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.feature: str = UNATTRIBUTED
-        self.route: str | None = None
-        self.tenant_id: str | None = None
-        self.user_hash: str | None = None
-        self.prompt_version: str | None = None
-        self.attributes: dict[str, Any] = {}
-        self.budget: Budget | None = None
-        self.loops: LoopPolicy | None = None
-        self.max_cost_nanos: int | None = None
+    feature: str = UNATTRIBUTED
+    route: str | None = None
+    tenant_id: str | None = None
+    user_hash: str | None = None
+    prompt_version: str | None = None
+    attributes: Mapping[str, Any] = MappingProxyType({})
+    """Shared between runs with the same metadata: never mutated, replaced."""
+    budget: Budget | None = None
+    loops: LoopPolicy | None = None
+    max_cost_nanos: int | None = None
+    ended_wall = 0.0
+    cost_nanos = 0
+    input = 0
+    output = 0
+    cache_read = 0
+    cache_write = 0
+    reasoning = 0
+    llm_calls = 0
+    tool_calls = 0
+    unpriced_calls = 0
+    estimated_calls = 0
+    steps = 0
+    unpriced_models: tuple[str, ...] = ()
+    """Replaced (under the lock), never appended to: a snapshot may be reading the old one."""
+    status = "running"
+    aborted: RunAborted | None = None
+    open_roots = 0
+    warned: set[str] | None = None
+    last_tool_sig: Any = None
+    tool_repeat = 0
+    tool_seq: deque[Any] | None = None
+    model_reqs: dict[int, int] | None = None
+    had_error = False
+    scope = False
+    # CostGuardMiddleware(on_limit="end") sets it: after an abort, chain starts no longer raise (paid
+    # calls still do), so that the agent can end with its final message.
+    graceful = False
+    reserved_nanos = 0
+    """Pre-call estimates of the calls in flight (sum of their ``Span.reserved``)."""
+    loose_holds: set[Span] | None = None
+    """Calls in flight holding an upper bound of their estimate."""
+
+    def __init__(self, run_id: str | UUID, key: Any = None) -> None:
+        self._rid = run_id
+        self.key = run_key(run_id) if key is None else key
+        """Its key in ``Ledger.runs`` and ``Ledger.recent`` (see ``run_key``)."""
         self.lock = threading.Lock()
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
-        self.ended_wall = 0.0
-        self.cost_nanos = 0
-        self.input = 0
-        self.output = 0
-        self.cache_read = 0
-        self.cache_write = 0
-        self.reasoning = 0
-        self.llm_calls = 0
-        self.tool_calls = 0
-        self.unpriced_calls = 0
-        self.estimated_calls = 0
-        self.steps = 0
         self.by_model: dict[str, int] = {}
-        self.unpriced_models: list[str] = []
-        self.status = "running"
-        self.aborted: RunAborted | None = None
-        self.open_roots = 0
-        self.warned: set[str] | None = None
-        self.last_tool_sig: Any = None
-        self.tool_repeat = 0
-        self.tool_seq: deque[Any] | None = None
-        self.model_reqs: dict[int, int] | None = None
-        self.had_error = False
-        self.scope = False
-        # CostGuardMiddleware(on_limit="end") sets it: after an abort, chain starts no longer raise (paid
-        # calls still do), so that the agent can end with its final message.
-        self.graceful = False
-        self.reserved_nanos = 0  # pre-call estimates of the calls in flight (sum of their Span.reserved)
-        self.loose_holds: set[Span] | None = None  # calls in flight holding an upper bound of their estimate
+
+    @property
+    def run_id(self) -> str:
+        """The run's id as text (a LangChain run id, a ``UUID``, is turned into text when first read, usually on
+        the exporter's thread)."""
+        rid = self._rid
+        if type(rid) is not str:
+            rid = self._rid = str(rid)
+        return rid
 
     def snapshot(self) -> RunCost:
         with self.lock:
@@ -212,41 +220,34 @@ class Run:
 
 
 class Span:
-    """One open (then finished) span. Exported as is: the exporter's thread turns it into a row."""
+    """One open (then finished) span. Exported as is: the exporter's thread turns it into a row.
 
-    __slots__ = (
-        "_sid",
-        "cache_hit",
-        "cost_nanos",
-        "depth",
-        "end_wall",
-        "error",
-        "estimated",
-        "exported",
-        "extra",
-        "flags",
-        "is_root",
-        "kind",
-        "latency_ms",
-        "max_tokens",
-        "model",
-        "name",
-        "parent",
-        "prices",
-        "prompt",
-        "prompt_ops",
-        "provider",
-        "request_sig",
-        "reserved",
-        "run",
-        "saved_nanos",
-        "start_perf",
-        "start_wall",
-        "status",
-        "tree_cost",
-        "unpriced",
-        "usage",
-    )
+    As for ``Run``, the defaults are class attributes and a span stores only what it sets."""
+
+    end_wall = 0.0
+    latency_ms = 0.0
+    depth = 0
+    model: str | None = None
+    provider: str | None = None
+    usage: TokenUsage | None = None
+    cost_nanos: int | None = None
+    tree_cost = 0
+    unpriced = False
+    estimated = False
+    cache_hit = False
+    saved_nanos: int | None = None
+    prices: UnitPrices | None = None
+    status = "running"
+    error: str | None = None
+    flags: list[str] | None = None
+    exported = True
+    prompt: Any = None
+    prompt_ops: PromptOps | None = None
+    extra: Any = None
+    max_tokens: int | None = None
+    request_sig: Any = None  # int, or _DEFERRED
+    reserved = 0
+    """nano-USD of the run's budget this call holds while in flight."""
 
     def __init__(
         self, span_id: str | UUID, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,
@@ -260,30 +261,22 @@ class Span:
         self.name = name
         self.start_wall = time.time()
         self.start_perf = time.perf_counter()
-        self.end_wall = 0.0
-        self.latency_ms = 0.0
-        self.depth: int = 0 if parent is None else parent.depth + 1
-        self.model = model
-        self.provider = provider
-        self.usage: TokenUsage | None = None
-        self.cost_nanos: int | None = None
-        self.tree_cost = 0
-        self.unpriced = False
-        self.estimated = False
-        self.cache_hit = False
-        self.saved_nanos: int | None = None
-        self.prices: UnitPrices | None = None
-        self.status = "running"
-        self.error: str | None = None
-        self.flags: list[str] | None = None
-        self.exported = True
-        self.prompt = prompt
-        self.prompt_ops = prompt_ops
-        self.extra = extra
-        self.max_tokens = max_tokens
-        self.request_sig: Any = None  # int, or _DEFERRED
-        self.reserved = 0  # nano-USD of the run's budget this call holds while in flight
-        self.is_root = parent is None
+        if parent is None:
+            self.is_root = True
+        else:
+            self.is_root = False
+            self.depth = parent.depth + 1
+        if model is not None:
+            self.model = model
+        if provider is not None:
+            self.provider = provider
+        if prompt is not None:
+            self.prompt = prompt
+            self.prompt_ops = prompt_ops
+        if extra is not None:
+            self.extra = extra
+        if max_tokens is not None:
+            self.max_tokens = max_tokens
 
     @property
     def span_id(self) -> str:
@@ -349,20 +342,18 @@ class Ledger:
         self.default_loops = loops if loops is not None else LoopPolicy()
         self.require = tuple(require)
         self.on_budget_warning = on_budget_warning
-        self.spans: dict[Any, Span] = {}
-        self.runs: dict[str, Run] = {}
-        self.recent: OrderedDict[str, Run] = OrderedDict()
+        self.spans: dict[Any, Span] = {}  # by span_key(span id)
+        self.runs: dict[Any, Run] = {}  # by Run.key
+        self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _end_root)
         self._user_cache: dict[str, str] = {}
         self.internal_errors = 0
-        # (budget, the budget a run gets from it (None if empty), its max_cost_usd in nanos): the last one seen
-        self._budget_memo: tuple[Budget, Budget | None, int | None] | None = None
+        # attribution values -> what a run gets from them (see _attribute); bounded
+        self._attr_memo: dict[tuple[Any, ...], _Attribution] = {}
         # (budget, max_seconds, max_tool_calls, max_llm_calls, max_tokens): the last one seen
         self._budget_limits: tuple[Budget | None, float | None, int | None, int | None, int | None] = (
             None, None, None, None, None)
         # (loop policy, max_depth, max_steps, max_identical_model_requests): the last one seen
         self._loops_memo: tuple[LoopPolicy | None, int | None, int | None, int | None] = (None, None, None, None)
-        # (loop policy, the one a run gets from it: None if disabled): the last one seen
-        self._enabled_memo: tuple[LoopPolicy | None, LoopPolicy | None] = (None, None)
 
     # -- attribution ----------------------------------------------------------------------------
 
@@ -376,12 +367,72 @@ class Ledger:
             self._user_cache[key] = h
         return h
 
-    def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> Span | None:
+    def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> int:
+        """Set the run's attribution and policy from its root's metadata (raises ``MissingAttributionError``).
+
+        What a run gets depends only on the values of a few keys (the attribution keys, other attributes, the
+        policy keys), and LangChain sends the same metadata with every call of a feature: the outcome is
+        remembered per distinct set of those values while they are plain text (the common case), so most runs
+        are attributed with one lookup. Other values (numbers, objects, policy dicts) take the full path.
+
+        Returns what the run's policy asks of its first model call (see ``_first_call``)."""
         if extra:
             merged: Mapping[str, Any] = {**meta, **extra} if meta else dict(extra)
         else:
             merged = meta or _NO_META
+        shape = tuple(merged)
+        plan = _ATTR_PLANS.get(shape)
+        if plan is None:
+            plan = _attr_plan(shape)
+            if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
+                _ATTR_PLANS.clear()
+            _ATTR_PLANS[shape] = plan
         get = merged.get
+        memo = self._attr_memo
+        try:
+            hit = memo.get((shape, *map(get, plan[0])))  # plain text values (the common case): one lookup
+        except TypeError:  # an unhashable value (a policy dict, a list)
+            hit = None
+        if hit is None:
+            hit = self._attribute_slow(run, get, shape, plan)
+        (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
+         run.max_cost_nanos, run.loops, first) = hit
+        return first
+
+    def _attribute_slow(
+        self, run: Run, get: Any, shape: tuple[Any, ...],
+        plan: tuple[tuple[str, ...], tuple[tuple[str, str], ...], int],
+    ) -> _Attribution:
+        """``_attribute`` without a remembered outcome: work it out, and remember it if the values allow."""
+        vals: list[Any] | None = []
+        plain = True
+        for i, k in enumerate(plan[0]):
+            v = get(k)
+            if v is None or type(v) is str:
+                vals.append(v)  # type: ignore[union-attr]
+                continue
+            plain = False
+            if i >= plan[2] and not isinstance(v, (str, int, float)):
+                vals.append(_IGNORED)  # type: ignore[union-attr]  # not an attribute value: dropped, whatever it is
+            elif k in _POLICY_META_KEYS and (pk := _policy_key(v)) is not None:
+                vals.append((_IGNORED, pk))  # type: ignore[union-attr]
+            else:
+                vals = None  # another type: not remembered (1 and True are equal keys, not equal values)
+                break
+        if vals is None:
+            return self._resolve_attribution(run, get, plan[1])
+        # Plain values are remembered under the key _attribute looks up; others under a key it can never build.
+        mkey = (shape, *vals) if plain else (_IGNORED, shape, *vals)
+        memo = self._attr_memo
+        hit = memo.get(mkey)
+        if hit is None:
+            hit = self._resolve_attribution(run, get, plan[1])
+            if len(memo) >= _MAX_ATTR_MEMO:
+                memo.clear()
+            memo[mkey] = hit
+        return hit
+
+    def _resolve_attribution(self, run: Run, get: Any, cands: tuple[tuple[str, str], ...]) -> _Attribution:
         for key in self.require:
             if not _present(get(key)):
                 err = MissingAttributionError(
@@ -397,74 +448,40 @@ class Ledger:
                 raise err
         # An attribution value counts when present: not None and not "" (never calls the value's own __eq__).
         v: Any = get("feature")
-        if v is None or (isinstance(v, str) and not v):
-            run.feature = UNATTRIBUTED
-        elif type(v) is str and len(v) <= _MAX_ATTR_LEN and "\x00" not in v:
-            run.feature = v
-        else:
-            run.feature = _clean(v)
+        feature = UNATTRIBUTED if not _present(v) else _clean(v)
         v = get("route")
-        if v is not None and not (isinstance(v, str) and not v):
-            run.route = _clean(v)
+        route = _clean(v) if _present(v) else None
         v = get("tenant_id")
-        if v is not None and not (isinstance(v, str) and not v):
-            run.tenant_id = v if type(v) is str and len(v) <= _MAX_ATTR_LEN and "\x00" not in v else _clean(v)
+        tenant_id = _clean(v) if _present(v) else None
         v = get("prompt_version")
-        if v is not None and not (isinstance(v, str) and not v):
-            run.prompt_version = _clean(v)
+        prompt_version = _clean(v) if _present(v) else None
         v = get("user_id")
-        if v is not None and not (isinstance(v, str) and not v):
-            h = self._user_cache.get(v) if type(v) is str else None
-            run.user_hash = h if h is not None else self.hash_user(v if isinstance(v, str) else _text(v))
-        # Other attributes: which keys can be attributes depends on the keys alone, so it is worked out once per
-        # set of keys (LangChain and LangGraph send the same keys with every call) and only their values are read.
-        shape = tuple(merged)
-        cands = _ATTR_PLANS.get(shape)
-        if cands is None:
-            cands = _attr_candidates(shape)
-            if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
-                _ATTR_PLANS.clear()
-            _ATTR_PLANS[shape] = cands
+        user_hash = self.hash_user(v if isinstance(v, str) else _text(v)) if _present(v) else None
         attrs: dict[str, Any] = {}
         for k, ck in cands:
             if len(attrs) >= _MAX_ATTRS:
                 break
             v = get(k)
-            tv = type(v)
-            if tv is str:
-                attrs[ck] = (v.replace("\x00", "") if "\x00" in v else v)[:_MAX_ATTR_LEN]
-            elif tv is int or tv is bool or v is None:
-                attrs[ck] = v
-            elif isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+            if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
                 attrs[ck] = _clean(v)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
-            elif isinstance(v, (int, float, bool)):
+            elif v is None or isinstance(v, (int, float, bool)):
                 attrs[ck] = v
-        run.attributes = attrs
         budget_value = get(BUDGET_META_KEY)
-        loops_value = get(LOOPS_META_KEY)
         budget = None if budget_value is None else self._budget_from_meta(budget_value)
         if budget is None:
             budget = self.default_budget
-        if budget is not None:
-            memo = self._budget_memo
-            if memo is None or memo[0] is not budget:
-                memo = self._budget_memo = (
-                    budget, None if budget.is_empty() else budget,
-                    usd_to_nanos(budget.max_cost_usd) if budget.max_cost_usd is not None else None,
-                )
-            run.budget = memo[1]
-            if memo[1] is not None and memo[2] is not None:
-                run.max_cost_nanos = memo[2]
-        else:
-            run.budget = None
+        run_budget = max_cost = None
+        if budget is not None and not budget.is_empty():
+            run_budget = budget
+            if budget.max_cost_usd is not None:
+                max_cost = usd_to_nanos(budget.max_cost_usd)
+        loops_value = get(LOOPS_META_KEY)
         loops = None if loops_value is None else self._loops_from_meta(loops_value)
         if loops is None:
             loops = self.default_loops
-        em = self._enabled_memo
-        if em[0] is not loops:
-            em = self._enabled_memo = (loops, loops if loops.enabled else None)
-        run.loops = em[1]
-        return None
+        run_loops = loops if loops.enabled else None
+        return (feature, route, tenant_id, user_hash, prompt_version, MappingProxyType(attrs) if attrs else _NO_META,
+                run_budget, max_cost, run_loops, _first_call(run_budget, run_loops))
 
     @staticmethod
     def _budget_from_meta(value: Any) -> Budget | None:
@@ -506,14 +523,18 @@ class Ledger:
 
     def open_run(
         self,
-        run_id: str,
+        run_id: str | UUID,
         meta: Mapping[str, Any] | None,
         extra: Mapping[str, Any] | None = None,
         count_root: bool = False,
+        key: Any = None,
     ) -> tuple[Run, bool]:
         """The run for a root span ``run_id``: an open one joined, a recent one reopened, or a new one.
-        ``count_root``: count the root span being opened in ``Run.open_roots``."""
-        run = self.runs.get(run_id)
+        ``count_root``: count the root span being opened in ``Run.open_roots``; ``key``: ``run_key(run_id)``
+        if the caller has it."""
+        if key is None:
+            key = run_key(run_id)
+        run = self.runs.get(key)
         if run is not None:
             if count_root:
                 with run.lock:
@@ -521,13 +542,13 @@ class Ledger:
             return run, True
         continued = False
         recent = self.recent
-        prev = recent.pop(run_id, None) if run_id in recent else None  # (OrderedDict.pop parses its arguments slowly)
+        prev = recent.pop(key, None) if key in recent else None
         if prev is not None:
             run = prev
             run.status = "running"
             continued = True
         else:
-            run = Run(run_id)
+            run = Run(run_id, key)
         try:
             self._attribute(run, meta, extra)
         except RunAborted:
@@ -540,7 +561,7 @@ class Ledger:
                     run.open_roots += 1
             else:
                 run.open_roots = 1  # no other thread can see a new run before the line below
-        self.runs[run_id] = run
+        self.runs[key] = run
         return run, continued
 
     def start(
@@ -570,15 +591,43 @@ class Ledger:
         parent = None
         if not root:
             if parent_id is not None:
-                parent = self.spans.get(parent_id)
+                parent = self.spans.get(parent_id.int if type(parent_id) is UUID else parent_id)
             if parent is None:
                 parent = current_scope.get()
+        # A UUID (LangChain's ids) is keyed by its integer and turned into text only when needed (see run_key).
         sid: str | UUID
-        if parent is None:
-            sid = text = str(span_id)
-            run = self.open_run(run_id or text, meta, None, True)[0]  # counts this root in run.open_roots
+        key: Any
+        if type(span_id) is UUID:
+            sid, key = span_id, span_id.int
         else:
-            sid = span_id if type(span_id) is UUID else str(span_id)  # a UUID's text is made when needed
+            sid = key = str(span_id)
+        if parent is None:
+            if run_id is None and sid is span_id and kind == "llm" and key not in self.runs and key not in self.recent:
+                # A new run whose root is a model call (a model invoked directly): the commonest start, on its own.
+                run = Run(sid, key)
+                try:
+                    first = self._attribute(run, meta, None)
+                except RunAborted:
+                    run.ended_wall = time.time()
+                    self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
+                    raise
+                run.open_roots = 1
+                if first:  # nothing can refuse it: count it and go (what _guard_start would do)
+                    span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
+                    if not exported:
+                        span.exported = False
+                    run.steps = run.llm_calls = 1
+                    if first == _FIRST_DEFER and prompt is not None and prompt_ops is not None:
+                        span.request_sig = _DEFERRED
+                    self.runs[key] = run
+                    self.spans[key] = span
+                    return span
+                self.runs[key] = run
+            elif run_id is None:  # counts this root in run.open_roots
+                run = self.open_run(sid, meta, None, True, key if sid is span_id else None)[0]
+            else:
+                run = self.open_run(run_id, meta, None, True)[0]
+        else:
             run = parent.run
         if kind in COST_KINDS:
             span = Span(sid, parent, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
@@ -595,7 +644,7 @@ class Ledger:
                 raise
             # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
             # is still refused, but the graph's own steps go on, so that the agent can end with its message.
-        self.spans[span_id] = span
+        self.spans[key] = span
         return span
 
     def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
@@ -891,7 +940,7 @@ class Ledger:
 
     def add_cost(self, span_id: Any, nanos: int) -> bool:
         """A cost reported at run time (a tool's own price): added to that span when it ends."""
-        span = self.spans.get(span_id)
+        span = self.spans.get(span_id.int if type(span_id) is UUID else span_id)
         if span is None:
             return False
         span.cost_nanos = (span.cost_nanos or 0) + nanos
@@ -912,7 +961,7 @@ class Ledger:
     ) -> Span | None:
         """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
         past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)"""
-        span = self.spans.pop(span_id, None)
+        span = self.spans.pop(span_id.int if type(span_id) is UUID else span_id, None)
         if span is None:
             return None
         span.end_wall = time.time()
@@ -924,89 +973,153 @@ class Ledger:
         if flags:
             for f in flags:
                 span.flag(f)
-        pending = None
-        if span.request_sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
-            span.request_sig = None
-            if status == "ok":
-                pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
-        if model:
-            span.model = model
         run = span.run
         kind = span.kind
-        own = span.cost_nanos or 0  # custom-reported cost so far
-        if kind == "llm" or kind == "embedding":
+        if (kind == "llm" and usage is not None and status == "ok" and not cache_hit and not estimated
+                and span.cost_nanos is None and not span.reserved
+                and (priced := self.prices.price_nanos(model or span.model, span.provider, usage)) is not None):
+            # A model call that reported its usage, at a known price (the commonest end): the general path below,
+            # with everything that cannot apply left out.
+            pending = None
+            sig = span.request_sig
+            if sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
+                span.request_sig = sig = None
+                pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
+            if model:
+                span.model = model
+            cost, span.prices = priced
             span.usage = usage
-            if usage is not None:
-                priced = self.prices.price_nanos(span.model, span.provider, usage)
-                if priced is None:
-                    span.unpriced = True
-                    span.cost_nanos = own or None
-                else:
-                    nanos, span.prices = priced
-                    if cache_hit:
-                        span.cache_hit = True
-                        span.saved_nanos = nanos
-                        span.cost_nanos = own
-                    else:
-                        span.cost_nanos = own + nanos
-                span.estimated = estimated
-            elif not own:
-                span.cost_nanos = None
-                if status == "ok":
-                    span.flag("no_usage")
-            span.prompt = None  # drop the reference to the user's messages now
-            span.extra = None
-        elif kind == "tool":
-            price = self.prices.tool_price_nanos(span.name)
-            if price is not None:
-                own += price
-            span.cost_nanos = own if (own or price is not None) else None
-            span.prompt = None
-            span.extra = None
-        cost = span.cost_nanos or 0
-        # A span that costs nothing, holds nothing, reports no usage and did not fail (a chain's, a retriever's)
-        # changes nothing in its run: no lock then.
-        if cost or kind == "llm" or kind == "embedding" or span.reserved or span.usage is not None or status == "error":
-            span.tree_cost += cost
+            span.cost_nanos = span.tree_cost = cost
+            if span.prompt is not None:
+                span.prompt = None  # drop the reference to the user's messages now
+            if span.extra is not None:
+                span.extra = None
+            m = span.model
+            is_root = span.is_root
+            last = False
             with run.lock:
-                if span.reserved:
-                    run.reserved_nanos -= span.reserved
-                    span.reserved = 0
-                    if run.loose_holds:
-                        run.loose_holds.discard(span)
-                if cost:
-                    run.cost_nanos += cost
-                    p = span.parent
-                    while p is not None:
-                        p.tree_cost += cost
-                        p = p.parent
-                u = span.usage
-                if u is not None and not span.cache_hit:
-                    run.input += u.input
-                    run.output += u.output
-                    run.cache_read += u.cache_read
-                    run.cache_write += u.cache_write
-                    run.reasoning += u.reasoning
-                if kind == "llm" or kind == "embedding":
-                    if span.unpriced:
-                        run.unpriced_calls += 1
-                    if span.estimated:
-                        run.estimated_calls += 1
-                    if span.model and not span.cache_hit:
-                        if span.unpriced:  # never a silent $0: listed apart, with no figure
-                            if span.model not in run.unpriced_models:
-                                run.unpriced_models.append(span.model)
+                run.cost_nanos += cost
+                p = span.parent
+                while p is not None:
+                    p.tree_cost += cost
+                    p = p.parent
+                run.input += usage.input
+                run.output += usage.output
+                if usage.cache_read or usage.cache_write or usage.reasoning:
+                    run.cache_read += usage.cache_read
+                    run.cache_write += usage.cache_write
+                    run.reasoning += usage.reasoning
+                if m:
+                    bm = run.by_model
+                    bm[m] = bm.get(m, 0) + cost
+                if sig is not None:
+                    reqs = run.model_reqs
+                    if reqs is None:
+                        reqs = run.model_reqs = {}
+                    reqs[sig] = reqs.get(sig, 0) + 1
+                if is_root:
+                    run.open_roots -= 1
+                    last = run.open_roots <= 0
+        else:
+            own = span.cost_nanos or 0  # custom-reported cost so far
+            pending = None
+            if kind == "llm" or kind == "embedding":
+                if span.request_sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
+                    span.request_sig = None
+                    if status == "ok":
+                        pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
+                if model:
+                    span.model = model
+                if usage is not None:
+                    span.usage = usage
+                    priced = self.prices.price_nanos(span.model, span.provider, usage)
+                    if priced is None:
+                        span.unpriced = True
+                        span.cost_nanos = own or None
+                    else:
+                        nanos, span.prices = priced
+                        if cache_hit:
+                            span.cache_hit = True
+                            span.saved_nanos = nanos
+                            span.cost_nanos = own
                         else:
-                            run.by_model[span.model] = run.by_model.get(span.model, 0) + cost
-                    if span.request_sig is not None and status == "ok":
-                        reqs = run.model_reqs
-                        if reqs is None:
-                            reqs = run.model_reqs = {}
-                        reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
-                if status == "error":
-                    run.had_error = True
-        if span.is_root:
-            self._end_root(run, span, status, error, pending=pending)
+                            span.cost_nanos = own + nanos
+                    if estimated:
+                        span.estimated = True
+                elif not own:
+                    span.cost_nanos = None
+                    if status == "ok":
+                        span.flag("no_usage")
+                if span.prompt is not None:
+                    span.prompt = None  # drop the reference to the user's messages now
+                if span.extra is not None:
+                    span.extra = None
+                track = True
+            elif kind == "tool":
+                price = self.prices.tool_price_nanos(span.name)
+                if price is not None:
+                    own += price
+                span.cost_nanos = own if (own or price is not None) else None
+                if span.extra is not None:
+                    span.extra = None
+                track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
+            else:
+                # A span that costs nothing, holds nothing and did not fail (a chain's, a retriever's) changes nothing
+                # in its run: no lock then.
+                track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
+            is_root = span.is_root
+            last = False
+            if track or is_root:
+                cost = span.cost_nanos or 0
+                span.tree_cost += cost
+                with run.lock:
+                    if track:
+                        if span.reserved:
+                            run.reserved_nanos -= span.reserved
+                            span.reserved = 0
+                            if run.loose_holds:
+                                run.loose_holds.discard(span)
+                        if cost:
+                            run.cost_nanos += cost
+                            p = span.parent
+                            while p is not None:
+                                p.tree_cost += cost
+                                p = p.parent
+                        u = span.usage
+                        if u is not None and not span.cache_hit:
+                            run.input += u.input
+                            run.output += u.output
+                            if u.cache_read:
+                                run.cache_read += u.cache_read
+                            if u.cache_write:
+                                run.cache_write += u.cache_write
+                            if u.reasoning:
+                                run.reasoning += u.reasoning
+                        if kind == "llm" or kind == "embedding":
+                            if span.unpriced:
+                                run.unpriced_calls += 1
+                            if span.estimated:
+                                run.estimated_calls += 1
+                            m = span.model
+                            if m and not span.cache_hit:
+                                if span.unpriced:  # never a silent $0: listed apart, with no figure
+                                    if m not in run.unpriced_models:
+                                        run.unpriced_models = (*run.unpriced_models, m)
+                                else:
+                                    bm = run.by_model
+                                    bm[m] = bm.get(m, 0) + cost
+                            if span.request_sig is not None and status == "ok":
+                                reqs = run.model_reqs
+                                if reqs is None:
+                                    reqs = run.model_reqs = {}
+                                reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
+                        if status == "error":
+                            run.had_error = True
+                    if is_root:
+                        run.open_roots -= 1
+                        last = run.open_roots <= 0
+        if is_root:
+            self._end_root(run, span, status, error, last, pending=pending)
             if span.exported:
                 self.exporter.emit(span)
             elif run.status != "running":
@@ -1069,12 +1182,14 @@ class Ledger:
                     logger.exception("costobs: on_budget_warning hook failed")
 
     def _end_root(
-        self, run: Run, span: Span, status: str, error: BaseException | None, *, refused: bool = False,
-        pending: tuple[Any, str | None, Any] | None = None,
+        self, run: Run, span: Span, status: str, error: BaseException | None, last: bool | None = None, *,
+        refused: bool = False, pending: tuple[Any, str | None, Any] | None = None,
     ) -> None:
-        with run.lock:
-            run.open_roots -= 1
-            last = run.open_roots <= 0
+        """A root span ended. ``last``: it was the run's last open root (``None``: count it here)."""
+        if last is None:
+            with run.lock:
+                run.open_roots -= 1
+                last = run.open_roots <= 0
         if not last:
             if pending is not None:
                 self._count_request(run, *pending)
@@ -1084,20 +1199,30 @@ class Ledger:
             self.exporter.emit(run)
         run.ended_wall = span.end_wall
         if run.aborted is not None:
-            final = "aborted"
+            run.status = "aborted"
         elif status == "error" or (error is not None):
-            final = "error"
+            run.status = "error"
         else:
-            final = "ok"
-        run.status = final
-        self.runs.pop(run.run_id, None)
+            run.status = "ok"
+        rid = run.key
+        self.runs.pop(rid, None)
         # Keep a compact memory of the run so a second invocation with the same run_id continues it.
-        run.tool_seq = None
-        run.model_reqs = None
-        run.loose_holds = None
-        self.recent[run.run_id] = run
-        if len(self.recent) > _RECENT_RUNS:
-            self.recent.popitem(False)  # the oldest (positional: cheaper than last=False)
+        if run.tool_seq is not None:
+            run.tool_seq = None
+        if run.model_reqs is not None:
+            run.model_reqs = None
+        if run.loose_holds is not None:
+            run.loose_holds = None
+        recent = self.recent
+        recent[rid] = run
+        if len(recent) > _RECENT_RUNS + _RECENT_SLACK:
+            self._trim_recent()
+
+    def _trim_recent(self) -> None:
+        """Forget the oldest ended runs beyond ``_RECENT_RUNS`` (in place: other threads may be adding some)."""
+        recent = self.recent
+        for rid in list(islice(recent, max(0, len(recent) - _RECENT_RUNS))):  # one C call: atomic under the GIL
+            recent.pop(rid, None)
 
     @staticmethod
     def _count_request(run: Run, ops: PromptOps, model: str | None, prompt: Any) -> None:
@@ -1113,12 +1238,16 @@ class Ledger:
                 reqs = run.model_reqs = {}
             reqs[sig] = reqs.get(sig, 0) + 1
 
-    def run_cost(self, run_id: str) -> RunCost | None:
-        run = self.runs.get(run_id)
+    def run_cost(self, run_id: str | UUID) -> RunCost | None:
+        run = self.runs.get(run_key(run_id))
         return run.snapshot() if run is not None else None
 
+    def recent_run(self, run_id: str | UUID) -> Run | None:
+        """An ended run this process still remembers (its last ``_RECENT_RUNS`` or so)."""
+        return self.recent.get(run_key(run_id))
+
     def open_run_ids(self) -> list[str]:
-        return list(self.runs)
+        return [r.run_id for r in list(self.runs.values())]
 
     def adopt_policy(
         self, run: Run, *, budget: Budget | None = None, loops: LoopPolicy | None = None, graceful: bool = False
@@ -1169,21 +1298,51 @@ def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] |
 _DEFERRED: Any = object()
 """``Span.request_sig`` of a call whose request signature is computed at its end, if it is needed then."""
 _NO_META: Mapping[str, Any] = {}  # read-only
-_ATTR_PLANS: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
-"""Metadata keys (in order) -> the ones that may be attributes, with their attribute names. Bounded; filled on the
-app's threads (a lost race only recomputes an entry)."""
+_ATTR_PLANS: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[tuple[str, str], ...], int]] = {}
+_IGNORED: Any = object()
+"""Metadata keys (in order) -> ``_attr_plan`` of them. Bounded; filled on the app's threads (a lost race only
+recomputes an entry)."""
 _MAX_ATTR_PLANS = 1024
+_MAX_ATTR_MEMO = 4096
+_POLICY_META_KEYS = frozenset({BUDGET_META_KEY, LOOPS_META_KEY})
+_Attribution = tuple[str, str | None, str | None, str | None, str | None, Mapping[str, Any], "Budget | None",
+                     int | None, "LoopPolicy | None", int]
+"""(feature, route, tenant_id, user_hash, prompt_version, attributes, budget, max_cost_nanos, loops) of a run, and
+``_first_call`` of its policy."""
+_FIRST_CHECKED, _FIRST_FREE, _FIRST_DEFER = 0, 1, 2
 
 
-def _attr_candidates(keys: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
-    out = []
+def _first_call(budget: Budget | None, loops: LoopPolicy | None) -> int:
+    """What a policy asks of a new run's first call when that call is a root model call (depth 0, first step):
+    ``_FIRST_FREE`` if nothing can refuse it, ``_FIRST_DEFER`` if only its request signature is needed (counted at
+    its end, see ``_end_root``), ``_FIRST_CHECKED`` if the full checks must run."""
+    if budget is not None:
+        return _FIRST_CHECKED
+    if loops is None:
+        return _FIRST_FREE
+    if (loops.max_depth is not None and loops.max_depth < 0) or (loops.max_steps is not None and loops.max_steps < 1):
+        return _FIRST_CHECKED
+    reqs = loops.max_identical_model_requests
+    if reqs is None:
+        return _FIRST_FREE
+    return _FIRST_DEFER if reqs > 1 else _FIRST_CHECKED
+
+
+def _attr_plan(keys: tuple[Any, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], int]:
+    """For one set of metadata keys: the keys whose values decide a run's attribution and policy (attribution
+    and policy keys first, then the others), the keys that may be other attributes (with their attribute names),
+    and how many of the deciding keys are attribution or policy keys."""
+    cands = []
     for k in keys:
         if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
             continue
         if k in ("user", "user_hash"):  # never let a raw id in under another name
             continue
-        out.append((k, _clean(k)))
-    return tuple(out)
+        cands.append((k, _clean(k)))
+    deciding = [k for k in keys if isinstance(k, str) and (k in ATTRIBUTION_KEYS or k in _POLICY_META_KEYS)]
+    n = len(deciding)
+    deciding += [k for k, _ in cands]
+    return tuple(deciding), tuple(cands), n
 
 
 _BUDGETS: dict[tuple[tuple[str, type, Any], ...], Budget] = {}

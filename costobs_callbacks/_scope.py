@@ -10,7 +10,7 @@ import uuid
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from ._ledger import RunCost, Span, current_scope
+from ._ledger import RunCost, Span, current_scope, run_text
 
 if TYPE_CHECKING:
     from ._tracker import CostTracker
@@ -24,7 +24,7 @@ class RunScope:
     def __init__(self, tracker: CostTracker, meta: dict[str, Any], run_id: uuid.UUID | str | None) -> None:
         self._tracker = tracker
         self._meta = meta
-        self.run_id: str = str(run_id) if run_id is not None else str(uuid.uuid4())
+        self.run_id: str = run_text(run_id) if run_id is not None else str(uuid.uuid4())
         self._span: Span | None = None
         self._token: Token[Span | None] | None = None
         self._final: RunCost | None = None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ConfigurationError
 from ._export import BatchExporter
-from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, salt_from
+from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
 from ._pricing import PriceBook
 from ._store import ROLLUP_KEYS, RollupRow, Store
@@ -219,7 +219,7 @@ class CostTracker:
     def run_cost(self, run_id: uuid.UUID | str) -> RunCost | None:
         """What a run cost: live from memory while it is open here, else from the database
         (after flushing what this process still holds)."""
-        rid = str(run_id)
+        rid = run_text(run_id)
         live = self.ledger.run_cost(rid)
         if live is not None:
             return live
@@ -227,7 +227,7 @@ class CostTracker:
         try:
             return self.store.run_cost(rid)
         except Exception:
-            recent = self.ledger.recent.get(rid)
+            recent = self.ledger.recent_run(rid)
             if recent is None:
                 raise
             # the database is unreachable: this process still remembers the run (its last 1,024 runs)
@@ -258,7 +258,7 @@ class CostTracker:
     def spans(self, run_id: uuid.UUID | str) -> list[dict[str, Any]]:
         """The stored spans of a run (after flushing), for audits."""
         self.flush(timeout=10.0)
-        return self.store.spans_of(str(run_id))
+        return self.store.spans_of(run_text(run_id))
 
     @property
     def stats(self) -> dict[str, int]:

@@ -435,9 +435,29 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._fault("end", exc)
 
     def _model_end(self, response: LLMResult | None, run_id: UUID, status: str, error: BaseException | None) -> None:
-        span = self._ledger.spans.get(run_id)
+        key = run_id.int if type(run_id) is UUID else run_id
+        span = self._ledger.spans.get(key)
         if span is None:
             return
+        if response is not None and status == "ok":
+            # The common reply first: one generation, a message with its usage and the served model.
+            first = response.generations
+            if type(first) is list and len(first) == 1 and type(first[0]) is list and len(first[0]) == 1:
+                msg = getattr(first[0][0], "message", None)
+                um = getattr(msg, "usage_metadata", None)
+                rm = getattr(msg, "response_metadata", None)
+                if type(um) is dict and type(rm) is dict and "total_cost" not in um:
+                    m = rm.get("model_name") or rm.get("model")
+                    if type(m) is str and m:
+                        try:
+                            u = usage_from_metadata(um)
+                        except (ValueError, TypeError):
+                            pass  # the full path below flags it
+                        else:
+                            if u.input or u.output:
+                                # end(span_id, status, error, usage, model), by position: cheaper.
+                                self._ledger.end(key, status, error, u, m)
+                                return
         usage: TokenUsage | None = None
         model: str | None = None
         cache_hit = False
@@ -485,7 +505,7 @@ class CostCallbackHandler(BaseCallbackHandler):
                 estimated = True
                 flags.append("estimated")
         # end(span_id, status, error, usage, model, estimated, cache_hit, flags), by position: cheaper.
-        self._ledger.end(run_id, status, error, usage, model, estimated, cache_hit, flags)
+        self._ledger.end(key, status, error, usage, model, estimated, cache_hit, flags)
 
     @staticmethod
     def _estimate(span: Any, model: str | None, out_text: Sequence[str]) -> TokenUsage:

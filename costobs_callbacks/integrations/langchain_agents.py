@@ -22,7 +22,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables.config import var_child_runnable_config
 
 from .._exceptions import ConfigurationError, RunAborted
-from .._ledger import Run, _again
+from .._ledger import Run, _again, span_key
 from .._policy import Budget, LoopPolicy, coerce_budget, coerce_loops
 from .langchain import CostCallbackHandler
 
@@ -91,7 +91,7 @@ class CostGuardMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         """The ledger run of the node that ``config`` belongs to, if the tracker's handler saw it start."""
         cbs = config.get("callbacks") if config else None
         if isinstance(cbs, BaseCallbackManager) and cbs.parent_run_id is not None:
-            span = self._ledger.spans.get(cbs.parent_run_id)
+            span = self._ledger.spans.get(span_key(cbs.parent_run_id))
             if span is not None:
                 return span.run
         return None
