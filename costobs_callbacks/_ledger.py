@@ -90,9 +90,9 @@ class RunCost:
 
 
 def run_key(run_id: Any) -> Any:
-    """The key of a run in ``Ledger.runs`` and ``Ledger.recent``, and of a LangChain span in ``Ledger.spans``: a
-    ``UUID`` (or its text) as its 128-bit integer, whose hash is computed in C (a ``UUID``'s in Python), any other
-    id as text."""
+    """The key of a run named from outside (a ``run_id`` in config or ``tracker.run()``): a ``UUID`` (or its
+    text, any case) as its 128-bit integer, whose hash is computed in C (a ``UUID``'s in Python), any other id as
+    text. A root span's own id keys its run as ``Ledger.spans`` keys the span (see ``Ledger.start``)."""
     if type(run_id) is UUID:
         return run_id.int
     if type(run_id) is int:
@@ -104,6 +104,16 @@ def run_key(run_id: Any) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _find(runs: Mapping[Any, Run], run_id: Any) -> Run | None:
+    """A run by its id in any form: a UUID-shaped id is looked up by its integer (a run named by a UUID, or by
+    its text through ``run_key``), then as text (a framework's own id for a root span, keyed as it came)."""
+    key = run_key(run_id)
+    run = runs.get(key)
+    if run is None and type(key) is int:
+        run = runs.get(str(UUID(int=key)))
+    return run
 
 
 def run_text(run_id: Any) -> str:
@@ -602,7 +612,9 @@ class Ledger:
         else:
             sid = key = str(span_id)
         if parent is None:
-            if run_id is None and sid is span_id and kind == "llm" and key not in self.runs and key not in self.recent:
+            # A root's own id keys its run as it keys the span: a UUID by its integer, a text as is (a framework's
+            # fresh id, not parsed on this path; _find looks up both forms).
+            if run_id is None and kind == "llm" and key not in self.runs and key not in self.recent:
                 # A new run whose root is a model call (a model invoked directly): the commonest start, on its own.
                 run = Run(sid, key)
                 try:
@@ -624,7 +636,7 @@ class Ledger:
                     return span
                 self.runs[key] = run
             elif run_id is None:  # counts this root in run.open_roots
-                run = self.open_run(sid, meta, None, True, key if sid is span_id else None)[0]
+                run = self.open_run(sid, meta, None, True, key)[0]
             else:
                 run = self.open_run(run_id, meta, None, True)[0]
         else:
@@ -975,7 +987,8 @@ class Ledger:
                 span.flag(f)
         run = span.run
         kind = span.kind
-        if (kind == "llm" and usage is not None and status == "ok" and not cache_hit and not estimated
+        priced: Any = _DEFERRED  # not looked up yet
+        if (kind == "llm" and usage is not None and status == "ok" and not cache_hit
                 and span.cost_nanos is None and not span.reserved
                 and (priced := self.prices.price_nanos(model or span.model, span.provider, usage)) is not None):
             # A model call that reported its usage, at a known price (the commonest end): the general path below,
@@ -990,6 +1003,8 @@ class Ledger:
             cost, span.prices = priced
             span.usage = usage
             span.cost_nanos = span.tree_cost = cost
+            if estimated:
+                span.estimated = True
             if span.prompt is not None:
                 span.prompt = None  # drop the reference to the user's messages now
             if span.extra is not None:
@@ -1012,6 +1027,8 @@ class Ledger:
                 if m:
                     bm = run.by_model
                     bm[m] = bm.get(m, 0) + cost
+                if estimated:
+                    run.estimated_calls += 1
                 if sig is not None:
                     reqs = run.model_reqs
                     if reqs is None:
@@ -1032,7 +1049,8 @@ class Ledger:
                     span.model = model
                 if usage is not None:
                     span.usage = usage
-                    priced = self.prices.price_nanos(span.model, span.provider, usage)
+                    if priced is _DEFERRED:
+                        priced = self.prices.price_nanos(span.model, span.provider, usage)
                     if priced is None:
                         span.unpriced = True
                         span.cost_nanos = own or None
@@ -1239,12 +1257,12 @@ class Ledger:
             reqs[sig] = reqs.get(sig, 0) + 1
 
     def run_cost(self, run_id: str | UUID) -> RunCost | None:
-        run = self.runs.get(run_key(run_id))
+        run = _find(self.runs, run_id)
         return run.snapshot() if run is not None else None
 
     def recent_run(self, run_id: str | UUID) -> Run | None:
         """An ended run this process still remembers (its last ``_RECENT_RUNS`` or so)."""
-        return self.recent.get(run_key(run_id))
+        return _find(self.recent, run_id)
 
     def open_run_ids(self) -> list[str]:
         return [r.run_id for r in list(self.runs.values())]

@@ -652,8 +652,9 @@ class _Adapter:
     def open_llm(self, key: str, parent: _Track | None, name: str, node: _Node | None, model: str | None,
                  provider: str | None, prompt: str | _Prompt, tools: _Tools | None, max_tokens: int | None) -> _Track:
         """``open`` for an LLM call (its hot path: no keyword packing), its request kept for the end estimate."""
-        span = self.ledger.start(key, parent.key if parent is not None else None, "llm", name, model=model,
-                                 provider=provider, prompt=prompt, prompt_ops=OPS, extra=tools, max_tokens=max_tokens)
+        # start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra, max_tokens)
+        span = self.ledger.start(key, parent.key if parent is not None else None, "llm", name, None, model, provider,
+                                 prompt, OPS, tools, max_tokens)
         track = _Track(key, parent, "llm", span, node)
         if parent is not None:
             with self.lock:
@@ -939,8 +940,9 @@ class _Adapter:
                 return
             track.ended = True
         try:
-            self.ledger.end(track.key, status=status, error=error if status == "error" else None, usage=usage,
-                            model=model, estimated=estimated, flags=flags)
+            # end(span_id, status, error, usage, model, estimated, cache_hit, flags)
+            self.ledger.end(track.key, status, error if status == "error" else None, usage, model, estimated, False,
+                            flags)
         except RunAborted:
             if quiet or isinstance(error, RunAborted):
                 return
