@@ -898,10 +898,10 @@ class _Adapter:
         if track.event_id is not None:
             self.events.pop(track.event_id, None)
         status = "ok"
-        flags: list[str] = []
+        flags: tuple[str, ...] = ()
         if error is not None:
             if isinstance(error, GeneratorExit):
-                flags.append("stream_closed")  # the app stopped reading; what streamed is billed
+                flags = ("stream_closed",)  # the app stopped reading; what streamed is billed
             else:
                 status = "error"
         try:
@@ -918,23 +918,24 @@ class _Adapter:
                     try:
                         usage = usage_of(resp)
                     except (ValueError, TypeError):
-                        flags.append("malformed_usage")
+                        flags += ("malformed_usage",)
             if usage is None and track.inner_usage is not None:
                 usage = track.inner_usage
             estimated = False
             if usage is None and (status == "ok" or resp is not None):
                 usage, exact = self._estimate(track, model, resp)
                 estimated = True
-                flags.append("estimated")
-                if not exact:
-                    flags.append("estimate:chars")
+                flags += ("estimated",) if exact else ("estimated", "estimate:chars")
                 if track.stream_usage_requested:
-                    flags.append("no_stream_usage")
+                    flags += ("no_stream_usage",)
         except Exception as exc:  # a payload we could not read: end the span anyway
             self.fault("llm end", exc)
             usage, model, estimated = None, None, False
-            flags.append("internal_error")
-        track.prompt = track.tools = track.partial = track.inner_prompt = None  # drop the app's messages now
+            flags += ("internal_error",)
+        # drop the app's messages now (only what was set: the rest are class defaults)
+        track.prompt = track.tools = None
+        if track.partial is not None or track.inner_prompt is not None:
+            track.partial = track.inner_prompt = None
         with self.lock:
             if track.ended:
                 return
