@@ -436,9 +436,6 @@ class CostCallbackHandler(BaseCallbackHandler):
 
     def _model_end(self, response: LLMResult | None, run_id: UUID, status: str, error: BaseException | None) -> None:
         key = run_id.int if type(run_id) is UUID else run_id
-        span = self._ledger.spans.get(key)
-        if span is None:
-            return
         if response is not None and status == "ok":
             # The common reply first: one generation, a message with its usage and the served model.
             first = response.generations
@@ -455,9 +452,13 @@ class CostCallbackHandler(BaseCallbackHandler):
                             pass  # the full path below flags it
                         else:
                             if u.input or u.output:
-                                # end(span_id, status, error, usage, model), by position: cheaper.
+                                # end(span_id, status, error, usage, model), by position: cheaper (and a no-op
+                                # for a span the ledger does not know)
                                 self._ledger.end(key, status, error, u, m)
                                 return
+        span = self._ledger.spans.get(key)
+        if span is None:
+            return
         usage: TokenUsage | None = None
         model: str | None = None
         cache_hit = False
