@@ -185,14 +185,17 @@ class Run:
         self.started_wall = time.time()
         self.by_model: dict[str, int] = {}
 
+    _text: str | None = None
+
     @property
     def run_id(self) -> str:
         """The run's id as text (a LangChain run id, a ``UUID``, is turned into text when first read, usually on
         the exporter's thread)."""
-        rid = self._rid
-        if type(rid) is not str:
-            rid = self._rid = str(rid)
-        return rid
+        text = self._text
+        if text is None:
+            rid = self._rid
+            text = self._text = rid if type(rid) is str else str(rid)
+        return text
 
     def snapshot(self) -> RunCost:
         with self.lock:
@@ -294,7 +297,8 @@ class Span:
         usually on the exporter's thread: ``str(uuid)`` costs the app's thread a fair part of a span."""
         sid = self._sid
         if type(sid) is not str:
-            sid = self._sid = str(sid)
+            run = self.run
+            sid = self._sid = run.run_id if run._rid is sid else str(sid)  # a root's id is its run's: made once
         return sid
 
     def flag(self, name: str) -> None:

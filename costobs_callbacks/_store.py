@@ -313,39 +313,45 @@ class Store:
         self.ensure_schema()
         make_row = self._span_row_fn
         span_rows: list[Any] = []
-        runs_seen: dict[str, dict[str, Any]] = {}
+        # run id -> [run, *the batch's totals in _RUN_SUMS order]
+        runs_seen: dict[str, list[Any]] = {}
         for it in items:
             if isinstance(it, Span):
                 run = it.run
-                acc = runs_seen.get(run.run_id)
+                rid = run.run_id
+                acc = runs_seen.get(rid)
                 if acc is None:
-                    acc = runs_seen[run.run_id] = _run_row(run)
+                    acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
                 span_rows.append(make_row(it))
-                acc["cost_nanos"] += it.cost_nanos or 0
+                if it.cost_nanos:
+                    acc[1] += it.cost_nanos
                 u = it.usage
                 if u is not None and not it.cache_hit:
-                    acc["input_tokens"] += u.input
-                    acc["output_tokens"] += u.output
-                    acc["cache_read_tokens"] += u.cache_read
-                    acc["cache_write_tokens"] += u.cache_write
-                    acc["reasoning_tokens"] += u.reasoning
+                    acc[2] += u.input
+                    acc[3] += u.output
+                    acc[4] += u.cache_read
+                    acc[5] += u.cache_write
+                    acc[6] += u.reasoning
                 kind = it.kind
                 if kind in _LLM_KINDS:
-                    acc["llm_calls"] += 1
+                    acc[7] += 1
                     if it.unpriced:
-                        acc["unpriced_calls"] += 1
+                        acc[9] += 1
                     if it.estimated:
-                        acc["estimated_calls"] += 1
+                        acc[10] += 1
                 elif kind == "tool":
-                    acc["tool_calls"] += 1
-                acc["span_count"] += 1
+                    acc[8] += 1
+                acc[11] += 1
                 if it.is_root:
-                    acc["invocations"] += 1
+                    acc[12] += 1
             elif isinstance(it, Run) and it.run_id not in runs_seen:
-                runs_seen[it.run_id] = _run_row(it)
+                runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         if not runs_seen:
             return
-        run_rows = list(runs_seen.values())
+        if self.dialect == "sqlite":
+            run_rows: list[Any] = [_sqlite_run_tuple(acc) for acc in runs_seen.values()]
+        else:
+            run_rows = [_run_row(acc) for acc in runs_seen.values()]
         with self.engine.begin() as conn:
             if self.dialect == "sqlite":
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
@@ -353,8 +359,7 @@ class Store:
                 # few hundred rows keeps the writer from starving behind the app.
                 if span_rows:
                     self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
-                self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS),
-                                  [_sqlite_run_tuple(r) for r in run_rows], _SQLITE_RUN_TAIL)
+                self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
                 return
             if span_rows:
                 if self._span_insert_sql is not None:
@@ -596,24 +601,26 @@ _SQLITE_RUN_TAIL = (
 )
 
 
-def _sqlite_run_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
-    attrs = row["attributes"]
-    out = [row[k] for k in _RUN_COLS]
-    out[6] = json.dumps(attrs) if attrs is not None else None
-    out[9] = _sqlite_dt_of(row["started_at"])
-    out[10] = _sqlite_dt_of(row["ended_at"]) if row["ended_at"] is not None else None
-    return tuple(out)
-
-
-def _sqlite_dt_of(dt: datetime) -> str:
-    return dt.isoformat(" ", "microseconds")
-
-
-def _run_row(run: Run) -> dict[str, Any]:
-    """A run's summary row with zero totals; its status, reason and end as the run has them now."""
+def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
+    """A run's summary row for SQLite, in ``_RUN_COLS`` order: ``acc`` is ``[run, *totals]`` (see
+    ``_write_batch``); its status, reason and end as the run has them now."""
+    run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
-    return {
+    attrs = run.attributes
+    return (
+        run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+        json.dumps(dict(attrs)) if attrs else None, status, run.aborted.reason if run.aborted is not None else None,
+        _sqlite_dt(run.started_wall), _sqlite_dt(ended) if ended else None, *acc[1:],
+    )
+
+
+def _run_row(acc: list[Any]) -> dict[str, Any]:
+    """A run's summary row as a Core parameter dict (the portable path); ``acc`` as for ``_sqlite_run_tuple``."""
+    run = acc[0]
+    status = run.status
+    ended = run.ended_wall if status != "running" else 0.0
+    row = {
         "run_id": run.run_id,
         "feature": run.feature,
         "route": run.route,
@@ -625,10 +632,9 @@ def _run_row(run: Run) -> dict[str, Any]:
         "reason": run.aborted.reason if run.aborted is not None else None,
         "started_at": _utc(run.started_wall),
         "ended_at": _utc(ended) if ended else None,
-        "cost_nanos": 0, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
-        "reasoning_tokens": 0, "llm_calls": 0, "tool_calls": 0, "unpriced_calls": 0, "estimated_calls": 0,
-        "span_count": 0, "invocations": 0,
     }
+    row.update(zip(_RUN_SUMS, acc[1:], strict=True))
+    return row
 
 
 def _txt(s: str, n: int) -> str:
