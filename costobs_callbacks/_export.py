@@ -57,7 +57,7 @@ class BatchExporter:
         sink: Callable[[Sequence[Any]], None],
         *,
         max_queue_size: int = 65_536,
-        max_batch_size: int = 2_048,
+        max_batch_size: int = 4_096,
         schedule_delay: float = 0.5,
         retry_deadline: float = 60.0,
         name: str = "costobs-exporter",

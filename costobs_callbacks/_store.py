@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -374,7 +375,7 @@ class Store:
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> None:
-        # Chunks come in a few fixed sizes (1024, 256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
+        # Chunks come in a few fixed sizes (1024, 512, 256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
         # statement it prepares, and one per batch remainder would pile up large compiled programs.
         group = "(" + ",".join("?" * ncols) + ")"
         i, n = 0, len(rows)
@@ -587,7 +588,7 @@ _RUN_SUMS = (
 )
 
 
-_CHUNK_SIZES = (1024, 256, 64, 16, 4, 1)
+_CHUNK_SIZES = (1024, 512, 256, 64, 16, 4, 1)
 
 _RUN_COLS = (
     "run_id", "feature", "route", "tenant_id", "user_hash", "prompt_version", "attributes", "status", "reason",
@@ -675,7 +676,7 @@ def _sqlite_dt(ts: float) -> str:
     """SQLAlchemy's own SQLite DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), so Core reads it
     back; the date and time of a whole second are formatted once (spans come in bursts)."""
     sec = int(ts)
-    us = round((ts - sec) * 1_000_000)
+    us = int((ts - sec) * 1_000_000 + 0.5)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
     head = _second_text.get(sec)
@@ -701,16 +702,23 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
     if provider and (len(provider) > 64 or "\x00" in provider):
         provider = _txt(provider, 64)
     start = sp.start_wall
+    parent = sp.parent
+    # (attrgetter reads several attributes in one C call: this runs for every span, on the exporter's thread)
     return (
-        sp.span_id, sp.export_parent_id, run.run_id, sp.kind, name or "", model or None, provider or None,
+        sp.span_id, parent.span_id if parent is not None and parent.exported else sp.export_parent_id,
+        run.run_id, sp.kind, name or "", model or None, provider or None,
         dt(start), dt(sp.end_wall), int(start // 3600), sp.latency_ms, sp.status,
         _txt(sp.error, 128) if sp.error else None,
-        u.input if u else 0, u.output if u else 0, u.cache_read if u else 0, u.cache_write if u else 0,
-        u.reasoning if u else 0, sp.cost_nanos, sp.tree_cost, flag(sp.unpriced), flag(sp.estimated),
-        flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
+        *(_USAGE_COLS(u) if u is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
+        flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
         _txt(",".join(sp.flags), 256) if sp.flags else None,
-        run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+        *_RUN_ATTRIBUTION(run),
     )
+
+
+_USAGE_COLS = attrgetter("input", "output", "cache_read", "cache_write", "reasoning")
+_NO_USAGE = (0, 0, 0, 0, 0)
+_RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "prompt_version")
 
 
 def _span_row(sp: Span) -> dict[str, Any]:
