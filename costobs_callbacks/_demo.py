@@ -9,7 +9,6 @@ the real price catalog, budgets, the loop guard and the SQLite store.
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
@@ -20,6 +19,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool, tool
+from langchain_core.utils.uuid import uuid7
 
 from ._exceptions import RunAborted
 from ._policy import Budget
@@ -166,7 +166,7 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
     # A runaway research agent: it keeps paging through search results until its budget stops it.
     runaway = DemoChatModel(model_name="o3-mini", reasoning_tokens=512, loop_forever=True,
                             tool_plan=[("web_search", {"query": "everything"})])
-    runaway_id = uuid.uuid4()
+    runaway_id = uuid7()
     try:
         make_agent(runaway).invoke(
             {"question": "research everything"},

@@ -10,6 +10,8 @@ import uuid
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
+from langchain_core.utils.uuid import uuid7
+
 from ._ledger import RunCost, Span, current_scope, run_text
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ class RunScope:
     def __init__(self, tracker: CostTracker, meta: dict[str, Any], run_id: uuid.UUID | str | None) -> None:
         self._tracker = tracker
         self._meta = meta
-        self.run_id: str = run_text(run_id) if run_id is not None else str(uuid.uuid4())
+        self.run_id: str = run_text(run_id) if run_id is not None else str(uuid7())
         self._span: Span | None = None
         self._token: Token[Span | None] | None = None
         self._final: RunCost | None = None

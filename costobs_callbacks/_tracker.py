@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from langchain_core.utils.uuid import uuid7
+
 from ._exceptions import ConfigurationError
 from ._export import BatchExporter
 from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
@@ -140,7 +142,10 @@ class CostTracker:
         Reusing the returned config for a second invocation continues the same run.
         """
         meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
-        rid = _as_uuid(run_id) if run_id is not None else uuid.uuid4()
+        # A UUIDv7 as LangChain makes its own run ids: time-ordered (kind to the database's indexes) and made
+        # without a system call (uuid4's os.urandom gives up the GIL, and a CPU-bound thread that does so on every
+        # call starves the exporter's thread of it).
+        rid = _as_uuid(run_id) if run_id is not None else uuid7()
         cfg: RunnableConfig = {"callbacks": [self.langchain_handler()], "metadata": meta, "run_id": rid}
         return cfg
 

@@ -180,3 +180,15 @@ def test_max_llm_calls_on_a_run_continued_by_direct_model_calls(cost_tracker_fac
         llm.invoke("c", config=cfg)
     assert len(stub_openai.requests) == 2
     assert rc(tracker, cfg["run_id"]).llm_calls == 2
+
+
+def test_run_ids_made_here_are_time_ordered_uuid7(tracker):
+    """``tracker.config()`` and ``tracker.run()`` make LangChain-style UUIDv7 ids: time-ordered (kind to the
+    database's indexes) and made without a system call (``uuid4``'s ``os.urandom`` gives up the GIL on every
+    call, and a CPU-bound app doing so starves the exporter's thread of it)."""
+    ids = [tracker.config(feature="x")["run_id"] for _ in range(50)]
+    assert all(isinstance(i, uuid.UUID) and i.version == 7 for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    with tracker.run(feature="x") as scope:
+        pass
+    assert uuid.UUID(scope.run_id).version == 7
