@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
-from itertools import islice
+from itertools import count, islice
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
@@ -87,6 +87,14 @@ class RunCost:
     unpriced_models: tuple[str, ...] = ()
     """Models called in this run that have no price: their calls are in ``unpriced_calls``, not in
     ``by_model`` or ``cost_usd`` (an unknown price is never shown as $0)."""
+
+
+_RUN_LOCK_MASK = 63
+_RUN_LOCKS = tuple(threading.Lock() for _ in range(_RUN_LOCK_MASK + 1))
+"""The locks runs take turns to use (``Run.lock``): a run's lock covers only a few counter updates of that run
+and is never held while another run's is taken, so runs can share locks; sharing spares every run a lock of
+its own (made on the app's thread, freed cold much later)."""
+_lock_turn = count()
 
 
 def run_key(run_id: Any) -> Any:
@@ -180,7 +188,7 @@ class Run:
         self._rid = run_id
         self.key = run_key(run_id) if key is None else key
         """Its key in ``Ledger.runs`` and ``Ledger.recent`` (see ``run_key``)."""
-        self.lock = threading.Lock()
+        self.lock = _RUN_LOCKS[next(_lock_turn) & _RUN_LOCK_MASK]
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
         self.by_model: dict[str, int] = {}
@@ -397,14 +405,14 @@ class Ledger:
         shape = tuple(merged)
         plan = _ATTR_PLANS.get(shape)
         if plan is None:
-            plan = _attr_plan(shape)
+            plan = _AttrPlan(shape)
             if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
                 _ATTR_PLANS.clear()
             _ATTR_PLANS[shape] = plan
         get = merged.get
         memo = self._attr_memo
         try:
-            hit = memo.get((shape, *map(get, plan[0])))  # plain text values (the common case): one lookup
+            hit = memo.get((plan, *map(get, plan.deciding)))  # plain text values (the common case): one lookup
         except TypeError:  # an unhashable value (a policy dict, a list)
             hit = None
         if hit is None:
@@ -415,18 +423,18 @@ class Ledger:
 
     def _attribute_slow(
         self, run: Run, get: Any, shape: tuple[Any, ...],
-        plan: tuple[tuple[str, ...], tuple[tuple[str, str], ...], int],
+        plan: _AttrPlan,
     ) -> _Attribution:
         """``_attribute`` without a remembered outcome: work it out, and remember it if the values allow."""
         vals: list[Any] | None = []
         plain = True
-        for i, k in enumerate(plan[0]):
+        for i, k in enumerate(plan.deciding):
             v = get(k)
             if v is None or type(v) is str:
                 vals.append(v)  # type: ignore[union-attr]
                 continue
             plain = False
-            if i >= plan[2] and not isinstance(v, (str, int, float)):
+            if i >= plan.n and not isinstance(v, (str, int, float)):
                 vals.append(_IGNORED)  # type: ignore[union-attr]  # not an attribute value: dropped, whatever it is
             elif k in _POLICY_META_KEYS and (pk := _policy_key(v)) is not None:
                 vals.append((_IGNORED, pk))  # type: ignore[union-attr]
@@ -434,13 +442,13 @@ class Ledger:
                 vals = None  # another type: not remembered (1 and True are equal keys, not equal values)
                 break
         if vals is None:
-            return self._resolve_attribution(run, get, plan[1])
+            return self._resolve_attribution(run, get, plan.cands)
         # Plain values are remembered under the key _attribute looks up; others under a key it can never build.
-        mkey = (shape, *vals) if plain else (_IGNORED, shape, *vals)
+        mkey = (plan, *vals) if plain else (_IGNORED, plan, *vals)
         memo = self._attr_memo
         hit = memo.get(mkey)
         if hit is None:
-            hit = self._resolve_attribution(run, get, plan[1])
+            hit = self._resolve_attribution(run, get, plan.cands)
             if len(memo) >= _MAX_ATTR_MEMO:
                 memo.clear()
             memo[mkey] = hit
@@ -1320,9 +1328,9 @@ def _find_cycle(window: list[Any], max_period: int, repeats: int) -> list[Any] |
 _DEFERRED: Any = object()
 """``Span.request_sig`` of a call whose request signature is computed at its end, if it is needed then."""
 _NO_META: Mapping[str, Any] = {}  # read-only
-_ATTR_PLANS: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[tuple[str, str], ...], int]] = {}
+_ATTR_PLANS: dict[tuple[Any, ...], _AttrPlan] = {}
 _IGNORED: Any = object()
-"""Metadata keys (in order) -> ``_attr_plan`` of them. Bounded; filled on the app's threads (a lost race only
+"""Metadata keys (in order) -> their ``_AttrPlan``. Bounded; filled on the app's threads (a lost race only
 recomputes an entry)."""
 _MAX_ATTR_PLANS = 1024
 _MAX_ATTR_MEMO = 4096
@@ -1350,21 +1358,27 @@ def _first_call(budget: Budget | None, loops: LoopPolicy | None) -> int:
     return _FIRST_DEFER if reqs > 1 else _FIRST_CHECKED
 
 
-def _attr_plan(keys: tuple[Any, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], int]:
+class _AttrPlan:
     """For one set of metadata keys: the keys whose values decide a run's attribution and policy (attribution
     and policy keys first, then the others), the keys that may be other attributes (with their attribute names),
-    and how many of the deciding keys are attribution or policy keys."""
-    cands = []
-    for k in keys:
-        if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
-            continue
-        if k in ("user", "user_hash"):  # never let a raw id in under another name
-            continue
-        cands.append((k, _clean(k)))
-    deciding = [k for k in keys if isinstance(k, str) and (k in ATTRIBUTION_KEYS or k in _POLICY_META_KEYS)]
-    n = len(deciding)
-    deciding += [k for k, _ in cands]
-    return tuple(deciding), tuple(cands), n
+    and how many of the deciding keys are attribution or policy keys. Hashed by identity (it leads the keys of
+    ``Ledger._attr_memo``, which keep it alive)."""
+
+    __slots__ = ("cands", "deciding", "n")
+
+    def __init__(self, keys: tuple[Any, ...]) -> None:
+        cands = []
+        for k in keys:
+            if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
+                continue
+            if k in ("user", "user_hash"):  # never let a raw id in under another name
+                continue
+            cands.append((k, _clean(k)))
+        deciding = [k for k in keys if isinstance(k, str) and (k in ATTRIBUTION_KEYS or k in _POLICY_META_KEYS)]
+        self.n = len(deciding)
+        deciding += [k for k, _ in cands]
+        self.deciding: tuple[str, ...] = tuple(deciding)
+        self.cands: tuple[tuple[str, str], ...] = tuple(cands)
 
 
 _BUDGETS: dict[tuple[tuple[str, type, Any], ...], Budget] = {}
