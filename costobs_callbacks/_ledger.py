@@ -1149,7 +1149,7 @@ class Ledger:
                         run.open_roots -= 1
                         last = run.open_roots <= 0
         if is_root:
-            self._end_root(run, span, status, error, last, pending=pending)
+            self._end_root(run, span, status, error, last, pending)
             if span.exported:
                 self.exporter.emit(span)
             elif run.status != "running":
@@ -1212,8 +1212,8 @@ class Ledger:
                     logger.exception("costobs: on_budget_warning hook failed")
 
     def _end_root(
-        self, run: Run, span: Span, status: str, error: BaseException | None, last: bool | None = None, *,
-        refused: bool = False, pending: tuple[Any, str | None, Any] | None = None,
+        self, run: Run, span: Span, status: str, error: BaseException | None, last: bool | None = None,
+        pending: tuple[Any, str | None, Any] | None = None, *, refused: bool = False,
     ) -> None:
         """A root span ended. ``last``: it was the run's last open root (``None``: count it here)."""
         if last is None:
