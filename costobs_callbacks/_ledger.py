@@ -44,7 +44,7 @@ _INTERNAL_PREFIXES = ("ls_", "lc_", "langgraph_", "langsmith", "costobs_", "chec
 _MAX_ATTR_LEN = 256
 _MAX_ATTRS = 32
 _RECENT_RUNS = 1024
-_RECENT_SLACK = 256  # ended runs are forgotten in batches of this many
+_RECENT_HARD_CAP = 16 * _RECENT_RUNS  # ended runs kept at most, should the exporter stall
 
 COST_KINDS = frozenset({"llm", "embedding", "tool"})
 
@@ -1245,14 +1245,17 @@ class Ledger:
             run.loose_holds = None
         recent = self.recent
         recent[rid] = run
-        if len(recent) > _RECENT_RUNS + _RECENT_SLACK:
-            self._trim_recent()
+        if len(recent) > _RECENT_HARD_CAP:  # the exporter trims after each batch; this is for when it cannot
+            self.trim_recent()
 
-    def _trim_recent(self) -> None:
-        """Forget the oldest ended runs beyond ``_RECENT_RUNS`` (in place: other threads may be adding some)."""
+    def trim_recent(self) -> None:
+        """Forget the oldest ended runs beyond ``_RECENT_RUNS``. Called by the exporter's thread after each batch
+        (in place: the app's threads may be adding runs meanwhile; each step is atomic under the GIL)."""
         recent = self.recent
-        for rid in list(islice(recent, max(0, len(recent) - _RECENT_RUNS))):  # one C call: atomic under the GIL
-            recent.pop(rid, None)
+        excess = len(recent) - _RECENT_RUNS
+        if excess > 0:
+            for rid in list(islice(recent, excess)):  # one C call
+                recent.pop(rid, None)
 
     @staticmethod
     def _count_request(run: Run, ops: PromptOps, model: str | None, prompt: Any) -> None:

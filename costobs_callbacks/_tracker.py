@@ -97,8 +97,7 @@ class CostTracker:
                 ) from exc
             logger.error("costobs: database unavailable at start (%r); spans are queued and retried", exc)
         self.exporter = BatchExporter(
-            self.store.write_batch, schedule_delay=export_delay, max_queue_size=max_queue_size,
-            on_start=_warm_tokenizers,
+            self._write, schedule_delay=export_delay, max_queue_size=max_queue_size, on_start=_warm_tokenizers,
         )
         self.ledger = Ledger(
             prices=self.prices,
@@ -114,6 +113,14 @@ class CostTracker:
         self._closed = False
 
     # -- LangChain ------------------------------------------------------------------------------
+
+    def _write(self, items: Sequence[Any]) -> None:
+        """The exporter's sink (on its thread): store a batch, then forget the oldest ended runs, so that the
+        app's thread never frees them (freeing a run ended a thousand calls ago costs it cold memory)."""
+        try:
+            self.store.write_batch(items)
+        finally:
+            self.ledger.trim_recent()
 
     def langchain_handler(self) -> CostCallbackHandler:
         """The LangChain callback handler (one per tracker, shared by every thread and task)."""

@@ -122,18 +122,21 @@ def test_run_ids_as_uuid_text_or_other_text_name_the_same_runs(tracker, stub_ope
     assert rc(tracker, "batch-7").cost_usd == usd(5, 5)
 
 
-def test_ended_runs_are_forgotten_in_batches_and_the_newest_continue(tracker, stub_openai, monkeypatch):
+def test_ended_runs_are_forgotten_by_the_exporter_and_the_newest_continue(tracker, stub_openai, monkeypatch):
+    """Ended runs are remembered (a second invocation with the same run_id continues one) and forgotten oldest
+    first: by the exporter's thread after each batch, or by the app's at a hard cap should the exporter stall."""
     monkeypatch.setattr(ledger_mod, "_RECENT_RUNS", 8)
-    monkeypatch.setattr(ledger_mod, "_RECENT_SLACK", 4)
+    monkeypatch.setattr(ledger_mod, "_RECENT_HARD_CAP", 16)
     llm = chat(stub_openai)
     n = 30
     stub_openai.enqueue(*[StubReply("ok", usage=StubUsage(10, 1)) for _ in range(n + 1)])
     cfgs = [tracker.config(feature="lru") for _ in range(n)]
     for cfg in cfgs:
         llm.invoke("hi", config=cfg)
-        assert len(tracker.ledger.recent) <= 12
+        assert len(tracker.ledger.recent) <= 16
+    assert tracker.flush(5)
     remembered = [c["run_id"] for c in cfgs if tracker.ledger.recent_run(c["run_id"]) is not None]
-    assert remembered == [c["run_id"] for c in cfgs[-len(remembered):]] and 8 <= len(remembered) <= 12
+    assert remembered == [c["run_id"] for c in cfgs[-8:]]
     # the newest continues in memory; the figures agree with the database either way
     llm.invoke("more", config=cfgs[-1])
     assert rc(tracker, cfgs[-1]["run_id"]).llm_calls == 2
