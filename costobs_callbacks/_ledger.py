@@ -1005,11 +1005,11 @@ class Ledger:
                 and (priced := self.prices.price_nanos(model or span.model, span.provider, usage)) is not None):
             # A model call that reported its usage, at a known price (the commonest end): the general path below,
             # with everything that cannot apply left out.
-            pending = None
             sig = span.request_sig
-            if sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
+            deferred = sig is _DEFERRED  # a root call: counted only if its run goes on after it (_end_root)
+            if deferred:
                 span.request_sig = sig = None
-                pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
+                requested, prompt = span.model, span.prompt  # the model as requested, not as reported
             if model:
                 span.model = model
             cost, span.prices = priced
@@ -1049,6 +1049,17 @@ class Ledger:
                 if is_root:
                     run.open_roots -= 1
                     last = run.open_roots <= 0
+            if is_root:
+                if last:
+                    self._end_root(run, span, status, error, True)
+                elif deferred and span.prompt_ops is not None:
+                    self._count_request(run, span.prompt_ops, requested, prompt)
+                if span.exported:
+                    self.exporter.emit(span)
+                elif run.status != "running":
+                    self.exporter.emit(run)
+                return span
+            pending = None
         else:
             own = span.cost_nanos or 0  # custom-reported cost so far
             pending = None
