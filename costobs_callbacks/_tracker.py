@@ -242,7 +242,7 @@ class CostTracker:
             recent = self.ledger.recent_run(rid)
             if recent is None:
                 raise
-            # the database is unreachable: this process still remembers the run (its last 1,024 runs)
+            # the database is unreachable: this process still remembers the run (at least its last 1,024 runs)
             logger.warning("costobs: database unavailable; run_cost(%s) answered from memory", rid, exc_info=True)
             return recent.snapshot()
 
