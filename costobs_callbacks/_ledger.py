@@ -2,8 +2,8 @@
 
 Adapters (``integrations/``) translate framework events into ``Ledger.start`` / ``Ledger.end`` calls.
 Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
-finished spans are handed to the exporter's queue, and a short per-run lock covers only the counter
-updates of that run (runs never contend with each other).
+finished spans are handed to the exporter's queue, and a run's lock (one of a shared pool) covers only
+the counter updates of that run, never held while another lock is taken.
 """
 
 from __future__ import annotations
