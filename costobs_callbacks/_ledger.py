@@ -1049,17 +1049,8 @@ class Ledger:
                 if is_root:
                     run.open_roots -= 1
                     last = run.open_roots <= 0
-            if is_root:
-                if last:
-                    self._end_root(run, span, status, error, True)
-                elif deferred and span.prompt_ops is not None:
-                    self._count_request(run, span.prompt_ops, requested, prompt)
-                if span.exported:
-                    self.exporter.emit(span)
-                elif run.status != "running":
-                    self.exporter.emit(run)
-                return span
-            pending = None
+            # the request to count if the run goes on after this root call (a tuple only then)
+            pending = (span.prompt_ops, requested, prompt) if deferred and not last else None
         else:
             own = span.cost_nanos or 0  # custom-reported cost so far
             pending = None
