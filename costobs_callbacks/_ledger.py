@@ -365,6 +365,10 @@ class Ledger:
         self.require = tuple(require)
         self.on_budget_warning = on_budget_warning
         self.spans: dict[Any, Span] = {}  # by span_key(span id)
+        # Spans opened under an id already open, oldest first: LangChain gives every invocation of one config
+        # its run_id, so overlapping invocations of a run (threads sharing a config) open roots with one id.
+        # Their ends carry only that id: each closes the oldest open one, so no call and no cost is lost.
+        self.same_id: dict[Any, deque[Span]] = {}
         self.runs: dict[Any, Run] = {}  # by Run.key
         self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _end_root)
         self._user_cache: dict[str, str] = {}
@@ -668,7 +672,10 @@ class Ledger:
                 raise
             # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
             # is still refused, but the graph's own steps go on, so that the agent can end with its message.
-        self.spans[key] = span
+        if key in self.spans:
+            self.same_id.setdefault(key, deque()).append(span)
+        else:
+            self.spans[key] = span
         return span
 
     def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
@@ -985,9 +992,12 @@ class Ledger:
     ) -> Span | None:
         """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
         past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)"""
-        span = self.spans.pop(span_id.int if type(span_id) is UUID else span_id, None)
+        key = span_id.int if type(span_id) is UUID else span_id
+        span = self.spans.pop(key, None)
         if span is None:
             return None
+        if self.same_id and key in self.same_id:
+            self._next_same_id(key)
         span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         if error is not None:
@@ -1162,6 +1172,14 @@ class Ledger:
         if run.budget is not None and (kind in COST_KINDS) and run.aborted is None:
             self._check_after(run, span)
         return span
+
+    def _next_same_id(self, key: Any) -> None:
+        """The oldest span waiting under ``key`` (see ``same_id``) becomes the open one."""
+        waiting = self.same_id.get(key)
+        if waiting:
+            self.spans[key] = waiting.popleft()
+            if not waiting:
+                self.same_id.pop(key, None)
 
     def _check_after(self, run: Run, span: Span) -> None:
         budget = run.budget

@@ -196,3 +196,46 @@ def test_run_ids_made_here_are_time_ordered_uuid7(tracker):
     with tracker.run(feature="x") as scope:
         pass
     assert uuid.UUID(scope.run_id).version == 7
+
+
+def test_identical_requests_from_concurrent_invocations_of_one_run_are_counted(tracker, stub_openai):
+    """Invocations of one run overlap: a root call that ends while another root of its run is still open counts
+    its request for the loop guard (its signature was deferred to its end), so the third identical request of
+    the run is refused before it is sent (the default max_identical_model_requests=3); and no call's cost is
+    lost although the overlapping roots share one span id."""
+    import threading
+    import time as _time
+
+    from costobs_callbacks import LoopDetectedError
+
+    llm = chat(stub_openai)
+    stub_openai.enqueue(StubReply("slow", usage=StubUsage(10, 1), delay_s=1.5),
+                        StubReply("a", usage=StubUsage(10, 1)), StubReply("b", usage=StubUsage(10, 1)))
+    cfg = tracker.config(feature="overlap")
+    outcome: list[Any] = []
+
+    def slow_call() -> None:
+        try:
+            outcome.append(llm.invoke("the same prompt", config=cfg).content)
+        except BaseException as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    slow = threading.Thread(target=slow_call)
+    slow.start()
+    deadline = _time.monotonic() + 10
+    while not stub_openai.requests and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    assert len(stub_openai.requests) == 1  # the slow call is in flight: the run stays open
+    llm.invoke("the same prompt", config=cfg)  # its first identical request: counted at its end
+    llm.invoke("the same prompt", config=cfg)  # the second
+    with pytest.raises(LoopDetectedError):
+        llm.invoke("the same prompt", config=cfg)  # the third: refused, never sent
+    slow.join(10)
+    assert outcome == ["slow"]
+    assert len(stub_openai.requests) == 3
+    got = rc(tracker, cfg["run_id"])
+    # every call's cost is kept although the overlapping roots share one span id (LangChain gives each
+    # invocation the config's run_id)
+    assert (got.llm_calls, got.cost_usd, got.input_tokens, got.status) == (3, 3 * usd(10, 1), 30, "aborted")
+    assert sorted(s["cost_nanos"] for s in tracker.spans(cfg["run_id"])) == [28_000] * 3
+    assert tracker.stats["internal_errors"] == 0 and not tracker.ledger.same_id and not tracker.ledger.spans
