@@ -631,16 +631,11 @@ class PriceBook:
                 entry = self._resolve(model, provider)
         else:
             entry = self._resolve(model, provider, at)
-        inp = usage.input
-        rates = entry.base
-        for start, tier_rates in entry.tiers:
-            if inp > start:
-                rates = tier_rates
-                break
+        rates = entry.rates(usage.input)
         if rates is None:
             return None
         return PricedCall(
-            rates.nanos(inp, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
+            rates.nanos(usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
         )
 
     def price_nanos(self, model: str | None, provider: str | None, usage: TokenUsage) -> tuple[int, UnitPrices] | None:
