@@ -394,7 +394,7 @@ class Ledger:
         return h
 
     def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> int:
-        """Set the run's attribution and policy from its root's metadata (raises ``MissingAttributionError``).
+        """Set the run's attribution and policy from its root's metadata (raises ``MissingAttributionError``, the refused run stored).
 
         What a run gets depends only on the values of a few keys (the attribution keys, other attributes, the
         policy keys), and LangChain sends the same metadata with every call of a feature: the outcome is
@@ -471,6 +471,8 @@ class Ledger:
                 )
                 run.aborted = err
                 run.status = "aborted"
+                run.ended_wall = time.time()
+                self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
                 raise err
         # An attribution value counts when present: not None and not "" (never calls the value's own __eq__).
         v: Any = get("feature")
@@ -556,8 +558,8 @@ class Ledger:
         key: Any = None,
     ) -> tuple[Run, bool]:
         """The run for a root span ``run_id``: an open one joined, a recent one reopened, or a new one.
-        ``count_root``: count the root span being opened in ``Run.open_roots``; ``key``: ``run_key(run_id)``
-        if the caller has it."""
+        ``count_root``: count the root span being opened in ``Run.open_roots``; ``key``: the run's key in
+        ``runs`` if the caller has it (a root span's own key, see ``start``), else ``run_key(run_id)``."""
         if key is None:
             key = run_key(run_id)
         run = self.runs.get(key)
@@ -575,12 +577,7 @@ class Ledger:
             continued = True
         else:
             run = Run(run_id, key)
-        try:
-            self._attribute(run, meta, extra)
-        except RunAborted:
-            run.ended_wall = time.time()
-            self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
-            raise
+        self._attribute(run, meta, extra)
         if count_root:
             if continued:
                 with run.lock:
@@ -633,12 +630,7 @@ class Ledger:
             if run_id is None and kind == "llm" and key not in self.runs and key not in self.recent:
                 # A new run whose root is a model call (a model invoked directly): the commonest start, on its own.
                 run = Run(sid, key)
-                try:
-                    first = self._attribute(run, meta, None)
-                except RunAborted:
-                    run.ended_wall = time.time()
-                    self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
-                    raise
+                first = self._attribute(run, meta, None)
                 run.open_roots = 1
                 if first:  # nothing can refuse it: count it and go (what _guard_start would do)
                     span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)

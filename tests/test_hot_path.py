@@ -96,7 +96,8 @@ def test_a_policy_in_metadata_still_applies_when_its_attribution_is_remembered(t
         llm.invoke("one", config=cfg)
         with pytest.raises(BudgetExceededError):
             llm.invoke("two", config=cfg)
-        assert rc(tracker, cfg["run_id"]).status == "aborted"
+        got = rc(tracker, cfg["run_id"])
+        assert (got.status, got.reason, got.llm_calls, got.cost_usd) == ("aborted", "max_llm_calls", 1, usd(100, 10))
     assert len(stub_openai.requests) == 2
 
 
