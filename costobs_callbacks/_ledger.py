@@ -394,7 +394,8 @@ class Ledger:
         return h
 
     def _attribute(self, run: Run, meta: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> int:
-        """Set the run's attribution and policy from its root's metadata (raises ``MissingAttributionError``, the refused run stored).
+        """Set the run's attribution and policy from its root's metadata (raises ``MissingAttributionError``,
+        the refused run stored).
 
         What a run gets depends only on the values of a few keys (the attribution keys, other attributes, the
         policy keys), and LangChain sends the same metadata with every call of a feature: the outcome is
