@@ -33,11 +33,12 @@ class PoisonBatch(Exception):
 class ExportStats:
     """Counters of the exporter; read them to see that nothing was lost."""
 
-    __slots__ = ("batches", "dropped", "emitted", "exported", "failed", "retries")
+    __slots__ = ("_pending", "batches", "dropped", "exported", "failed", "retries", "taken")
 
-    def __init__(self) -> None:
-        self.emitted = 0
-        """Items handed to the queue."""
+    def __init__(self, pending: Callable[[], int] = lambda: 0) -> None:
+        self._pending = pending
+        self.taken = 0
+        """Items the worker took from the queue."""
         self.exported = 0
         """Items written by the sink."""
         self.dropped = 0
@@ -47,8 +48,13 @@ class ExportStats:
         self.batches = 0
         self.retries = 0
 
+    @property
+    def emitted(self) -> int:
+        """Items handed to the queue (counted by the worker, not by ``emit``: taken, plus those still queued)."""
+        return self.taken + self._pending()
+
     def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in ("batches", "dropped", "emitted", "exported", "failed", "retries")}
 
 
 class BatchExporter:
@@ -68,11 +74,12 @@ class BatchExporter:
         self._sink = sink
         self._max_queue = max_queue_size
         self._max_batch = max_batch_size
+        self._wake_at = max_batch_size - 1  # queue length before an append that fills a batch
         self._delay = schedule_delay
         self._retry_deadline = retry_deadline
         self._name = name
         self._on_start = on_start
-        self.stats = ExportStats()
+        self.stats = ExportStats(lambda: len(self._queue))
         self._init_state()
         self._shutdown_once = threading.Lock()
         self._closed = False
@@ -108,22 +115,26 @@ class BatchExporter:
     def emit(self, item: Any) -> None:
         """Queue one item. Never blocks; counts and logs an overflow."""
         q = self._queue
-        if len(q) >= self._max_queue or self._closed:
-            self.stats.dropped += 1
-            now = time.monotonic()
-            if now - self._last_drop_log > 10.0:
-                self._last_drop_log = now
-                logger.error(
-                    "costobs: export queue full (%d items) or exporter closed; %d items dropped so far",
-                    self._max_queue, self.stats.dropped,
-                )
+        n = len(q)
+        if n >= self._max_queue or self._closed:
+            self._drop()
             return
         q.append(item)
-        self.stats.emitted += 1
-        if self._worker is None:
-            self._ensure_worker()
-        if len(q) >= self._max_batch and not self._wake.is_set():
-            self._wake.set()
+        if n >= self._wake_at or self._worker is None:
+            if self._worker is None:
+                self._ensure_worker()
+            if n >= self._wake_at and not self._wake.is_set():
+                self._wake.set()
+
+    def _drop(self) -> None:
+        self.stats.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log > 10.0:
+            self._last_drop_log = now
+            logger.error(
+                "costobs: export queue full (%d items) or exporter closed; %d items dropped so far",
+                self._max_queue, self.stats.dropped,
+            )
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -153,6 +164,7 @@ class BatchExporter:
         q = self._queue
         while q:
             n = min(len(q), self._max_batch)
+            self.stats.taken += n  # first: emitted (taken + queued) may read high for a moment, never low
             batch = [q.popleft() for _ in range(n)]
             self._write(batch)
 
