@@ -47,6 +47,8 @@ _RECENT_RUNS = 1024
 _RECENT_HARD_CAP = 16 * _RECENT_RUNS  # ended runs kept at most, should the exporter stall
 
 COST_KINDS = frozenset({"llm", "embedding", "tool"})
+Tokens = tuple[int, int, int, int, int]
+"""A call's token counts in ``TokenUsage``'s order: input, output, cache read, cache write, reasoning."""
 
 
 class PromptOps(Protocol):
@@ -55,6 +57,19 @@ class PromptOps(Protocol):
     def signature(self, model: str | None, prompt: Any) -> int: ...
 
     def count_tokens(self, model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]: ...
+
+
+def max_output_tokens(span: Span) -> int:
+    """The most output tokens the call may use as far as it says (0: no limit known): ``Span.max_tokens``, else
+    what its prompt operations read from its request (``extra``) if they can (``max_tokens(extra)``), read only
+    when a budget needs it."""
+    if span.max_tokens is not None:
+        return span.max_tokens
+    read = getattr(span.prompt_ops, "max_tokens", None)
+    if read is None or span.extra is None:
+        return 0
+    n = read(span.extra)
+    return n if type(n) is int and n > 0 else 0
 
 
 class Exporter(Protocol):
@@ -166,6 +181,8 @@ class Run:
     steps = 0
     unpriced_models: tuple[str, ...] = ()
     """Replaced (under the lock), never appended to: a snapshot may be reading the old one."""
+    by_model: dict[str, int] | None = None
+    """nano-USD by model, of priced calls (made with the run's first priced call)."""
     status = "running"
     aborted: RunAborted | None = None
     open_roots = 0
@@ -184,25 +201,24 @@ class Run:
     loose_holds: set[Span] | None = None
     """Calls in flight holding an upper bound of their estimate."""
 
-    def __init__(self, run_id: str | UUID, key: Any = None) -> None:
+    def __init__(self, run_id: str | UUID | int, key: Any = None) -> None:
         self._rid = run_id
         self.key = run_key(run_id) if key is None else key
         """Its key in ``Ledger.runs`` and ``Ledger.recent`` (see ``run_key``)."""
         self.lock = _RUN_LOCKS[next(_lock_turn) & _RUN_LOCK_MASK]
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
-        self.by_model: dict[str, int] = {}
 
     _text: str | None = None
 
     @property
     def run_id(self) -> str:
-        """The run's id as text (a LangChain run id, a ``UUID``, is turned into text when first read, usually on
-        the exporter's thread)."""
+        """The run's id as text (a LangChain run id, a ``UUID`` or its integer, is turned into text when first read,
+        usually on the exporter's thread)."""
         text = self._text
         if text is None:
             rid = self._rid
-            text = self._text = rid if type(rid) is str else str(rid)
+            text = self._text = rid if type(rid) is str else str(UUID(int=rid)) if type(rid) is int else str(rid)
         return text
 
     def snapshot(self) -> RunCost:
@@ -218,7 +234,7 @@ class Run:
                 llm_calls=self.llm_calls,
                 tool_calls=self.tool_calls,
                 unpriced_calls=self.unpriced_calls,
-                by_model={m: nanos_to_usd(n) or Decimal(0) for m, n in self.by_model.items()},
+                by_model={m: nanos_to_usd(n) or Decimal(0) for m, n in (self.by_model or _NO_META).items()},
                 unpriced_models=tuple(self.unpriced_models),
                 status=self.status,
                 attributes=self.public_attributes(),
@@ -247,10 +263,14 @@ class Span:
 
     end_wall = 0.0
     latency_ms = 0.0
+    parent: Span | None = None
+    is_root = True
     depth = 0
     model: str | None = None
     provider: str | None = None
-    usage: TokenUsage | None = None
+    tokens: Tokens | None = None
+    """The call's token counts: (input, output, cache read, cache write, reasoning), as ``TokenUsage`` has them (a
+    tuple of integers, which the garbage collector stops visiting, while the span waits for the exporter)."""
     cost_nanos: int | None = None
     tree_cost = 0
     unpriced = False
@@ -271,20 +291,18 @@ class Span:
     """nano-USD of the run's budget this call holds while in flight."""
 
     def __init__(
-        self, span_id: str | UUID, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,
+        self, span_id: str | UUID | int, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,
         provider: str | None = None, prompt: Any = None, prompt_ops: PromptOps | None = None, extra: Any = None,
         max_tokens: int | None = None,
     ) -> None:
         self._sid = span_id
-        self.parent = parent
         self.run = run
         self.kind = kind
         self.name = name
         self.start_wall = time.time()
         self.start_perf = time.perf_counter()
-        if parent is None:
-            self.is_root = True
-        else:
+        if parent is not None:
+            self.parent = parent
             self.is_root = False
             self.depth = parent.depth + 1
         if model is not None:
@@ -306,8 +324,14 @@ class Span:
         sid = self._sid
         if type(sid) is not str:
             run = self.run
-            sid = self._sid = run.run_id if run._rid is sid else str(sid)  # a root's id is its run's: made once
+            # a root's id is its run's (made once); an integer is a UUID's (see Ledger.start)
+            sid = self._sid = run.run_id if run._rid is sid else str(UUID(int=sid)) if type(sid) is int else str(sid)
         return sid
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        t = self.tokens
+        return None if t is None else TokenUsage(*t)
 
     def flag(self, name: str) -> None:
         if self.flags is None:
@@ -552,7 +576,7 @@ class Ledger:
 
     def open_run(
         self,
-        run_id: str | UUID,
+        run_id: str | UUID | int,
         meta: Mapping[str, Any] | None,
         extra: Mapping[str, Any] | None = None,
         count_root: bool = False,
@@ -619,10 +643,12 @@ class Ledger:
             if parent is None:
                 parent = current_scope.get()
         # A UUID (LangChain's ids) is keyed by its integer and turned into text only when needed (see run_key).
-        sid: str | UUID
+        # A UUID is kept as its integer (the UUID object, one more for the garbage collector to visit while the
+        # span waits for the exporter, is the framework's to free); ``span_id`` makes the text of either.
+        sid: str | int
         key: Any
         if type(span_id) is UUID:
-            sid, key = span_id, span_id.int
+            sid = key = span_id.int
         else:
             sid = key = str(span_id)
         if parent is None:
@@ -801,7 +827,7 @@ class Ledger:
         prices = self.prices
         if not prices.is_priced(span.model, span.provider):
             return  # an unpriced model: its cost is unknown; counts and the after-call check still apply
-        max_out = span.max_tokens or 0
+        max_out = max_output_tokens(span)
         prompt_tokens = 0
         ops = span.prompt_ops
         if span.prompt is not None and ops is not None:
@@ -822,7 +848,7 @@ class Ledger:
         if estimate is None:
             return
         what = (f"an LLM call to {span.model} estimated at {_usd(estimate)} ({prompt_tokens} prompt tokens"
-                + (f", max_tokens={span.max_tokens})" if span.max_tokens else ", no max_tokens)"))
+                + (f", max_tokens={max_out})" if max_out else ", no max_tokens)"))
         self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens})
 
     def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any]) -> None:
@@ -880,7 +906,7 @@ class Ledger:
                 continue  # ended meanwhile: its hold is gone
             try:
                 n, _ = ops.count_tokens(sp.model, prompt, sp.extra)
-                est = self.prices.estimate_nanos(sp.model, sp.provider, n, sp.max_tokens or 0)
+                est = self.prices.estimate_nanos(sp.model, sp.provider, n, max_output_tokens(sp))
             except Exception:
                 logger.debug("costobs: could not tighten a budget hold", exc_info=True)
                 continue
@@ -1000,159 +1026,212 @@ class Ledger:
         if flags:
             for f in flags:
                 span.flag(f)
-        run = span.run
         kind = span.kind
         priced: Any = _DEFERRED  # not looked up yet
-        if (kind == "llm" and usage is not None and status == "ok" and not cache_hit
+        tokens = None if usage is None else (usage.input, usage.output, usage.cache_read, usage.cache_write,
+                                             usage.reasoning)
+        if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit
                 and span.cost_nanos is None and not span.reserved
-                and (priced := self.prices.price_nanos(model or span.model, span.provider, usage)) is not None):
-            # A model call that reported its usage, at a known price (the commonest end): the general path below,
-            # with everything that cannot apply left out.
-            sig = span.request_sig
-            deferred = sig is _DEFERRED  # a root call: counted only if its run goes on after it (_end_root)
-            if deferred:
-                span.request_sig = sig = None
-                requested, prompt = span.model, span.prompt  # the model as requested, not as reported
+                and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens)) is not None):
+            return self._end_priced(span, tokens, model, estimated, priced)
+        return self._finish(span, status, error, tokens, model, estimated, cache_hit, priced)
+
+    def end_llm(self, key: Any, tokens: Tokens, model: str) -> Span | None:
+        """``end(span_id, "ok", None, TokenUsage(*tokens), model)``, the commonest end (a model call that reported its
+        usage and the model that served it), by the span's key (``span_key``), with what cannot apply left out."""
+        span = self.spans.pop(key, None)
+        if span is None:
+            return None
+        if self.same_id and key in self.same_id:
+            self._next_same_id(key)
+        span.end_wall = time.time()
+        span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
+        span.status = "ok"
+        priced: Any = _DEFERRED
+        if span.kind == "llm" and span.cost_nanos is None and not span.reserved:
+            priced = self.prices.price_nanos(model, span.provider, tokens)
+            if priced is not None:
+                return self._end_priced(span, tokens, model, False, priced)
+        return self._finish(span, "ok", None, tokens, model, False, False, priced)
+
+    def _end_priced(
+        self, span: Span, tokens: Tokens, model: str | None, estimated: bool, priced: tuple[int, UnitPrices]
+    ) -> Span:
+        """``_finish`` for a model call that ended ok with its usage at a known price, holding nothing of its
+        run's budget and with no cost of its own so far (the commonest end): what cannot apply is left out."""
+        sig = span.request_sig
+        requested = span.model  # the model as requested (a deferred signature's), not as reported
+        prompt = span.prompt
+        if model:
+            span.model = model
+        cost, span.prices = priced
+        span.tokens = tokens
+        span.cost_nanos = span.tree_cost = cost
+        if estimated:
+            span.estimated = True
+        if prompt is not None:
+            span.prompt = None  # drop the reference to the user's messages now
+        if span.extra is not None:
+            span.extra = None
+        m = span.model
+        run = span.run
+        is_root = span.is_root
+        last = False
+        with run.lock:
+            run.cost_nanos += cost
+            p = span.parent
+            while p is not None:
+                p.tree_cost += cost
+                p = p.parent
+            inp, out, cr, cw, rsn = tokens
+            run.input += inp
+            run.output += out
+            if cr or cw or rsn:
+                run.cache_read += cr
+                run.cache_write += cw
+                run.reasoning += rsn
+            if m:
+                bm = run.by_model
+                if bm is None:
+                    run.by_model = {m: cost}
+                else:
+                    bm[m] = bm.get(m, 0) + cost
+            if estimated:
+                run.estimated_calls += 1
+            if sig is not None and sig is not _DEFERRED:
+                reqs = run.model_reqs
+                if reqs is None:
+                    reqs = run.model_reqs = {}
+                reqs[sig] = reqs.get(sig, 0) + 1
+            if is_root:
+                run.open_roots -= 1
+                last = run.open_roots <= 0
+        if sig is _DEFERRED:  # a root call: its request is counted only if its run goes on after it
+            span.request_sig = None
+            if not last and span.prompt_ops is not None:
+                self._count_request(run, span.prompt_ops, requested, prompt)
+        if is_root:
+            if last:
+                self._close_run(run, span.end_wall, "ok")
+            if span.exported:
+                self.exporter.emit(span)
+            elif run.status != "running":
+                self.exporter.emit(run)
+            return span
+        if span.exported:
+            self.exporter.emit(span)
+        if run.budget is not None and run.aborted is None:
+            self._check_after(run, span)
+        return span
+
+    def _finish(
+        self, span: Span, status: str, error: BaseException | None, tokens: Tokens | None, model: str | None,
+        estimated: bool, cache_hit: bool, priced: Any,
+    ) -> Span:
+        """The rest of ``end``, any span (its end time, status and flags set). ``priced``: the call's
+        ``price_nanos`` if looked up already (``None``: no price), else ``_DEFERRED``."""
+        run = span.run
+        kind = span.kind
+        own = span.cost_nanos or 0  # custom-reported cost so far
+        pending = None
+        if kind == "llm" or kind == "embedding":
+            if span.request_sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
+                span.request_sig = None
+                if status == "ok":
+                    pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
             if model:
                 span.model = model
-            cost, span.prices = priced
-            span.usage = usage
-            span.cost_nanos = span.tree_cost = cost
-            if estimated:
-                span.estimated = True
+            if tokens is not None:
+                span.tokens = tokens
+                if priced is _DEFERRED:
+                    priced = self.prices.price_nanos(span.model, span.provider, tokens)
+                if priced is None:
+                    span.unpriced = True
+                    span.cost_nanos = own or None
+                else:
+                    nanos, span.prices = priced
+                    if cache_hit:
+                        span.cache_hit = True
+                        span.saved_nanos = nanos
+                        span.cost_nanos = own
+                    else:
+                        span.cost_nanos = own + nanos
+                if estimated:
+                    span.estimated = True
+            elif not own:
+                span.cost_nanos = None
+                if status == "ok":
+                    span.flag("no_usage")
             if span.prompt is not None:
                 span.prompt = None  # drop the reference to the user's messages now
             if span.extra is not None:
                 span.extra = None
-            m = span.model
-            is_root = span.is_root
-            last = False
+            track = True
+        elif kind == "tool":
+            price = self.prices.tool_price_nanos(span.name)
+            if price is not None:
+                own += price
+            span.cost_nanos = own if (own or price is not None) else None
+            if span.extra is not None:
+                span.extra = None
+            track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
+        else:
+            # A span that costs nothing, holds nothing and did not fail (a chain's, a retriever's) changes nothing
+            # in its run: no lock then.
+            track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
+        is_root = span.is_root
+        last = False
+        if track or is_root:
+            cost = span.cost_nanos or 0
+            span.tree_cost += cost
             with run.lock:
-                run.cost_nanos += cost
-                p = span.parent
-                while p is not None:
-                    p.tree_cost += cost
-                    p = p.parent
-                run.input += usage.input
-                run.output += usage.output
-                if usage.cache_read or usage.cache_write or usage.reasoning:
-                    run.cache_read += usage.cache_read
-                    run.cache_write += usage.cache_write
-                    run.reasoning += usage.reasoning
-                if m:
-                    bm = run.by_model
-                    bm[m] = bm.get(m, 0) + cost
-                if estimated:
-                    run.estimated_calls += 1
-                if sig is not None:
-                    reqs = run.model_reqs
-                    if reqs is None:
-                        reqs = run.model_reqs = {}
-                    reqs[sig] = reqs.get(sig, 0) + 1
+                if track:
+                    if span.reserved:
+                        run.reserved_nanos -= span.reserved
+                        span.reserved = 0
+                        if run.loose_holds:
+                            run.loose_holds.discard(span)
+                    if cost:
+                        run.cost_nanos += cost
+                        p = span.parent
+                        while p is not None:
+                            p.tree_cost += cost
+                            p = p.parent
+                    t = span.tokens
+                    if t is not None and not span.cache_hit:
+                        inp, out, cr, cw, rsn = t
+                        run.input += inp
+                        run.output += out
+                        if cr or cw or rsn:
+                            run.cache_read += cr
+                            run.cache_write += cw
+                            run.reasoning += rsn
+                    if kind == "llm" or kind == "embedding":
+                        if span.unpriced:
+                            run.unpriced_calls += 1
+                        if span.estimated:
+                            run.estimated_calls += 1
+                        m = span.model
+                        if m and not span.cache_hit:
+                            if span.unpriced:  # never a silent $0: listed apart, with no figure
+                                if m not in run.unpriced_models:
+                                    run.unpriced_models = (*run.unpriced_models, m)
+                            else:
+                                bm = run.by_model
+                                if bm is None:
+                                    run.by_model = {m: cost}
+                                else:
+                                    bm[m] = bm.get(m, 0) + cost
+                        if span.request_sig is not None and status == "ok":
+                            reqs = run.model_reqs
+                            if reqs is None:
+                                reqs = run.model_reqs = {}
+                            reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
+                    if status == "error":
+                        run.had_error = True
                 if is_root:
                     run.open_roots -= 1
                     last = run.open_roots <= 0
-            # the request to count if the run goes on after this root call (a tuple only then)
-            pending = (span.prompt_ops, requested, prompt) if deferred and not last else None
-        else:
-            own = span.cost_nanos or 0  # custom-reported cost so far
-            pending = None
-            if kind == "llm" or kind == "embedding":
-                if span.request_sig is _DEFERRED:  # a root call: counted only if its run goes on after it (_end_root)
-                    span.request_sig = None
-                    if status == "ok":
-                        pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
-                if model:
-                    span.model = model
-                if usage is not None:
-                    span.usage = usage
-                    if priced is _DEFERRED:
-                        priced = self.prices.price_nanos(span.model, span.provider, usage)
-                    if priced is None:
-                        span.unpriced = True
-                        span.cost_nanos = own or None
-                    else:
-                        nanos, span.prices = priced
-                        if cache_hit:
-                            span.cache_hit = True
-                            span.saved_nanos = nanos
-                            span.cost_nanos = own
-                        else:
-                            span.cost_nanos = own + nanos
-                    if estimated:
-                        span.estimated = True
-                elif not own:
-                    span.cost_nanos = None
-                    if status == "ok":
-                        span.flag("no_usage")
-                if span.prompt is not None:
-                    span.prompt = None  # drop the reference to the user's messages now
-                if span.extra is not None:
-                    span.extra = None
-                track = True
-            elif kind == "tool":
-                price = self.prices.tool_price_nanos(span.name)
-                if price is not None:
-                    own += price
-                span.cost_nanos = own if (own or price is not None) else None
-                if span.extra is not None:
-                    span.extra = None
-                track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
-            else:
-                # A span that costs nothing, holds nothing and did not fail (a chain's, a retriever's) changes nothing
-                # in its run: no lock then.
-                track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
-            is_root = span.is_root
-            last = False
-            if track or is_root:
-                cost = span.cost_nanos or 0
-                span.tree_cost += cost
-                with run.lock:
-                    if track:
-                        if span.reserved:
-                            run.reserved_nanos -= span.reserved
-                            span.reserved = 0
-                            if run.loose_holds:
-                                run.loose_holds.discard(span)
-                        if cost:
-                            run.cost_nanos += cost
-                            p = span.parent
-                            while p is not None:
-                                p.tree_cost += cost
-                                p = p.parent
-                        u = span.usage
-                        if u is not None and not span.cache_hit:
-                            run.input += u.input
-                            run.output += u.output
-                            if u.cache_read:
-                                run.cache_read += u.cache_read
-                            if u.cache_write:
-                                run.cache_write += u.cache_write
-                            if u.reasoning:
-                                run.reasoning += u.reasoning
-                        if kind == "llm" or kind == "embedding":
-                            if span.unpriced:
-                                run.unpriced_calls += 1
-                            if span.estimated:
-                                run.estimated_calls += 1
-                            m = span.model
-                            if m and not span.cache_hit:
-                                if span.unpriced:  # never a silent $0: listed apart, with no figure
-                                    if m not in run.unpriced_models:
-                                        run.unpriced_models = (*run.unpriced_models, m)
-                                else:
-                                    bm = run.by_model
-                                    bm[m] = bm.get(m, 0) + cost
-                            if span.request_sig is not None and status == "ok":
-                                reqs = run.model_reqs
-                                if reqs is None:
-                                    reqs = run.model_reqs = {}
-                                reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
-                        if status == "error":
-                            run.had_error = True
-                    if is_root:
-                        run.open_roots -= 1
-                        last = run.open_roots <= 0
         if is_root:
             self._end_root(run, span, status, error, last, pending)
             if span.exported:
@@ -1240,22 +1319,17 @@ class Ledger:
         if refused:
             span.end_wall = time.time()
             self.exporter.emit(run)
-        run.ended_wall = span.end_wall
-        if run.aborted is not None:
-            run.status = "aborted"
-        elif status == "error" or (error is not None):
-            run.status = "error"
-        else:
-            run.status = "ok"
+        self._close_run(run, span.end_wall, "error" if status == "error" or error is not None else "ok")
+
+    def _close_run(self, run: Run, ended_wall: float, status: str) -> None:
+        """The run's last root span ended: the run ends ``status`` (``aborted`` if it was), and is kept in
+        ``recent`` so that a second invocation with its run_id continues it."""
+        run.ended_wall = ended_wall
+        run.status = status if run.aborted is None else "aborted"
         rid = run.key
         self.runs.pop(rid, None)
-        # Keep a compact memory of the run so a second invocation with the same run_id continues it.
-        if run.tool_seq is not None:
-            run.tool_seq = None
-        if run.model_reqs is not None:
-            run.model_reqs = None
-        if run.loose_holds is not None:
-            run.loose_holds = None
+        if run.tool_seq is not None or run.model_reqs is not None or run.loose_holds is not None:
+            run.tool_seq = run.model_reqs = run.loose_holds = None  # compact: the guards' state starts afresh
         recent = self.recent
         recent[rid] = run
         if len(recent) > _RECENT_HARD_CAP:  # the exporter trims after each batch; this is for when it cannot

@@ -414,12 +414,18 @@ class _Rates:
 class _Entry:
     """A cached resolution: ``base`` rates (``None`` for a miss) and tiers, newest threshold first."""
 
-    __slots__ = ("base", "expires", "tiers")
+    __slots__ = ("base", "expires", "flat", "tiers")
 
     def __init__(self, base: _Rates | None, tiers: tuple[tuple[int, _Rates], ...], expires: float) -> None:
         self.base = base
         self.tiers = tiers
         self.expires = expires
+        # No tiers and no rounding: (nanos per input token, per output token, per request, unit prices), what
+        # price_nanos needs for a call without cache or reasoning tokens.
+        self.flat: tuple[int, int, int, UnitPrices] | None = (
+            (base.inp * base.mul, base.out * base.mul, base.req * base.mul, base.unit)
+            if base is not None and not tiers and base.div == 1 else None
+        )
 
     def rates(self, input_tokens: int) -> _Rates | None:
         for start, rates in self.tiers:
@@ -638,26 +644,24 @@ class PriceBook:
             rates.nanos(usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
         )
 
-    def price_nanos(self, model: str | None, provider: str | None, usage: TokenUsage) -> tuple[int, UnitPrices] | None:
+    def price_nanos(
+        self, model: str | None, provider: str | None, tokens: tuple[int, int, int, int, int]
+    ) -> tuple[int, UnitPrices] | None:
         """:meth:`price` now, as ``(cost_nanos, unit prices)`` without building a ``PricedCall`` (the ledger's
-        hot path); ``None`` if the model has no known price."""
+        hot path), of the token counts in ``TokenUsage``'s order (input, output, cache read, cache write,
+        reasoning); ``None`` if the model has no known price."""
         entry = self._cache.get((model, provider))
         if entry is None or entry.expires <= _monotonic():
             entry = self._resolve(model, provider)
-        inp = usage.input
-        rates = entry.base
-        if entry.tiers:
-            for start, tier_rates in entry.tiers:
-                if inp > start:
-                    rates = tier_rates
-                    break
+        inp, out, cr, cw, rsn = tokens
+        flat = entry.flat
+        if flat is not None and not (cr or cw or rsn) and inp >= 0 and out >= 0:
+            # What rates.nanos computes for a call without cache or reasoning tokens, when no rounding is needed.
+            return inp * flat[0] + out * flat[1] + flat[2], flat[3]
+        rates = entry.rates(inp)
         if rates is None:
             return None
-        out = usage.output
-        if rates.div == 1 and not (usage.cache_read or usage.cache_write or usage.reasoning) and inp >= 0 and out >= 0:
-            # What rates.nanos computes for a call without cache or reasoning tokens, when no rounding is needed.
-            return (inp * rates.inp + out * rates.out + rates.req) * rates.mul, rates.unit
-        return rates.nanos(inp, out, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
+        return rates.nanos(inp, out, cr, cw, rsn), rates.unit
 
     def is_priced(self, model: str | None, provider: str | None) -> bool:
         """Whether calls of ``model`` have a price now (tiers only exist beside a base price)."""

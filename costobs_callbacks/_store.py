@@ -326,13 +326,13 @@ class Store:
                 span_rows.append(make_row(it))
                 if it.cost_nanos:
                     acc[1] += it.cost_nanos
-                u = it.usage
-                if u is not None and not it.cache_hit:
-                    acc[2] += u.input
-                    acc[3] += u.output
-                    acc[4] += u.cache_read
-                    acc[5] += u.cache_write
-                    acc[6] += u.reasoning
+                t = it.tokens
+                if t is not None and not it.cache_hit:
+                    acc[2] += t[0]
+                    acc[3] += t[1]
+                    acc[4] += t[2]
+                    acc[5] += t[3]
+                    acc[6] += t[4]
                 kind = it.kind
                 if kind in _LLM_KINDS:
                     acc[7] += 1
@@ -691,7 +691,7 @@ def _sqlite_dt(ts: float) -> str:
 def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
     """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver."""
     run = sp.run
-    u = sp.usage
+    t = sp.tokens
     name = sp.name
     if name and (len(name) > 256 or "\x00" in name):
         name = _txt(name, 256)
@@ -709,14 +709,13 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
         run.run_id, sp.kind, name or "", model or None, provider or None,
         dt(start), dt(sp.end_wall), int(start // 3600), sp.latency_ms, sp.status,
         _txt(sp.error, 128) if sp.error else None,
-        *(_USAGE_COLS(u) if u is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
+        *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
         _txt(",".join(sp.flags), 256) if sp.flags else None,
         *_RUN_ATTRIBUTION(run),
     )
 
 
-_USAGE_COLS = attrgetter("input", "output", "cache_read", "cache_write", "reasoning")
 _NO_USAGE = (0, 0, 0, 0, 0)
 _RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "prompt_version")
 

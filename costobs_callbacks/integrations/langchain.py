@@ -38,7 +38,23 @@ _EMPTY: dict[str, Any] = {}  # read-only
 _BUBBLE_UP = frozenset({"GraphInterrupt", "NodeInterrupt", "ParentCommand", "GraphBubbleUp"})
 
 
-class _MessagesOps:
+class _RequestOps:
+    """What a LangChain call's request says beside its prompt, read only when needed (a budget's estimate, a
+    count of the tokens of a call that reported none): ``extra`` is ``(invocation params, metadata)``."""
+
+    @staticmethod
+    def max_tokens(extra: Any) -> int | None:
+        ip, meta = extra
+        n = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
+        return n if type(n) is int and n > 0 else None
+
+    @staticmethod
+    def tools(extra: Any) -> Any:
+        """The tool (or function) schemas the request sends, counted as prompt tokens."""
+        return extra[0].get("tools") or extra[0].get("functions") if extra else None
+
+
+class _MessagesOps(_RequestOps):
     """Prompt operations on LangChain message lists (``on_chat_model_start``'s payload)."""
 
     @staticmethod
@@ -88,8 +104,9 @@ class _MessagesOps:
                         _remember(key, hit)
                 total += hit[0] + 4
                 exact = exact and hit[1]
-        if extra:
-            n, ok = _count(json.dumps(extra, default=str), model)
+        tools = _RequestOps.tools(extra)
+        if tools:
+            n, ok = _count(json.dumps(tools, default=str), model)
             total += n
             exact = exact and ok
         return total, exact
@@ -122,8 +139,9 @@ class _MessagesOps:
                                                        default=str), model)
                     total += n
                     exact = exact and ok
-        if extra:
-            n, ok = _known_or_bytes(json.dumps(extra, default=str), model)
+        tools = _RequestOps.tools(extra)
+        if tools:
+            n, ok = _known_or_bytes(json.dumps(tools, default=str), model)
             total += n
             exact = exact and ok
         return total, exact
@@ -163,7 +181,7 @@ def _remember(key: tuple[Any, int, str | None], value: tuple[int, bool]) -> None
     _COUNTS[key] = value
 
 
-class _StringsOps:
+class _StringsOps(_RequestOps):
     """Prompt operations on plain prompt strings (``on_llm_start``'s payload)."""
 
     @staticmethod
@@ -351,17 +369,18 @@ class CostCallbackHandler(BaseCallbackHandler):
             ip = kwargs.get("invocation_params") or _EMPTY
             meta = metadata or _EMPTY
             model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
-            if model is not None and type(model) is not str:
+            if type(model) is not str and model is not None:
                 model = str(model)
             provider = meta.get("ls_provider") or ip.get("_type")
-            if provider is not None and type(provider) is not str:
+            if type(provider) is not str and provider is not None:
                 provider = str(provider)
-            max_tokens = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
-            if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
-                max_tokens = None
-            name = kwargs.get("name") or _name(serialized) or "llm"
+            name = kwargs.get("name") or (serialized.get("name") if serialized else None)
+            if type(name) is not str:
+                name = _name(serialized) or "llm"
+            # start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra), by position:
+            # cheaper. extra, the request, is read only if needed (its max_tokens and tools, see _RequestOps).
             self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, messages, MESSAGES,
-                               ip.get("tools") or ip.get("functions"), max_tokens)
+                               (ip, meta))
         except RunAborted:
             raise
         except Exception as exc:
@@ -393,22 +412,43 @@ class CostCallbackHandler(BaseCallbackHandler):
         ip = kwargs.get("invocation_params") or _EMPTY
         meta = metadata or _EMPTY
         model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
-        if model is not None and type(model) is not str:
+        if type(model) is not str and model is not None:
             model = str(model)
         provider = meta.get("ls_provider") or ip.get("_type")
-        if provider is not None and type(provider) is not str:
+        if type(provider) is not str and provider is not None:
             provider = str(provider)
-        max_tokens = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
-            max_tokens = None
-        name = kwargs.get("name") or _name(serialized) or "llm"
-        # Positional: start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra,
-        # max_tokens), cheaper than keywords on this path.
-        self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, prompt, ops,
-                           ip.get("tools") or ip.get("functions"), max_tokens)
+        name = kwargs.get("name") or (serialized.get("name") if serialized else None)
+        if type(name) is not str:
+            name = _name(serialized) or "llm"
+        self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, prompt, ops, (ip, meta))
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         try:
+            # The commonest reply first: one generation, a message with its usage and the model that served it.
+            try:
+                gens: Any = response.generations
+                [[gen]] = gens
+                msg = gen.message
+                um = msg.usage_metadata
+                rm = msg.response_metadata
+                m = rm.get("model_name") or rm.get("model")
+                i = um["input_tokens"]
+                o = um["output_tokens"]
+            except Exception:  # another shape (several generations, no message, no usage): the full path
+                pass
+            else:
+                if (type(i) is int and type(o) is int and i >= 0 and o >= 0 and (i or o) and type(m) is str and m
+                        and type(um) is dict and "total_cost" not in um):  # total_cost: an LLM-cache hit
+                    t: tuple[int, int, int, int, int] | None = (i, o, 0, 0, 0)
+                    if um.get("input_token_details") or um.get("output_token_details"):
+                        try:
+                            u = usage_from_metadata(um)
+                            t = (u.input, u.output, u.cache_read, u.cache_write, u.reasoning)
+                        except (ValueError, TypeError):
+                            t = None  # the full path flags it
+                    if t is not None:
+                        self._ledger.end_llm(run_id.int if type(run_id) is UUID else run_id, t, m)
+                        return
             self._model_end(response, run_id, "ok", None)
         except RunAborted:
             raise
@@ -436,26 +476,6 @@ class CostCallbackHandler(BaseCallbackHandler):
 
     def _model_end(self, response: LLMResult | None, run_id: UUID, status: str, error: BaseException | None) -> None:
         key = run_id.int if type(run_id) is UUID else run_id
-        if response is not None and status == "ok":
-            # The common reply first: one generation, a message with its usage and the served model.
-            first = response.generations
-            if type(first) is list and len(first) == 1 and type(first[0]) is list and len(first[0]) == 1:
-                msg = getattr(first[0][0], "message", None)
-                um = getattr(msg, "usage_metadata", None)
-                rm = getattr(msg, "response_metadata", None)
-                if type(um) is dict and type(rm) is dict and "total_cost" not in um:
-                    m = rm.get("model_name") or rm.get("model")
-                    if type(m) is str and m:
-                        try:
-                            u = usage_from_metadata(um)
-                        except (ValueError, TypeError):
-                            pass  # the full path below flags it
-                        else:
-                            if u.input or u.output:
-                                # end(span_id, status, error, usage, model), by position: cheaper (and a no-op
-                                # for a span the ledger does not know)
-                                self._ledger.end(key, status, error, u, m)
-                                return
         span = self._ledger.spans.get(key)
         if span is None:
             return
