@@ -201,13 +201,14 @@ class Run:
     loose_holds: set[Span] | None = None
     """Calls in flight holding an upper bound of their estimate."""
 
-    def __init__(self, run_id: str | UUID | int, key: Any = None) -> None:
+    def __init__(self, run_id: str | UUID | int, key: Any, started_wall: float, started_perf: float) -> None:
         self._rid = run_id
-        self.key = run_key(run_id) if key is None else key
+        self.key = key
         """Its key in ``Ledger.runs`` and ``Ledger.recent`` (see ``run_key``)."""
         self.lock = _RUN_LOCKS[next(_lock_turn) & _RUN_LOCK_MASK]
-        self.started_mono = time.monotonic()
-        self.started_wall = time.time()
+        self.started_wall = started_wall
+        self.started_perf = started_perf
+        """``time.perf_counter()`` at its start (monotonic)."""
 
     _text: str | None = None
 
@@ -293,14 +294,18 @@ class Span:
     def __init__(
         self, span_id: str | UUID | int, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,
         provider: str | None = None, prompt: Any = None, prompt_ops: PromptOps | None = None, extra: Any = None,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None, start_wall: float | None = None, start_perf: float = 0.0,
     ) -> None:
         self._sid = span_id
         self.run = run
         self.kind = kind
         self.name = name
-        self.start_wall = time.time()
-        self.start_perf = time.perf_counter()
+        if start_wall is None:
+            self.start_wall = time.time()
+            self.start_perf = time.perf_counter()
+        else:  # its run's start (a new run's first span)
+            self.start_wall = start_wall
+            self.start_perf = start_perf
         if parent is not None:
             self.parent = parent
             self.is_root = False
@@ -601,7 +606,7 @@ class Ledger:
             run.status = "running"
             continued = True
         else:
-            run = Run(run_id, key)
+            run = Run(run_id, key, time.time(), time.perf_counter())
         self._attribute(run, meta, extra)
         if count_root:
             if continued:
@@ -656,11 +661,13 @@ class Ledger:
             # fresh id, not parsed on this path; _find looks up both forms).
             if run_id is None and kind == "llm" and key not in self.runs and key not in self.recent:
                 # A new run whose root is a model call (a model invoked directly): the commonest start, on its own.
-                run = Run(sid, key)
+                wall, perf = time.time(), time.perf_counter()
+                run = Run(sid, key, wall, perf)
                 first = self._attribute(run, meta, None)
                 run.open_roots = 1
                 if first:  # nothing can refuse it: count it and go (what _guard_start would do)
-                    span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
+                    span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens,
+                                wall, perf)
                     if not exported:
                         span.exported = False
                     run.steps = run.llm_calls = 1
@@ -759,7 +766,7 @@ class Ledger:
 
     def _check_seconds(self, run: Run, budget: Budget) -> None:
         assert budget.max_seconds is not None
-        elapsed = time.monotonic() - run.started_mono
+        elapsed = time.perf_counter() - run.started_perf
         if elapsed > budget.max_seconds:
             self._abort(run, BudgetExceededError(
                 f"run {run.run_id} exceeded max_seconds={budget.max_seconds:g} "
@@ -1288,7 +1295,7 @@ class Ledger:
             checks.append(("max_tool_calls", budget.max_tool_calls, run.tool_calls,
                            run.tool_calls / budget.max_tool_calls))
         if budget.max_seconds is not None:
-            el = time.monotonic() - run.started_mono
+            el = time.perf_counter() - run.started_perf
             checks.append(("max_seconds", budget.max_seconds, el, el / budget.max_seconds))
         for name, limit, spent, ratio in checks:
             if ratio >= budget.warn_at:
