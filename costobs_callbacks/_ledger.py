@@ -32,7 +32,10 @@ from ._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy, coerce_budge
 if TYPE_CHECKING:
     from ._pricing import PriceBook, UnitPrices
 
-__all__ = ["ATTRIBUTION_KEYS", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span", "run_key", "run_text", "span_key"]
+__all__ = [
+    "ATTRIBUTION_KEYS", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span", "Tokens", "run_key", "run_text", "span_key",
+    "tokens_of",
+]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -49,6 +52,11 @@ _RECENT_HARD_CAP = 16 * _RECENT_RUNS  # ended runs kept at most, should the expo
 COST_KINDS = frozenset({"llm", "embedding", "tool"})
 Tokens = tuple[int, int, int, int, int]
 """A call's token counts in ``TokenUsage``'s order: input, output, cache read, cache write, reasoning."""
+
+
+def tokens_of(usage: TokenUsage) -> Tokens:
+    """A ``TokenUsage`` as ``Tokens``."""
+    return (usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning)
 
 
 class PromptOps(Protocol):
@@ -1035,17 +1043,18 @@ class Ledger:
                 span.flag(f)
         kind = span.kind
         priced: Any = _DEFERRED  # not looked up yet
-        tokens = None if usage is None else (usage.input, usage.output, usage.cache_read, usage.cache_write,
-                                             usage.reasoning)
+        tokens = None if usage is None else tokens_of(usage)
         if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit
                 and span.cost_nanos is None and not span.reserved
                 and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens)) is not None):
             return self._end_priced(span, tokens, model, estimated, priced)
         return self._finish(span, status, error, tokens, model, estimated, cache_hit, priced)
 
-    def end_llm(self, key: Any, tokens: Tokens, model: str) -> Span | None:
-        """``end(span_id, "ok", None, TokenUsage(*tokens), model)``, the commonest end (a model call that reported its
-        usage and the model that served it), by the span's key (``span_key``), with what cannot apply left out."""
+    def end_llm(
+        self, key: Any, tokens: Tokens, model: str | None, estimated: bool = False, flags: Iterable[str] = ()
+    ) -> Span | None:
+        """``end(span_id, "ok", None, TokenUsage(*tokens), model, estimated, False, flags)``, the commonest end (a model
+        call that ended with its token counts), by the span's key (``span_key``), with what cannot apply left out."""
         span = self.spans.pop(key, None)
         if span is None:
             return None
@@ -1054,12 +1063,15 @@ class Ledger:
         span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         span.status = "ok"
+        if flags:
+            for f in flags:
+                span.flag(f)
         priced: Any = _DEFERRED
         if span.kind == "llm" and span.cost_nanos is None and not span.reserved:
-            priced = self.prices.price_nanos(model, span.provider, tokens)
+            priced = self.prices.price_nanos(model or span.model, span.provider, tokens)
             if priced is not None:
-                return self._end_priced(span, tokens, model, False, priced)
-        return self._finish(span, "ok", None, tokens, model, False, False, priced)
+                return self._end_priced(span, tokens, model, estimated, priced)
+        return self._finish(span, "ok", None, tokens, model, estimated, False, priced)
 
     def _end_priced(
         self, span: Span, tokens: Tokens, model: str | None, estimated: bool, priced: tuple[int, UnitPrices]

@@ -80,7 +80,7 @@ from pydantic import BaseModel, Field
 
 from .._events import TokenUsage, token_count
 from .._exceptions import RunAborted
-from .._ledger import Span, _again, current_scope
+from .._ledger import Span, Tokens, _again, current_scope, tokens_of
 from .._tokens import count_text
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
@@ -906,7 +906,7 @@ class _Adapter:
                 status = "error"
         try:
             resp = response if response is not None else track.partial
-            usage: TokenUsage | None = None
+            usage: TokenUsage | Tokens | None = None
             model: str | None = None
             if resp is not None:
                 if getattr(resp, "raw", None) is not None:
@@ -941,9 +941,15 @@ class _Adapter:
                 return
             track.ended = True
         try:
-            # end(span_id, status, error, usage, model, estimated, cache_hit, flags)
-            self.ledger.end(track.key, status, error if status == "error" else None, usage, model, estimated, False,
-                            flags)
+            if status == "ok" and usage is not None:
+                # end_llm(span key, tokens, model, estimated, flags): the ledger's short path
+                tokens = usage if isinstance(usage, tuple) else tokens_of(usage)
+                self.ledger.end_llm(track.key, tokens, model, estimated, flags)
+            else:
+                # end(span_id, status, error, usage, model, estimated, cache_hit, flags)
+                u = TokenUsage(*usage) if isinstance(usage, tuple) else usage
+                self.ledger.end(track.key, status, error if status == "error" else None, u, model, estimated, False,
+                                flags)
         except RunAborted:
             if quiet or isinstance(error, RunAborted):
                 return
@@ -953,7 +959,7 @@ class _Adapter:
                 self._release(track.parent)
 
     @staticmethod
-    def _estimate(track: _Track, model: str | None, resp: Any) -> tuple[TokenUsage, bool]:
+    def _estimate(track: _Track, model: str | None, resp: Any) -> tuple[Tokens, bool]:
         m = model or track.model
         if track.inner_prompt is not None:  # what a CustomLLM really sent: its inner call's prompt
             prompt, tools = track.inner_prompt
@@ -961,7 +967,7 @@ class _Adapter:
             prompt, tools = track.prompt, track.tools
         inp, ok_in = _count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
         out, ok_out = _count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
-        return TokenUsage(input=inp, output=out), ok_in and ok_out
+        return (inp, out, 0, 0, 0), ok_in and ok_out
 
     # -- instrumentation: embeddings ---------------------------------------------------------------------
 
