@@ -673,14 +673,23 @@ class Ledger:
                 run = Run(sid, key, wall, perf)
                 first = self._attribute(run, meta, None)
                 run.open_roots = 1
-                if first:  # nothing can refuse it: count it and go (what _guard_start would do)
+                if first:  # at most its cost estimate can refuse it: what _guard_start would do, on its own
                     span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens,
                                 wall, perf)
                     if not exported:
                         span.exported = False
-                    run.steps = run.llm_calls = 1
-                    if first == _FIRST_DEFER and prompt is not None and prompt_ops is not None:
+                    run.steps = run.llm_calls = 1  # no other thread can see the run yet: no lock
+                    if first & _FIRST_DEFER and prompt is not None and prompt_ops is not None:
                         span.request_sig = _DEFERRED
+                    if first & _FIRST_ESTIMATE and run.max_cost_nanos is not None:
+                        assert run.budget is not None
+                        try:
+                            self._check_llm_estimate(run, span, run.budget)
+                        except RunAborted:
+                            run.steps = run.llm_calls = 0  # a refused call was never made
+                            self._release_hold(run, span)
+                            self._end_root(run, span, "aborted", None, refused=True)
+                            raise
                     self.runs[key] = run
                     self.spans[key] = span
                     return span
@@ -764,13 +773,19 @@ class Ledger:
                         run.tool_calls -= 1
                     else:
                         run.llm_calls -= 1
-                    run.reserved_nanos -= span.reserved
-                    span.reserved = 0
-                    if run.loose_holds:
-                        run.loose_holds.discard(span)
+                self._release_hold(run, span)
                 raise
         elif budget is not None and budget.max_seconds is not None:
             self._check_seconds(run, budget)
+
+    @staticmethod
+    def _release_hold(run: Run, span: Span) -> None:
+        """Give back what a refused call held of its run's budget."""
+        with run.lock:
+            run.reserved_nanos -= span.reserved
+            span.reserved = 0
+            if run.loose_holds:
+                run.loose_holds.discard(span)
 
     def _check_seconds(self, run: Run, budget: Budget) -> None:
         assert budget.max_seconds is not None
@@ -1044,8 +1059,7 @@ class Ledger:
         kind = span.kind
         priced: Any = _DEFERRED  # not looked up yet
         tokens = None if usage is None else tokens_of(usage)
-        if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit
-                and span.cost_nanos is None and not span.reserved
+        if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit and span.cost_nanos is None
                 and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens)) is not None):
             return self._end_priced(span, tokens, model, estimated, priced)
         return self._finish(span, status, error, tokens, model, estimated, cache_hit, priced)
@@ -1067,7 +1081,7 @@ class Ledger:
             for f in flags:
                 span.flag(f)
         priced: Any = _DEFERRED
-        if span.kind == "llm" and span.cost_nanos is None and not span.reserved:
+        if span.kind == "llm" and span.cost_nanos is None:
             priced = self.prices.price_nanos(model or span.model, span.provider, tokens)
             if priced is not None:
                 return self._end_priced(span, tokens, model, estimated, priced)
@@ -1076,8 +1090,8 @@ class Ledger:
     def _end_priced(
         self, span: Span, tokens: Tokens, model: str | None, estimated: bool, priced: tuple[int, UnitPrices]
     ) -> Span:
-        """``_finish`` for a model call that ended ok with its usage at a known price, holding nothing of its
-        run's budget and with no cost of its own so far (the commonest end): what cannot apply is left out."""
+        """``_finish`` for a model call that ended ok with its usage at a known price and no cost of its own so far
+        (the commonest end): what cannot apply is left out."""
         sig = span.request_sig
         requested = span.model  # the model as requested (a deferred signature's), not as reported
         prompt = span.prompt
@@ -1097,6 +1111,11 @@ class Ledger:
         is_root = span.is_root
         last = False
         with run.lock:
+            if span.reserved:  # what it held of the run's budget while in flight
+                run.reserved_nanos -= span.reserved
+                span.reserved = 0
+                if run.loose_holds:
+                    run.loose_holds.discard(span)
             run.cost_nanos += cost
             p = span.parent
             while p is not None:
@@ -1448,23 +1467,28 @@ _Attribution = tuple[str, str | None, str | None, str | None, str | None, Mappin
                      int | None, "LoopPolicy | None", int]
 """(feature, route, tenant_id, user_hash, prompt_version, attributes, budget, max_cost_nanos, loops) of a run, and
 ``_first_call`` of its policy."""
-_FIRST_CHECKED, _FIRST_FREE, _FIRST_DEFER = 0, 1, 2
+_FIRST_CHECKED, _FIRST_FREE, _FIRST_DEFER, _FIRST_ESTIMATE = 0, 1, 2, 4
 
 
 def _first_call(budget: Budget | None, loops: LoopPolicy | None) -> int:
-    """What a policy asks of a new run's first call when that call is a root model call (depth 0, first step):
-    ``_FIRST_FREE`` if nothing can refuse it, ``_FIRST_DEFER`` if only its request signature is needed (counted at
-    its end, see ``_end_root``), ``_FIRST_CHECKED`` if the full checks must run."""
+    """What a policy asks of a new run's first call when that call is a root model call (depth 0, the run's first
+    step, nothing spent): ``_FIRST_CHECKED`` (0) if the full checks must run, else ``_FIRST_FREE`` with these bits:
+    ``_FIRST_DEFER`` if its request signature is needed (counted at its end, see ``_end_root``), ``_FIRST_ESTIMATE``
+    if its cost estimate must fit the budget (no other budget limit can refuse a first call: counts and tokens
+    limits are at least 1, nothing is spent yet; a ``max_seconds`` budget takes the full checks)."""
+    first = _FIRST_FREE
     if budget is not None:
-        return _FIRST_CHECKED
+        if budget.max_seconds is not None:
+            return _FIRST_CHECKED
+        first |= _FIRST_ESTIMATE
     if loops is None:
-        return _FIRST_FREE
+        return first
     if (loops.max_depth is not None and loops.max_depth < 0) or (loops.max_steps is not None and loops.max_steps < 1):
         return _FIRST_CHECKED
     reqs = loops.max_identical_model_requests
     if reqs is None:
-        return _FIRST_FREE
-    return _FIRST_DEFER if reqs > 1 else _FIRST_CHECKED
+        return first
+    return first | _FIRST_DEFER if reqs > 1 else _FIRST_CHECKED
 
 
 class _AttrPlan:

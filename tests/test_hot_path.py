@@ -161,8 +161,8 @@ def test_first_call_shortcut_counts_the_call_like_the_full_path(cost_tracker_fac
     assert len(stub_openai.requests) == 3
 
 
-def test_first_call_with_a_budget_takes_the_full_checks(cost_tracker_factory, stub_openai):
-    """With a budget the first call is checked before it is sent: this one cannot fit (estimate: its prompt
+def test_first_call_with_a_budget_is_refused_by_its_estimate(cost_tracker_factory, stub_openai):
+    """With a budget the first call's cost estimate is checked before it is sent: this one cannot fit (its prompt
     plus max_tokens=1000 at $8 per million output tokens, past $0.001)."""
     tracker = cost_tracker_factory(prices=PRICES, budget=Budget(max_cost_usd=Decimal("0.001")))
     cfg = tracker.config(feature="first")
@@ -171,6 +171,35 @@ def test_first_call_with_a_budget_takes_the_full_checks(cost_tracker_factory, st
     assert stub_openai.requests == []
     got = rc(tracker, cfg["run_id"])
     assert (got.status, got.llm_calls, got.cost_usd) == ("aborted", 0, Decimal(0))
+
+
+@pytest.mark.parametrize("budget", [
+    Budget(max_cost_usd=Decimal("0.01"), max_llm_calls=2, max_tokens=10_000),
+    Budget(max_cost_usd=Decimal("0.01"), max_seconds=60),  # max_seconds: the full checks
+])
+def test_first_call_with_a_budget_that_fits_holds_its_estimate_until_it_ends(cost_tracker_factory, stub_openai,
+                                                                            budget):
+    """A first call that fits holds its estimate of the run's budget while in flight and gives it back when it
+    ends, whichever path it took; the run then counts on from the call."""
+    tracker = cost_tracker_factory(prices=PRICES, budget=budget)
+    stub_openai.enqueue(StubReply("ok", usage=StubUsage(10, 5)), StubReply("ok", usage=StubUsage(10, 5)))
+    cfg = tracker.config(feature="fits")
+    held = []
+    real_end = tracker.ledger.end_llm
+
+    def spy(key: Any, *a: Any) -> Any:
+        held.append(tracker.ledger.spans[key].run.reserved_nanos)
+        return real_end(key, *a)
+
+    tracker.ledger.end_llm = spy  # type: ignore[method-assign]
+    llm = chat(stub_openai, max_tokens=100)
+    llm.invoke("hi", config=cfg)
+    run = tracker.ledger.recent_run(cfg["run_id"])
+    assert run is not None and held[0] > 0 and run.reserved_nanos == 0
+    got = rc(tracker, cfg["run_id"])
+    assert (got.status, got.llm_calls, got.cost_usd) == ("ok", 1, usd(10, 5))
+    llm.invoke("again", config=cfg)
+    assert (rc(tracker, cfg["run_id"]).llm_calls, run.reserved_nanos) == (2, 0)
 
 
 def test_max_llm_calls_on_a_run_continued_by_direct_model_calls(cost_tracker_factory, stub_openai):
