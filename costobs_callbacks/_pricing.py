@@ -689,6 +689,9 @@ class PriceBook:
     ) -> int | None:
         """A pre-call estimate: every input token uncached, every output token at the output price."""
         entry = self._entry(model, provider, at)
+        flat = entry.flat
+        if flat is not None and input_tokens >= 0 and output_tokens >= 0:  # what rates.nanos gives, in short
+            return input_tokens * flat[0] + output_tokens * flat[1] + flat[2]
         rates = entry.rates(input_tokens)
         if rates is None:
             return None
@@ -699,6 +702,11 @@ class PriceBook:
         """An upper bound of :meth:`estimate_nanos` for any ``input_tokens <= input_bound``: the most any tier
         that could apply charges for ``input_bound`` tokens. ``None`` if unpriced (or a price is negative)."""
         entry = self._entry(model, provider, None)
+        flat = entry.flat
+        if flat is not None and input_bound >= 0 and output_tokens >= 0:  # one rate: the estimate is its bound
+            if flat[0] < 0 or flat[1] < 0 or flat[2] < 0:
+                return None
+            return input_bound * flat[0] + output_tokens * flat[1] + flat[2]
         best = None
         for rates in (entry.base, *(r for start, r in entry.tiers if input_bound > start)):
             if rates is None:
