@@ -72,6 +72,12 @@ def fixed_chat_model() -> Any:
     result = ChatResult(generations=[ChatGeneration(message=usage_message())])
 
     class FixedReplyChatModel(GenericFakeChatModel):
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            # The requested model in the invocation params, as a provider's chat model has it: a budget's pre-call
+            # cost estimate needs to know it (an unnamed model has no price to estimate with).
+            return {"model_name": MODEL_NAME}
+
         def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
             return result
 
