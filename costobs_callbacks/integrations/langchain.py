@@ -21,6 +21,7 @@ from langchain_core.outputs import LLMResult
 
 from .._events import TokenUsage, token_count, usd_to_nanos
 from .._exceptions import RunAborted
+from .._ledger import Tokens, tokens_of
 from .._tokens import count_text
 
 if TYPE_CHECKING:
@@ -439,11 +440,10 @@ class CostCallbackHandler(BaseCallbackHandler):
             else:
                 if (type(i) is int and type(o) is int and i >= 0 and o >= 0 and (i or o) and type(m) is str and m
                         and type(um) is dict and "total_cost" not in um):  # total_cost: an LLM-cache hit
-                    t: tuple[int, int, int, int, int] | None = (i, o, 0, 0, 0)
+                    t: Tokens | None = (i, o, 0, 0, 0)
                     if um.get("input_token_details") or um.get("output_token_details"):
                         try:
-                            u = usage_from_metadata(um)
-                            t = (u.input, u.output, u.cache_read, u.cache_write, u.reasoning)
+                            t = tokens_of(usage_from_metadata(um))
                         except (ValueError, TypeError):
                             t = None  # the full path flags it
                     if t is not None:
