@@ -118,6 +118,7 @@ _RUN_LOCKS = tuple(threading.Lock() for _ in range(_RUN_LOCK_MASK + 1))
 and is never held while another run's is taken, so runs can share locks; sharing spares every run a lock of
 its own (made on the app's thread, freed cold much later)."""
 _lock_turn = count()
+_new_object = object.__new__
 
 
 def run_key(run_id: Any) -> Any:
@@ -417,6 +418,12 @@ class Ledger:
             None, None, None, None, None)
         # (loop policy, max_depth, max_steps, max_identical_model_requests): the last one seen
         self._loops_memo: tuple[LoopPolicy | None, int | None, int | None, int | None] = (None, None, None, None)
+        # A model call made on its own (no parent, no ``tracker.run()`` scope, no metadata) starts a run whose policy
+        # is the tracker's own: when nothing in it can refuse such a call (no required attribution key, no budget, no
+        # loop limit that applies to a first call), an adapter may record the call whole at its end (``record_llm``).
+        first = _first_call(self.default_budget, self.default_loops if self.default_loops.enabled else None)
+        self.lone_calls = not self.require and first != _FIRST_CHECKED and not first & _FIRST_ESTIMATE
+        self._lone_attr: _Attribution | None = None
 
     # -- attribution ----------------------------------------------------------------------------
 
@@ -1086,6 +1093,80 @@ class Ledger:
             if priced is not None:
                 return self._end_priced(span, tokens, model, estimated, priced)
         return self._finish(span, "ok", None, tokens, model, estimated, False, priced)
+
+    def record_llm(
+        self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
+        tokens: Tokens, served: str | None, estimated: bool = False, flags: Iterable[str] = (),
+    ) -> Span:
+        """Record a model call made on its own, whole, once it has ended ok with its token counts: its run opens and
+        ends here. For a call whose start ``lone_calls`` allowed to skip ``start`` (no parent span, no ``tracker.run()``
+        scope around it, no metadata): nothing could have refused it, and nothing can be refused by its end. The
+        adapter kept its start times meanwhile; the run is ``start`` + ``end_llm`` of such a call, in one step (a
+        model called directly, the commonest shape of a LlamaIndex call, pays for one ledger call instead of two).
+
+        ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
+        attr = self._lone_attr
+        # Run(key, key, start_wall, start_perf) and Span(key, None, run, "llm", name, served or model, provider,
+        # start_wall=start_wall, start_perf=start_perf), inline: the fields their __init__ would set, the rest being
+        # class defaults
+        run = _new_object(Run)
+        run._rid = run.key = key
+        run.lock = _RUN_LOCKS[next(_lock_turn) & _RUN_LOCK_MASK]
+        run.started_wall = start_wall
+        run.started_perf = start_perf
+        if attr is None:
+            self._attribute(run, None, None)
+            attr = self._lone_attr = (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+                                      run.attributes, run.budget, run.max_cost_nanos, run.loops, _FIRST_FREE)
+        else:
+            (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
+             run.max_cost_nanos, run.loops, _) = attr
+        run.steps = run.llm_calls = 1
+        span = _new_object(Span)
+        span._sid = key
+        span.run = run
+        span.kind = "llm"
+        span.name = name
+        span.start_wall = start_wall
+        span.start_perf = start_perf
+        m = served or model
+        if m is not None:
+            span.model = m
+        if provider is not None:
+            span.provider = provider
+        end = span.end_wall = time.time()
+        span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
+        span.status = "ok"
+        if flags:
+            span.flags = list(flags)  # distinct, as the adapter makes them
+        priced = self.prices.price_nanos(m, provider, tokens)
+        if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
+            run.open_roots = 1
+            self.runs[key] = run
+            return self._finish(span, "ok", None, tokens, None, estimated, False, None)
+        cost, span.prices = priced
+        span.tokens = tokens
+        span.cost_nanos = span.tree_cost = run.cost_nanos = cost
+        inp, run.output, cr, cw, rsn = tokens
+        run.input = inp
+        if cr or cw or rsn:
+            run.cache_read = cr
+            run.cache_write = cw
+            run.reasoning = rsn
+        if m:
+            run.by_model = {m: cost}
+        if estimated:
+            span.estimated = True
+            run.estimated_calls = 1
+        # _close_run, for a run no other thread has seen
+        run.ended_wall = end
+        run.status = "ok"
+        recent = self.recent
+        recent[key] = run
+        if len(recent) > _RECENT_HARD_CAP:
+            self.trim_recent()
+        self.exporter.emit(span)
+        return span
 
     def _end_priced(
         self, span: Span, tokens: Tokens, model: str | None, estimated: bool, priced: tuple[int, UnitPrices]

@@ -576,8 +576,14 @@ class _Track:
     inner_usage: TokenUsage | None = None
     ctx_token: Any = None
     stream_usage_requested = False
+    # A lone LLM call (see Ledger.lone_calls): no ledger span until it ends (``span`` is None meanwhile).
+    lone = False
+    name = ""
+    provider: str | None = None
+    start_wall = 0.0
+    start_perf = 0.0
 
-    def __init__(self, key: str, parent: _Track | None, kind: str, span: Span, node: _Node | None) -> None:
+    def __init__(self, key: str, parent: _Track | None, kind: str, span: Span | None, node: _Node | None) -> None:
         self.key = key
         self.parent = parent
         self.node = node
@@ -588,19 +594,25 @@ class _Track:
 class _Node:
     """A LlamaIndex instrumentation span in flight (most are transparent: only the anchor matters)."""
 
+    parent: _Node | None = None
     track: _Track | None = None
     refused: RunAborted | None = None
     refused_raised = False
     emb: list[_Track] | None = None  # embedding calls open in this span (rare: made on the first one)
     stream_usage_ok = False  # an OpenAI-compatible LLM's streaming method, stream_options unset
+    legacy = False  # an LLM's span whose callback manager has our legacy handler: the call opens at its legacy start
+    start_wall = 0.0
+    start_perf = 0.0
 
     def __init__(self, id_: str, parent: _Node | None, name: str, cls: type | None) -> None:
         self.id = id_
-        self.parent = parent
         self.name = name
         self.cls = cls
-        self.start_wall = time.time()
-        self.start_perf = time.perf_counter()
+        if parent is not None:
+            self.parent = parent
+        else:  # a top node: the start of the chain it may be opened as (see _Adapter.anchor)
+            self.start_wall = time.time()
+            self.start_perf = time.perf_counter()
 
 
 class _Adapter:
@@ -729,6 +741,7 @@ class _Adapter:
             except RunAborted as err:
                 top.refused = err
                 return None
+            assert track.span is not None
             track.span.start_wall = top.start_wall
             track.span.start_perf = top.start_perf
             top.track = track
@@ -736,28 +749,19 @@ class _Adapter:
 
     # -- instrumentation: spans ----------------------------------------------------------------------
 
-    def span_enter(self, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
-        nodes = self.nodes
-        head = id_[:-_UUID_LEN - 1] if len(id_) > _UUID_LEN + 1 else id_  # "Class.method"
-        plan = _PLANS.get(head)
-        if plan is None or plan.cls is not type(instance):
-            plan = _plan_for(instance, head)
-        node = _Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls)
-        nodes[id_] = node
-        if plan.hookable:
-            self.hook(instance)
+    def open_span(self, node: _Node, plan: _Plan, id_: str, bound_args: Any, instance: Any) -> None:
+        """What a span that is not transparent opens (see ``_Plan``), once ``_SpanHandler.span_enter`` has made its
+        node (and put our legacy handler on the component's callback manager)."""
         what = plan.what
-        if what == _SPAN_OTHER:
-            return
         if what == _SPAN_LLM:
             if plan.stream_check:
                 ak = getattr(instance, "additional_kwargs", None)
                 node.stream_usage_ok = not (isinstance(ak, Mapping) and "stream_options" in ak)
-            return  # the LLM span opens at its start event, which carries the request
+            return  # the LLM call opens at its (legacy, else instrumentation) start event, which carries the request
         if what == _SPAN_TOOL:
             label = _tool_name(instance) or plan.label
             up = self.anchor(node, include_self=False)
-            if up is not None and up.kind == "tool" and up.span.name == label:
+            if up is not None and up.kind == "tool" and up.span is not None and up.span.name == label:
                 return  # FunctionTool.__call__ -> call: one call
             tool_args = _tool_args(instance, bound_args)
             try:
@@ -785,8 +789,11 @@ class _Adapter:
         if track is None or track.node is not node:
             return
         if track.kind == "llm":
-            if error is not None and not track.ended:  # failed before any end event (no legacy handler)
-                self.finish_llm(track, None, error, quiet=True)
+            if not track.ended:
+                if error is not None:  # failed before any end event (no legacy handler)
+                    self.finish_llm(track, None, error, quiet=True)
+                else:
+                    self.stream_open(id_, track)
             return  # a stream's call ends at its end event, after its span exited
         try:
             self.exit_track(track, status, error)
@@ -794,6 +801,13 @@ class _Adapter:
             pass  # sticky
         except Exception as exc:
             self.fault("span_exit", exc)
+
+    def stream_open(self, span_id: str, track: _Track) -> None:
+        """An LLM call's span exited before its end: a stream, read from now on (its progress, end and exception
+        events are matched by span id; a call opened at its instrumentation start event is there already)."""
+        self.llm_tracks[span_id] = track
+        if track.ended:  # ended meanwhile in another thread
+            self.llm_tracks.pop(span_id, None)
 
     def _finish_quietly(self, track: _Track, **kw: Any) -> None:
         try:
@@ -815,10 +829,13 @@ class _Adapter:
         return None
 
     def llm_start(self, event: LLMChatStartEvent | LLMCompletionStartEvent) -> None:
+        """An LLM call's start whose span cannot count on our legacy handler (see ``legacy_llm_start``)."""
         sid = event.span_id
+        node = self.nodes.get(sid) if sid else None
+        if node is not None and node.legacy:
+            return  # opened at its legacy start, next
         if sid is not None and sid in self.llm_tracks:
             return  # a second start event in the same span: the first call is the one
-        node = self.nodes.get(sid) if sid else None
         prompt: str | _Prompt = (
             _Prompt(list(event.messages)) if isinstance(event, LLMChatStartEvent) else str(event.prompt)
         )
@@ -866,6 +883,8 @@ class _Adapter:
             track.partial = event.response
 
     def llm_end_event(self, event: LLMChatEndEvent | LLMCompletionEndEvent) -> None:
+        if not self.llm_tracks and not self.nested:
+            return  # ended at its legacy end event, just before (the common case), or not ours
         span_id = event.span_id
         if span_id is None:
             return
@@ -893,7 +912,7 @@ class _Adapter:
     def finish_llm(self, track: _Track, response: Any, error: BaseException | None, *, quiet: bool) -> None:
         """Cost an LLM call from its response (or what streamed before an error) and end it. Raises
         the ledger's ``RunAborted`` (the run is past its budget now) unless ``quiet``."""
-        if track.span_id is not None:
+        if track.span_id is not None and self.llm_tracks:
             self.llm_tracks.pop(track.span_id, None)
         if track.event_id is not None:
             self.events.pop(track.event_id, None)
@@ -940,6 +959,14 @@ class _Adapter:
             if track.ended:
                 return
             track.ended = True
+        if track.lone:
+            if status == "ok" and usage is not None:
+                # record_llm(key, name, model, provider, start_wall, start_perf, tokens, served, estimated, flags)
+                self.ledger.record_llm(track.key, track.name, track.model, track.provider, track.start_wall,
+                                       track.start_perf, usage if isinstance(usage, tuple) else tokens_of(usage),
+                                       model, estimated, flags)
+                return
+            self._open_lone(track)
         try:
             if status == "ok" and usage is not None:
                 # end_llm(span key, tokens, model, estimated, flags): the ledger's short path
@@ -1040,9 +1067,9 @@ class _Adapter:
                     raise err
                 raise _again(err)
             if n.track is not None:
-                aborted = n.track.span.run.aborted
-                if aborted is not None:
-                    raise _again(aborted)
+                span = n.track.span  # None: a lone call, which nothing can stop
+                if span is not None and span.run.aborted is not None:
+                    raise _again(span.run.aborted)
                 return
             n = n.parent
         scope = current_scope.get()
@@ -1052,10 +1079,13 @@ class _Adapter:
     def legacy_start_instrumented(self, event_type: CBEventType, payload: Any, event_id: str) -> None:
         sid = active_span_id.get()
         node = self.nodes.get(sid) if sid else None
+        if node is not None and node.legacy and event_type is _EV_LLM:
+            self.legacy_llm_start(node, sid, payload, event_id)  # type: ignore[arg-type]  # node: sid is set
+            return
         track = node.track if node is not None and node.refused is None else None
         if track is None:
             self.raise_if_stopped(node)
-        elif track.span.run.aborted is not None:  # raise_if_stopped's first step, inline (the common case)
+        elif track.span is not None and track.span.run.aborted is not None:  # raise_if_stopped's first step, inline
             raise _again(track.span.run.aborted)
         if event_type == _EV_LLM:
             if sid is None:
@@ -1076,6 +1106,84 @@ class _Adapter:
                     t.event_id = event_id
                     self.events[event_id] = t
                     break
+
+    def legacy_llm_start(self, node: _Node, sid: str, payload: Any, event_id: str) -> None:
+        """An LLM call's start, from its legacy event, for a call whose span has our handler on its manager (all of
+        them, but for a component without a manager; the instrumentation start event, just before, is left alone).
+        The call opens here, where a guard's refusal reaches the caller before the request is sent.
+
+        A call made on its own (no tracked span above it, no ``tracker.run()`` scope) when nothing in the tracker's
+        policy could refuse it (``Ledger.lone_calls``) opens nothing in the ledger: it is recorded whole at its end
+        (``Ledger.record_llm``), its start times kept here."""
+        if node.track is not None:
+            return  # a second call in this span, or this handler twice in a manager: the first call is the one
+        p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
+        pr = p.get(_P_PROMPT)
+        if pr is not None:
+            prompt: str | _Prompt = pr if type(pr) is str else str(pr)
+        else:
+            msgs = p.get(_P_MESSAGES)
+            prompt = _Prompt(list(msgs)) if msgs is not None else ""
+        kw = p.get(_P_KWARGS)
+        if kw is None or not (type(kw) is dict or isinstance(kw, Mapping)):
+            kw = _EMPTY
+        raw_tools = kw.get("tools")
+        tools = _Tools(raw_tools) if raw_tools else None
+        parent = node.parent
+        if parent is not None:
+            outer = self.enclosing_llm(node)
+            if outer is not None:  # CustomLLM.chat -> complete, acomplete -> complete: one call, not two
+                self.nested[sid] = outer
+                node.track = outer
+                if outer.inner_prompt is None:
+                    outer.inner_prompt = (prompt, tools)
+                return
+        md = p.get(_P_SERIALIZED)
+        if md is None or not (type(md) is dict or isinstance(md, Mapping)):
+            md = _EMPTY
+        cls = node.cls
+        if cls is not None:
+            cls_name, provider = _class_info(cls)
+        else:
+            cls_name, provider = None, _provider_from_class_name(md.get("class_name"))
+        model = _model_of(md, cls_name)
+        name = cls_name or str(md.get("class_name") or "llm")
+        key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
+        if parent is None and self.ledger.lone_calls and current_scope.get() is None:
+            track = _Track(key, None, "llm", None, node)
+            track.lone = True
+            track.name = name
+            track.provider = provider
+            track.model = model
+            track.prompt = prompt
+            track.tools = tools
+            track.start_wall = time.time()
+            track.start_perf = time.perf_counter()
+        else:
+            up = self.anchor(node, include_self=False) if parent is not None else None
+            try:
+                track = self.open_llm(key, up, name, node, model, provider, prompt, tools, _max_tokens(kw, md))
+            except RunAborted as err:
+                node.refused = err
+                node.refused_raised = True
+                raise
+        track.span_id = sid
+        track.event_id = event_id
+        node.track = track
+        self.events[event_id] = track
+        if self.request_stream_usage and node.stream_usage_ok and type(kw) is dict and "stream_options" not in kw:
+            kw["stream_options"] = {"include_usage": True}  # the very dict the call is made with
+            track.stream_usage_requested = True
+
+    def _open_lone(self, track: _Track) -> None:
+        """Open a lone call's span after all, with its start times (an end that is not the short one). Its
+        request is not needed: no budget estimate can apply to it (see ``Ledger.lone_calls``)."""
+        # start(span_id, parent_id, kind, name, meta, model, provider): a root
+        span = self.ledger.start(track.key, None, "llm", track.name, None, track.model, track.provider, root=True)
+        span.start_wall = span.run.started_wall = track.start_wall
+        span.start_perf = span.run.started_perf = track.start_perf
+        track.span = span
+        track.lone = False
 
     def legacy_start_alone(self, event_type: CBEventType, payload: Any, event_id: str, parent_id: str) -> None:
         events = self.events
@@ -1128,6 +1236,7 @@ class _Adapter:
         track = self.events.pop(event_id, None)
         if track is None or track.ended:  # not ours, or a nested call (None)
             return
+        track.event_id = None  # popped
         p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
         error = p.get(_P_EXCEPTION)
         if error is not None and not isinstance(error, BaseException):
@@ -1159,16 +1268,20 @@ class _Adapter:
 
     # -- managers --------------------------------------------------------------------------------------
 
-    def hook(self, instance: Any) -> None:
+    def hook(self, instance: Any) -> bool:
         """Put the legacy handler on a component's own callback manager (once): a component built before
-        ``instrument()`` or before ``Settings.callback_manager`` was set has a manager without it."""
+        ``instrument()`` or before ``Settings.callback_manager`` was set has a manager without it. Returns whether
+        the component's manager has it now."""
         try:
             cm = getattr(instance, "callback_manager", None)
         except Exception:
-            return
-        if cm is not None and isinstance(cm, CallbackManager) and self.legacy not in cm.handlers:
+            return False
+        if cm is None or not isinstance(cm, CallbackManager):
+            return False
+        if self.legacy not in cm.handlers:
             cm.add_handler(self.legacy)
             self.managers.add(cm)
+        return True
 
 
 def _count_chunks(chunks: Any, model: str | None) -> tuple[TokenUsage, bool]:
@@ -1232,8 +1345,21 @@ class _SpanHandler(BaseSpanHandler[Any]):
     def span_enter(self, id_: str, bound_args: Any, instance: Any = None, parent_id: str | None = None,
                    tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
         a: _Adapter = self.costobs_adapter
-        try:
-            a.span_enter(id_, bound_args, instance, parent_id)
+        try:  # _Adapter.span_enter, inline: this runs for every span of the app
+            head = id_[:-37] if len(id_) > 37 else id_  # "Class.method" (37: "-" and _UUID_LEN)
+            plan = _PLANS.get(head)
+            if plan is None or plan.cls is not type(instance):
+                plan = _plan_for(instance, head)
+            nodes = a.nodes
+            node = _Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls)
+            nodes[id_] = node
+            what = plan.what
+            if plan.hookable:
+                hooked = a.hook(instance)
+                if what == _SPAN_LLM:
+                    node.legacy = hooked
+            if what != _SPAN_OTHER and (what != _SPAN_LLM or plan.stream_check):
+                a.open_span(node, plan, id_, bound_args, instance)
         except Exception as exc:
             a.fault("span_enter", exc)
 
@@ -1245,8 +1371,13 @@ class _SpanHandler(BaseSpanHandler[Any]):
             if node is not None and not node.emb:
                 track = node.track
                 # A transparent span: nothing to end; an LLM call's span: the call ends at its end event.
-                if track is None or track.kind == "llm":
+                if track is None:
                     a.nodes.pop(id_, None)
+                    return
+                if track.kind == "llm":
+                    a.nodes.pop(id_, None)
+                    if not track.ended and track.node is node:
+                        a.stream_open(id_, track)
                     return
             a.span_exit(id_, "ok", None)
         except Exception as exc:
@@ -1351,6 +1482,12 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
         a = self._adapter
         try:
             if a.instrumented:
+                if event_type is _EV_LLM:  # legacy_start_instrumented's first step, inline (the common case)
+                    sid = active_span_id.get()
+                    node = a.nodes.get(sid) if sid else None
+                    if node is not None and node.legacy:
+                        a.legacy_llm_start(node, sid, payload, event_id)  # type: ignore[arg-type]  # sid is set
+                        return event_id
                 a.legacy_start_instrumented(event_type, payload, event_id)
             else:
                 a.legacy_start_alone(event_type, payload, event_id, parent_id)
@@ -1362,7 +1499,7 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
 
     def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                      **kwargs: Any) -> None:
-        if event_type == _EV_EXCEPTION:
+        if event_type is _EV_EXCEPTION:
             return
         a = self._adapter
         try:
