@@ -275,6 +275,121 @@ def test_provider_error_is_recorded_and_propagates_unchanged(tr, stub_openai):
     assert tr.stats["internal_errors"] == 0
 
 
+# -- lone calls: a model called on its own is recorded whole at its end ---------------------------------
+
+_SPAN_FIELDS = ("kind", "name", "model", "provider", "status", "error", "input_tokens", "output_tokens",
+                "cache_read_tokens", "cost_nanos", "tree_cost_nanos", "estimated", "cache_hit", "flags", "unpriced",
+                "price_source", "price_input", "price_output", "price_cache_read")
+
+
+def _lone_calls(llm: OpenAI) -> None:
+    llm.complete("hi")
+    llm.chat(msgs("hello"))
+    asyncio.run(llm.achat(msgs("async")))
+    list(llm.stream_chat(msgs("stream me")))  # the stub sends no stream usage: estimated
+    gen = llm.stream_chat(msgs("abandoned"))
+    next(gen)
+    gen.close()
+
+
+def _lone_replies() -> list[StubReply]:
+    return [StubReply("c1", usage=StubUsage(11, 3, cached_tokens=4)), StubReply("c2", usage=StubUsage(13, 5)),
+            StubReply("c3", usage=StubUsage(17, 2)), StubReply("streamed words", usage=StubUsage(99, 99)),
+            StubReply("one two three four", usage=StubUsage(99, 99))]
+
+
+def _lone_runs(tracker: CostTracker) -> list[str]:
+    return [r.run_id for r in tracker.ledger.recent.values() if r.feature == "unattributed"]
+
+
+def _row(span: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(span[k] for k in _SPAN_FIELDS)
+
+
+def test_lone_calls_are_recorded_as_the_same_calls_in_a_run(tr, stub_openai):
+    """A call with no tracked span above it and no ``tracker.run()`` around it, under a policy that cannot refuse
+    it, opens nothing at its start and is recorded whole at its end (``Ledger.record_llm``): each is a run of its
+    own with the figures, spans and flags the same call gets inside a run."""
+    stub_openai.enqueue(*_lone_replies())
+    _lone_calls(openai_llm(stub_openai))
+    lone = _lone_runs(tr)
+    assert len(lone) == 5
+    # what this process remembers of each (run_cost's answer when the database is down), then what it stored
+    live = [tr.ledger.recent_run(rid).snapshot() for rid in lone]
+    stub_openai.enqueue(*_lone_replies())
+    with tr.run(feature="in-run") as run:
+        _lone_calls(openai_llm(stub_openai))  # a new client: the last one's async client died with its loop
+    ref = tr.run_cost(run.run_id)
+    inp = [11, 13, 17, request_tokens(stub_openai.requests[3]), request_tokens(stub_openai.requests[4])]
+    assert sum(c.input_tokens for c in live) == ref.input_tokens == sum(inp)
+    assert sum(c.output_tokens for c in live) == ref.output_tokens
+    assert sum(c.cost_usd for c in live) == ref.cost_usd
+    assert (sum(c.cache_read_tokens for c in live), sum(c.estimated_calls for c in live)) == (4, 2)
+    assert [(c.llm_calls, c.status, c.attributes) for c in live] == [(1, "ok", {"feature": "unattributed"})] * 5
+    assert live[0].cost_usd == cost(11, 3, cached=4) and live[0].by_model == {"gpt-4o-mini": cost(11, 3, cached=4)}
+    tr.flush()
+    stored = [tr.run_cost(rid) for rid in lone]
+    assert stored == live
+    lone_spans = [tr.spans(rid) for rid in lone]
+    assert all(len(s) == 1 for s in lone_spans)
+    in_run = spans_by_kind(tr, run.run_id)["llm"]
+    assert sorted(_row(s[0]) for s in lone_spans) == sorted(_row(s) for s in in_run)
+    for rid, (span,) in zip(lone, lone_spans, strict=True):
+        assert (span["span_id"], span["parent_id"], span["feature"]) == (rid, None, "unattributed")
+        assert span["latency_ms"] > 0 and span["start_at"] <= span["end_at"]
+    assert "stream_closed" in lone_spans[4][0]["flags"]
+
+
+def test_lone_call_errors_and_unpriced_models_take_the_general_end(tr, stub_openai):
+    import openai
+
+    stub_openai.enqueue(StubReply(status=500), StubReply("x", usage=StubUsage(7, 2), model="gpt-unpriced-x"))
+    with pytest.raises(openai.InternalServerError):
+        openai_llm(stub_openai).chat(msgs())
+    openai_llm(stub_openai).complete("hi")  # served by a model without a price
+    err_run, unpriced_run = _lone_runs(tr)
+    assert tr.run_cost(err_run).status == "error"
+    u = tr.run_cost(unpriced_run)
+    assert (u.unpriced_calls, u.unpriced_models, u.cost_usd, u.input_tokens) == (1, ("gpt-unpriced-x",), 0, 7)
+    tr.flush()
+    (err,) = tr.spans(err_run)
+    assert (err["status"], err["error"], err["cost_nanos"], err["latency_ms"] > 0) == (
+        "error", "InternalServerError", None, True)
+    (unp,) = tr.spans(unpriced_run)
+    assert (unp["cost_nanos"], unp["unpriced"], unp["input_tokens"], unp["output_tokens"]) == (None, True, 7, 2)
+
+
+@pytest.mark.parametrize("policy", ["budget", "require"])
+def test_a_policy_that_can_refuse_a_first_call_checks_it_before_it_is_sent(tmp_path, stub_openai, policy):
+    """No lone shortcut when the tracker's own policy could refuse a call made on its own: it is checked at its
+    start, before the request leaves."""
+    kw: dict[str, Any] = {
+        "budget": {"budget": Budget(max_cost_usd=Decimal("0.000001"))},
+        "require": {"require": ("feature",)},
+    }[policy]
+    with _tracker(tmp_path, **kw) as t:
+        t.instrument_llamaindex()
+        try:
+            assert not t.ledger.lone_calls
+            llm = openai_llm(stub_openai, max_tokens=4000)
+            with pytest.raises(RunAborted) as ei:
+                llm.complete("a prompt long enough to cost more than the budget allows " * 20)
+            assert ei.value.reason == {"budget": "max_cost_usd", "require": "missing_attribution"}[policy]
+            assert stub_openai.count() == 0
+        finally:
+            t.uninstrument_llamaindex()
+
+
+def test_which_tracker_policies_let_lone_calls_skip_their_start(tmp_path):
+    from costobs_callbacks import LoopPolicy
+
+    cases = [({}, True), ({"loops": LoopPolicy(max_identical_model_requests=2)}, True),
+             ({"budget": Budget(max_seconds=60)}, False), ({"budget": Budget(max_llm_calls=3)}, False)]
+    for i, (kw, lone) in enumerate(cases):
+        with CostTracker(f"sqlite:///{tmp_path}/p{i}.db", user_salt="s", **kw) as t:
+            assert t.ledger.lone_calls is lone, kw
+
+
 def test_concurrent_async_runs_are_exact_without_cross_talk(tr, stub_openai):
     def responder(req: dict[str, Any]) -> StubReply:
         i = int(req["messages"][-1]["content"].split()[-1])
