@@ -479,6 +479,77 @@ def test_custom_llm_chat_calling_complete_is_one_call(tr):
     assert (span["name"], span["model"], span["estimated"]) == ("MockLLM", "MockLLM", True)
 
 
+class _ReportingLLM(llama_index.core.llms.CustomLLM):
+    """A custom LLM whose complete() reports its usage in ``raw``, as a provider's response does, and whose chat()
+    calls it and hands back a chat response without it."""
+
+    @llama_index.core.llms.callbacks.llm_chat_callback()
+    def chat(self, messages: Any, **kwargs: Any) -> Any:
+        from llama_index.core.llms import ChatResponse
+
+        reply = self.complete(" ".join(str(m.content) for m in messages))
+        return ChatResponse(message=ChatMessage(role="assistant", content=reply.text))
+
+    @property
+    def metadata(self) -> Any:
+        from llama_index.core.llms import LLMMetadata
+
+        return LLMMetadata(model_name="MockLLM")
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        from llama_index.core.llms import CompletionResponse
+
+        return CompletionResponse(text="ok", raw={"usage": {"prompt_tokens": 21, "completion_tokens": 4}})
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_custom_llm_chat_takes_the_usage_its_inner_complete_reported(tr):
+    with tr.run(feature="custom") as run:
+        assert _ReportingLLM().chat(msgs("hello")).message.content == "ok"
+        live = run.cost
+    assert (live.llm_calls, live.input_tokens, live.output_tokens, live.estimated_calls) == (1, 21, 4, 0)
+    assert live.cost_usd == cost(21, 4, P_MOCK)
+
+
+def test_the_event_handler_is_on_the_dispatcher_only_while_needed(tr, stub_openai):
+    """LLM calls are costed from the legacy events; the instrumentation event handler, which LlamaIndex calls for
+    every event of the process, is put on the dispatcher only while a stream is read, an embedding model works, or
+    an LLM without the legacy handler on its manager runs."""
+    from costobs_callbacks.integrations.llamaindex import _adapter
+
+    handler = _adapter(tr).event_handler
+    root = get_dispatcher()
+    stub_openai.enqueue(StubReply("a", usage=StubUsage(5, 1)), StubReply("one two three", usage=StubUsage(9, 9)),
+                        StubReply("b", usage=StubUsage(6, 2)))
+    llm = openai_llm(stub_openai)
+    with tr.run(feature="events") as run:
+        llm.chat(msgs())
+        assert handler not in root.event_handlers
+        gen = llm.stream_chat(msgs("stream"))
+        assert handler in root.event_handlers  # the stream's progress events: what streamed is billed on a close
+        first = next(gen)
+        gen.close()
+        assert handler not in root.event_handlers
+        # a component whose callback manager is not set when its span starts: LlamaIndex makes it one (from
+        # Settings, where instrument_llamaindex() put the legacy handler), after our span handler has looked
+        bare = openai_llm(stub_openai)
+        bare.__dict__["callback_manager"] = None
+        bare.chat(msgs())
+        assert handler not in root.event_handlers
+        MockEmbedding(embed_dim=4).get_text_embedding("some text")
+        assert handler not in root.event_handlers
+        live = run.cost
+    assert (live.llm_calls, live.estimated_calls) == (4, 2)  # the closed stream and the embedding
+    streamed_in, streamed_out = request_tokens(stub_openai.requests[1]), tok(first.message.content or "")
+    assert live.input_tokens == 5 + streamed_in + 6 + tok("some text")
+    assert live.output_tokens == 1 + streamed_out + 2
+    assert live.cost_usd == cost(5, 1) + cost(streamed_in, streamed_out) + cost(6, 2) + tok("some text") * P_EMB / M
+
+
 def test_custom_llm_stream_chat_and_achat_once(tr):
     llm = MockLLM(max_tokens=4)
 

@@ -2,32 +2,36 @@
 
 Two LlamaIndex mechanisms are used, each for what it can do:
 
-* The **instrumentation module** (a span handler and an event handler on the root dispatcher) sees
-  everything, with parent ids: LLM chat / completion start and end events keyed by their span id
-  (so a stream that ends after its span closed is still matched), embedding events, and the spans
-  of retrievers, query engines, synthesizers, chat engines, workflows (``FunctionAgent``,
-  ``AgentWorkflow``) and tools (``FunctionTool.acall``: agents emit no other tool event). It is where
-  the run tree is built and every call is costed. But ``Dispatcher.event`` and the span hooks
-  swallow every exception a handler raises, so nothing raised there can stop a run.
-* A **legacy callback handler** (``CallbackManager``): its exceptions propagate, and LlamaIndex calls
-  it right after the instrumentation start event of an LLM call and before the request is sent, and
-  at the call's end (for a stream, when the stream is exhausted). ``instrument()`` installs it on
-  ``Settings.callback_manager`` and, lazily at the first span of any component (LLM, embedding,
-  retriever, query engine ...), on that component's own ``callback_manager``, so components built
-  before ``instrument()`` or before ``Settings.callback_manager`` was set are covered too. It raises
-  the ``RunAborted`` a guard decided in the instrumentation handlers, and does the LLM end accounting
-  itself so that a call that takes the run past its budget raises to the caller at once.
+* The **instrumentation module** (a span handler on the root dispatcher) sees every span with its parent id:
+  it builds the run tree and opens the spans of retrievers, query engines, synthesizers, chat engines,
+  workflows (``FunctionAgent``, ``AgentWorkflow``) and tools (``FunctionTool.acall``: agents emit no other
+  tool event). ``Dispatcher.event`` and the span hooks swallow every exception a handler raises, so nothing
+  raised there can stop a run. An event handler costs embedding calls from their start and end events, an
+  LLM whose component has no legacy handler from its start and end events (keyed by span id, so a stream
+  that ends after its span closed is still matched), and bills what a stream sent before the app stopped
+  reading from its progress events. LlamaIndex calls it for every event of the process, so it is on the
+  dispatcher only while one of these needs it (``_Adapter.hold_events``).
+* A **legacy callback handler** (``CallbackManager``): its exceptions propagate, and LlamaIndex calls it at
+  an LLM call's start, before the request is sent, and at its end (for a stream, when the stream is read to
+  its end or closed). ``instrument()`` installs it on ``Settings.callback_manager`` and, at the first span of
+  any component (LLM, embedding, retriever, query engine ...), on that component's own ``callback_manager``,
+  so components built before ``instrument()`` or before ``Settings.callback_manager`` was set are covered
+  too. An LLM call opens at its legacy start (where a guard's refusal reaches the caller) and is costed at its
+  legacy end (so a call that takes the run past its budget raises to the caller at once). The legacy handler
+  also raises, at any start, the ``RunAborted`` a guard decided in the instrumentation handlers.
 
-The legacy handler also works alone (``tracker.llamaindex_handler()`` in a manager the app wires
-itself, without ``instrument()``): it then costs and guards from the legacy events only.
+The legacy handler also works alone (``tracker.llamaindex_handler()`` in a manager the app wires itself,
+without ``instrument()``): it then costs and guards from the legacy events only.
 
-All of it runs on the app's thread for every span and event, so the hot path is kept short: what a
-span of a given ``Class.method`` needs is decided once per class (``_PLANS``; most spans are transparent),
-events are routed by their class (``_ROUTES``), a chat call's messages are read once for the loop guard
-and both estimates (``_Prompt``), tool schemas are built only when an estimate needs them (``_Tools``),
-and token counts are remembered by text hash (``_count``), so a history resent with every call of an
-agent is tokenized once. A call whose provider reports usage tokenizes nothing at its end (only a
-``max_cost_usd`` budget counts its prompt, before it is sent).
+All of it runs on the app's thread for every span and event, so the hot path is kept short: what a span of a
+given ``Class.method`` needs is decided once per class (``_PLANS``; most spans are transparent), events are
+routed by their class (``_ROUTES``), a chat call's messages are read once for the loop guard and both
+estimates (``_Prompt``), tool schemas are built only when an estimate needs them (``_Tools``), and token
+counts are remembered by text hash (``_count``), so a history resent with every call of an agent is
+tokenized once. A call whose provider reports usage tokenizes nothing at its end (only a ``max_cost_usd``
+budget counts its prompt, before it is sent). A model called on its own (no tracked span above it, no
+``tracker.run()`` around it) under a tracker policy that cannot refuse such a call opens nothing at its start
+and is recorded whole at its end (``Ledger.record_llm``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -497,7 +502,7 @@ class _Plan:
     """What ``span_enter`` does for one ``Class.method`` span: decided once per class (most spans are
     transparent and cost a dict lookup and a ``_Node``)."""
 
-    __slots__ = ("cls", "hookable", "kind", "label", "node_cls", "stream_check", "what")
+    __slots__ = ("cls", "embedding", "hookable", "kind", "label", "node_cls", "stream_check", "what")
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
@@ -507,6 +512,7 @@ class _Plan:
         self.label = ""
         self.hookable = False  # instances may carry a callback manager to put the legacy handler on
         self.stream_check = False  # an OpenAI-compatible LLM's streaming method
+        self.embedding = False  # an embedding model's span: its calls are costed from instrumentation events
 
 
 _PLANS: dict[str, _Plan] = {}
@@ -526,6 +532,8 @@ def _plan_for(instance: Any, head: str) -> _Plan:
         if isinstance(instance, BaseLLM):
             plan.what = _SPAN_LLM
             plan.stream_check = method in _STREAM_METHODS and _is_openai_compatible(cls)
+        elif isinstance(instance, BaseEmbedding):
+            plan.embedding = True
         elif isinstance(instance, BaseTool) and method in _TOOL_METHODS:
             plan.what = _SPAN_TOOL
         else:
@@ -576,6 +584,7 @@ class _Track:
     inner_usage: TokenUsage | None = None
     ctx_token: Any = None
     stream_usage_requested = False
+    holds = False  # a stream being read: it needs its progress events (see _Adapter.hold_events)
     # A lone LLM call (see Ledger.lone_calls): no ledger span until it ends (``span`` is None meanwhile).
     lone = False
     name = ""
@@ -601,6 +610,7 @@ class _Node:
     emb: list[_Track] | None = None  # embedding calls open in this span (rare: made on the first one)
     stream_usage_ok = False  # an OpenAI-compatible LLM's streaming method, stream_options unset
     legacy = False  # an LLM's span whose callback manager has our legacy handler: the call opens at its legacy start
+    holds = False  # it needs the instrumentation events while open (see _Adapter.hold_events)
     start_wall = 0.0
     start_perf = 0.0
 
@@ -625,6 +635,8 @@ class _Adapter:
         self.nodes: dict[str, _Node] = {}
         self.llm_tracks: dict[str, _Track] = {}  # LLM span id -> its track (outlives the span for streams)
         self.nested: dict[str, _Track] = {}  # span id of an LLM call made inside another -> the outer call
+        self.nested_events: dict[str, _Track] = {}  # legacy event id of such a call -> the outer call
+        self.event_holds = 0  # what needs the event handler now (see hold_events)
         self.events: dict[str, _Track | None] = {}  # legacy event id -> track (None: a nested call)
         # the stand-alone handler's LLM call open in this context (CustomLLM.chat calls complete)
         self.legacy_llm: ContextVar[_Track | None] = ContextVar(f"costobs_li_llm_{id(self)}", default=None)
@@ -649,6 +661,36 @@ class _Adapter:
             self._last_log = now
             logger.warning("costobs: internal error in LlamaIndex %s (%d so far): %r", hook, self.internal_errors,
                            exc, exc_info=exc)
+
+    # -- the event handler, on the dispatcher only while needed --------------------------------------
+
+    def hold_events(self) -> None:
+        """Something needs the instrumentation events: put the event handler on the root dispatcher (if it is not).
+
+        An LLM call whose component has our legacy handler is costed from the legacy events alone, so the event
+        handler, which LlamaIndex calls for every event of the process, is on the dispatcher only while something
+        needs it: an embedding model's span (embeddings are costed from their events), the span of an LLM whose
+        manager does not have the legacy handler, and a stream being read (its progress events: what streamed is
+        billed if the app stops reading). Each holder releases once (``release_events``)."""
+        with self.lock:
+            self.event_holds += 1
+            if self.event_holds == 1 and self.instrumented:
+                root = get_dispatcher()
+                if self.event_handler not in root.event_handlers:
+                    root.add_event_handler(self.event_handler)  # appended in place: a dispatch under way is unharmed
+
+    def release_events(self) -> None:
+        with self.lock:
+            self.event_holds -= 1
+            if self.event_holds <= 0:
+                self.event_holds = 0
+                self._unhook_events()
+
+    def _unhook_events(self) -> None:
+        """Off the root dispatcher (a new list: a dispatch iterating the old one in another thread is unharmed)."""
+        root = get_dispatcher()
+        if self.event_handler in root.event_handlers:
+            root.event_handlers = [h for h in root.event_handlers if h is not self.event_handler]
 
     # -- opening and closing ledger spans ------------------------------------------------------------
 
@@ -779,6 +821,14 @@ class _Adapter:
         node = self.nodes.pop(id_, None)
         if node is None:
             return
+        try:
+            self._exit_node(node, id_, status, error)
+        finally:
+            if node.holds:
+                node.holds = False
+                self.release_events()
+
+    def _exit_node(self, node: _Node, id_: str, status: str, error: BaseException | None) -> None:
         if error is not None:
             self.nested.pop(id_, None)
         if node.emb:
@@ -804,10 +854,15 @@ class _Adapter:
 
     def stream_open(self, span_id: str, track: _Track) -> None:
         """An LLM call's span exited before its end: a stream, read from now on (its progress, end and exception
-        events are matched by span id; a call opened at its instrumentation start event is there already)."""
-        self.llm_tracks[span_id] = track
-        if track.ended:  # ended meanwhile in another thread
-            self.llm_tracks.pop(span_id, None)
+        events are matched by span id; a call opened at its instrumentation start event is there already). It
+        holds the event handler on the dispatcher until it ends."""
+        with self.lock:
+            if track.ended:  # ended meanwhile in another thread
+                return
+            self.llm_tracks[span_id] = track
+            if not track.holds:
+                track.holds = True
+                self.hold_events()
 
     def _finish_quietly(self, track: _Track, **kw: Any) -> None:
         try:
@@ -959,6 +1014,9 @@ class _Adapter:
             if track.ended:
                 return
             track.ended = True
+            if track.holds:
+                track.holds = False
+                self.release_events()
         if track.lone:
             if status == "ok" and usage is not None:
                 # record_llm(key, name, model, provider, start_wall, start_perf, tokens, served, estimated, flags)
@@ -1133,7 +1191,7 @@ class _Adapter:
         if parent is not None:
             outer = self.enclosing_llm(node)
             if outer is not None:  # CustomLLM.chat -> complete, acomplete -> complete: one call, not two
-                self.nested[sid] = outer
+                self.nested_events[event_id] = outer  # its end gives the outer call its usage (legacy_end)
                 node.track = outer
                 if outer.inner_prompt is None:
                     outer.inner_prompt = (prompt, tools)
@@ -1234,7 +1292,17 @@ class _Adapter:
 
     def legacy_end(self, event_type: CBEventType, payload: Any, event_id: str) -> None:
         track = self.events.pop(event_id, None)
-        if track is None or track.ended:  # not ours, or a nested call (None)
+        if track is None:  # not ours, or a nested call
+            outer = self.nested_events.pop(event_id, None) if self.nested_events else None
+            if outer is not None and outer.inner_usage is None and isinstance(payload, Mapping):
+                resp = payload.get(_P_RESPONSE) or payload.get(_P_COMPLETION)
+                if resp is not None:
+                    try:
+                        outer.inner_usage = usage_of(resp)
+                    except (ValueError, TypeError):
+                        pass
+            return
+        if track.ended:
             return
         track.event_id = None  # popped
         p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
@@ -1358,6 +1426,9 @@ class _SpanHandler(BaseSpanHandler[Any]):
                 hooked = a.hook(instance)
                 if what == _SPAN_LLM:
                     node.legacy = hooked
+            if plan.embedding or (what == _SPAN_LLM and not node.legacy):  # costed from instrumentation events
+                node.holds = True
+                a.hold_events()
             if what != _SPAN_OTHER and (what != _SPAN_LLM or plan.stream_check):
                 a.open_span(node, plan, id_, bound_args, instance)
         except Exception as exc:
@@ -1368,7 +1439,7 @@ class _SpanHandler(BaseSpanHandler[Any]):
         a: _Adapter = self.costobs_adapter
         try:
             node = a.nodes.get(id_)
-            if node is not None and not node.emb:
+            if node is not None and not node.emb and not node.holds:
                 track = node.track
                 # A transparent span: nothing to end; an LLM call's span: the call ends at its end event.
                 if track is None:
@@ -1425,7 +1496,8 @@ def _route_of(event_type: type) -> _Route | None:
 
 
 class _EventHandler(BaseEventHandler):
-    """Instrumentation event handler: LLM and embedding calls, matched to their spans by span id."""
+    """Instrumentation event handler: embedding calls, LLM calls without the legacy handler and streams' progress,
+    matched to their spans by span id. On the root dispatcher only while needed (``_Adapter.hold_events``)."""
 
     costobs_adapter: Any = Field(default=None, exclude=True, repr=False)
 
@@ -1457,9 +1529,10 @@ class _EventHandler(BaseEventHandler):
 class CostLlamaIndexHandler(BaseCallbackHandler):
     """The legacy ``CallbackManager`` handler of one tracker (``tracker.llamaindex_handler()``).
 
-    After ``instrument()`` it raises the guards' decisions at LLM and other starts and costs LLM ends
-    (so a budget passed by a call raises to the caller at once). Without ``instrument()`` it costs and
-    guards from the legacy events alone. Only a deliberate ``RunAborted`` ever escapes it.
+    After ``instrument()`` it opens LLM calls at their start, where a guard's refusal (or an earlier decision of
+    the instrumentation handlers) raises, and costs them at their end (so a budget passed by a call raises to the
+    caller at once). Without ``instrument()`` it costs and guards from the legacy events alone. Only a
+    deliberate ``RunAborted`` ever escapes it.
     """
 
     def __init__(self, adapter: _Adapter) -> None:
@@ -1539,9 +1612,9 @@ def instrument(tracker: CostTracker, *, request_stream_usage: bool = False) -> N
         if not a.instrumented:
             if a.span_handler not in root.span_handlers:
                 root.add_span_handler(a.span_handler)
-            if a.event_handler not in root.event_handlers:
+            a.instrumented = True  # the event handler goes on the dispatcher while needed (see hold_events)
+            if a.event_holds > 0 and a.event_handler not in root.event_handlers:
                 root.add_event_handler(a.event_handler)
-            a.instrumented = True
     cm = Settings._callback_manager
     if cm is None:
         cm = CallbackManager([])
@@ -1562,7 +1635,13 @@ def uninstrument(tracker: CostTracker) -> None:
     root = get_dispatcher()
     with a.lock:
         root.span_handlers = [h for h in root.span_handlers if h is not a.span_handler]
-        root.event_handlers = [h for h in root.event_handlers if h is not a.event_handler]
+        a._unhook_events()
+        # what held the event handler is no longer followed: none of it may release a later hold
+        for node in list(a.nodes.values()):
+            node.holds = False
+        for track in list(a.llm_tracks.values()):
+            track.holds = False
+        a.event_holds = 0
         a.instrumented = False
         a.request_stream_usage = False
     for manager in list(a.managers):
@@ -1578,6 +1657,7 @@ def uninstrument(tracker: CostTracker) -> None:
     a.nodes.clear()
     a.llm_tracks.clear()
     a.nested.clear()
+    a.nested_events.clear()
 
 
 def legacy_handler(tracker: CostTracker) -> CostLlamaIndexHandler:
