@@ -705,6 +705,33 @@ def test_standalone_legacy_handler(tracker):
     assert stored.cost_usd == cost(tok(reply), tok(reply), P_MOCK) + cost(tok(streamed), tok(streamed), P_MOCK)
 
 
+def test_standalone_legacy_handler_records_lone_calls_as_calls_in_a_run(tracker, stub_openai):
+    """Without instrument(), a call with no traced event above it and no tracker.run() is a lone call too."""
+    handler = tracker.llamaindex_handler()
+    replies = [StubReply("c1", usage=StubUsage(11, 3, cached_tokens=4)), StubReply("abc def", usage=StubUsage(9, 9))]
+    stub_openai.enqueue(*replies, *replies)
+    llm = openai_llm(stub_openai, callback_manager=CallbackManager([handler]))
+
+    def calls() -> None:
+        llm.complete("hi")
+        list(llm.stream_chat(msgs("stream me")))  # no stream usage: estimated
+
+    calls()
+    lone = _lone_runs(tracker)
+    live = [tracker.ledger.recent_run(rid).snapshot() for rid in lone]
+    with tracker.run(feature="in-run") as run:
+        calls()
+    ref = tracker.run_cost(run.run_id)
+    assert [(c.llm_calls, c.status) for c in live] == [(1, "ok")] * 2
+    assert sum(c.cost_usd for c in live) == ref.cost_usd == cost(11, 3, cached=4) + cost(
+        request_tokens(stub_openai.requests[1]), tok("abc def"))
+    assert (sum(c.input_tokens for c in live), sum(c.estimated_calls for c in live)) == (
+        ref.input_tokens, ref.estimated_calls)
+    assert [tracker.run_cost(rid) for rid in lone] == live
+    assert sorted(_row(tracker.spans(rid)[0]) for rid in lone) == sorted(
+        _row(s) for s in spans_by_kind(tracker, run.run_id)["llm"])
+
+
 # -- agents: tools, tool prices, budgets and the loop guard ------------------------------------------
 
 

@@ -600,6 +600,21 @@ class _Track:
         self.span = span
 
 
+def _lone_track(key: str, node: _Node | None, name: str, model: str | None, provider: str | None,
+                prompt: str | _Prompt, tools: _Tools | None) -> _Track:
+    """The track of a lone LLM call (see ``Ledger.lone_calls``): no ledger span until it ends, its start kept here."""
+    track = _Track(key, None, "llm", None, node)
+    track.lone = True
+    track.name = name
+    track.provider = provider
+    track.model = model
+    track.prompt = prompt
+    track.tools = tools
+    track.start_wall = time.time()
+    track.start_perf = time.perf_counter()
+    return track
+
+
 class _Node:
     """A LlamaIndex instrumentation span in flight (most are transparent: only the anchor matters)."""
 
@@ -1208,15 +1223,7 @@ class _Adapter:
         name = cls_name or str(md.get("class_name") or "llm")
         key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
         if parent is None and self.ledger.lone_calls and current_scope.get() is None:
-            track = _Track(key, None, "llm", None, node)
-            track.lone = True
-            track.name = name
-            track.provider = provider
-            track.model = model
-            track.prompt = prompt
-            track.tools = tools
-            track.start_wall = time.time()
-            track.start_perf = time.perf_counter()
+            track = _lone_track(key, node, name, model, provider, prompt, tools)
         else:
             up = self.anchor(node, include_self=False) if parent is not None else None
             try:
@@ -1267,8 +1274,12 @@ class _Adapter:
             tools = _tools_of(kw.get("tools"))
             cls_name = md.get("class_name") if type(md) is dict or isinstance(md, Mapping) else None
             model = _model_of(md, None)
-            track = self.open_llm(event_id, parent, str(cls_name or "llm"), None, model,
-                                  _provider_from_class_name(cls_name), prompt, tools, _max_tokens(kw, md))
+            if parent is None and self.ledger.lone_calls and current_scope.get() is None:
+                track = _lone_track(event_id, None, str(cls_name or "llm"), model, _provider_from_class_name(cls_name),
+                                    prompt, tools)
+            else:
+                track = self.open_llm(event_id, parent, str(cls_name or "llm"), None, model,
+                                      _provider_from_class_name(cls_name), prompt, tools, _max_tokens(kw, md))
             track.event_id = event_id
             track.ctx_token = self.legacy_llm.set(track)
         elif event_type == _EV_EMBEDDING:
