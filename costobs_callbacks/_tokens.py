@@ -8,6 +8,7 @@ Failing both, a documented estimate is used: one token per 4 characters (flag ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -34,8 +35,10 @@ _lock = threading.Lock()
 _encoders: dict[str, Callable[[str], int] | None] = {}
 
 
+@functools.lru_cache(maxsize=1024)
 def encoding_for_model(model: str | None) -> str:
-    """The tiktoken encoding a model uses; o200k_base for unknown models (the newest OpenAI one)."""
+    """The tiktoken encoding a model uses; o200k_base for unknown models (the newest OpenAI one). Remembered: it is
+    looked up for every text counted."""
     m = (model or "").lower().rsplit("/", 1)[-1]
     if m.startswith(_O200K_PREFIXES):
         return "o200k_base"
