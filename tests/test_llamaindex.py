@@ -359,6 +359,35 @@ def test_lone_call_errors_and_unpriced_models_take_the_general_end(tr, stub_open
     assert (unp["cost_nanos"], unp["unpriced"], unp["input_tokens"], unp["output_tokens"]) == (None, True, 7, 2)
 
 
+def test_lone_calls_from_many_threads_and_tasks_are_each_their_own_run(tr):
+    prompts = [f"thread {i} call {j}" for i in range(8) for j in range(25)]
+    llm = MockLLM()
+
+    def worker(i: int) -> None:
+        for j in range(25):
+            llm.complete(f"thread {i} call {j}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    async def tasks() -> None:
+        await asyncio.gather(*(llm.acomplete(f"task {k}") for k in range(20)))
+
+    asyncio.run(tasks())
+    prompts += [f"task {k}" for k in range(20)]
+    lone = _lone_runs(tr)
+    assert len(lone) == len(set(lone)) == 220
+    live = [tr.ledger.recent_run(rid).snapshot() for rid in lone]
+    assert sorted(c.input_tokens for c in live) == sorted(tok(p) for p in prompts)  # MockLLM echoes its prompt
+    assert all((c.llm_calls, c.output_tokens, c.status) == (1, c.input_tokens, "ok") for c in live)
+    assert sum(c.cost_usd for c in live) == sum(cost(tok(p), tok(p), P_MOCK) for p in prompts)
+    tr.flush()
+    assert sum(r.llm_calls for r in tr.rollup("feature")) == 220
+
+
 @pytest.mark.parametrize("policy", ["budget", "require"])
 def test_a_policy_that_can_refuse_a_first_call_checks_it_before_it_is_sent(tmp_path, stub_openai, policy):
     """No lone shortcut when the tracker's own policy could refuse a call made on its own: it is checked at its
