@@ -5,7 +5,7 @@ tokenise the prompt and the reply, as they would for any provider that reports n
 
   none         nothing: ``MockLLM()``
   tokencount   ``MockLLM(callback_manager=CallbackManager([TokenCountingHandler()]))``
-  ours         ``tracker.instrument_llamaindex()`` (instrumentation handlers + legacy handler), on
+  ours         ``tracker.instrument_llamaindex()`` (span handler + legacy handler), on
                only around this configuration's batches (``uninstrument_llamaindex()`` after each;
                both untimed), since instrumentation is process-wide
   ours_legacy  ``MockLLM(callback_manager=CallbackManager([tracker.llamaindex_handler()]))``: our
@@ -20,8 +20,8 @@ configuration). By default every call sends the same prompt, so our token counts
 hash, are never recomputed, while ``TokenCountingHandler`` tokenizes it on every call; with distinct
 prompts both tokenize what each call sends, as with real traffic.
 
-Our LlamaIndex integration is being written alongside this benchmark: if ``instrument_llamaindex()``
-is missing or records nothing, the benchmark says so and exits 0 without figures for ours.
+If ``instrument_llamaindex()`` is missing or records nothing (an integration broken by a LlamaIndex
+release), the benchmark says so and exits 0 without figures for ours.
 
 Run: ``python -m bench.llamaindex_overhead [--rounds N] [--batch N]``.
 """
