@@ -1188,8 +1188,12 @@ class _Adapter:
         A call made on its own (no tracked span above it, no ``tracker.run()`` scope) when nothing in the tracker's
         policy could refuse it (``Ledger.lone_calls``) opens nothing in the ledger: it is recorded whole at its end
         (``Ledger.record_llm``), its start times kept here."""
-        if node.track is not None:
-            return  # a second call in this span, or this handler twice in a manager: the first call is the one
+        track = node.track
+        if track is not None or node.refused is not None:
+            # A second call in this span (or this handler twice in a manager): the first call is the one, but a
+            # run stopped meanwhile (or a refused first call) stops it too.
+            self.raise_if_stopped(node)
+            return
         p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else _EMPTY
         pr = p.get(_P_PROMPT)
         if pr is not None:
@@ -1306,7 +1310,9 @@ class _Adapter:
         if track is None:  # not ours, or a nested call
             outer = self.nested_events.pop(event_id, None) if self.nested_events else None
             if outer is not None and outer.inner_usage is None and isinstance(payload, Mapping):
-                resp = payload.get(_P_RESPONSE) or payload.get(_P_COMPLETION)
+                resp = payload.get(_P_RESPONSE)
+                if resp is None:
+                    resp = payload.get(_P_COMPLETION)
                 if resp is not None:
                     try:
                         outer.inner_usage = usage_of(resp)
