@@ -834,8 +834,11 @@ class _Adapter:
 
     def span_exit(self, id_: str, status: str, error: BaseException | None) -> None:
         node = self.nodes.pop(id_, None)
-        if node is None:
-            return
+        if node is not None:
+            self.exit_node(node, id_, status, error)
+
+    def exit_node(self, node: _Node, id_: str, status: str, error: BaseException | None) -> None:
+        """A span exited (its node out of ``nodes``): end what it opened, give back its hold on the events."""
         try:
             self._exit_node(node, id_, status, error)
         finally:
@@ -1455,19 +1458,19 @@ class _SpanHandler(BaseSpanHandler[Any]):
                   **kwargs: Any) -> None:
         a: _Adapter = self.costobs_adapter
         try:
-            node = a.nodes.get(id_)
-            if node is not None and not node.emb and not node.holds:
+            node = a.nodes.pop(id_, None)
+            if node is None:
+                return
+            if not node.emb and not node.holds:
                 track = node.track
                 # A transparent span: nothing to end; an LLM call's span: the call ends at its end event.
                 if track is None:
-                    a.nodes.pop(id_, None)
                     return
                 if track.kind == "llm":
-                    a.nodes.pop(id_, None)
                     if not track.ended and track.node is node:
                         a.stream_open(id_, track)
                     return
-            a.span_exit(id_, "ok", None)
+            a.exit_node(node, id_, "ok", None)
         except Exception as exc:
             a.fault("span_exit", exc)
 
