@@ -290,7 +290,8 @@ class Span:
     prices: UnitPrices | None = None
     status = "running"
     error: str | None = None
-    flags: list[str] | None = None
+    flags: list[str] | tuple[str, ...] | None = None
+    """Its flags (``estimated``, ``unpriced``...); a tuple when set whole and shared (see ``Ledger.record_llm``)."""
     exported = True
     prompt: Any = None
     prompt_ops: PromptOps | None = None
@@ -348,10 +349,14 @@ class Span:
         return None if t is None else TokenUsage(*t)
 
     def flag(self, name: str) -> None:
-        if self.flags is None:
+        flags = self.flags
+        if flags is None:
             self.flags = [name]
-        elif name not in self.flags:
-            self.flags.append(name)
+        elif name not in flags:
+            if isinstance(flags, list):
+                flags.append(name)
+            else:  # a shared tuple (see record_llm)
+                self.flags = [*flags, name]
 
     @property
     def export_parent_id(self) -> str | None:
@@ -1096,7 +1101,7 @@ class Ledger:
 
     def record_llm(
         self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
-        tokens: Tokens, served: str | None, estimated: bool = False, flags: Iterable[str] = (),
+        tokens: Tokens, served: str | None, estimated: bool = False, flags: tuple[str, ...] = (),
     ) -> Span:
         """Record a model call made on its own, whole, once it has ended ok with its token counts: its run opens and
         ends here. For a call whose start ``lone_calls`` allowed to skip ``start`` (no parent span, no ``tracker.run()``
@@ -1138,7 +1143,7 @@ class Ledger:
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
         if flags:
-            span.flags = list(flags)  # distinct, as the adapter makes them
+            span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
         priced = self.prices.price_nanos(m, provider, tokens)
         if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
             run.open_roots = 1
