@@ -267,6 +267,8 @@ class Store:
                 with self.engine.begin() as conn:
                     if self.dialect == "postgresql":
                         conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+                    elif self.dialect == "sqlite":
+                        _sqlite_write_lock(conn)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
                 return
@@ -574,6 +576,19 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _sqlite_write_lock(conn: sa.Connection) -> None:
+    """Take SQLite's write lock for the whole migration, so that processes migrating a fresh file at the same
+    moment run one after the other (the others then find it migrated). Python's sqlite3 driver opens no
+    transaction before DDL, so without this each ``CREATE TABLE`` commits on its own and a second process could
+    see half a schema. A driver already in a transaction keeps it (and the retries in ``_upgrade``)."""
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except sa.exc.OperationalError as exc:
+        if "within a transaction" not in str(exc):
+            raise
+        logger.debug("costobs: SQLite migration runs in the driver's own transaction: %r", exc)
 
 
 def _naive_utc(dt: datetime) -> datetime:

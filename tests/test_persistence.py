@@ -51,6 +51,23 @@ CHILD = textwrap.dedent('''
                      "by_model": rc.by_model, "attributes": rc.attributes},
                  "rollup": [{"key": r.key, "cost_usd": r.cost_usd, "runs": r.runs, "llm_calls": r.llm_calls}
                             for r in rows]})
+    elif mode in ("migrate", "migrate_slowly"):
+        if mode == "migrate_slowly":  # 0.2 s after each table it creates: another process starts meanwhile
+            import time
+            import sqlalchemy
+            from sqlalchemy.engine import Engine
+
+            created = []
+
+            @sqlalchemy.event.listens_for(Engine, "after_cursor_execute")
+            def slowly(conn, cursor, statement, *args):
+                if statement.lstrip().upper().startswith("CREATE TABLE"):
+                    if not created:
+                        out("created")
+                    created.append(statement)
+                    time.sleep(0.2)
+        with CostTracker(url) as t:
+            out({"salt": t.ledger.hash_user("alice")})
     elif mode == "salt":
         with CostTracker(url) as t:
             with t.run(feature="salt", user_id="alice") as run:
@@ -181,6 +198,18 @@ def test_two_processes_write_one_sqlite_file_at_once(tmp_path, stub_openai, chil
         assert (rows["parent"].runs, rows["child"].runs) == (n, n)
         (user,) = tracker.rollup(by="user")  # one salt: alice is one user in both processes
         assert user.runs == 2 * n
+
+
+def test_a_process_starting_while_another_migrates_waits_for_the_whole_schema(tmp_path, child):
+    """Python's sqlite3 opens no transaction before DDL: without the migration's write lock each CREATE TABLE
+    committed on its own, and a process starting meanwhile saw half a schema and failed at its start."""
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    first = child("migrate_slowly", url)
+    assert first.stdout is not None and first.stdout.readline().strip() == '"created"'  # one table in
+    second = child("migrate", url)
+    assert finish(second)["salt"] == finish(first)["salt"]
+    with CostTracker(url) as tracker:  # whole, and migrated once
+        assert tracker.store._current_revision() == HEAD_REVISION
 
 
 def test_user_salt_generated_once_shared_by_processes(tmp_path, child):
