@@ -601,7 +601,7 @@ class _Track:
 
 
 def _lone_track(key: str, node: _Node | None, name: str, model: str | None, provider: str | None,
-                prompt: str | _Prompt, tools: _Tools | None) -> _Track:
+                prompt: str | _Prompt, tools: _Tools | None, start_wall: float, start_perf: float) -> _Track:
     """The track of a lone LLM call (see ``Ledger.lone_calls``): no ledger span until it ends, its start kept here."""
     track = _Track(key, None, "llm", None, node)
     track.lone = True
@@ -610,8 +610,8 @@ def _lone_track(key: str, node: _Node | None, name: str, model: str | None, prov
     track.model = model
     track.prompt = prompt
     track.tools = tools
-    track.start_wall = time.time()
-    track.start_perf = time.perf_counter()
+    track.start_wall = start_wall
+    track.start_perf = start_perf
     return track
 
 
@@ -1230,7 +1230,8 @@ class _Adapter:
         name = cls_name or str(md.get("class_name") or "llm")
         key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
         if parent is None and self.ledger.lone_calls and current_scope.get() is None:
-            track = _lone_track(key, node, name, model, provider, prompt, tools)
+            # started when its span did (a top node's clock: see _Node)
+            track = _lone_track(key, node, name, model, provider, prompt, tools, node.start_wall, node.start_perf)
         else:
             up = self.anchor(node, include_self=False) if parent is not None else None
             try:
@@ -1283,7 +1284,7 @@ class _Adapter:
             model = _model_of(md, None)
             if parent is None and self.ledger.lone_calls and current_scope.get() is None:
                 track = _lone_track(event_id, None, str(cls_name or "llm"), model, _provider_from_class_name(cls_name),
-                                    prompt, tools)
+                                    prompt, tools, time.time(), time.perf_counter())
             else:
                 track = self.open_llm(event_id, parent, str(cls_name or "llm"), None, model,
                                       _provider_from_class_name(cls_name), prompt, tools, _max_tokens(kw, md))
