@@ -1107,7 +1107,7 @@ class Ledger:
         ends here. For a call whose start ``lone_calls`` allowed to skip ``start`` (no parent span, no ``tracker.run()``
         scope around it, no metadata): nothing could have refused it, and nothing can be refused by its end. The
         adapter kept its start times meanwhile; the run is ``start`` + ``end_llm`` of such a call, in one step (a
-        model called directly, the commonest shape of a LlamaIndex call, pays for one ledger call instead of two).
+        model called directly pays for one ledger call instead of two, and nothing in flight to keep).
 
         ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
         attr = self._lone_attr
