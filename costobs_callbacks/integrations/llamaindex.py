@@ -432,6 +432,17 @@ def _class_info(cls: type) -> tuple[str, str | None]:
     return cls.__name__, _provider_of(cls)
 
 
+def _identity(cls: type | None, model_dict: Mapping[str, Any], default: str) -> tuple[str, str | None, str | None]:
+    """A call's span name, model and provider, from its component's class (seen by the span handler) and the
+    model dict its event carries."""
+    cls_name: str | None
+    if cls is not None:
+        cls_name, provider = _class_info(cls)
+    else:
+        cls_name, provider = None, _provider_from_class_name(model_dict.get("class_name"))
+    return cls_name or str(model_dict.get("class_name") or default), _model_of(model_dict, cls_name), provider
+
+
 def _provider_from_class_name(name: Any) -> str | None:
     """For the stand-alone handler (it sees only ``to_payload()``): ``openai_llm`` -> ``openai``."""
     return _provider_from_name(name) if isinstance(name, str) else None
@@ -926,17 +937,11 @@ class _Adapter:
                 outer.inner_prompt = (prompt, tools)
             return
         model_dict = event.model_dict
-        cls = node.cls if node is not None else None
-        if cls is not None:
-            cls_name, provider = _class_info(cls)
-        else:
-            cls_name, provider = None, _provider_from_class_name(model_dict.get("class_name"))
-        model = _model_of(model_dict, cls_name)
+        name, model, provider = _identity(node.cls if node is not None else None, model_dict, "llm")
         up = self.anchor(node, include_self=False) if parent is not None else None  # a top-level call: no anchor
         key = _key(sid) if sid else event.id_
         try:
-            track = self.open_llm(key, up, cls_name or str(model_dict.get("class_name") or "llm"), node, model,
-                                  provider, prompt, tools, _max_tokens(kwargs, model_dict))
+            track = self.open_llm(key, up, name, node, model, provider, prompt, tools, _max_tokens(kwargs, model_dict))
         except RunAborted as err:
             if node is not None:
                 node.refused = err
@@ -1084,15 +1089,10 @@ class _Adapter:
             if n.track is not None:
                 break
             n = n.parent
-        cls = node.cls if node is not None else None
-        if cls is not None:
-            cls_name, provider = _class_info(cls)
-        else:
-            cls_name, provider = None, _provider_from_class_name(event.model_dict.get("class_name"))
-        model = _model_of(event.model_dict, cls_name)
+        name, model, provider = _identity(node.cls if node is not None else None, event.model_dict, "embedding")
         up = self.anchor(node, include_self=True)
         try:
-            track = self.open(event.id_, up, "embedding", cls_name or "embedding", node, model=model,
+            track = self.open(event.id_, up, "embedding", name, node, model=model,
                               provider=provider)
         except RunAborted as err:
             if node is not None:
@@ -1221,13 +1221,7 @@ class _Adapter:
         md = p.get(_P_SERIALIZED)
         if md is None or not (type(md) is dict or isinstance(md, Mapping)):
             md = _EMPTY
-        cls = node.cls
-        if cls is not None:
-            cls_name, provider = _class_info(cls)
-        else:
-            cls_name, provider = None, _provider_from_class_name(md.get("class_name"))
-        model = _model_of(md, cls_name)
-        name = cls_name or str(md.get("class_name") or "llm")
+        name, model, provider = _identity(node.cls, md, "llm")
         key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
         if parent is None and self.ledger.lone_calls and current_scope.get() is None:
             # started when its span did (a top node's clock: see _Node)
