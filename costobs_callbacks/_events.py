@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "nanos_to_usd", "token_count", "usd_to_nanos"]
+__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "UsageDetail", "nanos_to_usd", "token_count", "usd_to_nanos"]
 
 NANOS_PER_USD = 1_000_000_000
 
@@ -68,6 +68,22 @@ class TokenUsage:
     """Prompt tokens written to the provider's prompt cache (a subset of ``input``)."""
     reasoning: int = 0
     """Reasoning tokens (a subset of ``output``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDetail:
+    """What a provider reports beside the five token counts that changes the price of a call.
+
+    ``None`` on a span for the common case (nothing of this reported): one object fewer per call.
+    """
+
+    cache_write_1h: int = 0
+    """Of ``TokenUsage.cache_write``, the tokens written with a one-hour lifetime (Anthropic prices them above
+    five-minute writes); the rest of ``cache_write`` is priced as five-minute writes."""
+    service_tier: str | None = None
+    """The provider's service tier for the call (OpenAI's ``flex``, ``priority``, ``batch``...); ``None``: default."""
+    web_search_requests: int = 0
+    """Server-side tool requests billed per request (Anthropic's ``server_tool_use.web_search_requests``)."""
 
 
 @dataclass(slots=True)

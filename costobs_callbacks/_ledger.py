@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
-from ._events import TokenUsage, nanos_to_usd, usd_to_nanos
+from ._events import TokenUsage, UsageDetail, nanos_to_usd, usd_to_nanos
 from ._exceptions import BudgetExceededError, LoopDetectedError, MissingAttributionError, RunAborted
 from ._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy, coerce_budget, coerce_loops
 
@@ -278,6 +278,9 @@ class Span:
     depth = 0
     model: str | None = None
     provider: str | None = None
+    detail: UsageDetail | None = None
+    """What the provider reported beside the token counts that changes the price (1-hour cache writes, service tier,
+    server tool requests); ``None`` when nothing was."""
     tokens: Tokens | None = None
     """The call's token counts: (input, output, cache read, cache write, reasoning), as ``TokenUsage`` has them (a
     tuple of integers, which the garbage collector stops visiting, while the span waits for the exporter)."""
@@ -1050,6 +1053,7 @@ class Ledger:
         estimated: bool = False,
         cache_hit: bool = False,
         flags: Iterable[str] | None = None,
+        detail: UsageDetail | None = None,
     ) -> Span | None:
         """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
         past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)"""
@@ -1068,16 +1072,20 @@ class Ledger:
         if flags:
             for f in flags:
                 span.flag(f)
+        if detail is not None:
+            span.detail = detail
         kind = span.kind
         priced: Any = _DEFERRED  # not looked up yet
         tokens = None if usage is None else tokens_of(usage)
         if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit and span.cost_nanos is None
-                and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens)) is not None):
+                and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens, detail))
+                is not None):
             return self._end_priced(span, tokens, model, estimated, priced)
         return self._finish(span, status, error, tokens, model, estimated, cache_hit, priced)
 
     def end_llm(
-        self, key: Any, tokens: Tokens, model: str | None, estimated: bool = False, flags: Iterable[str] = ()
+        self, key: Any, tokens: Tokens, model: str | None, estimated: bool = False, flags: Iterable[str] = (),
+        detail: UsageDetail | None = None,
     ) -> Span | None:
         """``end(span_id, "ok", None, TokenUsage(*tokens), model, estimated, False, flags)``, the commonest end (a model
         call that ended with its token counts), by the span's key (``span_key``), with what cannot apply left out."""
@@ -1092,9 +1100,11 @@ class Ledger:
         if flags:
             for f in flags:
                 span.flag(f)
+        if detail is not None:
+            span.detail = detail
         priced: Any = _DEFERRED
         if span.kind == "llm" and span.cost_nanos is None:
-            priced = self.prices.price_nanos(model or span.model, span.provider, tokens)
+            priced = self.prices.price_nanos(model or span.model, span.provider, tokens, detail)
             if priced is not None:
                 return self._end_priced(span, tokens, model, estimated, priced)
         return self._finish(span, "ok", None, tokens, model, estimated, False, priced)
@@ -1102,6 +1112,7 @@ class Ledger:
     def record_llm(
         self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
         tokens: Tokens, served: str | None, estimated: bool = False, flags: tuple[str, ...] = (),
+        detail: UsageDetail | None = None,
     ) -> Span:
         """Record a model call made on its own, whole, once it has ended ok with its token counts: its run opens and
         ends here. For a call whose start ``lone_calls`` allowed to skip ``start`` (no parent span, no ``tracker.run()``
@@ -1144,7 +1155,9 @@ class Ledger:
         span.status = "ok"
         if flags:
             span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
-        priced = self.prices.price_nanos(m, provider, tokens)
+        if detail is not None:
+            span.detail = detail
+        priced = self.prices.price_nanos(m, provider, tokens, detail)
         if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
             run.open_roots = 1
             self.runs[key] = run
@@ -1268,7 +1281,7 @@ class Ledger:
             if tokens is not None:
                 span.tokens = tokens
                 if priced is _DEFERRED:
-                    priced = self.prices.price_nanos(span.model, span.provider, tokens)
+                    priced = self.prices.price_nanos(span.model, span.provider, tokens, span.detail)
                 if priced is None:
                     span.unpriced = True
                     span.cost_nanos = own or None

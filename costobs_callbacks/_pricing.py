@@ -60,7 +60,7 @@ import pydantic
 from genai_prices import data_snapshot
 from genai_prices import types as gp_types
 
-from ._events import TokenUsage
+from ._events import TokenUsage, UsageDetail
 from ._exceptions import ConfigurationError
 
 __all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file"]
@@ -645,7 +645,8 @@ class PriceBook:
         )
 
     def price_nanos(
-        self, model: str | None, provider: str | None, tokens: tuple[int, int, int, int, int]
+        self, model: str | None, provider: str | None, tokens: tuple[int, int, int, int, int],
+        detail: UsageDetail | None = None,
     ) -> tuple[int, UnitPrices] | None:
         """:meth:`price` now, as ``(cost_nanos, unit prices)`` without building a ``PricedCall`` (the ledger's
         hot path), of the token counts in ``TokenUsage``'s order (input, output, cache read, cache write,
