@@ -417,6 +417,12 @@ class Ledger:
         self.same_id: dict[Any, deque[Span]] = {}
         self.runs: dict[Any, Run] = {}  # by Run.key
         self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _end_root)
+        # Held across dict operations only, never across work: a run moves between "none", ``runs`` and ``recent``
+        # under it (so one id never has two Run objects: threads starting roots of one config at once all join
+        # one run), and a root joining a run and the run's close cannot cross (see _close_run).
+        self._runs_lock = threading.Lock()
+        # Taken only when a span opens under an id already open (see _open_span).
+        self._ids_lock = threading.Lock()
         self._user_cache: dict[str, str] = {}
         self.internal_errors = 0
         # attribution values -> what a run gets from them (see _attribute); bounded
@@ -615,30 +621,39 @@ class Ledger:
         ``runs`` if the caller has it (a root span's own key, see ``start``), else ``run_key(run_id)``."""
         if key is None:
             key = run_key(run_id)
-        run = self.runs.get(key)
-        if run is not None:
-            if count_root:
-                with run.lock:
-                    run.open_roots += 1
-            return run, True
-        continued = False
-        recent = self.recent
-        prev = recent.pop(key, None) if key in recent else None
-        if prev is not None:
-            run = prev
-            run.status = "running"
-            continued = True
-        else:
-            run = Run(run_id, key, time.time(), time.perf_counter())
-        self._attribute(run, meta, extra)
+        runs = self.runs
+        if key in runs:
+            with self._runs_lock:
+                run = runs.get(key)
+                if run is not None:
+                    if count_root:
+                        with run.lock:
+                            run.open_roots += 1
+                    return run, True
+        # Attribution is work: done on a run no other thread sees yet, outside the lock.
+        fresh = Run(run_id, key, time.time(), time.perf_counter())
         if count_root:
-            if continued:
-                with run.lock:
-                    run.open_roots += 1
-            else:
-                run.open_roots = 1  # no other thread can see a new run before the line below
-        self.runs[key] = run
-        return run, continued
+            fresh.open_roots = 1
+        self._attribute(fresh, meta, extra)
+        with self._runs_lock:
+            run = runs.get(key)
+            if run is not None:  # opened by another thread meanwhile: join it
+                if count_root:
+                    with run.lock:
+                        run.open_roots += 1
+                return run, True
+            prev = self.recent.pop(key, None)
+            if prev is None:
+                runs[key] = fresh
+                return fresh, False
+            # A second invocation of an ended run continues it, attributed as this invocation says.
+            with prev.lock:
+                _copy_attribution(fresh, prev)
+                prev.status = "running"
+                if count_root:
+                    prev.open_roots += 1
+            runs[key] = prev
+            return prev, True
 
     def start(
         self,
@@ -682,34 +697,13 @@ class Ledger:
         if parent is None:
             # A root's own id keys its run as it keys the span: a UUID by its integer, a text as is (a framework's
             # fresh id, not parsed on this path; _find looks up both forms).
+            span = None
             if run_id is None and kind == "llm" and key not in self.runs and key not in self.recent:
-                # A new run whose root is a model call (a model invoked directly): the commonest start, on its own.
-                wall, perf = time.time(), time.perf_counter()
-                run = Run(sid, key, wall, perf)
-                first = self._attribute(run, meta, None)
-                run.open_roots = 1
-                if first:  # at most its cost estimate can refuse it: what _guard_start would do, on its own
-                    span = Span(sid, None, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens,
-                                wall, perf)
-                    if not exported:
-                        span.exported = False
-                    run.steps = run.llm_calls = 1  # no other thread can see the run yet: no lock
-                    if first & _FIRST_DEFER and prompt is not None and prompt_ops is not None:
-                        span.request_sig = _DEFERRED
-                    if first & _FIRST_ESTIMATE and run.max_cost_nanos is not None:
-                        assert run.budget is not None
-                        try:
-                            self._check_llm_estimate(run, span, run.budget)
-                        except RunAborted:
-                            run.steps = run.llm_calls = 0  # a refused call was never made
-                            self._release_hold(run, span)
-                            self._end_root(run, span, "aborted", None, refused=True)
-                            raise
-                    self.runs[key] = run
-                    self.spans[key] = span
+                span = self._start_new_llm_run(sid, key, name, meta, model, provider, prompt, prompt_ops, extra,
+                                               max_tokens, exported)
+                if span is not None:
                     return span
-                self.runs[key] = run
-            elif run_id is None:  # counts this root in run.open_roots
+            if run_id is None:  # counts this root in run.open_roots
                 run = self.open_run(sid, meta, None, True, key)[0]
             else:
                 run = self.open_run(run_id, meta, None, True)[0]
@@ -730,11 +724,77 @@ class Ledger:
                 raise
             # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
             # is still refused, but the graph's own steps go on, so that the agent can end with its message.
-        if key in self.spans:
-            self.same_id.setdefault(key, deque()).append(span)
-        else:
-            self.spans[key] = span
+        if self.spans.setdefault(key, span) is not span:
+            self._open_span(key, span)
         return span
+
+    def _start_new_llm_run(
+        self, sid: str | int, key: Any, name: str, meta: Mapping[str, Any] | None, model: str | None,
+        provider: str | None, prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
+        exported: bool,
+    ) -> Span | None:
+        """``start`` of a model call that opens a new run (a model invoked directly: the commonest start), when
+        its policy lets at most its cost estimate refuse a first call (``_first_call``); ``None`` otherwise, or when
+        another thread opened a run under this id meanwhile: the caller then takes the general path.
+
+        The run and its span are made and counted privately, then published under ``_runs_lock`` only if the id is
+        still free; the estimate is checked on the published run, as ``_guard_start`` would, so that concurrent
+        first calls of one config share one run and one budget."""
+        wall, perf = time.time(), time.perf_counter()
+        run = Run(sid, key, wall, perf)
+        first = self._attribute(run, meta, None)
+        if not first:
+            return None
+        span = Span(sid, None, run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens, wall, perf)
+        if not exported:
+            span.exported = False
+        run.open_roots = run.steps = run.llm_calls = 1
+        if first & _FIRST_DEFER and prompt is not None and prompt_ops is not None:
+            span.request_sig = _DEFERRED
+        with self._runs_lock:
+            if key in self.runs or key in self.recent or key in self.spans:
+                return None
+            self.runs[key] = run
+            self.spans[key] = span
+        if first & _FIRST_ESTIMATE and run.max_cost_nanos is not None:
+            assert run.budget is not None
+            try:
+                self._check_llm_estimate(run, span, run.budget)
+            except RunAborted:
+                with run.lock:  # a refused call was never made
+                    run.steps -= 1
+                    run.llm_calls -= 1
+                self._release_hold(run, span)
+                self._close_span(key, span)
+                self._end_root(run, span, "aborted", None, refused=True)
+                raise
+        return span
+
+    def _open_span(self, key: Any, span: Span) -> None:
+        """Open ``span`` under an id another open span holds: it waits in ``same_id`` and becomes the open one when
+        the spans before it end (see ``same_id``). The holder may end meanwhile, without the lock: hence the second
+        look after queueing (``_next_same_id``), so that no span is left waiting with none open."""
+        with self._ids_lock:
+            if self.spans.setdefault(key, span) is span:
+                return
+            waiting = self.same_id.get(key)
+            if waiting is None:
+                waiting = self.same_id[key] = deque()
+            waiting.append(span)
+            self._promote(key)
+
+    def _close_span(self, key: Any, span: Span) -> None:
+        """Take ``span`` out of the open spans (a call refused after its span was published)."""
+        with self._ids_lock:
+            if self.spans.get(key) is span:
+                del self.spans[key]
+                self._promote(key)
+                return
+            waiting = self.same_id.get(key)
+            if waiting is not None and span in waiting:
+                waiting.remove(span)
+                if not waiting:
+                    del self.same_id[key]
 
     def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
         if run.aborted is not None:
@@ -1383,12 +1443,20 @@ class Ledger:
         return span
 
     def _next_same_id(self, key: Any) -> None:
-        """The oldest span waiting under ``key`` (see ``same_id``) becomes the open one."""
+        """The span under ``key`` ended: the oldest one waiting under it (see ``same_id``) becomes the open one."""
+        with self._ids_lock:
+            self._promote(key)
+
+    def _promote(self, key: Any) -> None:
+        """Under ``_ids_lock``: if no span is open under ``key``, the oldest one waiting becomes the open one (a start
+        that found the id free, without the lock, may have taken it first: then the waiting ones go on waiting)."""
         waiting = self.same_id.get(key)
         if waiting:
-            self.spans[key] = waiting.popleft()
-            if not waiting:
-                self.same_id.pop(key, None)
+            head = waiting[0]
+            if self.spans.setdefault(key, head) is head:
+                waiting.popleft()
+                if not waiting:
+                    del self.same_id[key]
 
     def _check_after(self, run: Run, span: Span) -> None:
         budget = run.budget
@@ -1449,28 +1517,33 @@ class Ledger:
             with run.lock:
                 run.open_roots -= 1
                 last = run.open_roots <= 0
-        if not last:
-            if pending is not None:
-                self._count_request(run, *pending)
-            return
-        if refused:
-            span.end_wall = time.time()
-            self.exporter.emit(run)
-        self._close_run(run, span.end_wall, "error" if status == "error" or error is not None else "ok")
+        if last:
+            if refused:
+                span.end_wall = time.time()
+                self.exporter.emit(run)
+            if self._close_run(run, span.end_wall, "error" if status == "error" or error is not None else "ok"):
+                return
+        if pending is not None:  # the run goes on after this root: its request counts
+            self._count_request(run, *pending)
 
-    def _close_run(self, run: Run, ended_wall: float, status: str) -> None:
+    def _close_run(self, run: Run, ended_wall: float, status: str) -> bool:
         """The run's last root span ended: the run ends ``status`` (``aborted`` if it was), and is kept in
-        ``recent`` so that a second invocation with its run_id continues it."""
-        run.ended_wall = ended_wall
-        run.status = status if run.aborted is None else "aborted"
+        ``recent`` so that a second invocation with its run_id continues it. ``False`` if a root joined it after
+        its last one ended (``open_run``): it goes on then, and that root's end closes it."""
         rid = run.key
-        self.runs.pop(rid, None)
+        with self._runs_lock:
+            if run.open_roots > 0:
+                return False
+            run.ended_wall = ended_wall
+            run.status = status if run.aborted is None else "aborted"
+            if self.runs.get(rid) is run:
+                del self.runs[rid]
+            self.recent[rid] = run
         if run.tool_seq is not None or run.model_reqs is not None or run.loose_holds is not None:
             run.tool_seq = run.model_reqs = run.loose_holds = None  # compact: the guards' state starts afresh
-        recent = self.recent
-        recent[rid] = run
-        if len(recent) > _RECENT_HARD_CAP:  # the exporter trims after each batch; this is for when it cannot
+        if len(self.recent) > _RECENT_HARD_CAP:  # the exporter trims after each batch; this is for when it cannot
             self.trim_recent()
+        return True
 
     def trim_recent(self) -> None:
         """Forget the oldest ended runs beyond ``_RECENT_RUNS``. Called by the exporter's thread after each batch
@@ -1524,6 +1597,13 @@ class Ledger:
             default_loops = self.default_loops if self.default_loops.enabled else None
             if loops is not None and run.loops is default_loops:
                 run.loops = loops if loops.enabled else None
+
+
+def _copy_attribution(src: Run, dst: Run) -> None:
+    """What ``Ledger._attribute`` set on ``src``, onto ``dst``."""
+    dst.feature, dst.route, dst.tenant_id, dst.user_hash, dst.prompt_version = (
+        src.feature, src.route, src.tenant_id, src.user_hash, src.prompt_version)
+    dst.attributes, dst.budget, dst.max_cost_nanos, dst.loops = src.attributes, src.budget, src.max_cost_nanos, src.loops
 
 
 def _again(err: RunAborted) -> RunAborted:

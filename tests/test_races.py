@@ -1,0 +1,117 @@
+"""Many threads starting calls of ONE run at once: every request the provider receives is on the books, and a
+budget shared by them holds.
+
+LangChain gives every invocation of one config the config's ``run_id``, so sixteen threads invoking a chat model
+directly (no chain around it) with one shared ``tracker.config(...)`` open sixteen root spans under one id, at
+the same moment, right after start-up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from langchain_openai import ChatOpenAI
+
+from costobs_callbacks import Budget, BudgetExceededError, CostTracker
+
+try:
+    from .stub_openai import StubOpenAI, StubReply, StubUsage
+except ImportError:
+    from stub_openai import StubOpenAI, StubReply, StubUsage
+
+THREADS = 16
+MODEL = "gpt-4o-mini"  # priced from the catalog: $0.15 in, $0.60 out per million tokens
+CALL_USD = Decimal("0.0000045")  # 10 prompt tokens, 5 completion tokens
+
+
+@pytest.fixture
+def http_clients() -> Iterator[Callable[[], httpx.Client]]:
+    made: list[httpx.Client] = []
+
+    def make() -> httpx.Client:
+        made.append(httpx.Client(timeout=30, limits=httpx.Limits(max_connections=5)))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _burst(llm: ChatOpenAI, cfg: Any, prompt: str) -> tuple[int, list[BaseException]]:
+    barrier = threading.Barrier(THREADS)
+    ok: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            llm.invoke(prompt, config=cfg)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            with lock:
+                errors.append(exc)
+        else:
+            with lock:
+                ok.append(1)
+
+    threads = [threading.Thread(target=one) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return len(ok), errors
+
+
+def _chat(stub: StubOpenAI, client: httpx.Client, **kw: Any) -> ChatOpenAI:
+    return ChatOpenAI(base_url=stub.base_url, api_key="sk-test", model=MODEL, max_retries=0, http_client=client, **kw)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sixteen_threads_one_config_every_request_on_the_books(
+    cost_tracker_factory: Callable[..., CostTracker], stub_openai: StubOpenAI, http_clients: Any, attempt: int
+) -> None:
+    stub_openai.responder = lambda req: StubReply("ok", usage=StubUsage(10, 5))
+    tracker = cost_tracker_factory(export_delay=0.05)  # fresh: the price cache and the ledger are cold
+    cfg = tracker.config(feature="burst", budget=Budget(max_cost_usd=5))
+    ok, errors = _burst(_chat(stub_openai, http_clients()), cfg, "hello there")
+    assert (ok, errors) == (THREADS, [])
+    assert stub_openai.count() == THREADS
+    live = tracker.run_cost(cfg["run_id"])
+    assert tracker.flush(30)
+    rc = tracker.run_cost(cfg["run_id"])
+    assert rc is not None
+    assert (rc.llm_calls, rc.input_tokens, rc.output_tokens, rc.cost_usd, rc.status) == (
+        THREADS, 10 * THREADS, 5 * THREADS, CALL_USD * THREADS, "ok")
+    assert rc.by_model == {MODEL: CALL_USD * THREADS}
+    assert live is not None and live.llm_calls == THREADS
+    assert len(tracker.spans(cfg["run_id"])) == THREADS
+    assert tracker.stats["open_runs"] == 0
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sixteen_threads_one_tight_budget_is_held(
+    cost_tracker_factory: Callable[..., CostTracker], stub_openai: StubOpenAI, http_clients: Any, attempt: int
+) -> None:
+    """Each call holds its estimate (its prompt counted, ``max_tokens`` for its output) from its start to its end:
+    with a budget for about four calls, at most what fits is sent, and what was sent is all recorded."""
+    stub_openai.responder = lambda req: StubReply("ok", usage=StubUsage(10, 5), delay_s=0.05)
+    tracker = cost_tracker_factory(export_delay=0.05)
+    # The prompt counts more than the 10 tokens the stub reports, so each estimate covers the call's real cost.
+    prompt = "please answer this question briefly and clearly, thank you"
+    budget = Decimal("0.000030")
+    cfg = tracker.config(feature="tight", budget=Budget(max_cost_usd=budget))
+    ok, errors = _burst(_chat(stub_openai, http_clients(), max_tokens=5), cfg, prompt)
+    sent = stub_openai.count()
+    assert ok == sent and ok + len(errors) == THREADS
+    assert 1 <= sent < THREADS
+    assert all(isinstance(e, BudgetExceededError) for e in errors)
+    assert tracker.flush(30)
+    rc = tracker.run_cost(cfg["run_id"])
+    assert rc is not None
+    assert (rc.llm_calls, rc.cost_usd, rc.status) == (sent, CALL_USD * sent, "aborted")
+    assert rc.cost_usd <= budget
