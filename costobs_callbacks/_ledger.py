@@ -1603,7 +1603,8 @@ def _copy_attribution(src: Run, dst: Run) -> None:
     """What ``Ledger._attribute`` set on ``src``, onto ``dst``."""
     dst.feature, dst.route, dst.tenant_id, dst.user_hash, dst.prompt_version = (
         src.feature, src.route, src.tenant_id, src.user_hash, src.prompt_version)
-    dst.attributes, dst.budget, dst.max_cost_nanos, dst.loops = src.attributes, src.budget, src.max_cost_nanos, src.loops
+    dst.attributes, dst.budget, dst.max_cost_nanos, dst.loops = (
+        src.attributes, src.budget, src.max_cost_nanos, src.loops)
 
 
 def _again(err: RunAborted) -> RunAborted:
