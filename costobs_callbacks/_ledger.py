@@ -48,6 +48,10 @@ _MAX_ATTR_LEN = 256
 _MAX_ATTRS = 32
 _RECENT_RUNS = 1024
 _RECENT_HARD_CAP = 16 * _RECENT_RUNS  # ended runs kept at most, should the exporter stall
+_MAX_MODELS_SEEN = 1024
+DEFAULT_OUTPUT_HOLD = 4096
+"""Output tokens a budget holds for a call without ``max_tokens`` of a model with no known outputs and no known
+context window (see ``Ledger.output_hold``)."""
 
 COST_KINDS = frozenset({"llm", "embedding", "tool"})
 Tokens = tuple[int, int, int, int, int]
@@ -424,6 +428,8 @@ class Ledger:
         # Taken only when a span opens under an id already open (see _open_span).
         self._ids_lock = threading.Lock()
         self._user_cache: dict[str, str] = {}
+        # model -> the most output tokens one of its calls reported in this process (see output_hold)
+        self.largest_output: dict[str, int] = {}
         self.internal_errors = 0
         # attribution values -> what a run gets from them (see _attribute); bounded
         self._attr_memo: dict[tuple[Any, ...], _Attribution] = {}
@@ -945,25 +951,58 @@ class Ledger:
                 # holding the bound, which is tightened to the exact estimate should another call need the room.
                 prompt_tokens, exact = bound(span.model, span.prompt, span.extra)
                 if not exact:
-                    upper = prices.estimate_upper_nanos(span.model, span.provider, prompt_tokens, max_out)
+                    out = max_out or self.output_hold(span.model, span.provider, prompt_tokens)
+                    upper = prices.estimate_upper_nanos(span.model, span.provider, prompt_tokens, out)
                     if upper is not None and self._hold_if_fits(run, span, upper):
                         return
                     prompt_tokens, _ = ops.count_tokens(span.model, span.prompt, span.extra)
-        estimate = prices.estimate_nanos(span.model, span.provider, prompt_tokens, max_out)
+        least = None
+        if max_out:
+            estimate = prices.estimate_nanos(span.model, span.provider, prompt_tokens, max_out)
+        else:
+            # No max_tokens: the call holds an output estimate too (see output_hold), as much of it as the budget
+            # has left; only its prompt must fit for it to start.
+            least = prices.estimate_nanos(span.model, span.provider, prompt_tokens, 0)
+            estimate = prices.estimate_nanos(span.model, span.provider, prompt_tokens,
+                                             self.output_hold(span.model, span.provider, prompt_tokens))
         if estimate is None:
             return
-        what = (f"an LLM call to {span.model} estimated at {_usd(estimate)} ({prompt_tokens} prompt tokens"
-                + (f", max_tokens={max_out})" if max_out else ", no max_tokens)"))
-        self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens})
+        what = (f"an LLM call to {span.model} estimated at {_usd(estimate if least is None else least)} "
+                f"({prompt_tokens} prompt tokens" + (f", max_tokens={max_out})" if max_out else ", no max_tokens)"))
+        self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens}, least)
 
-    def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any]) -> None:
+    def output_hold(self, model: str | None, provider: str | None, prompt_tokens: int) -> int:
+        """The output tokens a budget holds for a call that sets no ``max_tokens``: the most this model produced
+        in one call in this process, else what its context window leaves after the prompt (the catalog's), else
+        ``DEFAULT_OUTPUT_HOLD``."""
+        if model:
+            seen = self.largest_output.get(model)
+            if seen:
+                return seen
+            window = self.prices.context_window(model, provider)
+            if window:
+                return max(window - prompt_tokens, 0)
+        return DEFAULT_OUTPUT_HOLD
+
+    def _saw_output(self, model: str, out: int) -> None:
+        """Remember the most output tokens ``model`` (as requested) produced in one call (see ``output_hold``)."""
+        seen = self.largest_output
+        if out > seen.get(model, 0):
+            if len(seen) >= _MAX_MODELS_SEEN and model not in seen:
+                seen.clear()
+            seen[model] = out
+
+    def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any],
+                 least: int | None = None) -> None:
         """Hold ``estimate`` of the run's budget for this call while it is in flight, or refuse the call if
-        what is spent, what calls in flight hold and the estimate would pass ``max_cost_usd``."""
-        fits, spent, held = self._try_hold(run, span, estimate)
+        what is spent, what calls in flight hold and the estimate would pass ``max_cost_usd``. With ``least``, the
+        call needs only that much to start when no other call of the run is in flight, holding what is left of the
+        budget if ``estimate`` does not fit."""
+        fits, spent, held = self._try_hold(run, span, estimate, least)
         if not fits and run.loose_holds:
             # Calls in flight hold upper bounds: make them exact (what they would hold otherwise) and look again.
             self._tighten_holds(run)
-            fits, spent, held = self._try_hold(run, span, estimate)
+            fits, spent, held = self._try_hold(run, span, estimate, least)
         if not fits:
             in_flight = f" and {_usd(held)} held by calls in flight" if held else ""
             self._abort(run, BudgetExceededError(
@@ -971,20 +1010,28 @@ class Ledger:
                 f"max_cost_usd=${budget.max_cost_usd}",
                 run_id=run.run_id, reason="max_cost_usd", limit=budget.max_cost_usd,
                 spent=nanos_to_usd(spent), spent_usd=nanos_to_usd(spent),
-                detail={**detail, "estimate_usd": nanos_to_usd(estimate), "in_flight_usd": nanos_to_usd(held)},
+                detail={**detail, "estimate_usd": nanos_to_usd(estimate if least is None else least),
+                        "in_flight_usd": nanos_to_usd(held)},
             ))
 
     @staticmethod
-    def _try_hold(run: Run, span: Span, estimate: int) -> tuple[bool, int, int]:
-        """Hold ``estimate`` for this call if it fits: ``(fits, spent, held by others)``, read under the lock."""
+    def _try_hold(run: Run, span: Span, estimate: int, least: int | None = None) -> tuple[bool, int, int]:
+        """Hold ``estimate`` for this call if it fits (``max_cost_usd`` is "at most": an estimate that exactly fills
+        what is left fits), else, given ``least``, if that fits and no other call of the run is in flight, all that is
+        left: ``(fits, spent, held by others)``, read under the lock."""
         assert run.max_cost_nanos is not None
         with run.lock:
             spent, held = run.cost_nanos, run.reserved_nanos
-            fits = spent + held + estimate <= run.max_cost_nanos
-            if fits:
-                run.reserved_nanos += estimate
-                span.reserved += estimate
-        return fits, spent, held
+            room = run.max_cost_nanos - spent - held
+            if estimate <= room:
+                take = estimate
+            elif least is not None and least <= room and not held:
+                take = room  # alone in flight: it may overshoot as a call made on its own can, no more
+            else:
+                return False, spent, held
+            run.reserved_nanos += take
+            span.reserved += take
+        return True, spent, held
 
     @staticmethod
     def _hold_if_fits(run: Run, span: Span, amount: int) -> bool:
@@ -1011,7 +1058,8 @@ class Ledger:
                 continue  # ended meanwhile: its hold is gone
             try:
                 n, _ = ops.count_tokens(sp.model, prompt, sp.extra)
-                est = self.prices.estimate_nanos(sp.model, sp.provider, n, max_output_tokens(sp))
+                est = self.prices.estimate_nanos(
+                    sp.model, sp.provider, n, max_output_tokens(sp) or self.output_hold(sp.model, sp.provider, n))
             except Exception:
                 logger.debug("costobs: could not tighten a budget hold", exc_info=True)
                 continue
@@ -1198,6 +1246,8 @@ class Ledger:
             (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
              run.max_cost_nanos, run.loops, _) = attr
         run.steps = run.llm_calls = 1
+        if model is not None:
+            self._saw_output(model, tokens[1])
         span = _new_object(Span)
         span._sid = key
         span.run = run
@@ -1254,6 +1304,8 @@ class Ledger:
         sig = span.request_sig
         requested = span.model  # the model as requested (a deferred signature's), not as reported
         prompt = span.prompt
+        if requested is not None:
+            self._saw_output(requested, tokens[1])
         if model:
             span.model = model
         cost, span.prices = priced
@@ -1336,6 +1388,8 @@ class Ledger:
                 span.request_sig = None
                 if status == "ok":
                     pending = (span.prompt_ops, span.model, span.prompt)  # the model as requested, not as reported
+            if tokens is not None and span.model is not None:
+                self._saw_output(span.model, tokens[1])
             if model:
                 span.model = model
             if tokens is not None:

@@ -614,6 +614,7 @@ class PriceBook:
         self._refreshed = threading.Event()  # set after each refresh attempt, for waiters
         self._cache: dict[tuple[str | None, str | None], _Entry] = {}
         self._warned: set[str | None] = set()
+        self._windows: dict[tuple[str | None, str | None], int | None] = {}
         self._lock = threading.Lock()  # slow paths only: warnings, refresh state
         self._snapshot: data_snapshot.DataSnapshot | None = None  # refreshed data, private to this book
         self._refresh_thread: threading.Thread | None = None
@@ -903,3 +904,27 @@ class PriceBook:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- model limits ----------------------------------------------------------------------------
+
+    def context_window(self, model: str | None, provider: str | None) -> int | None:
+        """The model's context window in tokens as the catalog has it (``None``: unknown, or an override's model):
+        the most a call can produce, prompt included, which a budget holds for a call that sets no ``max_tokens``
+        until the model's own outputs are known. Remembered per name (misses too)."""
+        key = (model, provider)
+        try:
+            return self._windows[key]
+        except KeyError:
+            pass
+        window: int | None = None
+        if model and isinstance(model, str) and self._find_override(model, provider) is None:
+            try:
+                found = _find_in_catalog(self._snapshot or data_snapshot.get_snapshot(), model, provider)
+            except Exception:  # a catalog surprise never breaks the caller's call
+                found = None
+            if found is not None and isinstance(found[1].context_window, int) and found[1].context_window > 0:
+                window = found[1].context_window
+        if len(self._windows) >= 4096:
+            self._windows.clear()
+        self._windows[key] = window
+        return window

@@ -48,10 +48,10 @@ def _burst(llm: ChatOpenAI, cfg: Any, prompt: str) -> tuple[int, list[BaseExcept
     errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def one() -> None:
+    def one(i: int) -> None:
         barrier.wait()
         try:
-            llm.invoke(prompt, config=cfg)
+            llm.invoke(f"{prompt} ({i})", config=cfg)  # distinct requests: the loop guard has nothing to say
         except BaseException as exc:  # collected and asserted below
             with lock:
                 errors.append(exc)
@@ -59,7 +59,7 @@ def _burst(llm: ChatOpenAI, cfg: Any, prompt: str) -> tuple[int, list[BaseExcept
             with lock:
                 ok.append(1)
 
-    threads = [threading.Thread(target=one) for _ in range(THREADS)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(THREADS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -115,3 +115,34 @@ def test_sixteen_threads_one_tight_budget_is_held(
     assert rc is not None
     assert (rc.llm_calls, rc.cost_usd, rc.status) == (sent, CALL_USD * sent, "aborted")
     assert rc.cost_usd <= budget
+
+
+def test_sixteen_threads_without_max_tokens_stay_within_the_budget(
+    cost_tracker_factory: Callable[..., CostTracker], stub_openai: StubOpenAI, http_clients: Any
+) -> None:
+    """A call that sets no ``max_tokens`` holds an output estimate: the model's largest output in this process,
+    else its context window (as much of it as the budget has left). Without it each call held its prompt only and
+    sixteen concurrent calls spent several times the limit."""
+    stub_openai.responder = lambda req: StubReply("ok", usage=StubUsage(10, 200), delay_s=0.05)
+    call = Decimal("0.0001215")  # 10 in at $0.15/M + 200 out at $0.60/M
+    tracker = cost_tracker_factory(export_delay=0.05)
+    budget = Decimal("0.0005")
+    llm = _chat(stub_openai, http_clients())
+    # No output of gpt-4o-mini seen yet: the first call holds what its context window allows, i.e. all the budget.
+    cfg = tracker.config(feature="no-max", budget=Budget(max_cost_usd=budget))
+    ok, errors = _burst(llm, cfg, "please answer this question briefly and clearly")
+    assert ok == stub_openai.count() == 1 and len(errors) == THREADS - 1
+    assert tracker.ledger.largest_output["gpt-4o-mini"] == 200
+    # Now the model's largest output is known: each call holds its prompt and 200 output tokens, four fit.
+    stub_openai.reset()
+    stub_openai.responder = lambda req: StubReply("ok", usage=StubUsage(10, 200), delay_s=0.05)
+    cfg2 = tracker.config(feature="no-max", budget=Budget(max_cost_usd=budget))
+    ok2, errors2 = _burst(llm, cfg2, "please answer this question briefly and clearly")
+    assert ok2 == stub_openai.count() and ok2 + len(errors2) == THREADS
+    assert 1 <= ok2 <= 4
+    assert tracker.flush(30)
+    for c, n in ((cfg, ok), (cfg2, ok2)):
+        rc = tracker.run_cost(c["run_id"])
+        assert rc is not None
+        assert (rc.llm_calls, rc.cost_usd) == (n, call * n)
+        assert rc.cost_usd <= budget
