@@ -1,0 +1,305 @@
+"""Every shortcut of the ledger gives what its general path gives, for the same random calls.
+
+The ledger keeps short paths for the commonest events (a model call opening a new run, a model end with its usage
+at a known price, a lone call recorded whole at its end, the remembered attribution of a run); each is fed here,
+beside the general path it shortcuts, the same random calls (catalog models with tiers and per-request fees,
+user prices with many decimals, unknown models, odd token counts, budgets at their boundaries), and both must
+export the same spans, keep the same run totals and take the same decisions.
+
+The ledger is driven directly (it is framework-free); its exporter is a list, the prices a real ``PriceBook``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from costobs_callbacks import Budget, BudgetExceededError, LoopPolicy, RunAborted
+from costobs_callbacks._events import TokenUsage
+from costobs_callbacks._ledger import _DEFERRED, Ledger, Run, Span
+from costobs_callbacks._pricing import PriceBook
+from costobs_callbacks.integrations.langchain import MESSAGES
+
+OVERRIDE = "m-fast"
+MODELS = [
+    (OVERRIDE, None),
+    ("gpt-4o-mini", "openai"),  # one rate: the flat shortcut
+    ("gemini-2.5-pro", "google"),  # tiered above 200k input tokens
+    ("sonar", "perplexity"),  # a per-request fee
+    ("claude-sonnet-4-0", "anthropic"),  # cache writes
+    ("no-such-model-xyz", None),  # unpriced
+]
+
+settings.register_profile("fast-paths", deadline=None, max_examples=150,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("fast-paths")
+
+
+class Collect:
+    """The exporter's place: what the ledger hands over, kept in order."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def emit(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def book(price_in: Decimal, price_out: Decimal) -> PriceBook:
+    return PriceBook({OVERRIDE: {"input": price_in, "output": price_out, "cache_read": price_in / 10}})
+
+
+def ledger(prices: PriceBook, **kw: Any) -> tuple[Ledger, Collect]:
+    out = Collect()
+    return Ledger(prices=prices, exporter=out, user_salt=b"salt", **kw), out
+
+
+def span_view(sp: Span) -> tuple[Any, ...]:
+    return (sp.span_id, sp.kind, sp.name, sp.model, sp.provider, sp.tokens, sp.cost_nanos, sp.tree_cost, sp.unpriced,
+            sp.estimated, sp.cache_hit, tuple(sorted(sp.flags or ())), sp.status, sp.error, sp.prices, sp.is_root,
+            sp.exported, sp.run.run_id, sp.detail, sp.reserved, sp.request_sig is _DEFERRED)
+
+
+def item_view(it: Any) -> tuple[Any, ...]:
+    if isinstance(it, Span):
+        return ("span", *span_view(it))
+    assert isinstance(it, Run)
+    return ("run", it.run_id, it.status, it.aborted.reason if it.aborted is not None else None)
+
+
+def run_view(lg: Ledger, rid: Any) -> Any:
+    run = lg.runs.get(rid.int) or lg.recent.get(rid.int)
+    return None if run is None else run.snapshot()
+
+
+tokens_st = st.tuples(
+    st.integers(0, 400_000), st.integers(0, 20_000), st.integers(0, 50_000), st.integers(0, 10_000),
+    st.integers(0, 25_000),
+)
+prices_st = st.decimals(min_value=Decimal("0"), max_value=Decimal("90"), places=9, allow_nan=False)
+messages_st = st.lists(st.text(max_size=40), min_size=1, max_size=4)
+
+
+def prompt_of(texts: list[str]) -> list[list[Any]]:
+    return [[SystemMessage("be brief"), *(HumanMessage(t) for t in texts)]]
+
+
+def finish_general(lg: Ledger, key: Any, tokens: tuple[int, ...], model: str | None) -> None:
+    """``Ledger.end`` of an ok model call with usage, through its general path (``_finish``) whatever the price."""
+    span = lg.spans.pop(key)
+    span.end_wall = time.time()
+    span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
+    span.status = "ok"
+    lg._finish(span, "ok", None, tokens, model, False, False, _DEFERRED)  # type: ignore[arg-type]
+
+
+def start_call(lg: Ledger, rid: uuid.UUID, parent: uuid.UUID | None, model: str, provider: str | None,
+               texts: list[str], max_tokens: int | None, meta: dict[str, Any] | None, general: bool) -> Any:
+    ip: dict[str, Any] = {"model": model}
+    if max_tokens:
+        ip["max_tokens"] = max_tokens
+    extra = (ip, meta or {})
+    try:
+        lg.start(rid, parent, "llm", "ChatX", meta, model, provider, prompt_of(texts), MESSAGES, extra,
+                 run_id=rid if general and parent is None else None)
+    except RunAborted as exc:
+        return (type(exc).__name__, exc.reason, exc.detail.get("estimate_usd") if exc.detail else None)
+    return "started"
+
+
+@given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, served=st.sampled_from([None, "same", "other"]),
+       p_in=prices_st, p_out=prices_st, texts=messages_st, end_path=st.sampled_from(["end_llm", "end", "finish"]),
+       feature=st.sampled_from([None, "search", "x" * 300]))
+def test_a_model_end_gives_the_same_spans_and_totals_on_every_path(
+    model_i: int, tokens: tuple[int, int, int, int, int], served: str | None, p_in: Decimal, p_out: Decimal,
+    texts: list[str], end_path: str, feature: str | None,
+) -> None:
+    model, provider = MODELS[model_i]
+    reported = None if served is None else model if served == "same" else model + "-2024-01-01"
+    meta = {"feature": feature} if feature else None
+    views = []
+    for path in ("end_llm", "end", "finish", end_path):
+        lg, out = ledger(book(p_in, p_out))
+        rid = uuid.UUID(int=12345)
+        assert start_call(lg, rid, None, model, provider, texts, None, meta, False) == "started"
+        if path == "end_llm":
+            lg.end_llm(rid.int, tokens, reported)
+        elif path == "end":
+            lg.end(rid, "ok", None, TokenUsage(*tokens), reported)
+        else:
+            finish_general(lg, rid.int, tokens, reported)
+        views.append(([item_view(i) for i in out.items], run_view(lg, rid), lg.largest_output))
+    assert views[0] == views[1] == views[2] == views[3]
+
+
+@given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, p_in=prices_st, p_out=prices_st,
+       texts=messages_st, served=st.booleans())
+def test_a_lone_call_recorded_whole_equals_its_start_and_end(
+    model_i: int, tokens: tuple[int, int, int, int, int], p_in: Decimal, p_out: Decimal, texts: list[str],
+    served: bool,
+) -> None:
+    model, provider = MODELS[model_i]
+    reported = model if served else None
+    prices = book(p_in, p_out)
+    a, out_a = ledger(prices)
+    assert a.lone_calls
+    key = "lone-1"
+    t0, p0 = time.time(), time.perf_counter()
+    a.record_llm(key, "ChatX", model, provider, t0, p0, tokens, reported)
+    b, out_b = ledger(prices)
+    b.start(key, None, "llm", "ChatX", None, model, provider)
+    b.end_llm(key, tokens, reported)
+
+    def view(lg: Ledger, out: Collect) -> Any:
+        run = lg.recent.get(key) or lg.runs.get(key)
+        assert run is not None
+        return [item_view(i) for i in out.items], run.snapshot(), lg.largest_output
+
+    assert view(a, out_a) == view(b, out_b)
+
+
+budget_st = st.one_of(
+    st.none(),
+    st.builds(lambda c, n, t: {"max_cost_usd": c, "max_llm_calls": n, "max_tokens": t},
+              st.sampled_from([None, "0.000001", "0.01", "5"]), st.sampled_from([None, 1, 3]),
+              st.sampled_from([None, 10, 100_000])),
+)
+loops_st = st.sampled_from([None, {"max_identical_model_requests": 2}, {"max_steps": 1}, {"max_depth": 0},
+                            {"max_identical_model_requests": 1}])
+
+
+@given(model_i=st.integers(0, len(MODELS) - 1), texts=messages_st, max_tokens=st.sampled_from([None, 1, 50, 4000]),
+       budget=budget_st, loops=loops_st, tokens=tokens_st, calls=st.integers(1, 4), overlap=st.booleans())
+def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
+    model_i: int, texts: list[str], max_tokens: int | None, budget: dict[str, Any] | None,
+    loops: dict[str, Any] | None, tokens: tuple[int, int, int, int, int], calls: int, overlap: bool,
+) -> None:
+    """A model invoked directly opens its run through ``_start_new_llm_run`` unless the policy needs the full
+    checks; the general path (``open_run`` and ``_guard_start``) is what a root with an explicit run id takes.
+    ``overlap``: the invocations of the config overlap (all start, then all end), as threads sharing it do."""
+    model, provider = MODELS[model_i]
+    meta: dict[str, Any] = {"feature": "f"}
+    if budget is not None:
+        meta["costobs_budget"] = {k: v for k, v in budget.items() if v is not None} or {"max_cost_usd": "5"}
+    if loops is not None:
+        meta["costobs_loops"] = loops
+    views = []
+    for general in (False, True):
+        lg, out = ledger(book(Decimal("2"), Decimal("8")))
+        rid = uuid.UUID(int=777)
+        decisions = []
+        started = 0
+        for _ in range(calls):  # the same config again: the run continues
+            d = start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general)
+            decisions.append(d)
+            if d == "started":
+                if overlap:
+                    started += 1
+                else:
+                    lg.end_llm(rid.int, tokens, None)
+        for _ in range(started - 1):
+            lg.end_llm(rid.int, tokens, None)
+        # once more, after the others (while the last of overlapping ones is still in flight)
+        decisions.append(start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general))
+        while rid.int in lg.spans:
+            lg.end_llm(rid.int, tokens, None)
+        views.append((decisions, [item_view(i) for i in out.items], run_view(lg, rid)))
+    assert views[0] == views[1]
+
+
+@given(texts=messages_st, max_tokens=st.sampled_from([1, 50, 4000]), delta=st.sampled_from([-1, 0, 1]),
+       general=st.booleans(), model_i=st.sampled_from([0, 1, 2, 3]))
+def test_a_call_whose_estimate_exactly_fills_what_is_left_is_let_through(
+    texts: list[str], max_tokens: int, delta: int, general: bool, model_i: int,
+) -> None:
+    """``max_cost_usd`` is "at most": an estimate equal to what is left fits, one nano-dollar more does not."""
+    model, provider = MODELS[model_i]
+    prices = book(Decimal("2.5"), Decimal("10"))
+    n, _ = MESSAGES.count_tokens(model, prompt_of(texts), ({"model": model}, {}))
+    estimate = prices.estimate_nanos(model, provider, n, max_tokens)
+    assert estimate is not None
+    limit = Decimal(estimate + delta).scaleb(-9)
+    if limit <= 0:
+        return
+    lg, _ = ledger(prices)
+    rid = uuid.uuid4()
+    got = start_call(lg, rid, None, model, provider, texts, max_tokens,
+                     {"costobs_budget": {"max_cost_usd": str(limit)}}, general)
+    if delta >= 0:
+        assert got == "started"
+        assert lg.spans[rid.int].reserved == estimate
+    else:
+        assert got == ("BudgetExceededError", "max_cost_usd", Decimal(estimate).scaleb(-9))
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_run_that_spends_exactly_its_budget_is_not_aborted(over: int) -> None:
+    """After a call, a run is stopped only once it has spent more than ``max_cost_usd``."""
+    prices = book(Decimal("1"), Decimal("1"))
+    lg, _ = ledger(prices)
+    root = uuid.uuid4()
+    child = uuid.uuid4()
+    # 1,000 + 1,000 tokens at $1/M: $0.002; the child's estimate (its prompt, max_tokens=1) fits below that.
+    meta = {"costobs_budget": {"max_cost_usd": str(Decimal(2_000_000 - over).scaleb(-9))}}
+    lg.start(root, None, "chain", "agent", meta)
+    assert start_call(lg, child, root, OVERRIDE, None, ["hi"], 1, None, False) == "started"
+    if over:
+        with pytest.raises(BudgetExceededError) as err:
+            lg.end_llm(child.int, (1000, 1000, 0, 0, 0), OVERRIDE)
+        assert err.value.reason == "max_cost_usd"
+    else:
+        lg.end_llm(child.int, (1000, 1000, 0, 0, 0), OVERRIDE)
+    run = lg.runs[root.int]
+    assert (run.cost_nanos, run.status) == (2_000_000, "aborted" if over else "running")
+
+
+def test_the_live_by_model_adds_repeated_calls_of_one_model() -> None:
+    prices = book(Decimal("1"), Decimal("2"))
+    lg, _ = ledger(prices)
+    root = uuid.uuid4()
+    lg.start(root, None, "chain", "agent")
+    for i, end in enumerate(("end_llm", "end", "end_llm")):
+        sid = uuid.uuid4()
+        start_call(lg, sid, root, OVERRIDE, None, [f"q{i}"], None, None, False)
+        if end == "end_llm":
+            lg.end_llm(sid.int, (100, 10, 0, 0, 0), OVERRIDE)
+        else:
+            lg.end(sid, "ok", None, TokenUsage(100, 10), OVERRIDE)
+    sid = uuid.uuid4()
+    start_call(lg, sid, root, "gpt-4o-mini", "openai", ["other"], None, None, False)
+    lg.end_llm(sid.int, (1000, 0, 0, 0, 0), "gpt-4o-mini")
+    live = lg.run_cost(root)
+    assert live is not None
+    assert live.by_model == {OVERRIDE: Decimal("0.00036"), "gpt-4o-mini": Decimal("0.00015")}
+    assert live.cost_usd == Decimal("0.00051")
+
+
+@given(texts=messages_st, feature=st.sampled_from(["a", "b", None]), tenant=st.sampled_from(["t1", None]),
+       extra=st.sampled_from([{}, {"tier": "gold"}, {"n": 3}, {"x": 1.5}, {"flag": True}]))
+def test_the_remembered_attribution_equals_working_it_out(
+    texts: list[str], feature: str | None, tenant: str | None, extra: dict[str, Any]
+) -> None:
+    """The second run with the same metadata is attributed from the memo; a fresh ledger works it out."""
+    meta: dict[str, Any] = {"feature": feature, "tenant_id": tenant, "user_id": "u-1", **extra}
+    warm, _ = ledger(book(Decimal(1), Decimal(1)))
+    warm.open_run("first", meta)
+    a = warm.open_run("second", meta)[0]
+    cold, _ = ledger(book(Decimal(1), Decimal(1)))
+    b = cold.open_run("second", meta)[0]
+    assert a.public_attributes() == b.public_attributes()
+    assert (a.budget, a.loops, a.max_cost_nanos) == (b.budget, b.loops, b.max_cost_nanos)
+
+
+def test_budget_and_loops_from_objects_and_dicts_agree() -> None:
+    lg, _ = ledger(book(Decimal(1), Decimal(1)))
+    a = lg.open_run("a", {"costobs_budget": Budget(max_cost_usd="0.5"), "costobs_loops": LoopPolicy(max_steps=3)})[0]
+    b = lg.open_run("b", {"costobs_budget": {"max_cost_usd": "0.5"}, "costobs_loops": {"max_steps": 3}})[0]
+    assert (a.budget, a.loops, a.max_cost_nanos) == (b.budget, b.loops, b.max_cost_nanos) == (
+        Budget(max_cost_usd="0.5"), LoopPolicy(max_steps=3), 500_000_000)
