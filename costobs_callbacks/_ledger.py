@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -194,6 +195,9 @@ class Run:
     steps = 0
     unpriced_models: tuple[str, ...] = ()
     """Replaced (under the lock), never appended to: a snapshot may be reading the old one."""
+    flags: tuple[str, ...] = ()
+    """What its attribution earned: ``truncated`` (a value cut to 256 characters), ``sanitized`` (characters no
+    database takes replaced); every span of the run is stored with them."""
     by_model: dict[str, int] | None = None
     """nano-USD by model, of priced calls (made with the run's first priced call)."""
     status = "running"
@@ -487,7 +491,9 @@ class Ledger:
         if hit is None:
             hit = self._attribute_slow(run, get, shape, plan)
         (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
-         run.max_cost_nanos, run.loops, first) = hit
+         run.max_cost_nanos, run.loops, first, flags) = hit
+        if flags:
+            run.flags = flags
         return first
 
     def _attribute_slow(
@@ -511,19 +517,19 @@ class Ledger:
                 vals = None  # another type: not remembered (1 and True are equal keys, not equal values)
                 break
         if vals is None:
-            return self._resolve_attribution(run, get, plan.cands)
+            return self._resolve_attribution(run, get, plan)
         # Plain values are remembered under the key _attribute looks up; others under a key it can never build.
         mkey = (plan, *vals) if plain else (_IGNORED, plan, *vals)
         memo = self._attr_memo
         hit = memo.get(mkey)
         if hit is None:
-            hit = self._resolve_attribution(run, get, plan.cands)
+            hit = self._resolve_attribution(run, get, plan)
             if len(memo) >= _MAX_ATTR_MEMO:
                 memo.clear()
             memo[mkey] = hit
         return hit
 
-    def _resolve_attribution(self, run: Run, get: Any, cands: tuple[tuple[str, str], ...]) -> _Attribution:
+    def _resolve_attribution(self, run: Run, get: Any, plan: _AttrPlan) -> _Attribution:
         for key in self.require:
             if not _present(get(key)):
                 err = MissingAttributionError(
@@ -540,23 +546,24 @@ class Ledger:
                 self.exporter.emit(run)  # a refused run: stored with its status and reason, no spans
                 raise err
         # An attribution value counts when present: not None and not "" (never calls the value's own __eq__).
+        flags: list[str] = list(plan.flags)
         v: Any = get("feature")
-        feature = UNATTRIBUTED if not _present(v) else _clean(v)
+        feature = UNATTRIBUTED if not _present(v) else _clean(v, flags)
         v = get("route")
-        route = _clean(v) if _present(v) else None
+        route = _clean(v, flags) if _present(v) else None
         v = get("tenant_id")
-        tenant_id = _clean(v) if _present(v) else None
+        tenant_id = _clean(v, flags) if _present(v) else None
         v = get("prompt_version")
-        prompt_version = _clean(v) if _present(v) else None
+        prompt_version = _clean(v, flags) if _present(v) else None
         v = get("user_id")
         user_hash = self.hash_user(v if isinstance(v, str) else _text(v)) if _present(v) else None
         attrs: dict[str, Any] = {}
-        for k, ck in cands:
+        for k, ck in plan.cands:
             if len(attrs) >= _MAX_ATTRS:
                 break
             v = get(k)
             if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
-                attrs[ck] = _clean(v)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
+                attrs[ck] = _clean(v, flags)  # NaN and infinities as text: JSON (PostgreSQL's) has no such numbers
             elif v is None or isinstance(v, (int, float, bool)):
                 attrs[ck] = v
         budget_value = get(BUDGET_META_KEY)
@@ -574,7 +581,7 @@ class Ledger:
             loops = self.default_loops
         run_loops = loops if loops.enabled else None
         return (feature, route, tenant_id, user_hash, prompt_version, MappingProxyType(attrs) if attrs else _NO_META,
-                run_budget, max_cost, run_loops, _first_call(run_budget, run_loops))
+                run_budget, max_cost, run_loops, _first_call(run_budget, run_loops), tuple(dict.fromkeys(flags)))
 
     @staticmethod
     def _budget_from_meta(value: Any) -> Budget | None:
@@ -1241,10 +1248,13 @@ class Ledger:
         if attr is None:
             self._attribute(run, None, None)
             attr = self._lone_attr = (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
-                                      run.attributes, run.budget, run.max_cost_nanos, run.loops, _FIRST_FREE)
+                                      run.attributes, run.budget, run.max_cost_nanos, run.loops, _FIRST_FREE,
+                                      run.flags)
         else:
             (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
-             run.max_cost_nanos, run.loops, _) = attr
+             run.max_cost_nanos, run.loops, _, attr_flags) = attr
+            if attr_flags:
+                run.flags = attr_flags
         run.steps = run.llm_calls = 1
         if model is not None:
             self._saw_output(model, tokens[1])
@@ -1657,8 +1667,8 @@ def _copy_attribution(src: Run, dst: Run) -> None:
     """What ``Ledger._attribute`` set on ``src``, onto ``dst``."""
     dst.feature, dst.route, dst.tenant_id, dst.user_hash, dst.prompt_version = (
         src.feature, src.route, src.tenant_id, src.user_hash, src.prompt_version)
-    dst.attributes, dst.budget, dst.max_cost_nanos, dst.loops = (
-        src.attributes, src.budget, src.max_cost_nanos, src.loops)
+    dst.attributes, dst.budget, dst.max_cost_nanos, dst.loops, dst.flags = (
+        src.attributes, src.budget, src.max_cost_nanos, src.loops, src.flags)
 
 
 def _again(err: RunAborted) -> RunAborted:
@@ -1698,9 +1708,9 @@ _MAX_ATTR_PLANS = 1024
 _MAX_ATTR_MEMO = 4096
 _POLICY_META_KEYS = frozenset({BUDGET_META_KEY, LOOPS_META_KEY})
 _Attribution = tuple[str, str | None, str | None, str | None, str | None, Mapping[str, Any], "Budget | None",
-                     int | None, "LoopPolicy | None", int]
-"""(feature, route, tenant_id, user_hash, prompt_version, attributes, budget, max_cost_nanos, loops) of a run, and
-``_first_call`` of its policy."""
+                     int | None, "LoopPolicy | None", int, tuple[str, ...]]
+"""(feature, route, tenant_id, user_hash, prompt_version, attributes, budget, max_cost_nanos, loops) of a run,
+``_first_call`` of its policy, and the flags its attribution earned (``truncated``, ``sanitized``)."""
 _FIRST_CHECKED, _FIRST_FREE, _FIRST_DEFER, _FIRST_ESTIMATE = 0, 1, 2, 4
 
 
@@ -1731,21 +1741,23 @@ class _AttrPlan:
     and how many of the deciding keys are attribution or policy keys. Hashed by identity (it leads the keys of
     ``Ledger._attr_memo``, which keep it alive)."""
 
-    __slots__ = ("cands", "deciding", "n")
+    __slots__ = ("cands", "deciding", "flags", "n")
 
     def __init__(self, keys: tuple[Any, ...]) -> None:
         cands = []
+        flags: list[str] = []
         for k in keys:
             if not isinstance(k, str) or k in ATTRIBUTION_KEYS or k.startswith(_INTERNAL_PREFIXES):
                 continue
             if k in ("user", "user_hash"):  # never let a raw id in under another name
                 continue
-            cands.append((k, _clean(k)))
+            cands.append((k, _clean(k, flags)))
         deciding = [k for k in keys if isinstance(k, str) and (k in ATTRIBUTION_KEYS or k in _POLICY_META_KEYS)]
         self.n = len(deciding)
         deciding += [k for k, _ in cands]
         self.deciding: tuple[str, ...] = tuple(deciding)
         self.cands: tuple[tuple[str, str], ...] = tuple(cands)
+        self.flags: tuple[str, ...] = tuple(flags)
 
 
 _BUDGETS: dict[tuple[tuple[str, type, Any], ...], Budget] = {}
@@ -1788,8 +1800,20 @@ def _text(v: Any) -> str:
     return s.replace("\x00", "") if "\x00" in s else s
 
 
-def _clean(v: Any) -> str:
-    return _text(v)[:_MAX_ATTR_LEN]
+def _clean(v: Any, flags: list[str]) -> str:
+    """An attribution value or key as stored: text (``_text``), lone surrogates (which no database encoding takes)
+    replaced by U+FFFD (flag ``sanitized``), cut to ``_MAX_ATTR_LEN`` characters (flag ``truncated``)."""
+    s = _text(v)
+    if not s.isascii() and _SURROGATE.search(s) is not None:
+        s = _SURROGATE.sub("\ufffd", s)
+        flags.append("sanitized")
+    if len(s) > _MAX_ATTR_LEN:
+        s = s[:_MAX_ATTR_LEN]
+        flags.append("truncated")
+    return s
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def coerce_budget_quiet(value: Any) -> Budget | None:

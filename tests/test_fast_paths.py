@@ -303,3 +303,41 @@ def test_budget_and_loops_from_objects_and_dicts_agree() -> None:
     b = lg.open_run("b", {"costobs_budget": {"max_cost_usd": "0.5"}, "costobs_loops": {"max_steps": 3}})[0]
     assert (a.budget, a.loops, a.max_cost_nanos) == (b.budget, b.loops, b.max_cost_nanos) == (
         Budget(max_cost_usd="0.5"), LoopPolicy(max_steps=3), 500_000_000)
+
+
+# -- the LangChain handler's model starts ---------------------------------------------------------------------
+
+name_st = st.one_of(st.none(), st.text(max_size=8), st.integers(0, 3))
+serialized_st = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"name": name_st,
+                                                                        "id": st.lists(st.text(max_size=5))}))
+ip_st = st.fixed_dictionaries({}, optional={"model": name_st, "model_name": name_st, "_type": name_st,
+                                            "max_tokens": st.sampled_from([None, 0, 7])})
+meta_st = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"ls_model_name": name_st, "ls_provider": name_st,
+                                                                   "feature": st.sampled_from(["a", "b"])}))
+
+
+@given(serialized=serialized_st, ip=ip_st, meta=meta_st, kw_name=name_st, texts=messages_st)
+def test_the_chat_model_start_reads_a_call_as_the_general_model_start_does(
+    serialized: dict[str, Any] | None, ip: dict[str, Any], meta: dict[str, Any] | None, kw_name: Any,
+    texts: list[str],
+) -> None:
+    """``on_chat_model_start`` reads the call's name, model and provider inline (the hottest hook); ``_model_start``
+    is the same reading for every other model start (``on_llm_start``)."""
+    from costobs_callbacks.integrations.langchain import CostCallbackHandler
+
+    views = []
+    for general in (False, True):
+        lg, out = ledger(book(Decimal(1), Decimal(1)))
+        handler = CostCallbackHandler(lg)
+        rid = uuid.UUID(int=99)
+        kwargs: dict[str, Any] = {"invocation_params": ip}
+        if kw_name is not None:
+            kwargs["name"] = kw_name
+        if general:
+            handler._model_start(serialized, prompt_of(texts), MESSAGES, rid, None, meta, kwargs)
+        else:
+            handler.on_chat_model_start(serialized, prompt_of(texts), run_id=rid, metadata=meta, **kwargs)
+        lg.end_llm(rid.int, (5, 5, 0, 0, 0), None)
+        assert handler.internal_errors == 0
+        views.append([item_view(i) for i in out.items])
+    assert views[0] == views[1]

@@ -898,3 +898,19 @@ def test_not_our_exception_when_a_tool_fails(tracker, stub_openai):
     (tspan,) = [s for s in spans if s["kind"] == "tool"]
     assert (tspan["status"], tspan["error"]) == ("error", "RuntimeError")
     assert tracker.stats["internal_errors"] == 0
+
+
+def test_a_text_llm_start_keeps_the_provider(cost_tracker_factory, stub_openai):
+    """``on_llm_start`` (a completion model, not a chat model) reads the provider as chat models do."""
+    from langchain_openai import OpenAI
+
+    stub_openai.enqueue(StubReply("done", usage=StubUsage(12, 3)))
+    tracker = cost_tracker_factory(prices={"m-text": {"input": "1", "output": "2"}})
+    llm = OpenAI(base_url=stub_openai.base_url, api_key="sk-test", model="m-text", max_retries=0)
+    cfg = tracker.config(feature="complete")
+    llm.invoke("say done", config=cfg)
+    assert tracker.flush(10)
+    [span] = tracker.spans(cfg["run_id"])
+    assert (span["kind"], span["model"], span["provider"], span["input_tokens"], span["output_tokens"]) == (
+        "llm", "m-text", "openai", 12, 3)
+    assert span["cost_nanos"] == 18_000
