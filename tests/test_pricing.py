@@ -74,12 +74,15 @@ def test_reasoning_is_billed_inside_output() -> None:
     assert plain.cost_nanos == with_reasoning.cost_nanos == 1_300_000
 
 
-def test_malformed_cache_counts_clamp_uncached_input_at_zero() -> None:
+def test_malformed_cache_counts_are_clamped_to_the_input() -> None:
     pb = book(m={"input": 2, "output": 8, "cache_read": 1, "cache_write": 4})
     call = pb.price("m", None, TokenUsage(input=1000, output=10, cache_read=800, cache_write=500))
     assert call is not None
-    # uncached = max(1000 - 800 - 500, 0) = 0; 800 * 1 + 500 * 4 + 10 * 8 = 2880
-    assert call.cost_nanos == 2_880_000
+    # cache counts are subsets of the input: reads 800, writes clamped to the 200 left, nothing uncached;
+    # 800 * 1 + 200 * 4 + 10 * 8 = 1680 (not 2880: 300 written tokens that cannot exist)
+    assert call.cost_nanos == 1_680_000
+    reads_only = pb.price("m", None, TokenUsage(input=100, output=0, cache_read=5000, cache_write=5000))
+    assert reads_only is not None and reads_only.cost_nanos == 100_000  # 100 reads at 1
     negative = pb.price("m", None, TokenUsage(input=-5, output=-1))
     assert negative is not None and negative.cost_nanos == 0
 
@@ -175,12 +178,14 @@ EXPECTED_FILE = {
         "output": Decimal(10),
         "cache_read": Decimal("1.25"),
         "cache_write": Decimal("2.5"),
+        "cache_write_1h": Decimal("2.5"),
     },
     "my-llm": {
         "input": Decimal("0.1"),
         "output": Decimal("0.4"),
         "cache_read": Decimal("0.1"),
         "cache_write": Decimal("0.2"),
+        "cache_write_1h": Decimal("0.2"),
     },
 }
 
@@ -399,6 +404,7 @@ def test_catalog_exact_figures() -> None:
         CATALOG,
         catalog_model="gpt-4o",
         catalog_provider="openai",
+        web_search=Decimal("0.01"),  # $10 per 1000 web searches
     )
     mini = pb.price("gpt-4o-mini-2024-07-18", "openai", usage)
     assert mini is not None
@@ -543,7 +549,9 @@ def test_next_change() -> None:
     )
     _, o3 = snap.find_provider_model("o3", None, "openai", None)
     assert _pricing._next_change(o3, datetime(2025, 6, 1, 12, 0, tzinfo=UTC)) == datetime(2025, 6, 10, tzinfo=UTC)
-    assert _pricing._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) is None
+    # then the start of its flex / priority tier prices (price_variants), then nothing
+    assert _pricing._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) == datetime(2026, 10, 12, tzinfo=UTC)
+    assert _pricing._next_change(o3, datetime(2026, 10, 20, tzinfo=UTC)) is None
 
 
 def test_cache_honours_the_next_price_change(monkeypatch: pytest.MonkeyPatch) -> None:
