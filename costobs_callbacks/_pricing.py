@@ -54,6 +54,7 @@ below 2^63 (9.2*10^18): no cost overflows a 64-bit column, whatever a provider r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -76,7 +77,7 @@ from genai_prices import types as gp_types
 from ._events import TokenUsage, UsageDetail
 from ._exceptions import ConfigurationError
 
-__all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file"]
+__all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file", "provider_from_name", "provider_id"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -154,6 +155,37 @@ _PROVIDER_IDS: dict[str, str] = {
 _LOCAL_PROVIDERS = frozenset(
     {"ollama", "llamacpp", "llama_cpp", "lmstudio", "gpt4all", "huggingface_pipeline", "vllm", "local"}
 )
+
+# Provider spellings found inside a class or payload name (LlamaIndex's ``AzureOpenAI``, ``openai_llm``,
+# ``BedrockConverse``...), compared without "_" and "-", longest first (``azureopenai`` before ``openai``);
+# spellings under four letters (``aws``, ``xai``) would match inside unrelated names and are left out.
+_NAMED_PROVIDERS: tuple[tuple[str, str], ...] = tuple(sorted(
+    {k.replace("_", ""): v for k, v in (*_PROVIDER_IDS.items(), *((p, p) for p in _LOCAL_PROVIDERS))
+     if len(k.replace("_", "")) >= 4}.items(),
+    key=lambda kv: (-len(kv[0]), kv[0]),
+))
+
+
+def provider_id(name: str) -> str:
+    """A provider's name as the catalog knows it: a known spelling (``google_genai``, ``bedrock``,
+    ``azure_openai``...) -> genai-prices' id (``google``, ``aws``, ``azure``), anything else lowercased as is."""
+    n = name.strip().lower()
+    return _PROVIDER_IDS.get(n.replace("-", "_"), n)
+
+
+@functools.lru_cache(maxsize=256)
+def provider_from_name(name: str) -> str | None:
+    """The provider a class or payload name names (``AzureOpenAI`` -> ``azure``, ``openai_llm`` -> ``openai``,
+    ``Ollama`` -> ``ollama``), as ``provider_id`` gives it; ``None`` for none, and for ``*Like`` classes
+    (an OpenAI-compatible server of any provider)."""
+    n = name.lower().replace("_", "").replace("-", "")
+    if "like" in n:
+        return None
+    for key, pid in _NAMED_PROVIDERS:
+        if key in n:
+            return pid
+    return None
+
 
 # The catalog prices we apply (everything LangChain's normalised usage can count).
 _TOKEN_PRICE_KEYS = (

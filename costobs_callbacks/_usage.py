@@ -19,8 +19,8 @@ Shapes read:
 
 What is flagged (never a silent 0, never an exception):
 
-* ``malformed_usage``: the input or output count missing or ``None`` (that part is then estimated by the
-  adapter: :func:`complete`), cache reads plus writes above the input (the cache counts are clamped to
+* ``malformed_usage``: the input or output count missing or ``None``, or an input of 0 beside output tokens
+  (that part is then estimated by the adapter: :func:`complete`), cache reads plus writes above the input (the cache counts are clamped to
   it), one-hour writes above the writes, reasoning above the output (clamped likewise);
 * ``implausible``: a count above ``PLAUSIBLE_TOKENS``: 10^8 tokens in one call is ten times the largest
   context window on offer (10M tokens); such a count is a provider's or a proxy's bug. Every count is also
@@ -117,7 +117,9 @@ def _build(inp: int | None, out: int | None, cr: int, cw: int, rsn: int, cw1h: i
            web: int = 0, flags: tuple[str, ...] = ()) -> Parsed | None:
     """Checks and clamps shared by every shape; ``None`` for an all-zero report (no report)."""
     missing = 0
-    if inp is None:
+    if inp is None or (inp == 0 and out):
+        # No model answers an empty prompt: a 0 beside output tokens is a count left out (langchain-openai
+        # turns a null prompt_tokens into 0), estimated like a missing one.
         missing = MISSING_INPUT
         inp = 0
     if out is None:
@@ -157,7 +159,9 @@ def complete(parsed: Parsed, estimate: Tokens) -> Tokens:
     within an estimated output."""
     inp, out, cr, cw, rsn = parsed.tokens
     if parsed.missing & MISSING_INPUT:
-        inp = max(min(estimate[0], MAX_TOKENS), cr + cw)
+        inp = min(max(estimate[0], cr + cw), MAX_TOKENS)
+        cr = min(cr, inp)
+        cw = min(cw, inp - cr)
     if parsed.missing & MISSING_OUTPUT:
         out = min(estimate[1], MAX_TOKENS)
         rsn = min(rsn, out)

@@ -402,7 +402,7 @@ class CostCallbackHandler(BaseCallbackHandler):
             except Exception:  # another shape (several generations, no message, no usage): the full path
                 pass
             else:
-                if (type(i) is int and type(o) is int and 0 <= i <= _PLAUSIBLE and 0 <= o <= _PLAUSIBLE and (i or o)
+                if (type(i) is int and type(o) is int and 0 < i <= _PLAUSIBLE and 0 <= o <= _PLAUSIBLE
                         and type(m) is str and m and type(um) is dict
                         and "total_cost" not in um):  # total_cost: an LLM-cache hit
                     key = run_id.int if type(run_id) is UUID else run_id
