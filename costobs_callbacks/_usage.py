@@ -19,9 +19,10 @@ Shapes read:
 
 What is flagged (never a silent 0, never an exception):
 
-* ``malformed_usage``: the input or output count missing or ``None``, or an input of 0 beside output tokens
-  (that part is then estimated by the adapter: :func:`complete`), cache reads plus writes above the input (the cache counts are clamped to
-  it), one-hour writes above the writes, reasoning above the output (clamped likewise);
+* ``malformed_usage``: the input or output count missing or ``None``, or an input of 0 beside output
+  tokens (that part is then estimated by the adapter: :func:`complete`); cache reads plus writes above the
+  input (the cache counts are clamped to it), one-hour writes above the writes, reasoning above the output
+  (clamped likewise);
 * ``implausible``: a count above ``PLAUSIBLE_TOKENS``: 10^8 tokens in one call is ten times the largest
   context window on offer (10M tokens); such a count is a provider's or a proxy's bug. Every count is also
   clamped at ``_pricing.MAX_TOKENS`` (10^9), the bound that keeps any call's cost below 2^63 nano-USD.
