@@ -36,7 +36,8 @@ from typing import Any
 from ._events import UsageDetail, token_count
 from ._pricing import DEFAULT_TIERS, MAX_REQUESTS, MAX_TOKENS
 
-__all__ = ["PLAUSIBLE_TOKENS", "Parsed", "complete", "from_langchain", "from_mapping", "from_raw"]
+__all__ = ["PLAUSIBLE_TOKENS", "Parsed", "common_langchain", "complete", "from_langchain", "from_mapping",
+           "from_raw"]
 
 Tokens = tuple[int, int, int, int, int]
 
@@ -174,45 +175,62 @@ def complete(parsed: Parsed, estimate: Tokens) -> Tokens:
 
 def from_langchain(um: Any, rm: Any = None) -> Parsed | None:
     """``AIMessage.usage_metadata`` (and the message's ``response_metadata``, for what it says beside the
-    counts) -> ``Parsed``; ``None``: no report; ``ValueError``: not a usage report."""
-    if not isinstance(um, dict):
+    counts) -> ``Parsed``; ``None``: no report; ``ValueError``: not a usage report.
+
+    The LangChain handler reads the common report with :func:`common_langchain` first (a property test holds
+    the two to one answer)."""
+    if type(um) is not dict and not isinstance(um, dict):
         raise ValueError(f"usage_metadata is {type(um).__name__}")
     itd = um.get("input_token_details")
     otd = um.get("output_token_details")
-    if (itd and not isinstance(itd, dict)) or (otd and not isinstance(otd, dict)):
+    if (itd and type(itd) is not dict and not isinstance(itd, dict)) or (
+            otd and type(otd) is not dict and not isinstance(otd, dict)):
         raise ValueError("token details are not mappings")
-    inp = _opt(um.get("input_tokens"))
-    out = _opt(um.get("output_tokens"))
-    if not itd and not otd:
-        return _build(inp, out, 0, 0, 0)
-    itd = itd or _EMPTY
-    otd = otd or _EMPTY
-    cr = itd.get("cache_read")
-    cw = itd.get("cache_creation")
-    rsn = otd.get("reasoning")
+    inp = um.get("input_tokens")
+    if type(inp) is not int or inp < 0:
+        inp = _opt(inp)
+    out = um.get("output_tokens")
+    if type(out) is not int or out < 0:
+        out = _opt(out)
+    cr = cw = rsn = 0
+    cw1h = web = 0
     tier: str | None = None
-    rmd = rm if isinstance(rm, dict) else _EMPTY
-    if cr is None and rsn is None and len(itd) + len(otd) > 1:
-        # langchain-openai names the counts of a flex / priority call after its tier: flex_cache_read, ...
-        for key in itd:
-            if key.endswith("_cache_read"):
-                tier = key[: -len("_cache_read")]
-                cr = itd[key]
-                cw = itd.get(f"{tier}_cache_creation")
-                rsn = otd.get(f"{tier}_reasoning")
-                break
-    # langchain-anthropic reports writes by lifetime, its cache_creation then 0: writes are all three
-    w5 = itd.get("ephemeral_5m_input_tokens")
-    w1h = itd.get("ephemeral_1h_input_tokens")
-    cache_write = _count(cw) if cw is not None else 0
-    cw1h = 0
-    if w5 is not None or w1h is not None:
-        cw1h = _count(w1h) if w1h is not None else 0
-        cache_write += (_count(w5) if w5 is not None else 0) + cw1h
-    web = 0
-    if rmd:
-        tier = _tier(rmd.get("service_tier")) or (_tier(tier) if tier else None)
-        raw = rmd.get("usage")
+    if itd:
+        v = itd.get("cache_read")
+        if v is None and len(itd) > 1:
+            # langchain-openai names the counts of a flex / priority call after its tier: flex_cache_read, ...
+            for key in itd:
+                if key.endswith("_cache_read"):
+                    tier = key[: -len("_cache_read")]
+                    v = itd[key]
+                    c = itd.get(f"{tier}_cache_creation")
+                    cw = 0 if c is None else _count(c)
+                    r = otd.get(f"{tier}_reasoning") if otd else None
+                    rsn = 0 if r is None else _count(r)
+                    break
+        else:
+            c = itd.get("cache_creation")
+            if c is not None:
+                cw = c if type(c) is int and c >= 0 else _count(c)
+        if v is not None:
+            cr = v if type(v) is int and v >= 0 else _count(v)
+        if "ephemeral_1h_input_tokens" in itd or "ephemeral_5m_input_tokens" in itd:
+            # langchain-anthropic reports writes by lifetime, its cache_creation then 0: writes are all three
+            w1h = itd.get("ephemeral_1h_input_tokens")
+            w5 = itd.get("ephemeral_5m_input_tokens")
+            cw1h = 0 if w1h is None else _count(w1h)
+            cw += (0 if w5 is None else _count(w5)) + cw1h
+    if otd and tier is None:
+        r = otd.get("reasoning")
+        if r is not None:
+            rsn = r if type(r) is int and r >= 0 else _count(r)
+    if rm:
+        if type(rm) is not dict and not isinstance(rm, dict):
+            rm = _EMPTY
+        t = rm.get("service_tier")
+        if t is not None and t not in DEFAULT_TIERS:
+            tier = _tier(t)
+        raw = rm.get("usage")
         if raw and isinstance(raw, dict):  # langchain-anthropic's copy of the provider's usage
             stu = raw.get("server_tool_use")
             if stu and isinstance(stu, dict):
@@ -221,8 +239,65 @@ def from_langchain(um: Any, rm: Any = None) -> Parsed | None:
                 tier = _tier(raw.get("service_tier"))
     elif tier is not None:
         tier = _tier(tier)
-    return _build(inp, out, _count(cr) if cr is not None else 0, cache_write,
-                  _count(rsn) if rsn is not None else 0, cw1h, tier, web)
+    if (tier is None and not cw1h and not web and inp is not None and out is not None
+            and 0 < inp <= PLAUSIBLE_TOKENS and out <= PLAUSIBLE_TOKENS and cr + cw <= inp and rsn <= out):
+        return Parsed((inp, out, cr, cw, rsn))  # the common report: nothing to flag, nothing beside the counts
+    return _build(inp, out, cr, cw, rsn, cw1h, tier, web)
+
+
+def common_langchain(um: dict[str, Any], rm: Any) -> Tokens | None:
+    """The tokens of the commonest report, the one every real OpenAI call sends (its details list audio and
+    cached tokens), in a few tests: plain counts, the standard tier, no cache lifetimes, no web searches,
+    nothing to flag. ``None``: anything else, to be read by :func:`from_langchain`. The caller has checked
+    that ``um`` is a dict whose ``input_tokens`` (> 0) and ``output_tokens`` are plain ints within
+    ``PLAUSIBLE_TOKENS``."""
+    itd = um.get("input_token_details")
+    cr: Any = 0
+    cw: Any = 0
+    rsn: Any = 0
+    if itd:
+        if type(itd) is not dict or "ephemeral_1h_input_tokens" in itd or "ephemeral_5m_input_tokens" in itd:
+            return None
+        cr = itd.get("cache_read")
+        if cr is None:
+            if len(itd) > 1:
+                return None  # perhaps a tier's names (flex_cache_read...)
+            cr = 0
+        elif type(cr) is not int or cr < 0:
+            return None
+        cw = itd.get("cache_creation")
+        if cw is None:
+            cw = 0
+        elif type(cw) is not int or cw < 0:
+            return None
+    otd = um.get("output_token_details")
+    if otd:
+        if type(otd) is not dict:
+            return None
+        rsn = otd.get("reasoning")
+        if rsn is None:
+            if len(otd) > 1:
+                return None
+            rsn = 0
+        elif type(rsn) is not int or rsn < 0:
+            return None
+    if rm:
+        if type(rm) is not dict:
+            return None
+        t = rm.get("service_tier")
+        if t is not None and t not in DEFAULT_TIERS:
+            return None
+        u = rm.get("usage")
+        if u and (type(u) is not dict or u.get("server_tool_use") or u.get("service_tier") not in _STANDARD):
+            return None
+    inp: int = um["input_tokens"]
+    out: int = um["output_tokens"]
+    if cr + cw > inp or rsn > out:
+        return None
+    return inp, out, cr, cw, rsn
+
+
+_STANDARD = DEFAULT_TIERS | {None}
 
 
 # -- provider payloads ---------------------------------------------------------------------------------------

@@ -376,3 +376,39 @@ def test_parsed_counts_are_always_coherent(inp, out, cr, cw, rsn, w1h):
     odd = inp is None or out is None or max(x or 0 for x in (inp, out, cr, cw, rsn, w1h)) > _usage.PLAUSIBLE_TOKENS
     if odd:
         assert parsed.flags
+
+
+SMALL = st.one_of(st.none(), st.integers(-2, 300), st.just("7"), st.just(True))
+DETAIL_KEYS = st.sampled_from(["audio", "cache_read", "cache_creation", "ephemeral_5m_input_tokens",
+                               "ephemeral_1h_input_tokens", "flex_cache_read", "flex", "priority_cache_read"])
+OUT_KEYS = st.sampled_from(["audio", "reasoning", "flex_reasoning", "flex"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    inp=st.integers(1, 400), out=st.integers(0, 400),
+    itd=st.none() | st.dictionaries(DETAIL_KEYS, SMALL, max_size=4),
+    otd=st.none() | st.dictionaries(OUT_KEYS, SMALL, max_size=3),
+    tier=st.none() | st.sampled_from(["default", "auto", "flex", "priority", "scale", "Flex"]),
+    raw=st.none() | st.fixed_dictionaries({}, optional={
+        "server_tool_use": st.none() | st.fixed_dictionaries({"web_search_requests": SMALL}),
+        "service_tier": st.none() | st.sampled_from(["standard", "priority", "batch"]),
+    }),
+)
+def test_the_handlers_shortcut_reads_what_the_parser_reads(inp, out, itd, otd, tier, raw):
+    """common_langchain (the LangChain handler's shortcut) and from_langchain: where the shortcut answers, the
+    parser gives the same counts with nothing to flag and no detail."""
+    um: dict[str, Any] = {"input_tokens": inp, "output_tokens": out}
+    if itd is not None:
+        um["input_token_details"] = itd
+    if otd is not None:
+        um["output_token_details"] = otd
+    rm: dict[str, Any] = {"model_name": "m"}
+    if tier is not None:
+        rm["service_tier"] = tier
+    if raw is not None:
+        rm["usage"] = raw
+    short = _usage.common_langchain(um, rm)
+    if short is None:
+        return
+    assert _usage.from_langchain(um, rm) == _usage.Parsed(short)

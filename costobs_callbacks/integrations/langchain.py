@@ -240,6 +240,7 @@ def usage_from_openai(tu: Any, service_tier: Any = None) -> _usage.Parsed | None
 
 
 _PLAUSIBLE = _usage.PLAUSIBLE_TOKENS
+_common_usage = _usage.common_langchain
 
 
 class CostCallbackHandler(BaseCallbackHandler):
@@ -409,16 +410,9 @@ class CostCallbackHandler(BaseCallbackHandler):
                     if not (um.get("input_token_details") or um.get("output_token_details")):
                         self._ledger.end_llm(key, (i, o, 0, 0, 0), m)
                         return
-                    try:
-                        parsed = usage_from_metadata(um, rm)
-                    except (ValueError, TypeError):
-                        parsed = None  # the full path flags it
-                    if parsed is not None and not parsed.missing:
-                        detail = parsed.detail
-                        flags = parsed.flags
-                        if detail is not None and detail.service_tier is not None:
-                            flags += self._tier_flag(key, m, detail)
-                        self._ledger.end_llm(key, parsed.tokens, m, False, flags, detail)
+                    t = _common_usage(um, rm)  # None: tiers, cache lifetimes, web searches, oddities: the full path
+                    if t is not None:
+                        self._ledger.end_llm(key, t, m)
                         return
             self._model_end(response, run_id, "ok", None)
         except RunAborted:
