@@ -785,7 +785,7 @@ class PriceBook:
 
     Args:
         overrides: user prices above the catalog: a mapping, or the path of a YAML or JSON file, of
-            model name -> ``{"input", "output", "cache_read", "cache_write"}`` in USD per million
+            model name -> ``{"input", "output", "cache_read", "cache_write", "cache_write_1h"}`` in USD per million
             tokens (see :func:`load_price_file`). A key matches the reported model name exactly,
             case-insensitively, with the reported name's ``provider/`` prefix stripped, and, last,
             without a trailing date (``gpt-4o-mini`` prices ``gpt-4o-mini-2024-07-18``).

@@ -236,6 +236,8 @@ def usage_from_openai(tu: Any, service_tier: Any = None) -> _usage.Parsed | None
     """An OpenAI-style ``token_usage`` dict (``llm_output``) -> ``_usage.Parsed`` (``None``: no report)."""
     if not isinstance(tu, dict):
         raise ValueError(f"token_usage is {type(tu).__name__}")
+    if not any(k in tu for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")):
+        raise ValueError("no token counts")  # a token_usage without counts is a malformed report, not none
     return _usage.from_mapping(tu, service_tier)
 
 
