@@ -7,9 +7,9 @@ How a call is priced
 ``usage.input`` is the whole prompt (cache reads and writes included), ``usage.output`` the whole
 completion (reasoning included)::
 
-    cost = (input - cache_read - cache_write) * input_price      # clamped at 0 if the usage is malformed
-         + cache_read * cache_read_price
-         + cache_write * cache_write_price
+    cost = (input - cache_read - cache_write) * input_price
+         + cache_read * cache_read_price                         # cache counts clamped to the input
+         + cache_write * cache_write_price                       # (one-hour writes at their own price)
          + output * output_price                                 # reasoning billed at the output price
          (+ the catalog's per-request fee, for the few models that have one)
 
@@ -34,13 +34,27 @@ count applies, and its price applies to **all** tokens of that kind, not only th
 threshold. Every price kind (input, output, cache read/write) may have its own tiers, all keyed on the
 total input tokens. We precompute one set of integer unit prices per threshold interval.
 
-Not modelled: audio/image/video token prices, web-search and other per-action fees (LangChain's
-normalised usage does not report them), and genai-prices' ``price_variants`` (service tiers, batch):
-the standard price is used.
+What a provider reports beside the five counts (``UsageDetail``) is priced when given: one-hour cache
+writes at the catalog's ``cache_write_1h_mtok`` (Anthropic; five-minute writes at ``cache_write_mtok``),
+server-side web searches at ``web_searches_kcount``, and a service tier (OpenAI's ``flex``, ``priority``,
+``batch``...) at the catalog's ``price_variants`` for it; a tier the catalog does not price is priced at
+the standard rates (``has_tier`` tells the adapter, which flags the call ``tier_unpriced``).
+
+Not modelled: audio/image/video token prices and other per-action fees.
+
+Bounds
+------
+A user price is at most ``_MAX_PRICE`` (USD 10^6 per million tokens, i.e. $1 a token: over a thousand
+times the dearest catalog price; a catalog price above it leaves the model unpriced), and ``_Rates.nanos``
+clamps every count at ``MAX_TOKENS`` (10^9) and web searches at ``MAX_REQUESTS`` (10^6). After the cache
+counts are clamped to the input (they are subsets of it) and reasoning to the output, a call costs at most
+``(input + output) * $1 + $1000 per-request fee + web searches * $1000`` = 2*10^18 + 10^12 + 10^18 nano-USD,
+below 2^63 (9.2*10^18): no cost overflows a 64-bit column, whatever a provider reports.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -63,7 +77,7 @@ from genai_prices import types as gp_types
 from ._events import TokenUsage, UsageDetail
 from ._exceptions import ConfigurationError
 
-__all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file"]
+__all__ = ["PriceBook", "PricedCall", "UnitPrices", "load_price_file", "provider_from_name", "provider_id"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -80,8 +94,15 @@ SOURCE_OVERRIDE = "override"
 DEFAULT_TTL_SECONDS = 3600.0
 """How long a resolved price is trusted before it is looked up again."""
 
-_MAX_PRICE = Decimal(1_000_000_000)
-"""Sanity bound for a user price (USD per million tokens, or USD per tool call)."""
+_MAX_PRICE = Decimal(1_000_000)
+"""Sanity bound for a price (USD per million tokens, per thousand requests, or per tool call); see Bounds."""
+
+MAX_TOKENS = 1_000_000_000
+"""The most tokens of one kind a call is priced for (see Bounds); the usage parser flags far less as
+implausible."""
+
+MAX_REQUESTS = 1_000_000
+"""The most per-request-priced server tool calls (web searches) one call is priced for (see Bounds)."""
 
 _MAX_PLACES = 30
 """Decimal places kept for a unit price (the catalog has at most 18); finer digits are rounded off."""
@@ -135,6 +156,37 @@ _LOCAL_PROVIDERS = frozenset(
     {"ollama", "llamacpp", "llama_cpp", "lmstudio", "gpt4all", "huggingface_pipeline", "vllm", "local"}
 )
 
+# Provider spellings found inside a class or payload name (LlamaIndex's ``AzureOpenAI``, ``openai_llm``,
+# ``BedrockConverse``...), compared without "_" and "-", longest first (``azureopenai`` before ``openai``);
+# spellings under four letters (``aws``, ``xai``) would match inside unrelated names and are left out.
+_NAMED_PROVIDERS: tuple[tuple[str, str], ...] = tuple(sorted(
+    {k.replace("_", ""): v for k, v in (*_PROVIDER_IDS.items(), *((p, p) for p in _LOCAL_PROVIDERS))
+     if len(k.replace("_", "")) >= 4}.items(),
+    key=lambda kv: (-len(kv[0]), kv[0]),
+))
+
+
+def provider_id(name: str) -> str:
+    """A provider's name as the catalog knows it: a known spelling (``google_genai``, ``bedrock``,
+    ``azure_openai``...) -> genai-prices' id (``google``, ``aws``, ``azure``), anything else lowercased as is."""
+    n = name.strip().lower()
+    return _PROVIDER_IDS.get(n.replace("-", "_"), n)
+
+
+@functools.lru_cache(maxsize=256)
+def provider_from_name(name: str) -> str | None:
+    """The provider a class or payload name names (``AzureOpenAI`` -> ``azure``, ``openai_llm`` -> ``openai``,
+    ``Ollama`` -> ``ollama``), as ``provider_id`` gives it; ``None`` for none, and for ``*Like`` classes
+    (an OpenAI-compatible server of any provider)."""
+    n = name.lower().replace("_", "").replace("-", "")
+    if "like" in n:
+        return None
+    for key, pid in _NAMED_PROVIDERS:
+        if key in n:
+            return pid
+    return None
+
+
 # The catalog prices we apply (everything LangChain's normalised usage can count).
 _TOKEN_PRICE_KEYS = (
     "input_mtok",
@@ -143,7 +195,12 @@ _TOKEN_PRICE_KEYS = (
     "cache_write_mtok",
     "output_reasoning_mtok",
     "requests_kcount",
+    "cache_write_1h_mtok",
+    "web_searches_kcount",
 )
+
+# Service tiers that are the standard price: no detail, no variant.
+DEFAULT_TIERS = frozenset({"default", "auto", "standard", "standard_only", "on_demand"})
 
 _DATE_SUFFIX = re.compile(r"(?:[-@_](?:\d{4}-\d{2}-\d{2}|\d{8}))$")
 
@@ -172,6 +229,12 @@ class UnitPrices:
     """The catalog entry used (genai-prices model id); ``None`` for an override."""
     catalog_provider: str | None = None
     """The catalog provider used (genai-prices provider id); ``None`` for an override."""
+    cache_write_1h: Decimal | None = None
+    """The price of one-hour cache writes (Anthropic); ``None``: at ``cache_write``."""
+    web_search: Decimal = Decimal(0)
+    """USD per server-side web search request (``UsageDetail.web_search_requests``)."""
+    service_tier: str | None = None
+    """The service tier whose catalog prices these are; ``None``: the standard prices."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +282,9 @@ class _OverrideEntry(pydantic.BaseModel):
     output: Decimal
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
 
-    @pydantic.field_validator("input", "output", "cache_read", "cache_write", mode="plain")
+    @pydantic.field_validator("input", "output", "cache_read", "cache_write", "cache_write_1h", mode="plain")
     @classmethod
     def _price(cls, value: Any) -> Decimal:
         return _to_decimal(value)
@@ -247,7 +311,7 @@ def _format_errors(exc: pydantic.ValidationError, what: str, origin: str) -> str
         if kind == "missing":
             msg = "is required"
         elif kind == "extra_forbidden":
-            msg = "is not a known field (expected input, output, cache_read, cache_write)"
+            msg = "is not a known field (expected input, output, cache_read, cache_write, cache_write_1h)"
         elif kind in ("model_type", "dict_type"):
             msg = "must be a mapping of prices"
         else:
@@ -277,11 +341,13 @@ def _validate_overrides(raw: Any, origin: str) -> dict[str, dict[str, Decimal]]:
         raise ConfigurationError(_format_errors(exc, "model", origin)) from None
     out: dict[str, dict[str, Decimal]] = {}
     for name, entry in parsed.items():
+        cache_write = entry.input if entry.cache_write is None else entry.cache_write
         out[name.strip()] = {
             "input": entry.input,
             "output": entry.output,
             "cache_read": entry.input if entry.cache_read is None else entry.cache_read,
-            "cache_write": entry.input if entry.cache_write is None else entry.cache_write,
+            "cache_write": cache_write,
+            "cache_write_1h": cache_write if entry.cache_write_1h is None else entry.cache_write_1h,
         }
     return out
 
@@ -301,10 +367,12 @@ def _validate_tool_prices(raw: Any) -> dict[str, int]:
 
 
 def load_price_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Decimal]]:
-    """Load and validate a YAML or JSON price file: model name -> ``{input, output, cache_read, cache_write}``.
+    """Load and validate a YAML or JSON price file: model name -> ``{input, output, cache_read, cache_write,
+    cache_write_1h}``.
 
     Prices are USD per million tokens; ``input`` and ``output`` are required, ``cache_read`` and
-    ``cache_write`` default to ``input``. A ``.json`` file is read as JSON, anything else as YAML.
+    ``cache_write`` default to ``input``, ``cache_write_1h`` (one-hour cache writes) to ``cache_write``.
+    A ``.json`` file is read as JSON, anything else as YAML.
     Raises ``ConfigurationError`` (naming the model and the field) for anything malformed.
     """
     p = Path(os.fspath(path))
@@ -364,12 +432,14 @@ class _Rates:
     ``scale <= 3``, else that / 10**(scale-3) rounded half-even. Exact for any Decimal prices.
     """
 
-    __slots__ = ("cr", "cw", "div", "inp", "mul", "out", "req", "rsn", "unit")
+    __slots__ = ("cr", "cw", "cw1h", "div", "inp", "mul", "out", "req", "rsn", "unit", "web")
 
     def __init__(self, unit: UnitPrices) -> None:
-        prices = [unit.input, unit.output, unit.cache_read, unit.cache_write, unit.per_request]
+        prices = [unit.input, unit.output, unit.cache_read, unit.cache_write, unit.per_request, unit.web_search]
         if unit.reasoning is not None:
             prices.append(unit.reasoning)
+        if unit.cache_write_1h is not None:
+            prices.append(unit.cache_write_1h)
         scale = min(max(_places(p) for p in prices), _MAX_PLACES)
 
         def scaled(p: Decimal) -> int:
@@ -379,20 +449,20 @@ class _Rates:
         self.out = scaled(unit.output)
         self.cr = scaled(unit.cache_read)
         self.cw = scaled(unit.cache_write)
+        self.cw1h = self.cw if unit.cache_write_1h is None else scaled(unit.cache_write_1h)
         self.rsn: int | None = None if unit.reasoning is None else scaled(unit.reasoning)
         # USD per request -> per-million-token units: * 1e6.
         self.req = scaled(unit.per_request) * 1_000_000
+        self.web = scaled(unit.web_search) * 1_000_000
         self.mul = 10 ** (3 - scale) if scale <= 3 else 1
         self.div = 10 ** (scale - 3) if scale > 3 else 1
         self.unit = unit
 
     def nanos(self, inp: int, out: int, cr: int, cw: int, rsn: int) -> int:
-        if inp < 0 or out < 0 or cr < 0 or cw < 0:  # malformed usage: count nothing negative
-            inp, out, cr, cw = max(inp, 0), max(out, 0), max(cr, 0), max(cw, 0)
-        uncached = inp - cr - cw
-        if uncached < 0:  # cheaper than max() on the hot path
-            uncached = 0
-        total = uncached * self.inp + cr * self.cr + cw * self.cw + self.req
+        """The cost of a call's five token counts (``TokenUsage``'s order), of any ints (see ``_clamped``)."""
+        if inp < 0 or out < 0 or cr < 0 or cw < 0 or inp > MAX_TOKENS or out > MAX_TOKENS or cr + cw > inp:
+            inp, out, cr, cw = _clamped(inp, out, cr, cw)
+        total = (inp - cr - cw) * self.inp + cr * self.cr + cw * self.cw + self.req
         if self.rsn is None:
             total += out * self.out
         else:
@@ -410,16 +480,51 @@ class _Rates:
             q += 1
         return q
 
+    def nanos_detail(self, inp: int, out: int, cr: int, cw: int, rsn: int, cw1h: int, web: int) -> int:
+        """``nanos`` with ``cw1h`` of the ``cw`` cache writes at the one-hour price and ``web`` web searches;
+        with both 0 it is ``nanos`` (a property test holds them to it)."""
+        inp, out, cr, cw = _clamped(inp, out, cr, cw)
+        cw1h = 0 if cw1h < 0 else cw if cw1h > cw else cw1h
+        web = 0 if web < 0 else MAX_REQUESTS if web > MAX_REQUESTS else web
+        total = ((inp - cr - cw) * self.inp + cr * self.cr + (cw - cw1h) * self.cw + cw1h * self.cw1h
+                 + self.req + web * self.web)
+        rsn = 0 if rsn < 0 else out if rsn > out else rsn
+        total += out * self.out if self.rsn is None else (out - rsn) * self.out + rsn * self.rsn
+        div = self.div
+        if div == 1:
+            return total * self.mul
+        q, r = divmod(total, div)
+        r2 = r + r
+        if r2 > div or (r2 == div and q & 1):
+            q += 1
+        return q
+
+
+def _clamped(inp: int, out: int, cr: int, cw: int) -> tuple[int, int, int, int]:
+    """Counts as priced: none negative, none above ``MAX_TOKENS``, cache reads then writes within the input
+    (they are subsets of it). What a provider reported otherwise is malformed; the usage parser flags it."""
+    inp = 0 if inp < 0 else MAX_TOKENS if inp > MAX_TOKENS else inp
+    out = 0 if out < 0 else MAX_TOKENS if out > MAX_TOKENS else out
+    cr = 0 if cr < 0 else inp if cr > inp else cr
+    cw = 0 if cw < 0 else inp - cr if cw > inp - cr else cw
+    return inp, out, cr, cw
+
 
 class _Entry:
-    """A cached resolution: ``base`` rates (``None`` for a miss) and tiers, newest threshold first."""
+    """A cached resolution: ``base`` rates (``None`` for a miss) and tiers, newest threshold first.
 
-    __slots__ = ("base", "expires", "flat", "tiers")
+    ``variants``: the entry's service tiers, resolved at their first use (``None`` for a tier the catalog does
+    not price); ``catalog``: what resolves them (``None`` for an override or a miss: no tier is priced)."""
 
-    def __init__(self, base: _Rates | None, tiers: tuple[tuple[int, _Rates], ...], expires: float) -> None:
+    __slots__ = ("base", "catalog", "expires", "flat", "tiers", "variants")
+
+    def __init__(self, base: _Rates | None, tiers: tuple[tuple[int, _Rates], ...], expires: float,
+                 catalog: _CatalogRef | None = None) -> None:
         self.base = base
         self.tiers = tiers
         self.expires = expires
+        self.catalog = catalog
+        self.variants: dict[str, _Entry | None] | None = None
         # No tiers and no rounding: (nanos per input token, per output token, per request, unit prices), what
         # price_nanos needs for a call without cache or reasoning tokens.
         self.flat: tuple[int, int, int, UnitPrices] | None = (
@@ -432,6 +537,52 @@ class _Entry:
             if input_tokens > start:
                 return rates
         return self.base
+
+    def variant(self, tier: str) -> _Entry | None:
+        """The entry of service tier ``tier``, ``None`` if the catalog has no price for it."""
+        variants = self.variants
+        if variants is None:
+            variants = self.variants = {}
+        elif tier in variants:
+            return variants[tier]
+        found = None
+        if self.catalog is not None and self.base is not None:
+            try:
+                found = self.catalog.variant(tier, self.expires)
+            except Exception:  # odd (refreshed) catalog data: the standard price, flagged by the adapter
+                logger.debug("genai-prices could not price tier %r", tier, exc_info=True)
+        if len(variants) < 64:  # tiers are a handful; a provider sending junk must not grow this
+            variants[tier] = found
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _CatalogRef:
+    """A catalog model, to resolve its service-tier prices from when a call reports one."""
+
+    model: gp_types.ModelInfo
+    provider_id: str
+    source: str
+    at: datetime
+    """The instant the entry was resolved for (it expires at the catalog's next price change, variants' too)."""
+
+    def variant(self, tier: str, expires: float) -> _Entry | None:
+        context = _tier_context(tier)
+        now = self.at
+        if not any(
+            all(context.get(k) == v for k, v in pv.when.items())
+            and (pv.constraint is None or pv.constraint.active(now))
+            for pv in self.model.price_variants or ()
+        ):
+            return None
+        entry = _entry_of_price(self.model.get_prices(now, context), self.source, self.model.id, self.provider_id,
+                                expires, None, tier)
+        return entry if entry.base is not None else None
+
+
+def _tier_context(tier: str) -> dict[str, str]:
+    """genai-prices' price context of a reported service tier: OpenAI's Batch API is its ``processing`` key."""
+    return {"processing": "batch"} if tier == "batch" else {"service_tier": tier}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,11 +604,10 @@ def _tier_price(price: Decimal | gp_types.TieredPrices | None, threshold: int | 
 
 def _next_change(model: gp_types.ModelInfo, now: datetime) -> datetime | None:
     """The next instant after ``now`` at which the model's catalog price may change."""
-    if isinstance(model.prices, gp_types.ModelPrice):
-        return None
+    constraints = [] if isinstance(model.prices, gp_types.ModelPrice) else [c.constraint for c in model.prices]
+    constraints += [v.constraint for v in model.price_variants or ()]  # a service tier's price may change too
     candidates: list[datetime] = []
-    for cond in model.prices:
-        constraint = cond.constraint
+    for constraint in constraints:
         if isinstance(constraint, gp_types.StartDateConstraint):
             at = datetime(
                 constraint.start_date.year, constraint.start_date.month, constraint.start_date.day, tzinfo=UTC
@@ -478,7 +628,8 @@ def _next_change(model: gp_types.ModelInfo, now: datetime) -> datetime | None:
 
 
 def _catalog_unit_prices(
-    model_price: gp_types.ModelPrice, threshold: int | None, source: str, model_id: str, provider_id: str
+    model_price: gp_types.ModelPrice, threshold: int | None, source: str, model_id: str, provider_id: str,
+    tier: str | None = None,
 ) -> UnitPrices | None:
     inp = _tier_price(model_price.input_mtok, threshold)
     out = _tier_price(model_price.output_mtok, threshold)
@@ -488,18 +639,29 @@ def _catalog_unit_prices(
     out = Decimal(0) if out is None else out
     cr = _tier_price(model_price.cache_read_mtok, threshold)
     cw = _tier_price(model_price.cache_write_mtok, threshold)
+    cw1h = _tier_price(model_price.cache_write_1h_mtok, threshold)
     req = _tier_price(model_price.requests_kcount, threshold)
     rsn = _tier_price(model_price.output_reasoning_mtok, threshold)
+    web = _tier_price(model_price.web_searches_kcount, threshold)
+    if any(p is not None and not (0 <= p <= _MAX_PRICE) for p in (inp, out, cr, cw, cw1h, req, rsn, web)):
+        # outside the bounds every cost is proven against (see Bounds): never priced from odd (refreshed) data
+        logger.warning("genai-prices has an implausible price for model %r (provider %r); left unpriced",
+                       model_id, provider_id)
+        return None
+    cache_write = inp if cw is None else cw
     return UnitPrices(
         input=inp,
         output=out,
         cache_read=inp if cr is None else cr,
-        cache_write=inp if cw is None else cw,
+        cache_write=cache_write,
         source=source,
         per_request=Decimal(0) if req is None else req / 1000,
         reasoning=rsn,
         catalog_model=model_id,
         catalog_provider=provider_id,
+        cache_write_1h=None if cw1h is None or cw1h == cache_write else cw1h,
+        web_search=Decimal(0) if web is None else web / 1000,
+        service_tier=tier,
     )
 
 
@@ -510,21 +672,46 @@ def _catalog_source(snapshot: data_snapshot.DataSnapshot) -> str:
     return base
 
 
-def _model_refs(model: str) -> list[tuple[str, str | None]]:
-    """Names to try for a model, each with the provider id implied by a ``provider/`` prefix, if any."""
-    refs: list[tuple[str, str | None]] = [(model, None)]
+def _name_forms(model: str) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+    """The names a reported model name stands for, the one home of name variants (the catalog look-up and the
+    overrides both use it): ``(exact, undated)``, each name with the provider id implied by a ``provider/``
+    prefix, if any. Exact: the name, it without its first ``provider/`` prefix, its last path segment;
+    undated: those without a trailing date (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``)."""
+    exact: list[tuple[str, str | None]] = [(model, None)]
     if "/" in model:
         prefix, rest = model.split("/", 1)
         if rest:
-            refs.append((rest, prefix))
+            exact.append((rest, prefix))
         last = model.rsplit("/", 1)[1]
         if last and last != rest:
-            refs.append((last, None))
-    for ref, implied in list(refs):
-        undated = _DATE_SUFFIX.sub("", ref)
-        if undated and undated != ref:
-            refs.append((undated, implied))
-    return refs
+            exact.append((last, None))
+    undated: list[tuple[str, str | None]] = []
+    for ref, implied in exact:
+        u = _DATE_SUFFIX.sub("", ref)
+        if u and u != ref:
+            undated.append((u, implied))
+    return exact, undated
+
+
+def _model_refs(model: str) -> list[tuple[str, str | None]]:
+    """Names to try in the catalog for a model, exact ones first (see ``_name_forms``)."""
+    exact, undated = _name_forms(model)
+    return exact + undated
+
+
+def _override_names(model: str, provider: str | None) -> list[str]:
+    """Names an override may be keyed by, in the order tried: ``_name_forms`` of the reported name, each group
+    headed by the reported provider's ``provider/model`` form (exact names first, the provider's first)."""
+    exact, undated = _name_forms(model)
+    if not provider:
+        return [ref for ref, _ in exact + undated]
+    prefixed = f"{provider}/{model}"
+    names = [prefixed] + [ref for ref, _ in exact]
+    p_undated = _DATE_SUFFIX.sub("", prefixed)
+    if p_undated != prefixed:
+        names.append(p_undated)
+    names.extend(ref for ref, _ in undated)
+    return names
 
 
 def _find_in_catalog(
@@ -553,6 +740,41 @@ def _find_in_catalog(
     return None
 
 
+def _entry_of_price(model_price: gp_types.ModelPrice, source: str, model_id: str, provider_id: str, expires: float,
+                    ref: _CatalogRef | None, tier: str | None) -> _Entry:
+    """A catalog price (standard or of a service tier) as an entry: its base rates and one per tier threshold."""
+    base_unit = _catalog_unit_prices(model_price, None, source, model_id, provider_id, tier)
+    if base_unit is None:
+        return _Entry(None, (), expires)
+    thresholds: set[int] = set()
+    for key in _TOKEN_PRICE_KEYS:
+        value = getattr(model_price, key, None)
+        if isinstance(value, gp_types.TieredPrices):
+            thresholds.update(t.start for t in value.tiers)
+    tiers: list[tuple[int, _Rates]] = []
+    for start in sorted(thresholds, reverse=True):
+        unit = _catalog_unit_prices(model_price, start, source, model_id, provider_id, tier)
+        if unit is not None:
+            tiers.append((start, _Rates(unit)))
+    return _Entry(_Rates(base_unit), tuple(tiers), expires, ref)
+
+
+def _price_detail(entry: _Entry, tokens: tuple[int, int, int, int, int],
+                  detail: UsageDetail) -> tuple[int, UnitPrices] | None:
+    """A call with a ``UsageDetail``: at its service tier's rates where the catalog has them (else the standard
+    ones), its one-hour cache writes and web searches at their own prices."""
+    tier = detail.service_tier
+    if tier is not None and tier not in DEFAULT_TIERS:
+        variant = entry.variant(tier)
+        if variant is not None:
+            entry = variant
+    inp, out, cr, cw, rsn = tokens
+    rates = entry.rates(inp)
+    if rates is None:
+        return None
+    return rates.nanos_detail(inp, out, cr, cw, rsn, detail.cache_write_1h, detail.web_search_requests), rates.unit
+
+
 # --------------------------------------------------------------------------------------------------
 # PriceBook
 # --------------------------------------------------------------------------------------------------
@@ -563,7 +785,7 @@ class PriceBook:
 
     Args:
         overrides: user prices above the catalog: a mapping, or the path of a YAML or JSON file, of
-            model name -> ``{"input", "output", "cache_read", "cache_write"}`` in USD per million
+            model name -> ``{"input", "output", "cache_read", "cache_write", "cache_write_1h"}`` in USD per million
             tokens (see :func:`load_price_file`). A key matches the reported model name exactly,
             case-insensitively, with the reported name's ``provider/`` prefix stripped, and, last,
             without a trailing date (``gpt-4o-mini`` prices ``gpt-4o-mini-2024-07-18``).
@@ -595,7 +817,9 @@ class PriceBook:
         self._overrides: dict[str, UnitPrices] = {}
         self._overrides_lower: dict[str, UnitPrices] = {}
         for name, p in table.items():
-            unit = UnitPrices(p["input"], p["output"], p["cache_read"], p["cache_write"], SOURCE_OVERRIDE)
+            cw1h = p.get("cache_write_1h")
+            unit = UnitPrices(p["input"], p["output"], p["cache_read"], p["cache_write"], SOURCE_OVERRIDE,
+                              cache_write_1h=None if cw1h is None or cw1h == p["cache_write"] else cw1h)
             self._overrides[name] = unit
             self._overrides_lower.setdefault(name.lower(), unit)
         self._tools: dict[str, int] = _validate_tool_prices(tool_prices) if tool_prices is not None else {}
@@ -625,12 +849,14 @@ class PriceBook:
     # ---- hot path --------------------------------------------------------------------------------
 
     def price(
-        self, model: str | None, provider: str | None, usage: TokenUsage, *, at: datetime | None = None
+        self, model: str | None, provider: str | None, usage: TokenUsage, *, at: datetime | None = None,
+        detail: UsageDetail | None = None,
     ) -> PricedCall | None:
         """The cost of one call, or ``None`` if the model has no known price (flag the span unpriced).
 
         ``at`` prices the call as of another instant (bypassing the cache), e.g. to re-price history;
-        a naive ``at`` is taken as UTC.
+        a naive ``at`` is taken as UTC. ``detail``: what the provider reported beside the token counts
+        (one-hour cache writes, a service tier, web searches), priced as the module docstring says.
         """
         if at is None:
             entry = self._cache.get((model, provider))
@@ -638,12 +864,14 @@ class PriceBook:
                 entry = self._resolve(model, provider)
         else:
             entry = self._resolve(model, provider, at)
+        tokens = (usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning)
+        if detail is not None:
+            priced = _price_detail(entry, tokens, detail)
+            return None if priced is None else PricedCall(*priced)
         rates = entry.rates(usage.input)
         if rates is None:
             return None
-        return PricedCall(
-            rates.nanos(usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning), rates.unit
-        )
+        return PricedCall(rates.nanos(*tokens), rates.unit)
 
     def price_nanos(
         self, model: str | None, provider: str | None, tokens: tuple[int, int, int, int, int],
@@ -655,15 +883,25 @@ class PriceBook:
         entry = self._cache.get((model, provider))
         if entry is None or entry.expires <= _monotonic():
             entry = self._resolve(model, provider)
+        if detail is not None:
+            return _price_detail(entry, tokens, detail)
         inp, out, cr, cw, rsn = tokens
         flat = entry.flat
-        if flat is not None and not (cr or cw or rsn) and inp >= 0 and out >= 0:
+        if flat is not None and not (cr or cw or rsn) and 0 <= inp <= MAX_TOKENS and 0 <= out <= MAX_TOKENS:
             # What rates.nanos computes for a call without cache or reasoning tokens, when no rounding is needed.
             return inp * flat[0] + out * flat[1] + flat[2], flat[3]
         rates = entry.rates(inp)
         if rates is None:
             return None
         return rates.nanos(inp, out, cr, cw, rsn), rates.unit
+
+    def has_tier(self, model: str | None, provider: str | None, tier: str | None) -> bool:
+        """Whether a call of ``model`` in service tier ``tier`` is priced at that tier's own rates (the standard
+        tiers always are; a tier the catalog lacks is priced at the standard rates: flag it ``tier_unpriced``)."""
+        if tier is None or tier in DEFAULT_TIERS:
+            return True
+        entry = self._entry(model, provider, None)
+        return entry.variant(tier) is not None
 
     def is_priced(self, model: str | None, provider: str | None) -> bool:
         """Whether calls of ``model`` have a price now (tiers only exist beside a base price)."""
@@ -692,7 +930,8 @@ class PriceBook:
         """A pre-call estimate: every input token uncached, every output token at the output price."""
         entry = self._entry(model, provider, at)
         flat = entry.flat
-        if flat is not None and input_tokens >= 0 and output_tokens >= 0:  # what rates.nanos gives, in short
+        if flat is not None and 0 <= input_tokens <= MAX_TOKENS and 0 <= output_tokens <= MAX_TOKENS:
+            # what rates.nanos gives, in short
             return input_tokens * flat[0] + output_tokens * flat[1] + flat[2]
         rates = entry.rates(input_tokens)
         if rates is None:
@@ -705,7 +944,8 @@ class PriceBook:
         that could apply charges for ``input_bound`` tokens. ``None`` if unpriced (or a price is negative)."""
         entry = self._entry(model, provider, None)
         flat = entry.flat
-        if flat is not None and input_bound >= 0 and output_tokens >= 0:  # one rate: the estimate is its bound
+        if flat is not None and 0 <= input_bound <= MAX_TOKENS and 0 <= output_tokens <= MAX_TOKENS:
+            # one rate: the estimate is its bound
             if flat[0] < 0 or flat[1] < 0 or flat[2] < 0:
                 return None
             return input_bound * flat[0] + output_tokens * flat[1] + flat[2]
@@ -776,36 +1016,13 @@ class PriceBook:
         if change is not None:
             expires = min(expires, mono + max((change - now).total_seconds(), 0.0))
         source = _catalog_source(snapshot)
-        base_unit = _catalog_unit_prices(model_price, None, source, gp_model.id, gp_provider.id)
-        if base_unit is None:
-            return _Entry(None, (), expires)
-        thresholds: set[int] = set()
-        for key in _TOKEN_PRICE_KEYS:
-            value = getattr(model_price, key, None)
-            if isinstance(value, gp_types.TieredPrices):
-                thresholds.update(tier.start for tier in value.tiers)
-        tiers: list[tuple[int, _Rates]] = []
-        for start in sorted(thresholds, reverse=True):
-            unit = _catalog_unit_prices(model_price, start, source, gp_model.id, gp_provider.id)
-            if unit is not None:
-                tiers.append((start, _Rates(unit)))
-        return _Entry(_Rates(base_unit), tuple(tiers), expires)
+        ref = _CatalogRef(gp_model, gp_provider.id, source, now)
+        return _entry_of_price(model_price, source, gp_model.id, gp_provider.id, expires, ref, None)
 
     def _find_override(self, model: str, provider: str | None) -> UnitPrices | None:
         if not self._overrides:
             return None
-        names: list[str] = []
-        if provider:
-            names.append(f"{provider}/{model}")
-        names.append(model)
-        if "/" in model:
-            names.append(model.split("/", 1)[1])
-            names.append(model.rsplit("/", 1)[1])
-        for name in list(names):
-            undated = _DATE_SUFFIX.sub("", name)
-            if undated and undated != name:
-                names.append(undated)
-        for name in names:
+        for name in _override_names(model, provider):
             unit = self._overrides.get(name) or self._overrides_lower.get(name.lower())
             if unit is not None:
                 return unit

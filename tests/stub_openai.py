@@ -19,6 +19,15 @@ Endpoints (everything else answers 404 with an OpenAI-style error body):
 * ``POST /v1/completions`` -- legacy text completions, same rules.
 * ``POST /v1/embeddings`` -- deterministic 8-dim vectors, ``float`` or
   ``base64`` encoding (the ``openai`` client asks for base64 by default).
+* ``POST /v1/messages`` -- a minimal Anthropic Messages endpoint (what
+  ``anthropic`` / ``langchain-anthropic`` send; point them at ``url``, without
+  ``/v1``), non-streaming and streaming, text replies only.  It takes its
+  reply from the same queue; ``StubReply.raw_usage`` is sent verbatim as
+  Anthropic's ``usage`` (``input_tokens`` *excluding* cache reads and writes,
+  ``cache_read_input_tokens``, ``cache_creation_input_tokens``,
+  ``cache_creation.{ephemeral_5m_input_tokens,ephemeral_1h_input_tokens}``,
+  ``server_tool_use.web_search_requests``, ``service_tier``); else ``usage``
+  becomes ``{"input_tokens": prompt_tokens, "output_tokens": completion_tokens}``.
 
 Chat and legacy completions take the next reply from one FIFO queue shared by
 both endpoints (``enqueue``); when the queue is empty ``responder(request)`` is
@@ -110,6 +119,8 @@ class StubReply:
     raw_usage: dict[str, Any] | None = None
     stream_usage: bool | None = None
     error_message: str = "stub error"
+    service_tier: str | None = None
+    """Sent as the response's ``service_tier`` (OpenAI chat completions) when set."""
 
     def resolved_finish_reason(self) -> str:
         if self.finish_reason is not None:
@@ -122,6 +133,12 @@ class StubReply:
         if self.usage is not None:
             return self.usage.to_openai()
         return None
+
+    def anthropic_usage(self) -> dict[str, Any]:
+        if self.raw_usage is not None:
+            return self.raw_usage
+        u = self.usage or StubUsage(0, 0)
+        return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens}
 
 
 def embedding_vector(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
@@ -267,6 +284,13 @@ class _Handler(BaseHTTPRequestHandler):
                     self._completion(body, reply)
             elif path.endswith("/embeddings"):
                 self._embeddings(body, stub)
+            elif path.endswith("/v1/messages"):
+                try:
+                    reply = stub._next_reply(record)
+                except Exception as exc:
+                    self._send_error_json(500, f"stub responder failed: {exc!r}")
+                    return
+                self._messages(body, reply)
             else:
                 self._send_error_json(404, f"Unknown path: POST {path}")
         except (BrokenPipeError, ConnectionResetError):  # client went away
@@ -335,6 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
             }
             if usage is not None:
                 payload["usage"] = usage
+            if reply.service_tier is not None:
+                payload["service_tier"] = reply.service_tier
             self._send_json(200, payload)
             return
 
@@ -398,6 +424,49 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         self._end_sse()
+
+    def _messages(self, body: dict[str, Any], reply: StubReply) -> None:
+        """Anthropic Messages: a text reply, its usage as scripted (see the module docstring)."""
+        if not self._prelude(reply):
+            return
+        stub = self.server.stub
+        model = reply.model or body.get("model") or "stub-model"
+        rid = f"msg_stub{stub._next_id()}"
+        text = reply.content or ""
+        usage = reply.anthropic_usage()
+        stop = reply.finish_reason or "end_turn"
+        if not body.get("stream"):
+            self._send_json(200, {
+                "id": rid, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": stop, "stop_sequence": None, "usage": usage,
+            })
+            return
+        # Anthropic's stream: message_start carries the input counts, message_delta the final usage.
+        start_usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+        start_usage["output_tokens"] = 1
+        self._start_sse()
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": rid, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": start_usage}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        ]
+        for piece in _split(text):
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": piece}}))
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                               "usage": usage}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        for name, data in events:
+            raw = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            self.wfile.write(f"{len(raw):X}\r\n".encode() + raw + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     def _completion(self, body: dict[str, Any], reply: StubReply) -> None:
         if not self._prelude(reply):

@@ -17,9 +17,12 @@ import httpx2
 import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices import types as gp_types
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from costobs_callbacks import _pricing
-from costobs_callbacks._events import TokenUsage, usd_to_nanos
+from costobs_callbacks._events import TokenUsage, UsageDetail, usd_to_nanos
 from costobs_callbacks._exceptions import ConfigurationError
 from costobs_callbacks._pricing import (
     PriceBook,
@@ -74,12 +77,15 @@ def test_reasoning_is_billed_inside_output() -> None:
     assert plain.cost_nanos == with_reasoning.cost_nanos == 1_300_000
 
 
-def test_malformed_cache_counts_clamp_uncached_input_at_zero() -> None:
+def test_malformed_cache_counts_are_clamped_to_the_input() -> None:
     pb = book(m={"input": 2, "output": 8, "cache_read": 1, "cache_write": 4})
     call = pb.price("m", None, TokenUsage(input=1000, output=10, cache_read=800, cache_write=500))
     assert call is not None
-    # uncached = max(1000 - 800 - 500, 0) = 0; 800 * 1 + 500 * 4 + 10 * 8 = 2880
-    assert call.cost_nanos == 2_880_000
+    # cache counts are subsets of the input: reads 800, writes clamped to the 200 left, nothing uncached;
+    # 800 * 1 + 200 * 4 + 10 * 8 = 1680 (not 2880: 300 written tokens that cannot exist)
+    assert call.cost_nanos == 1_680_000
+    reads_only = pb.price("m", None, TokenUsage(input=100, output=0, cache_read=5000, cache_write=5000))
+    assert reads_only is not None and reads_only.cost_nanos == 100_000  # 100 reads at 1
     negative = pb.price("m", None, TokenUsage(input=-5, output=-1))
     assert negative is not None and negative.cost_nanos == 0
 
@@ -175,12 +181,14 @@ EXPECTED_FILE = {
         "output": Decimal(10),
         "cache_read": Decimal("1.25"),
         "cache_write": Decimal("2.5"),
+        "cache_write_1h": Decimal("2.5"),
     },
     "my-llm": {
         "input": Decimal("0.1"),
         "output": Decimal("0.4"),
         "cache_read": Decimal("0.1"),
         "cache_write": Decimal("0.2"),
+        "cache_write_1h": Decimal("0.2"),
     },
 }
 
@@ -399,6 +407,7 @@ def test_catalog_exact_figures() -> None:
         CATALOG,
         catalog_model="gpt-4o",
         catalog_provider="openai",
+        web_search=Decimal("0.01"),  # $10 per 1000 web searches
     )
     mini = pb.price("gpt-4o-mini-2024-07-18", "openai", usage)
     assert mini is not None
@@ -543,7 +552,9 @@ def test_next_change() -> None:
     )
     _, o3 = snap.find_provider_model("o3", None, "openai", None)
     assert _pricing._next_change(o3, datetime(2025, 6, 1, 12, 0, tzinfo=UTC)) == datetime(2025, 6, 10, tzinfo=UTC)
-    assert _pricing._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) is None
+    # then the start of its flex / priority tier prices (price_variants), then nothing
+    assert _pricing._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) == datetime(2026, 10, 12, tzinfo=UTC)
+    assert _pricing._next_change(o3, datetime(2026, 10, 20, tzinfo=UTC)) is None
 
 
 def test_cache_honours_the_next_price_change(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -752,3 +763,276 @@ def test_cached_price_timing(capsys: pytest.CaptureFixture[str]) -> None:
         print()
         for label, us in timings.items():
             print(f"  {label}: {us:.2f} µs")
+
+
+# --------------------------------------------------------------------------------------------------
+# What a provider reports beside the counts (UsageDetail): one-hour cache writes, web searches, tiers
+# --------------------------------------------------------------------------------------------------
+
+SONNET_1H = (10_000, 1_000, 2_000, 6_000, 0)  # 10k in: 2k read, 6k written (all one-hour), 2k uncached
+
+
+def test_one_hour_cache_writes_at_the_catalog_price() -> None:
+    pb = PriceBook()
+    # 2000 * 3 + 2000 * 0.3 + 6000 * 6 + 1000 * 15 = 57600 USD-per-MTok-tokens (at the 5-minute price: 44100)
+    priced = pb.price_nanos("claude-sonnet-4-20250514", "anthropic", SONNET_1H, UsageDetail(cache_write_1h=6_000))
+    assert priced is not None and priced[0] == 57_600_000
+    assert priced[1].cache_write_1h == Decimal(6) and priced[1].cache_write == Decimal("3.75")
+    five_minutes = pb.price_nanos("claude-sonnet-4-20250514", "anthropic", SONNET_1H)
+    assert five_minutes is not None and five_minutes[0] == 44_100_000
+    # mixed lifetimes, web searches ($10 per thousand), and the same through price()
+    detail = UsageDetail(cache_write_1h=4_000, web_search_requests=3)
+    call = pb.price("claude-sonnet-4-20250514", "anthropic", TokenUsage(*SONNET_1H), detail=detail)
+    # 6000 + 600 + 2000 * 3.75 + 4000 * 6 + 15000 = 53100 -> $0.0531, + $0.03
+    assert call is not None and call.cost_nanos == 83_100_000
+    assert call.cost_nanos == _reference_detail_nanos("claude-sonnet-4-0", "anthropic", SONNET_1H, detail)
+
+
+def _reference_detail_nanos(model: str, provider_id: str, tokens: tuple[int, int, int, int, int],
+                            detail: UsageDetail) -> int:
+    """genai-prices' own figure for a call with a detail (its price_context for a tier)."""
+    inp, out, cr, cw, rsn = tokens
+    gp_usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cr, cache_write_tokens=cw,
+                     cache_write_1h_tokens=detail.cache_write_1h, output_reasoning_tokens=rsn,
+                     web_searches=detail.web_search_requests)
+    tier = detail.service_tier
+    context = None if tier is None else ({"processing": "batch"} if tier == "batch" else {"service_tier": tier})
+    return usd_to_nanos(calc_price(gp_usage, model, provider_id=provider_id, price_context=context).total_price)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "catalog", "provider_id", "tier"),
+    [
+        ("gpt-5", "openai", "gpt-5", "openai", "flex"),
+        ("gpt-5", "openai", "gpt-5", "openai", "priority"),
+        ("gpt-5", "openai", "gpt-5", "openai", "batch"),
+        ("o3", "openai", "o3", "openai", "flex"),
+        ("claude-sonnet-4-5", "anthropic", "claude-sonnet-4-5", "anthropic", "batch"),  # tiered batch prices
+        ("claude-sonnet-4-5", "anthropic", "claude-sonnet-4-5", "anthropic", None),
+    ],
+)
+def test_service_tiers_agree_with_calc_price(model: str, provider: str, catalog: str, provider_id: str,
+                                             tier: str | None) -> None:
+    pb = PriceBook()
+    assert pb.has_tier(model, provider, tier)
+    for tokens in [(10_000, 1_000, 2_000, 0, 0), (250_000, 3_000, 100_000, 20_000, 0), (1, 1, 0, 0, 0)]:
+        for detail in (UsageDetail(service_tier=tier), UsageDetail(cache_write_1h=tokens[3], service_tier=tier,
+                                                                   web_search_requests=2)):
+            priced = pb.price_nanos(model, provider, tokens, detail)
+            assert priced is not None
+            assert priced[0] == _reference_detail_nanos(catalog, provider_id, tokens, detail), (tokens, detail)
+            assert priced[1].service_tier == tier
+
+
+def test_gpt5_flex_figure_and_unpriced_tiers() -> None:
+    pb = PriceBook()
+    tokens = (10_000, 1_000, 2_000, 0, 0)
+    flex = pb.price_nanos("gpt-5", "openai", tokens, UsageDetail(service_tier="flex"))
+    # 8000 * 0.625 + 2000 * 0.0625 + 1000 * 5 = 10125
+    assert flex is not None and flex[0] == 10_125_000 and flex[1].input == Decimal("0.625")
+    standard = pb.price_nanos("gpt-5", "openai", tokens)
+    assert standard is not None and standard[0] == 20_250_000
+    # a tier the catalog lacks: the standard price (the adapter flags it tier_unpriced)
+    assert not pb.has_tier("gpt-5", "openai", "scale")
+    scale = pb.price_nanos("gpt-5", "openai", tokens, UsageDetail(service_tier="scale"))
+    assert scale == standard
+    assert pb.has_tier("gpt-5", "openai", "default") and pb.has_tier("gpt-5", "openai", None)
+    # an override has no tier prices
+    ob = book(m={"input": 1, "output": 2})
+    assert not ob.has_tier("m", None, "flex")
+    assert ob.price_nanos("m", None, tokens, UsageDetail(service_tier="flex")) == ob.price_nanos("m", None, tokens)
+
+
+def test_override_one_hour_cache_write_price(tmp_path: Path) -> None:
+    pb = book(m={"input": 3, "output": 15, "cache_read": "0.3", "cache_write": "3.75", "cache_write_1h": 6})
+    priced = pb.price_nanos("m", None, SONNET_1H, UsageDetail(cache_write_1h=6_000))
+    assert priced is not None and priced[0] == 57_600_000
+    default = book(m={"input": 3, "output": 15, "cache_read": "0.3", "cache_write": "3.75"})
+    priced = default.price_nanos("m", None, SONNET_1H, UsageDetail(cache_write_1h=6_000))
+    assert priced is not None and priced[0] == 44_100_000  # cache_write_1h defaults to cache_write
+    path = tmp_path / "p.yaml"
+    path.write_text("m: {input: 3, output: 15, cache_write: 3.75, cache_write_1h: 6}\n", encoding="utf-8")
+    assert load_price_file(path)["m"]["cache_write_1h"] == Decimal(6)
+    path.write_text("m: {input: 3, output: 15, cache_write_1h: -6}\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"'cache_write_1h'.*negative"):
+        load_price_file(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounds: no cost passes 2^63 nano-USD
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_dearest_call_stays_below_two_to_the_63() -> None:
+    top = str(_pricing._MAX_PRICE)
+    pb = book(m={"input": top, "output": top, "cache_read": top, "cache_write": top, "cache_write_1h": top})
+    huge = 10**30
+    for tokens in [(huge, huge, 0, 0, 0), (huge, huge, huge, huge, huge), (-huge, huge, huge, 0, 0)]:
+        priced = pb.price_nanos("m", None, tokens, None)
+        assert priced is not None and priced[0] <= 2 * _pricing.MAX_TOKENS * 10**9 < 2**63
+        detail = pb.price_nanos("m", None, tokens, UsageDetail(huge, None, huge))
+        assert detail is not None and detail[0] < 2**63
+    # the proof's bound, with a per-request fee and web searches at the largest catalog prices allowed
+    unit = UnitPrices(_pricing._MAX_PRICE, _pricing._MAX_PRICE, _pricing._MAX_PRICE, _pricing._MAX_PRICE, "x",
+                      per_request=_pricing._MAX_PRICE / 1000, web_search=_pricing._MAX_PRICE / 1000,
+                      cache_write_1h=_pricing._MAX_PRICE, reasoning=_pricing._MAX_PRICE)
+    worst = _pricing._Rates(unit).nanos_detail(huge, huge, huge, huge, huge, huge, huge)
+    assert worst == 2 * 10**18 + 10**12 + 10**18 < 2**63
+    with pytest.raises(ConfigurationError, match="implausibly large"):
+        book(m={"input": _pricing._MAX_PRICE + 1, "output": 1})
+
+
+def test_catalog_price_out_of_bounds_is_unpriced(caplog: pytest.LogCaptureFixture) -> None:
+    mp = gp_types.ModelPrice(input_mtok=Decimal(10**7), output_mtok=Decimal(1))
+    assert _pricing._catalog_unit_prices(mp, None, "src", "m", "p") is None
+    assert "implausible price" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# The flat-rate shortcut against the general path (one answer)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_flat_shortcut_keeps_per_request_fees() -> None:
+    pb = PriceBook()
+    assert pb.price_nanos("sonar", "perplexity", (1000, 1000, 0, 0, 0)) is not None
+    entry = pb._cache[("sonar", "perplexity")]
+    assert entry.flat is not None and entry.flat[2] == 12_000_000  # the shortcut is taken, with the fee
+    # 2000 tokens at $1/MTok + $12 per 1000 requests, shortcut and general path alike
+    assert pb.price_nanos("sonar", "perplexity", (1000, 1000, 0, 0, 0)) == (14_000_000, entry.flat[3])
+    assert pb.price_nanos("sonar", "perplexity", (1000, 1000, 1, 0, 0)) == (14_000_000, entry.flat[3])
+    assert pb.estimate_nanos("sonar", "perplexity", 1000, 1000) == 14_000_000
+    assert pb.estimate_nanos("sonar", "perplexity", 0, 0) == 12_000_000
+    assert pb.estimate_upper_nanos("sonar", "perplexity", 1000, 1000) == 14_000_000
+
+
+def _oracle(unit: UnitPrices, tokens: tuple[int, int, int, int, int], detail: UsageDetail | None) -> int:
+    """The documented arithmetic, in exact Decimal: counts clamped, one half-even rounding to a nano-USD."""
+    import decimal
+
+    inp, out, cr, cw, rsn = tokens
+    w1h, web = (detail.cache_write_1h, detail.web_search_requests) if detail is not None else (0, 0)
+    m = _pricing.MAX_TOKENS
+    inp, out = min(max(inp, 0), m), min(max(out, 0), m)
+    cr = min(max(cr, 0), inp)
+    cw = min(max(cw, 0), inp - cr)
+    rsn = min(max(rsn, 0), out)
+    w1h = min(max(w1h, 0), cw)
+    web = min(max(web, 0), _pricing.MAX_REQUESTS)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 200
+        one_h = unit.cache_write if unit.cache_write_1h is None else unit.cache_write_1h
+        rsn_price = unit.output if unit.reasoning is None else unit.reasoning
+        per_mtok = ((inp - cr - cw) * unit.input + cr * unit.cache_read + (cw - w1h) * unit.cache_write
+                    + w1h * one_h + (out - rsn) * unit.output + rsn * rsn_price)
+        usd = per_mtok / 1_000_000 + unit.per_request + web * unit.web_search
+        return int((usd * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+
+
+PRICE = st.builds(lambda n, p: Decimal(n).scaleb(-p), st.integers(0, 10**12), st.integers(0, 18)) | st.sampled_from(
+    [Decimal(0), Decimal("0.15"), Decimal("2.5"), Decimal(15), Decimal("0.041666666666666664"), Decimal("0.0005")])
+COUNTS = st.integers(-10, 10**6) | st.integers(-(10**12), 10**12) | st.just(0)
+TOKENS = st.tuples(COUNTS, COUNTS, COUNTS, COUNTS, COUNTS)
+DETAILS = st.none() | st.builds(UsageDetail, COUNTS, st.none(), COUNTS)
+
+
+@st.composite
+def units(draw: st.DrawFn) -> UnitPrices:
+    inp = draw(PRICE)
+    return UnitPrices(
+        inp, draw(PRICE), draw(PRICE), draw(PRICE), "override",
+        per_request=draw(st.just(Decimal(0)) | PRICE.map(lambda p: p / 1000)),
+        reasoning=draw(st.none() | PRICE),
+        cache_write_1h=draw(st.none() | PRICE),
+        web_search=draw(st.just(Decimal(0)) | PRICE.map(lambda p: p / 1000)),
+    )
+
+
+@hyp_settings(max_examples=400, deadline=None)
+@given(base=units(), tier=st.none() | st.tuples(st.integers(0, 10**6), units()), tokens=TOKENS, detail=DETAILS)
+def test_flat_shortcut_price_and_rates_agree(base: UnitPrices, tier: tuple[int, UnitPrices] | None,
+                                             tokens: tuple[int, int, int, int, int],
+                                             detail: UsageDetail | None) -> None:
+    """price_nanos (its flat shortcut where it applies), price, _Rates.nanos / nanos_detail and an exact Decimal
+    oracle: one answer for any prices (tiers, per-request fees, many decimal places) and any counts (malformed
+    ones too), with and without a detail; estimate_nanos' shortcut against its general path likewise."""
+    pb = PriceBook()
+    tiers = () if tier is None else ((tier[0], _pricing._Rates(tier[1])),)
+    entry = _pricing._Entry(_pricing._Rates(base), tiers, float("inf"))
+    pb._cache[("m", None)] = entry
+    unit = tier[1] if tier is not None and tokens[0] > tier[0] else base
+    rates = entry.rates(tokens[0])
+    assert rates is not None and rates.unit is unit
+    expected = _oracle(unit, tokens, detail)
+    assert pb.price_nanos("m", None, tokens, detail) == (expected, unit)
+    call = pb.price("m", None, TokenUsage(*tokens), detail=detail)
+    assert call is not None and (call.cost_nanos, call.prices) == (expected, unit)
+    if detail is None:
+        assert rates.nanos(*tokens) == expected
+    assert rates.nanos_detail(*tokens, 0, 0) == rates.nanos(*tokens) == _oracle(unit, tokens, None)
+    inp, out = tokens[0], tokens[1]
+    est_unit = entry.rates(inp)
+    assert est_unit is not None
+    assert pb.estimate_nanos("m", None, inp, out) == est_unit.nanos(inp, out, 0, 0, 0) == _oracle(
+        est_unit.unit, (inp, out, 0, 0, 0), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# One home for name variants and provider names
+# --------------------------------------------------------------------------------------------------
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(
+    model=st.lists(st.sampled_from(["gpt-4o", "openai", "azure", "m", "", "v1:0", "-2024-07-18", "20250514", "@",
+                                    "/", "x"]), min_size=1, max_size=6).map("".join),
+    provider=st.none() | st.sampled_from(["openai", "anthropic", "Azure"]),
+)
+def test_override_names_are_the_catalog_name_forms(model: str, provider: str | None) -> None:
+    """An override is looked up under the names the catalog is (``_model_refs``), headed by the provider-prefixed
+    forms: the two lookups cannot drift apart."""
+    if not model:
+        return
+    names = _pricing._override_names(model, provider)
+    refs = [ref for ref, _ in _pricing._model_refs(model)]
+    extra = [] if not provider else [f"{provider}/{model}"]
+    if provider and _pricing._DATE_SUFFIX.sub("", f"{provider}/{model}") != f"{provider}/{model}":
+        extra.append(_pricing._DATE_SUFFIX.sub("", f"{provider}/{model}"))
+    assert sorted(names) == sorted(extra + refs)
+    if provider:
+        assert names[0] == f"{provider}/{model}"
+    # exact names before undated ones
+    exact, undated = _pricing._name_forms(model)
+    positions = {n: i for i, n in reversed(list(enumerate(names)))}
+    assert all(positions[e] < positions[u] for e, _ in exact for u, _ in undated if u not in dict(exact))
+
+
+@pytest.mark.parametrize(
+    ("name", "provider"),
+    [
+        ("OpenAI", "openai"), ("openai_llm", "openai"), ("AzureOpenAI", "azure"), ("azure_openai_llm", "azure"),
+        ("Anthropic", "anthropic"), ("Gemini", "google"), ("GoogleGenAI", "google"), ("Vertex", "google"),
+        ("BedrockConverse", "aws"), ("Bedrock", "aws"), ("MistralAI", "mistral"), ("Groq", "groq"),
+        ("Cohere", "cohere"), ("DeepSeek", "deepseek"), ("OpenRouter", "openrouter"), ("Ollama", "ollama"),
+        ("OpenAILike", None), ("MockLLM", None), ("CustomLLM", None),
+    ],
+)
+def test_provider_names_have_one_home(name: str, provider: str | None) -> None:
+    assert _pricing.provider_from_name(name) == provider
+    if provider is not None:
+        assert _pricing.provider_id(provider) == provider  # already the catalog's id
+
+
+def test_adapters_use_the_pricing_provider_names() -> None:
+    from costobs_callbacks.integrations import llamaindex
+
+    assert llamaindex._provider_from_class_name("azure_openai_llm") == "azure"
+    assert llamaindex._provider_from_class_name(3) is None
+
+    class Fake:
+        pass
+
+    Fake.__module__ = "llama_index.llms.google_genai.base"
+    assert llamaindex._provider_of(Fake) == "google"
+    Fake.__module__ = "llama_index.llms.openai_like.base"
+    assert llamaindex._provider_of(Fake) is None

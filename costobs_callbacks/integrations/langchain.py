@@ -19,7 +19,8 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
-from .._events import TokenUsage, token_count, usd_to_nanos
+from .. import _usage
+from .._events import TokenUsage, UsageDetail, usd_to_nanos
 from .._exceptions import RunAborted
 from .._ledger import Tokens, tokens_of
 from .._tokens import count_text
@@ -226,56 +227,22 @@ def _message_text(m: Any) -> str:
     return str(c)
 
 
-_int = token_count
+# Usage is read by _usage (one parser for every adapter); by these names so that a profiler can wrap them.
+usage_from_metadata = _usage.from_langchain
+"""``AIMessage.usage_metadata`` (and ``response_metadata``) -> ``_usage.Parsed`` (``None``: no report)."""
 
 
-def usage_from_metadata(um: Any) -> TokenUsage:
-    """``AIMessage.usage_metadata`` -> ``TokenUsage`` (raises ``ValueError`` on malformed input)."""
-    if not isinstance(um, dict):
-        raise ValueError(f"usage_metadata is {type(um).__name__}")
-    itd = um.get("input_token_details")
-    otd = um.get("output_token_details")
-    if (itd and not isinstance(itd, dict)) or (otd and not isinstance(otd, dict)):
-        raise ValueError("token details are not mappings")
-    # A plain non-negative int (what providers send) is taken as is; anything else goes through _int.
-    i = um.get("input_tokens")
-    if type(i) is not int or i < 0:
-        i = _int(i)
-    o = um.get("output_tokens")
-    if type(o) is not int or o < 0:
-        o = _int(o)
-    if not itd and not otd:
-        return TokenUsage(i, o)
-    cr = itd.get("cache_read") if itd else None
-    cw = itd.get("cache_creation") if itd else None
-    r = otd.get("reasoning") if otd else None
-    return TokenUsage(
-        i, o,
-        cr if type(cr) is int and cr >= 0 else _int(cr),
-        cw if type(cw) is int and cw >= 0 else _int(cw),
-        r if type(r) is int and r >= 0 else _int(r),
-    )
-
-
-def usage_from_openai(tu: Any) -> TokenUsage:
-    """An OpenAI-style ``token_usage`` dict (``llm_output``) -> ``TokenUsage``."""
+def usage_from_openai(tu: Any, service_tier: Any = None) -> _usage.Parsed | None:
+    """An OpenAI-style ``token_usage`` dict (``llm_output``) -> ``_usage.Parsed`` (``None``: no report)."""
     if not isinstance(tu, dict):
         raise ValueError(f"token_usage is {type(tu).__name__}")
-    ptd = tu.get("prompt_tokens_details") or {}
-    ctd = tu.get("completion_tokens_details") or {}
-    if not isinstance(ptd, dict) or not isinstance(ctd, dict):
-        raise ValueError("token details are not mappings")
-    inp = tu.get("prompt_tokens", tu.get("input_tokens"))
-    out = tu.get("completion_tokens", tu.get("output_tokens"))
-    if inp is None and out is None:
-        raise ValueError("no token counts")
-    return TokenUsage(
-        input=_int(inp),
-        output=_int(out),
-        cache_read=_int(ptd.get("cached_tokens")),
-        cache_write=_int(ptd.get("cache_creation_tokens") or ptd.get("cache_write_tokens")),
-        reasoning=_int(ctd.get("reasoning_tokens")),
-    )
+    if not any(k in tu for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")):
+        raise ValueError("no token counts")  # a token_usage without counts is a malformed report, not none
+    return _usage.from_mapping(tu, service_tier)
+
+
+_PLAUSIBLE = _usage.PLAUSIBLE_TOKENS
+_common_usage = _usage.common_langchain
 
 
 class CostCallbackHandler(BaseCallbackHandler):
@@ -438,16 +405,16 @@ class CostCallbackHandler(BaseCallbackHandler):
             except Exception:  # another shape (several generations, no message, no usage): the full path
                 pass
             else:
-                if (type(i) is int and type(o) is int and i >= 0 and o >= 0 and (i or o) and type(m) is str and m
-                        and type(um) is dict and "total_cost" not in um):  # total_cost: an LLM-cache hit
-                    t: Tokens | None = (i, o, 0, 0, 0)
-                    if um.get("input_token_details") or um.get("output_token_details"):
-                        try:
-                            t = tokens_of(usage_from_metadata(um))
-                        except (ValueError, TypeError):
-                            t = None  # the full path flags it
+                if (type(i) is int and type(o) is int and 0 < i <= _PLAUSIBLE and 0 <= o <= _PLAUSIBLE
+                        and type(m) is str and m and type(um) is dict
+                        and "total_cost" not in um):  # total_cost: an LLM-cache hit
+                    key = run_id.int if type(run_id) is UUID else run_id
+                    if not (um.get("input_token_details") or um.get("output_token_details")):
+                        self._ledger.end_llm(key, (i, o, 0, 0, 0), m)
+                        return
+                    t = _common_usage(um, rm)  # None: tiers, cache lifetimes, web searches, oddities: the full path
                     if t is not None:
-                        self._ledger.end_llm(run_id.int if type(run_id) is UUID else run_id, t, m)
+                        self._ledger.end_llm(key, t, m)
                         return
             self._model_end(response, run_id, "ok", None)
         except RunAborted:
@@ -479,7 +446,8 @@ class CostCallbackHandler(BaseCallbackHandler):
         span = self._ledger.spans.get(key)
         if span is None:
             return
-        usage: TokenUsage | None = None
+        parsed: _usage.Parsed | None = None
+        reported = False  # a usage report was seen (the first one counts, as read)
         model: str | None = None
         cache_hit = False
         flags: list[str] = []
@@ -488,16 +456,16 @@ class CostCallbackHandler(BaseCallbackHandler):
                 for gen in gens:
                     msg = getattr(gen, "message", None)
                     if msg is not None:
-                        if model is None:
-                            rm = getattr(msg, "response_metadata", None)
-                            if rm and isinstance(rm, dict):
-                                m = rm.get("model_name") or rm.get("model")
-                                model = m if isinstance(m, str) else None
-                        if usage is None:
+                        rm = getattr(msg, "response_metadata", None)
+                        if model is None and rm and isinstance(rm, dict):
+                            m = rm.get("model_name") or rm.get("model")
+                            model = m if isinstance(m, str) else None
+                        if not reported:
                             um = getattr(msg, "usage_metadata", None)
                             if um:
+                                reported = True
                                 try:
-                                    usage = usage_from_metadata(um)
+                                    parsed = usage_from_metadata(um, rm)
                                     if "total_cost" in um:  # set by langchain-core on LLM-cache hits only
                                         cache_hit = True
                                 except (ValueError, TypeError):
@@ -510,23 +478,49 @@ class CostCallbackHandler(BaseCallbackHandler):
             if isinstance(lo, dict):
                 if model is None and isinstance(lo.get("model_name"), str):
                     model = lo["model_name"]
-                if usage is None and lo.get("token_usage"):
+                if not reported and lo.get("token_usage"):
+                    reported = True
                     try:
-                        usage = usage_from_openai(lo["token_usage"])
+                        parsed = usage_from_openai(lo["token_usage"], lo.get("service_tier"))
                     except (ValueError, TypeError):
                         if "malformed_usage" not in flags:
                             flags.append("malformed_usage")
-            if usage is not None and usage.input == 0 and usage.output == 0 and not cache_hit:
-                usage = None  # an all-zero report from a stream without usage is no report
+        tokens: Tokens | None = None
+        detail: UsageDetail | None = None
         estimated = False
-        if usage is None:
-            out_text = _output_text(response) if response is not None else []  # only needed to estimate
-            if status == "ok" or out_text:
-                usage = self._estimate(span, model, out_text)
+        if parsed is not None:
+            for f in parsed.flags:
+                if f not in flags:
+                    flags.append(f)
+            detail = parsed.detail
+            tokens = parsed.tokens
+            if parsed.missing:  # a count the provider left out: estimated, never a silent 0
+                out_text = _output_text(response) if response is not None else []
+                tokens = _usage.complete(parsed, tokens_of(self._estimate(span, model, out_text)))
                 estimated = True
                 flags.append("estimated")
-        # end(span_id, status, error, usage, model, estimated, cache_hit, flags), by position: cheaper.
-        self._ledger.end(key, status, error, usage, model, estimated, cache_hit, flags)
+            if detail is not None and detail.service_tier is not None:
+                flags.extend(self._tier_flag(key, model or span.model, detail))
+        elif cache_hit:
+            tokens = (0, 0, 0, 0, 0)  # a cached reply that reported nothing: nothing saved, nothing spent
+        if tokens is None:
+            out_text = _output_text(response) if response is not None else []  # only needed to estimate
+            if status == "ok" or out_text:
+                tokens = tokens_of(self._estimate(span, model, out_text))
+                estimated = True
+                flags.append("estimated")
+        usage = None if tokens is None else TokenUsage(*tokens)
+        # end(span_id, status, error, usage, model, estimated, cache_hit, flags, detail), by position: cheaper.
+        self._ledger.end(key, status, error, usage, model, estimated, cache_hit, flags, detail)
+
+    def _tier_flag(self, key: Any, model: str | None, detail: UsageDetail) -> tuple[str, ...]:
+        """``("tier_unpriced",)`` for a call in a service tier the catalog has no price for (priced at the
+        standard rates), else ``()``."""
+        span = self._ledger.spans.get(key)
+        provider = span.provider if span is not None else None
+        if model is None and span is not None:
+            model = span.model
+        return () if self._ledger.prices.has_tier(model, provider, detail.service_tier) else ("tier_unpriced",)
 
     @staticmethod
     def _estimate(span: Any, model: str | None, out_text: Sequence[str]) -> TokenUsage:

@@ -83,9 +83,11 @@ from llama_index.core.tools.types import BaseTool
 from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel, Field
 
-from .._events import TokenUsage, token_count
+from .. import _usage
+from .._events import TokenUsage, UsageDetail
 from .._exceptions import RunAborted
-from .._ledger import Span, Tokens, _again, current_scope, tokens_of
+from .._ledger import Span, Tokens, _again, current_scope
+from .._pricing import provider_from_name, provider_id
 from .._tokens import count_text
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
@@ -339,70 +341,30 @@ def _response_text(resp: Any) -> str:
 # -- usage ---------------------------------------------------------------------------------------------
 
 
-_int = token_count
+def usage_from_dict(u: Mapping[str, Any], service_tier: Any = None) -> _usage.Parsed | None:
+    """A provider's usage mapping (OpenAI, OpenAI Responses, Anthropic) -> ``_usage.Parsed``; ``None`` if it
+    holds no usage; ``ValueError`` on garbage (see ``_usage.from_mapping``)."""
+    return _usage.from_mapping(u, service_tier)
 
 
-def _as_dict(obj: Any) -> Mapping[str, Any] | None:
-    if obj is None:
-        return None
-    if isinstance(obj, Mapping):
-        return obj
-    dump = getattr(obj, "model_dump", None)
-    if callable(dump):
-        d = dump()
-        return d if isinstance(d, Mapping) else None
-    d = getattr(obj, "__dict__", None)
-    return d if isinstance(d, Mapping) else None
-
-
-def usage_from_dict(u: Mapping[str, Any]) -> TokenUsage | None:
-    """A provider's usage mapping -> ``TokenUsage``: OpenAI (``prompt_tokens``...), Anthropic
-    (``input_tokens`` excluding its cache tokens) or the OpenAI Responses API style. ``None`` if it
-    holds no count; raises ``ValueError`` on garbage."""
-    if "prompt_tokens" in u or "completion_tokens" in u:
-        ptd = _as_dict(u.get("prompt_tokens_details")) or {}
-        ctd = _as_dict(u.get("completion_tokens_details")) or {}
-        usage = TokenUsage(
-            input=_int(u.get("prompt_tokens")),
-            output=_int(u.get("completion_tokens")),
-            cache_read=_int(ptd.get("cached_tokens")),
-            cache_write=_int(ptd.get("cache_creation_tokens") or ptd.get("cache_write_tokens")),
-            reasoning=_int(ctd.get("reasoning_tokens")),
-        )
-    elif "input_tokens" in u or "output_tokens" in u:
-        if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:  # Anthropic
-            cr = _int(u.get("cache_read_input_tokens"))
-            cw = _int(u.get("cache_creation_input_tokens"))
-            usage = TokenUsage(input=_int(u.get("input_tokens")) + cr + cw, output=_int(u.get("output_tokens")),
-                               cache_read=cr, cache_write=cw)
-        else:
-            itd = _as_dict(u.get("input_tokens_details")) or {}
-            otd = _as_dict(u.get("output_tokens_details")) or {}
-            usage = TokenUsage(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
-                               cache_read=_int(itd.get("cached_tokens")),
-                               reasoning=_int(otd.get("reasoning_tokens")))
-    else:
-        return None
-    if usage.input == 0 and usage.output == 0:
-        return None  # an all-zero report (a stream without usage) is no report
-    return usage
-
-
-def usage_of(resp: Any) -> TokenUsage | None:
-    """The usage a LlamaIndex response carries: ``response.raw.usage`` (the provider's own object,
-    e.g. an openai ``ChatCompletion``, or a dict), else the counts copied into ``additional_kwargs``."""
+def usage_of(resp: Any) -> _usage.Parsed | None:
+    """The usage a LlamaIndex response carries: ``response.raw`` (the provider's own response, e.g. an openai
+    ``ChatCompletion`` or an Anthropic message, or a dict: its ``usage`` and ``service_tier``), else the counts
+    copied into ``additional_kwargs``."""
     raw = getattr(resp, "raw", None)
     if raw is not None:
-        u = raw.get("usage") if isinstance(raw, Mapping) else getattr(raw, "usage", None)
-        d = _as_dict(u)
-        if d:
-            usage = usage_from_dict(d)
-            if usage is not None:
-                return usage
+        parsed = _usage.from_raw(raw)
+        if parsed is not None:
+            return parsed
     ak = getattr(resp, "additional_kwargs", None)
     if ak and isinstance(ak, Mapping):
-        return usage_from_dict(ak)
+        return _usage.from_mapping(ak)
     return None
+
+
+def _span_provider(track: _Track) -> str | None:
+    span = track.span
+    return span.provider if span is not None else track.provider
 
 
 def _served_model(resp: Any) -> str | None:
@@ -417,12 +379,13 @@ def _served_model(resp: Any) -> str | None:
 
 
 def _provider_of(cls: type | None) -> str | None:
-    """``llama_index.llms.openai.base`` -> ``openai``; ``None`` for core, mock and ``*_like`` classes."""
+    """``llama_index.llms.openai.base`` -> ``openai`` (as ``_pricing.provider_id`` names it); ``None`` for core,
+    mock and ``*_like`` classes."""
     mod = getattr(cls, "__module__", "") or ""
     parts = mod.split(".")
     if len(parts) >= 3 and parts[0] == "llama_index" and parts[1] in ("llms", "embeddings"):
         p = parts[2]
-        return None if p.endswith("_like") else p
+        return None if p.endswith("_like") else provider_id(p)
     return None
 
 
@@ -445,18 +408,7 @@ def _identity(cls: type | None, model_dict: Mapping[str, Any], default: str) -> 
 
 def _provider_from_class_name(name: Any) -> str | None:
     """For the stand-alone handler (it sees only ``to_payload()``): ``openai_llm`` -> ``openai``."""
-    return _provider_from_name(name) if isinstance(name, str) else None
-
-
-@functools.lru_cache(maxsize=256)
-def _provider_from_name(name: str) -> str | None:
-    n = name.lower()
-    if "like" in n:
-        return None
-    for p in ("azure", "openai", "anthropic", "gemini", "bedrock", "mistral", "groq", "cohere"):
-        if p in n:
-            return p
-    return None
+    return provider_from_name(name) if isinstance(name, str) else None
 
 
 def _model_of(model_dict: Any, cls_name: str | None) -> str | None:
@@ -592,7 +544,7 @@ class _Track:
     tools: Any = None
     partial: Any = None
     inner_prompt: Any = None
-    inner_usage: TokenUsage | None = None
+    inner_usage: _usage.Parsed | None = None
     ctx_token: Any = None
     stream_usage_requested = False
     holds = False  # a stream being read: it needs its progress events (see _Adapter.hold_events)
@@ -1003,7 +955,9 @@ class _Adapter:
                 status = "error"
         try:
             resp = response if response is not None else track.partial
-            usage: TokenUsage | Tokens | None = None
+            usage: Tokens | None = None
+            detail: UsageDetail | None = None
+            parsed: _usage.Parsed | None = None
             model: str | None = None
             if resp is not None:
                 if getattr(resp, "raw", None) is not None:
@@ -1013,13 +967,25 @@ class _Adapter:
                     reported = bool(getattr(resp, "additional_kwargs", None))
                 if reported:  # else usage_of would find nothing (MockLLM, a CustomLLM)
                     try:
-                        usage = usage_of(resp)
+                        parsed = usage_of(resp)
                     except (ValueError, TypeError):
                         flags += ("malformed_usage",)
-            if usage is None and track.inner_usage is not None:
-                usage = track.inner_usage
+            if parsed is None and track.inner_usage is not None:
+                parsed = track.inner_usage
             estimated = False
-            if usage is None and (status == "ok" or resp is not None):
+            if parsed is not None:
+                flags += tuple(f for f in parsed.flags if f not in flags)
+                detail = parsed.detail
+                usage = parsed.tokens
+                if parsed.missing:  # a count the provider left out: estimated, never a silent 0
+                    est, exact = self._estimate(track, model, resp)
+                    usage = _usage.complete(parsed, est)
+                    estimated = True
+                    flags += ("estimated",) if exact else ("estimated", "estimate:chars")
+                if detail is not None and detail.service_tier is not None and not self.ledger.prices.has_tier(
+                        model or track.model, _span_provider(track), detail.service_tier):
+                    flags += ("tier_unpriced",)
+            elif status == "ok" or resp is not None:
                 usage, exact = self._estimate(track, model, resp)
                 estimated = True
                 flags += ("estimated",) if exact else ("estimated", "estimate:chars")
@@ -1027,7 +993,7 @@ class _Adapter:
                     flags += ("no_stream_usage",)
         except Exception as exc:  # a payload we could not read: end the span anyway
             self.fault("llm end", exc)
-            usage, model, estimated = None, None, False
+            usage, model, estimated, detail = None, None, False, None
             flags += ("internal_error",)
         # drop the app's messages now (only what was set: the rest are class defaults)
         track.prompt = track.tools = None
@@ -1044,20 +1010,18 @@ class _Adapter:
             if status == "ok" and usage is not None:
                 # record_llm(key, name, model, provider, start_wall, start_perf, tokens, served, estimated, flags)
                 self.ledger.record_llm(track.key, track.name, track.model, track.provider, track.start_wall,
-                                       track.start_perf, usage if isinstance(usage, tuple) else tokens_of(usage),
-                                       model, estimated, flags)
+                                       track.start_perf, usage, model, estimated, flags, detail)
                 return
             self._open_lone(track)
         try:
             if status == "ok" and usage is not None:
                 # end_llm(span key, tokens, model, estimated, flags): the ledger's short path
-                tokens = usage if isinstance(usage, tuple) else tokens_of(usage)
-                self.ledger.end_llm(track.key, tokens, model, estimated, flags)
+                self.ledger.end_llm(track.key, usage, model, estimated, flags, detail)
             else:
-                # end(span_id, status, error, usage, model, estimated, cache_hit, flags)
-                u = TokenUsage(*usage) if isinstance(usage, tuple) else usage
+                # end(span_id, status, error, usage, model, estimated, cache_hit, flags, detail)
+                u = None if usage is None else TokenUsage(*usage)
                 self.ledger.end(track.key, status, error if status == "error" else None, u, model, estimated, False,
-                                flags)
+                                flags, detail)
         except RunAborted:
             if quiet or isinstance(error, RunAborted):
                 return
