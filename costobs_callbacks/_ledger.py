@@ -208,8 +208,6 @@ class Run:
     tool_repeat = 0
     tool_seq: deque[Any] | None = None
     model_reqs: dict[int, int] | None = None
-    had_error = False
-    scope = False
     # CostGuardMiddleware(on_limit="end") sets it: after an abort, chain starts no longer raise (paid
     # calls still do), so that the agent can end with its final message.
     graceful = False
@@ -1284,18 +1282,10 @@ class Ledger:
             return self._finish(span, "ok", None, tokens, None, estimated, False, None)
         cost, span.prices = priced
         span.tokens = tokens
-        span.cost_nanos = span.tree_cost = run.cost_nanos = cost
-        inp, run.output, cr, cw, rsn = tokens
-        run.input = inp
-        if cr or cw or rsn:
-            run.cache_read = cr
-            run.cache_write = cw
-            run.reasoning = rsn
-        if m:
-            run.by_model = {m: cost}
+        span.cost_nanos = span.tree_cost = cost
         if estimated:
             span.estimated = True
-            run.estimated_calls = 1
+        _account(run, span, cost, None)  # no lock: no other thread has seen the run
         # _close_run, for a run no other thread has seen
         run.ended_wall = end
         run.status = "ok"
@@ -1327,41 +1317,11 @@ class Ledger:
             span.prompt = None  # drop the reference to the user's messages now
         if span.extra is not None:
             span.extra = None
-        m = span.model
         run = span.run
         is_root = span.is_root
         last = False
         with run.lock:
-            if span.reserved:  # what it held of the run's budget while in flight
-                run.reserved_nanos -= span.reserved
-                span.reserved = 0
-                if run.loose_holds:
-                    run.loose_holds.discard(span)
-            run.cost_nanos += cost
-            p = span.parent
-            while p is not None:
-                p.tree_cost += cost
-                p = p.parent
-            inp, out, cr, cw, rsn = tokens
-            run.input += inp
-            run.output += out
-            if cr or cw or rsn:
-                run.cache_read += cr
-                run.cache_write += cw
-                run.reasoning += rsn
-            if m:
-                bm = run.by_model
-                if bm is None:
-                    run.by_model = {m: cost}
-                else:
-                    bm[m] = bm.get(m, 0) + cost
-            if estimated:
-                run.estimated_calls += 1
-            if sig is not None and sig is not _DEFERRED:
-                reqs = run.model_reqs
-                if reqs is None:
-                    reqs = run.model_reqs = {}
-                reqs[sig] = reqs.get(sig, 0) + 1
+            _account(run, span, cost, sig)
             if is_root:
                 run.open_roots -= 1
                 last = run.open_roots <= 0
@@ -1447,49 +1407,7 @@ class Ledger:
             span.tree_cost += cost
             with run.lock:
                 if track:
-                    if span.reserved:
-                        run.reserved_nanos -= span.reserved
-                        span.reserved = 0
-                        if run.loose_holds:
-                            run.loose_holds.discard(span)
-                    if cost:
-                        run.cost_nanos += cost
-                        p = span.parent
-                        while p is not None:
-                            p.tree_cost += cost
-                            p = p.parent
-                    t = span.tokens
-                    if t is not None and not span.cache_hit:
-                        inp, out, cr, cw, rsn = t
-                        run.input += inp
-                        run.output += out
-                        if cr or cw or rsn:
-                            run.cache_read += cr
-                            run.cache_write += cw
-                            run.reasoning += rsn
-                    if kind == "llm" or kind == "embedding":
-                        if span.unpriced:
-                            run.unpriced_calls += 1
-                        if span.estimated:
-                            run.estimated_calls += 1
-                        m = span.model
-                        if m and not span.cache_hit:
-                            if span.unpriced:  # never a silent $0: listed apart, with no figure
-                                if m not in run.unpriced_models:
-                                    run.unpriced_models = (*run.unpriced_models, m)
-                            else:
-                                bm = run.by_model
-                                if bm is None:
-                                    run.by_model = {m: cost}
-                                else:
-                                    bm[m] = bm.get(m, 0) + cost
-                        if span.request_sig is not None and status == "ok":
-                            reqs = run.model_reqs
-                            if reqs is None:
-                                reqs = run.model_reqs = {}
-                            reqs[span.request_sig] = reqs.get(span.request_sig, 0) + 1
-                    if status == "error":
-                        run.had_error = True
+                    _account(run, span, cost, span.request_sig if status == "ok" else None)
                 if is_root:
                     run.open_roots -= 1
                     last = run.open_roots <= 0
@@ -1661,6 +1579,57 @@ class Ledger:
             default_loops = self.default_loops if self.default_loops.enabled else None
             if loops is not None and run.loops is default_loops:
                 run.loops = loops if loops.enabled else None
+
+
+def _account(run: Run, span: Span, cost: int, sig: Any) -> None:
+    """Add one ended span to its run's totals: every end path calls this, under ``run.lock`` (or on a run no other
+    thread has seen). What the span held of the budget is given back; its cost goes to the run and to every span
+    above it; its tokens to the run (a cache hit's are not spent); for a model call, its count by how it was
+    priced, its model's cost (an unpriced model is listed apart, never a silent $0) and, given a signature
+    (``sig``), its request, for the loop guard."""
+    if span.reserved:
+        run.reserved_nanos -= span.reserved
+        span.reserved = 0
+        if run.loose_holds:
+            run.loose_holds.discard(span)
+    if cost:
+        run.cost_nanos += cost
+        p = span.parent
+        while p is not None:
+            p.tree_cost += cost
+            p = p.parent
+    t = span.tokens
+    if t is not None and not span.cache_hit:
+        inp, out, cr, cw, rsn = t
+        run.input += inp
+        run.output += out
+        if cr or cw or rsn:
+            run.cache_read += cr
+            run.cache_write += cw
+            run.reasoning += rsn
+    kind = span.kind
+    if kind != "llm" and kind != "embedding":
+        return
+    if span.unpriced:
+        run.unpriced_calls += 1
+    if span.estimated:
+        run.estimated_calls += 1
+    m = span.model
+    if m and not span.cache_hit:
+        if span.unpriced:
+            if m not in run.unpriced_models:
+                run.unpriced_models = (*run.unpriced_models, m)
+        else:
+            bm = run.by_model
+            if bm is None:
+                run.by_model = {m: cost}
+            else:
+                bm[m] = bm.get(m, 0) + cost
+    if sig is not None and sig is not _DEFERRED:
+        reqs = run.model_reqs
+        if reqs is None:
+            reqs = run.model_reqs = {}
+        reqs[sig] = reqs.get(sig, 0) + 1
 
 
 def _copy_attribution(src: Run, dst: Run) -> None:

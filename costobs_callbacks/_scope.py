@@ -29,7 +29,6 @@ class RunScope:
         self.run_id: str = run_text(run_id) if run_id is not None else str(uuid7())
         self._span: Span | None = None
         self._token: Token[Span | None] | None = None
-        self._final: RunCost | None = None
 
     @property
     def cost(self) -> RunCost | None:
