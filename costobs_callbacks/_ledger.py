@@ -958,7 +958,7 @@ class Ledger:
                 if not exact:
                     out = max_out or self.output_hold(span.model, span.provider, prompt_tokens)
                     upper = prices.estimate_upper_nanos(span.model, span.provider, prompt_tokens, out)
-                    if upper is not None and self._hold_if_fits(run, span, upper):
+                    if upper is not None and self._try_hold(run, span, upper, None, True)[0]:
                         return
                     prompt_tokens, _ = ops.count_tokens(span.model, span.prompt, span.extra)
         least = None
@@ -1020,10 +1020,12 @@ class Ledger:
             ))
 
     @staticmethod
-    def _try_hold(run: Run, span: Span, estimate: int, least: int | None = None) -> tuple[bool, int, int]:
+    def _try_hold(run: Run, span: Span, estimate: int, least: int | None = None,
+                  loose: bool = False) -> tuple[bool, int, int]:
         """Hold ``estimate`` for this call if it fits (``max_cost_usd`` is "at most": an estimate that exactly fills
         what is left fits), else, given ``least``, if that fits and no other call of the run is in flight, all that is
-        left: ``(fits, spent, held by others)``, read under the lock."""
+        left: ``(fits, spent, held by others)``, read under the lock. ``loose``: ``estimate`` is an upper bound of the
+        call's estimate, which ``_tighten_holds`` may replace by the exact one."""
         assert run.max_cost_nanos is not None
         with run.lock:
             spent, held = run.cost_nanos, run.reserved_nanos
@@ -1036,22 +1038,12 @@ class Ledger:
                 return False, spent, held
             run.reserved_nanos += take
             span.reserved += take
+            if loose:
+                holds = run.loose_holds
+                if holds is None:
+                    holds = run.loose_holds = set()
+                holds.add(span)
         return True, spent, held
-
-    @staticmethod
-    def _hold_if_fits(run: Run, span: Span, amount: int) -> bool:
-        """Hold ``amount`` (an upper bound of the call's estimate) if it fits in the run's budget now."""
-        assert run.max_cost_nanos is not None
-        with run.lock:
-            if run.cost_nanos + run.reserved_nanos + amount > run.max_cost_nanos:
-                return False
-            run.reserved_nanos += amount
-            span.reserved += amount
-            loose = run.loose_holds
-            if loose is None:
-                loose = run.loose_holds = set()
-            loose.add(span)
-        return True
 
     def _tighten_holds(self, run: Run) -> None:
         """Replace the upper bounds held by the run's calls in flight by their exact estimates."""
