@@ -19,7 +19,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 
 from costobs_callbacks import Budget, BudgetExceededError, CostTracker, LoopPolicy, RunCost
-from costobs_callbacks import _ledger as ledger_mod
+from costobs_callbacks._ledger import core as ledger_mod
 
 try:
     from .stub_openai import StubOpenAI, StubReply, StubUsage
