@@ -274,9 +274,13 @@ class CostTracker:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Exporter counters plus the handler's internal errors: check that nothing was lost."""
+        """Exporter counters plus the handler's internal errors: check that nothing was lost.
+
+        ``failed`` counts the spans and runs lost, ``refused`` those of them the database refused for their
+        content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``)."""
         out = self.exporter.stats.as_dict()
         out["internal_errors"] = self.ledger.internal_errors
+        out["sanitized"] = self.store.sanitized
         out["open_runs"] = len(self.ledger.runs)
         out["pending"] = self.exporter.pending()
         return out
