@@ -204,6 +204,10 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
+        if u.get_backend_name() in ("sqlite", "postgresql", "mysql", "mariadb"):
+            # JSON with its characters as they are: text the driver cannot encode is refused as in any other
+            # column (and sanitised alike, see write_batch), not hidden in a \u escape PostgreSQL refuses
+            kwargs["json_serializer"] = _json_text
         if engine_kwargs:
             kwargs.update(engine_kwargs)
         try:
@@ -239,6 +243,13 @@ class Store:
         elif self.dialect == "postgresql" and self.engine.dialect.paramstyle in ("format", "pyformat"):
             self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
             self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
+        self._fast = self._span_insert_sql is not None
+
+    def _portable(self) -> None:
+        """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
+        self._fast = False
+        self._span_insert_sql = None
+        self._span_row_fn = _span_row
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -337,7 +348,7 @@ class Store:
         self.ensure_schema()
         make_row = self._span_row_fn
         span_rows: list[Any] = []
-        changed = 0
+        fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
         # run id -> [run, *the batch's totals in _RUN_SUMS order]
         runs_seen: dict[str, list[Any]] = {}
         for it in items:
@@ -350,7 +361,7 @@ class Store:
                 row = make_row(it)
                 if fit:
                     row, hit = _fit_span_row(row)
-                    changed += hit
+                    fitted.append((rid, hit))
                 span_rows.append(row)
                 if it.cost_nanos:
                     acc[1] += it.cost_nanos
@@ -377,12 +388,24 @@ class Store:
                 runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         if not runs_seen:
             return 0
-        if self.dialect == "sqlite":
-            run_rows: list[Any] = [_sqlite_run_tuple(acc, fit) for acc in runs_seen.values()]
-        else:
-            run_rows = [_run_row(acc, fit) for acc in runs_seen.values()]
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        make_run = _sqlite_run_tuple if sqlite_fast else _run_row
+        run_rows: list[Any] = [make_run(acc) for acc in runs_seen.values()]
+        changed = 0
+        if fit:
+            # a run's own values (its attributes) made to fit: its spans in the batch are flagged with it
+            dirty = set()
+            for i, rid in enumerate(runs_seen):
+                run_rows[i], hit = _fit_run_row(run_rows[i])
+                if hit:
+                    dirty.add(rid)
+            for i, (rid, hit) in enumerate(fitted):
+                if not hit and rid in dirty:
+                    span_rows[i] = _flag_sanitized(span_rows[i])
+                    hit = True
+                changed += hit
         with self.engine.begin() as conn:
-            if self.dialect == "sqlite":
+            if sqlite_fast:
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
                 # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
                 # few hundred rows keeps the writer from starving behind the app.
@@ -712,31 +735,24 @@ def _grow(total: Any, delta: Any, k: str) -> Any:
                    else_=total + delta)
 
 
-def _sqlite_run_tuple(acc: list[Any], fit: bool = False) -> tuple[Any, ...]:
+def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
     """A run's summary row for SQLite, in ``_RUN_COLS`` order: ``acc`` is ``[run, *totals]`` (see
-    ``_write_batch``); its status, reason and end as the run has them now. With ``fit``, every value made to
-    fit its column (``_fit_row``).
-
-    The attributes are JSON with their characters as they are (not ``\\u`` escapes), so that text the driver
-    cannot encode is refused here as in every other column, and sanitised alike."""
+    ``_write_batch``); its status, reason and end as the run has them now; its attributes as JSON text as the
+    engine writes it (``_json_text``)."""
     run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
     attrs = run.attributes
-    if attrs and fit:
-        attrs = _fit_json(attrs)
-    row = (
+    return (
         run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
-        json.dumps(dict(attrs), ensure_ascii=False) if attrs else None, status,
+        _json_text(dict(attrs)) if attrs else None, status,
         run.aborted.reason if run.aborted is not None else None,
         _sqlite_dt(run.started_wall), _sqlite_dt(ended) if ended else None, *acc[1:],
     )
-    return tuple(_fit_row(row, _RUN_KINDS)[0]) if fit else row
 
 
-def _run_row(acc: list[Any], fit: bool = False) -> dict[str, Any]:
-    """A run's summary row as a Core parameter dict (the portable path); ``acc`` and ``fit`` as for
-    ``_sqlite_run_tuple``."""
+def _run_row(acc: list[Any]) -> dict[str, Any]:
+    """A run's summary row as a Core parameter dict (the portable path); ``acc`` as for ``_sqlite_run_tuple``."""
     run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
@@ -754,10 +770,6 @@ def _run_row(acc: list[Any], fit: bool = False) -> dict[str, Any]:
         "ended_at": _utc(ended) if ended else None,
     }
     row.update(zip(_RUN_SUMS, acc[1:], strict=True))
-    if fit:
-        if row["attributes"]:
-            row["attributes"] = _fit_json(row["attributes"])
-        row = dict(zip(_RUN_COLS, _fit_row(tuple(row[k] for k in _RUN_COLS), _RUN_KINDS)[0], strict=True))
     return row
 
 
@@ -880,8 +892,10 @@ _FLAGS_AT = _SPAN_COLS.index("flags")
 
 
 def _fit_text(s: str) -> str:
-    """Text the drivers can encode (UTF-8): surrogate pairs joined, lone surrogates replaced by U+FFFD; the
-    same object when it already is."""
+    """Text every database takes: surrogate pairs joined, lone surrogates replaced by U+FFFD (UTF-8 cannot
+    encode them), NUL characters dropped (PostgreSQL refuses them); the same object when it already is."""
+    if "\x00" in s:
+        s = s.replace("\x00", "")
     if s.isascii():
         return s
     try:
@@ -924,10 +938,37 @@ def _fit_span_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
     if anything changed; and whether it did."""
     vals, changed = _fit_row(tuple(row.values()) if isinstance(row, dict) else row, _SPAN_KINDS)
     if changed:
-        flags = vals[_FLAGS_AT]
-        vals[_FLAGS_AT] = _txt(f"{flags},sanitized" if flags else "sanitized", 256)
+        _add_flag(vals)
     if isinstance(row, dict):
         return dict(zip(_SPAN_COLS, vals, strict=True)), changed
+    return tuple(vals), changed
+
+
+def _add_flag(vals: list[Any]) -> None:
+    flags = vals[_FLAGS_AT]
+    vals[_FLAGS_AT] = _txt(f"{flags},sanitized" if flags else "sanitized", 256)
+
+
+def _flag_sanitized(row: tuple[Any, ...] | dict[str, Any]) -> Any:
+    """A span's row flagged ``sanitized`` (its run's values were made to fit)."""
+    vals = list(row.values()) if isinstance(row, dict) else list(row)
+    _add_flag(vals)
+    return dict(zip(_SPAN_COLS, vals, strict=True)) if isinstance(row, dict) else tuple(vals)
+
+
+def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
+    """A run's row (``_sqlite_run_tuple`` or ``_run_row``) made to fit (``_fit_row``; JSON text as text, the
+    attributes of a Core row by value), and whether anything changed."""
+    if isinstance(row, dict):
+        attrs = row["attributes"]
+        vals, changed = _fit_row(tuple(row[k] for k in _RUN_COLS), _RUN_KINDS)
+        if attrs:
+            fitted = _fit_json(attrs)
+            if fitted != attrs:
+                vals[_RUN_COLS.index("attributes")] = fitted
+                changed = True
+        return dict(zip(_RUN_COLS, vals, strict=True)), changed
+    vals, changed = _fit_row(row, _RUN_KINDS)
     return tuple(vals), changed
 
 
@@ -940,6 +981,11 @@ def _is_data_error(exc: BaseException) -> bool:
     if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
         return isinstance(exc.orig, (OverflowError, UnicodeError, ValueError, TypeError))
     return False
+
+
+def _json_text(value: Any) -> str:
+    """JSON as the store writes it: characters as they are, not ``\\u`` escapes (see ``Store.__init__``)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -34,19 +34,20 @@ def chat(stub: StubOpenAI) -> ChatOpenAI:
     return ChatOpenAI(base_url=stub.base_url, api_key="sk-test", model=MODEL, max_retries=0)
 
 
-# what the bad call is: (its reply, the feature it is attributed to)
-BAD: dict[str, tuple[StubReply, str]] = {
-    "surrogate-feature": (StubReply("ok", usage=StubUsage(10, 2)), "bad\udcff"),
-    "surrogate-model": (StubReply("ok", usage=StubUsage(10, 2), model="m\udcffx"), "bad"),
-    "cost-past-bigint": (StubReply("ok", usage=StubUsage(5 * 10**15, 0)), "bad"),  # 10^19 nano-USD
-    "tokens-past-bigint": (StubReply("ok", usage=StubUsage(2**64, 3)), "bad"),
+# what the bad call is: (its reply, its attribution)
+BAD: dict[str, tuple[StubReply, dict[str, str]]] = {
+    "surrogate-feature": (StubReply("ok", usage=StubUsage(10, 2)), {"feature": "bad\udcff"}),
+    "surrogate-attribute": (StubReply("ok", usage=StubUsage(10, 2)), {"feature": "bad", "note": "x\udcff\U0001f600"}),
+    "surrogate-model": (StubReply("ok", usage=StubUsage(10, 2), model="m\udcffx"), {"feature": "bad"}),
+    "cost-past-bigint": (StubReply("ok", usage=StubUsage(5 * 10**15, 0)), {"feature": "bad"}),  # 10^19 nano-USD
+    "tokens-past-bigint": (StubReply("ok", usage=StubUsage(2**64, 3)), {"feature": "bad"}),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_one_bad_span_among_200_good_ones_costs_nothing_else(database_url: str, stub_openai: StubOpenAI,
                                                              case: str) -> None:
-    reply, bad_feature = BAD[case]
+    reply, attribution = BAD[case]
     # one batch: nothing is written before the flush
     with CostTracker(database_url, user_salt="s", prices=PRICES, export_delay=3600) as tracker:
         llm = chat(stub_openai)
@@ -54,7 +55,7 @@ def test_one_bad_span_among_200_good_ones_costs_nothing_else(database_url: str, 
         for i in range(GOOD):
             if i == GOOD // 2:
                 stub_openai.enqueue(reply)
-                bad_cfg = tracker.config(feature=bad_feature)
+                bad_cfg = tracker.config(**attribution)
                 llm.invoke("hi", config=bad_cfg)
             stub_openai.enqueue(StubReply("ok", usage=StubUsage(10, 2)))
             cfg = tracker.config(feature="good")
@@ -83,6 +84,9 @@ def test_one_bad_span_among_200_good_ones_costs_nothing_else(database_url: str, 
         assert rc is not None
         if case == "surrogate-feature":
             assert span["feature"] == rc.attributes["feature"] == "bad\ufffd"
+            assert rc.cost_usd == usd(10, 2)
+        elif case == "surrogate-attribute":
+            assert rc.attributes == {"feature": "bad", "note": "x\ufffd\U0001f600"}
             assert rc.cost_usd == usd(10, 2)
         elif case == "surrogate-model":
             assert span["model"] == "m\ufffdx" and rc.unpriced_models == ("m\ufffdx",)
