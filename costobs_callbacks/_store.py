@@ -715,6 +715,7 @@ def _sqlite_grow(k: str) -> str:
     if k not in _BIG_SUMS:
         return f"{k} = costobs_runs.{k} + excluded.{k}"
     return (f"{k} = CASE WHEN excluded.{k} > 0 AND costobs_runs.{k} > {_BIG_MAX} - excluded.{k} THEN {_BIG_MAX} "
+            f"WHEN excluded.{k} < 0 AND costobs_runs.{k} < -{_BIG_MAX} - excluded.{k} THEN -{_BIG_MAX} "
             f"ELSE costobs_runs.{k} + excluded.{k} END")
 
 
@@ -726,12 +727,13 @@ _SQLITE_RUN_TAIL = (
 
 
 def _grow(total: Any, delta: Any, k: str) -> Any:
-    """``total + delta`` for a run's stored total, saturating at BIGINT's ceiling for money and tokens: a run
-    that reached it (a figure sanitised to it) stays there, instead of refusing every later span of the run.
-    Deltas are never negative (costs and counts are not)."""
+    """``total + delta`` for a run's stored total, saturating at BIGINT's bounds (``±(2^63 - 1)``) for money and
+    tokens: a run that reached one (a figure sanitised to it) stays there, instead of refusing every later span
+    of the run. (``_SQLITE_RUN_TAIL`` is the same in SQLite's text.)"""
     if k not in _BIG_SUMS:
         return total + delta
     return sa.case((sa.and_(delta > 0, total > _BIG_MAX - delta), sa.literal(_BIG_MAX, sa.BigInteger())),
+                   (sa.and_(delta < 0, total < -_BIG_MAX - delta), sa.literal(-_BIG_MAX, sa.BigInteger())),
                    else_=total + delta)
 
 
@@ -810,9 +812,10 @@ _second_text: dict[int, str] = {}
 
 def _sqlite_dt(ts: float) -> str:
     """SQLAlchemy's own SQLite DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), so Core reads it
-    back; the date and time of a whole second are formatted once (spans come in bursts)."""
+    back; the date and time of a whole second are formatted once (spans come in bursts). Microseconds are
+    rounded as ``datetime.fromtimestamp`` rounds them (half to even), so every path stores the same time."""
     sec = int(ts)
-    us = int((ts - sec) * 1_000_000 + 0.5)
+    us = round((ts - sec) * 1_000_000)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
     head = _second_text.get(sec)
