@@ -316,7 +316,7 @@ class Store:
     def write_batch(self, items: Sequence[Any]) -> None:
         """Write a batch. A batch refused for its content (a figure past the column's range, text the driver
         cannot encode, a value the database rejects) is written again with every value made to fit (see
-        ``_fit_span``), the spans so changed flagged ``sanitized``; if the database still refuses it,
+        ``_fit_row``), the spans so changed flagged ``sanitized``; if the database still refuses it,
         ``PoisonBatch`` makes the exporter bisect it, so only the refused rows are lost. Anything else (the
         database is down) propagates and is retried.
 
@@ -537,7 +537,8 @@ class Store:
         self.ensure_schema()
         out: list[RollupRow] = []
         with self.engine.connect() as conn:
-            for r in self._sums(conn, lambda split: self._rollup_query(by, since, until, bucket, where, split)):
+            rows = self._sums(conn, lambda split: self._rollup_query(by, since, until, bucket, where, split))
+            for r in rows:
                 b = r.get("bucket")
                 if b is not None:
                     hours = int(b) * (24 if bucket == "day" else 1)
@@ -564,6 +565,8 @@ class Store:
                     cache_hits=int(r["hits"]),
                     saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
                 ))
+        if rows and "cost" not in rows[0]:  # summed in halves: the database ordered them by the high half only
+            out.sort(key=attrgetter("cost_usd"), reverse=True)
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:

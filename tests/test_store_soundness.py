@@ -123,6 +123,12 @@ def test_a_run_saturates_instead_of_overflowing(database_url: str, stub_openai: 
         assert (rc.cost_usd, rc.input_tokens, rc.llm_calls) == (Decimal(BIG).scaleb(-9), 10**16 + 10, 3)
         spans = tracker.spans(rid)
         assert sum(1 for s in spans if s["kind"] == "llm") == 3
+        # the rollup sums past 64 bits exactly (SQLite's SUM() would raise), most expensive first
+        stub_openai.enqueue(StubReply("ok", usage=StubUsage(10, 2)))
+        llm.invoke("hi", config=tracker.config(feature="small"))
+        rows = tracker.rollup(by=["feature"])
+        assert [(r.key["feature"], r.cost_usd, r.input_tokens) for r in rows] == [
+            ("huge", Decimal(2 * BIG + 36_000).scaleb(-9), 10**16 + 10), ("small", usd(10, 2), 10)]
 
 
 def test_what_the_database_still_refuses_is_lost_alone(tmp_path: Any, stub_openai: StubOpenAI) -> None:
