@@ -894,7 +894,10 @@ def _kinds(cols: Sequence[str]) -> str:
 
 _SPAN_KINDS = _kinds(_SPAN_COLS)
 _RUN_KINDS = _kinds(_RUN_COLS)
+_SPAN_LENS: tuple[int | None, ...] = tuple(getattr(spans.c[c].type, "length", None) for c in _SPAN_COLS)
+_RUN_LENS: tuple[int | None, ...] = tuple(getattr(runs.c[c].type, "length", None) for c in _RUN_COLS)
 _FLAGS_AT = _SPAN_COLS.index("flags")
+_ATTRS_AT = _RUN_COLS.index("attributes")
 
 
 def _fit_text(s: str) -> str:
@@ -920,15 +923,19 @@ def _fit_json(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {_fit_text(k): _fit_text(v) if isinstance(v, str) else v for k, v in attrs.items()}
 
 
-def _fit_row(row: Sequence[Any], kinds: str) -> tuple[list[Any], bool]:
+def _fit_row(row: Sequence[Any], kinds: str, lens: Sequence[int | None]) -> tuple[list[Any], bool]:
     """A row with every value made to fit its column, and whether any changed: integers held inside their
-    column's range, text made encodable (``_fit_text``). Booleans, times and floats are kept."""
+    column's range, text made encodable (``_fit_text``) and cut to the column's length. Booleans, times and
+    floats are kept."""
     out = list(row)
     changed = False
     for i, v in enumerate(row):
         tv = type(v)
         if tv is str:
             nv: Any = _fit_text(v)
+            n = lens[i]
+            if n is not None and len(nv) > n:
+                nv = nv[:n]
         elif tv is int:
             nv = _fit_int(v, _INT_MAX if kinds[i] == "i" else _BIG_MAX)
         else:
@@ -942,7 +949,7 @@ def _fit_row(row: Sequence[Any], kinds: str) -> tuple[list[Any], bool]:
 def _fit_span_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
     """A span's row (a tuple of ``_SPAN_COLS`` or a Core dict) made to fit (``_fit_row``), flagged ``sanitized``
     if anything changed; and whether it did."""
-    vals, changed = _fit_row(tuple(row.values()) if isinstance(row, dict) else row, _SPAN_KINDS)
+    vals, changed = _fit_row(tuple(row.values()) if isinstance(row, dict) else row, _SPAN_KINDS, _SPAN_LENS)
     if changed:
         _add_flag(vals)
     if isinstance(row, dict):
@@ -967,14 +974,20 @@ def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
     attributes of a Core row by value), and whether anything changed."""
     if isinstance(row, dict):
         attrs = row["attributes"]
-        vals, changed = _fit_row(tuple(row[k] for k in _RUN_COLS), _RUN_KINDS)
+        vals, changed = _fit_row(tuple(row[k] for k in _RUN_COLS), _RUN_KINDS, _RUN_LENS)
         if attrs:
             fitted = _fit_json(attrs)
             if fitted != attrs:
-                vals[_RUN_COLS.index("attributes")] = fitted
+                vals[_ATTRS_AT] = fitted
                 changed = True
         return dict(zip(_RUN_COLS, vals, strict=True)), changed
-    vals, changed = _fit_row(row, _RUN_KINDS)
+    text = row[_ATTRS_AT]
+    vals, changed = _fit_row(row, _RUN_KINDS, _RUN_LENS)
+    if text is not None:  # by value, as for a Core row (the text's \u0000 escapes are NULs too)
+        attrs = json.loads(text)
+        fitted = _fit_json(attrs)
+        vals[_ATTRS_AT] = _json_text(fitted)
+        changed = changed or fitted != attrs
     return tuple(vals), changed
 
 

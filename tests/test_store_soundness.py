@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from langchain_openai import ChatOpenAI
 
 from costobs_callbacks import CostTracker
+from costobs_callbacks._events import TokenUsage
 
 try:
     from .stub_openai import StubOpenAI, StubReply, StubUsage
@@ -148,3 +149,24 @@ def test_what_the_database_still_refuses_is_lost_alone(tmp_path: Any, stub_opena
         assert (stats["exported"], stats["failed"], stats["refused"], stats["retries"]) == (GOOD, 1, 1, 0)
         (row,) = tracker.rollup(by=["feature"])
         assert (row.key, row.cost_usd, row.llm_calls) == ({"feature": "good"}, GOOD * usd(10, 2), GOOD)
+
+
+def test_text_too_long_for_its_column_is_cut_on_postgresql(postgres_admin_url: str) -> None:
+    """A value longer than its column (here a run id from the ledger's own API, which takes any text) is refused
+    by PostgreSQL; it is stored cut to the column and flagged, and its batch-mates are stored as they are."""
+    from tests.pg import create_database
+
+    with CostTracker(create_database(postgres_admin_url), user_salt="s", prices=PRICES, export_delay=3600) as t:
+        ledger = t.ledger
+        for rid in ("r" * 80, "fine"):
+            ledger.start(f"s-{rid}", None, "llm", "ChatOpenAI", {"feature": "f"}, MODEL, "openai", root=True,
+                         run_id=rid)
+            ledger.end(f"s-{rid}", "ok", None, TokenUsage(10, 2))
+        assert t.flush(10)
+        assert (t.stats["exported"], t.stats["failed"], t.stats["sanitized"]) == (2, 0, 1)
+        (cut,) = t.spans("r" * 64)
+        assert "sanitized" in cut["flags"] and cut["cost_nanos"] == 36_000
+        (fine,) = t.spans("fine")
+        assert fine["flags"] is None and fine["cost_nanos"] == 36_000
+        rc = t.run_cost("r" * 64)
+        assert rc is not None and rc.cost_usd == usd(10, 2)
