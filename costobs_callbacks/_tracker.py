@@ -265,7 +265,8 @@ class CostTracker:
                 UTC (as the database keeps times).
             bucket: ``"hour"``, ``"day"`` or ``None``.
             where: key -> a text (equal to it), ``None`` (no value), or a list, tuple or set of those (any of
-                them). Values are compared as stored: NUL characters dropped, at most 256 characters.
+                them). Values are compared as stored: NUL characters dropped, lone surrogates as U+FFFD,
+                at most 256 characters.
 
         Every argument is checked before the database is asked: ``ConfigurationError`` names a bad one.
         """
