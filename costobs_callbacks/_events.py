@@ -1,17 +1,16 @@
-"""The event model every framework adapter translates into.
+"""What the framework adapters hand the ledger: a call's token counts (``TokenUsage``), what else changes its
+price (``UsageDetail``), and the money helpers.
 
-Records are small slotted dataclasses: cheap to build on the hot path, immutable once exported.
 Money is integer nano-USD (1e-9 USD) everywhere inside; ``Decimal`` only at the public edges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NANOS_PER_USD", "SpanRecord", "TokenUsage", "UsageDetail", "nanos_to_usd", "token_count", "usd_to_nanos"]
+__all__ = ["NANOS_PER_USD", "TokenUsage", "UsageDetail", "nanos_to_usd", "token_count", "usd_to_nanos"]
 
 NANOS_PER_USD = 1_000_000_000
 
@@ -84,47 +83,3 @@ class UsageDetail:
     """The provider's service tier for the call (OpenAI's ``flex``, ``priority``, ``batch``...); ``None``: default."""
     web_search_requests: int = 0
     """Server-side tool requests billed per request (Anthropic's ``server_tool_use.web_search_requests``)."""
-
-
-@dataclass(slots=True)
-class SpanRecord:
-    """One finished span, as exported to storage. Never holds prompts, completions or raw user ids."""
-
-    span_id: str
-    parent_id: str | None
-    root_id: str
-    kind: str
-    """``llm``, ``embedding``, ``tool``, ``retriever``, ``chain`` or ``run`` (a root scope)."""
-    name: str
-    start: datetime
-    end: datetime
-    latency_ms: float
-    status: str
-    """``ok``, ``error`` or ``aborted``."""
-    error: str | None = None
-    """The exception's class name, never its message (it may quote a prompt)."""
-    model: str | None = None
-    provider: str | None = None
-    usage: TokenUsage | None = None
-    cost_nanos: int | None = None
-    """Own cost (not the subtree's); ``None`` for an unpriced call."""
-    tree_cost_nanos: int = 0
-    """Cost of this span and every descendant ended before it."""
-    unpriced: bool = False
-    estimated: bool = False
-    cache_hit: bool = False
-    saved_nanos: int | None = None
-    """For a LangChain cache hit: what the call would have cost."""
-    price_source: str | None = None
-    price_input: Decimal | None = None
-    price_output: Decimal | None = None
-    price_cache_read: Decimal | None = None
-    price_cache_write: Decimal | None = None
-    flags: str | None = None
-    """Comma-separated data-quality flags (``malformed_usage``, ``no_usage``, ...)."""
-    feature: str | None = None
-    route: str | None = None
-    tenant_id: str | None = None
-    user_hash: str | None = None
-    prompt_version: str | None = None
-    attributes: dict[str, Any] = field(default_factory=dict)

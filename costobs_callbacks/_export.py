@@ -33,7 +33,7 @@ class PoisonBatch(Exception):
 class ExportStats:
     """Counters of the exporter; read them to see that nothing was lost."""
 
-    __slots__ = ("_pending", "batches", "dropped", "exported", "failed", "retries", "taken")
+    __slots__ = ("_pending", "batches", "dropped", "exported", "failed", "refused", "retries", "taken")
 
     def __init__(self, pending: Callable[[], int] = lambda: 0) -> None:
         self._pending = pending
@@ -44,7 +44,9 @@ class ExportStats:
         self.dropped = 0
         """Items refused because the queue was full."""
         self.failed = 0
-        """Items lost because the sink kept failing past the retry deadline."""
+        """Items lost: refused by the sink (``refused``), or not written before the retry deadline."""
+        self.refused = 0
+        """Items the sink refused for their content (``PoisonBatch`` on the item alone); counted in ``failed`` too."""
         self.batches = 0
         self.retries = 0
 
@@ -54,7 +56,8 @@ class ExportStats:
         return self.taken + self._pending()
 
     def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("batches", "dropped", "emitted", "exported", "failed", "retries")}
+        return {k: getattr(self, k)
+                for k in ("batches", "dropped", "emitted", "exported", "failed", "refused", "retries")}
 
 
 class BatchExporter:
@@ -95,8 +98,6 @@ class BatchExporter:
         self._cond = threading.Condition()
         self._requested = 0  # flush generation asked for
         self._done = 0  # flush generation completed
-        self._emitted_seq = 0
-        self._written_seq = 0
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stop = False
@@ -181,8 +182,9 @@ class BatchExporter:
                     self._write(batch[mid:])
                     return
                 self.stats.failed += 1
-                logger.error("costobs: the database refused an item (%r); %d lost so far", exc.__cause__ or exc,
-                             self.stats.failed)
+                self.stats.refused += 1
+                logger.error("costobs: the database refused an item (%r); %d refused, %d lost so far",
+                             exc.__cause__ or exc, self.stats.refused, self.stats.failed)
                 return
             except Exception as exc:
                 if time.monotonic() + backoff > deadline or self._stop:

@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ._events import nanos_to_usd
+from ._events import UsageDetail, nanos_to_usd
 from ._exceptions import ConfigurationError
 from ._export import PoisonBatch
 from ._ledger import Run, RunCost, Span
@@ -33,7 +33,7 @@ __all__ = ["ROLLUP_KEYS", "RollupRow", "Store", "migrations_dir"]
 
 logger = logging.getLogger("costobs_callbacks")
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 metadata = sa.MetaData()
 
@@ -78,6 +78,9 @@ spans = sa.Table(
     sa.Column("tenant_id", sa.String(256)),
     sa.Column("user_hash", sa.String(64)),
     sa.Column("prompt_version", sa.String(256)),
+    sa.Column("cache_write_1h_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("service_tier", sa.String(32)),
+    sa.Column("web_search_requests", sa.Integer(), nullable=False, server_default="0"),
     sa.Index("ix_costobs_spans_run_id", "run_id"),
     sa.Index("ix_costobs_spans_hour", "hour"),
     sa.Index("ix_costobs_spans_feature_hour", "feature", "hour"),
@@ -201,6 +204,10 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
+        if u.get_backend_name() in ("sqlite", "postgresql", "mysql", "mariadb"):
+            # JSON with its characters as they are: text the driver cannot encode is refused as in any other
+            # column (and sanitised alike, see write_batch), not hidden in a \u escape PostgreSQL refuses
+            kwargs["json_serializer"] = _json_text
         if engine_kwargs:
             kwargs.update(engine_kwargs)
         try:
@@ -212,6 +219,8 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        self.sanitized = 0
+        """Spans stored with a value made to fit its column (flagged ``sanitized``)."""
         # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
         # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
         self._span_insert_sql: str | None = None
@@ -234,6 +243,13 @@ class Store:
         elif self.dialect == "postgresql" and self.engine.dialect.paramstyle in ("format", "pyformat"):
             self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
             self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
+        self._fast = self._span_insert_sql is not None
+
+    def _portable(self) -> None:
+        """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
+        self._fast = False
+        self._span_insert_sql = None
+        self._span_row_fn = _span_row
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -298,16 +314,32 @@ class Store:
     # -- writes (exporter thread) -----------------------------------------------------------------
 
     def write_batch(self, items: Sequence[Any]) -> None:
-        """Write a batch; a row the database refuses raises ``PoisonBatch`` (the exporter then splits
-        the batch), anything else (the database is down) propagates and is retried."""
-        try:
-            self._write_batch(items)
-        except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
-            raise PoisonBatch(str(exc.orig) if exc.orig is not None else str(exc)) from exc
+        """Write a batch. A batch refused for its content (a figure past the column's range, text the driver
+        cannot encode, a value the database rejects) is written again with every value made to fit (see
+        ``_fit_row``), the spans so changed flagged ``sanitized``; if the database still refuses it,
+        ``PoisonBatch`` makes the exporter bisect it, so only the refused rows are lost. Anything else (the
+        database is down) propagates and is retried.
 
-    def _write_batch(self, items: Sequence[Any]) -> None:
+        Values are made to fit only after a refusal: the common batch pays nothing for it, and the outcome
+        is the same, since the drivers refuse exactly what does not fit (ints past BIGINT, lone surrogates)."""
+        try:
+            self._write_batch(items, False)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            logger.info("costobs: a batch of %d was refused (%r); writing it sanitised", len(items), exc)
+            try:
+                self.sanitized += self._write_batch(items, True)
+            except Exception as exc2:
+                if not _is_data_error(exc2):
+                    raise
+                orig = getattr(exc2, "orig", None)
+                raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
+
+    def _write_batch(self, items: Sequence[Any], fit: bool) -> int:
         """Write finished spans and the summaries of their runs in one transaction (all or nothing:
-        the exporter retries a failed batch whole).
+        the exporter retries a failed batch whole). With ``fit``, every value is first made to fit its
+        column; returns how many spans that changed.
 
         Items are finished ``Span`` objects and, for runs refused before any span, ``Run`` objects.
         Each run touched by the batch gets one upsert: its totals grow by the batch's spans, and its
@@ -316,6 +348,7 @@ class Store:
         self.ensure_schema()
         make_row = self._span_row_fn
         span_rows: list[Any] = []
+        fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
         # run id -> [run, *the batch's totals in _RUN_SUMS order]
         runs_seen: dict[str, list[Any]] = {}
         for it in items:
@@ -325,7 +358,11 @@ class Store:
                 acc = runs_seen.get(rid)
                 if acc is None:
                     acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-                span_rows.append(make_row(it))
+                row = make_row(it)
+                if fit:
+                    row, hit = _fit_span_row(row)
+                    fitted.append((rid, hit))
+                span_rows.append(row)
                 if it.cost_nanos:
                     acc[1] += it.cost_nanos
                 t = it.tokens
@@ -350,20 +387,32 @@ class Store:
             elif isinstance(it, Run) and it.run_id not in runs_seen:
                 runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         if not runs_seen:
-            return
-        if self.dialect == "sqlite":
-            run_rows: list[Any] = [_sqlite_run_tuple(acc) for acc in runs_seen.values()]
-        else:
-            run_rows = [_run_row(acc) for acc in runs_seen.values()]
+            return 0
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        make_run = _sqlite_run_tuple if sqlite_fast else _run_row
+        run_rows: list[Any] = [make_run(acc) for acc in runs_seen.values()]
+        changed = 0
+        if fit:
+            # a run's own values (its attributes) made to fit: its spans in the batch are flagged with it
+            dirty = set()
+            for i, rid in enumerate(runs_seen):
+                run_rows[i], hit = _fit_run_row(run_rows[i])
+                if hit:
+                    dirty.add(rid)
+            for i, (rid, hit) in enumerate(fitted):
+                if not hit and rid in dirty:
+                    span_rows[i] = _flag_sanitized(span_rows[i])
+                    hit = True
+                changed += hit
         with self.engine.begin() as conn:
-            if self.dialect == "sqlite":
+            if sqlite_fast:
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
                 # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
                 # few hundred rows keeps the writer from starving behind the app.
                 if span_rows:
                     self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
                 self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
-                return
+                return changed
             if span_rows:
                 if self._span_insert_sql is not None:
                     # the hot write: straight to the driver's executemany, rows prepared as tuples
@@ -374,6 +423,7 @@ class Store:
                 conn.execute(self._upsert_runs(), run_rows)
             else:
                 self._merge_runs_portable(conn, run_rows)
+        return changed
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> None:
@@ -392,14 +442,13 @@ class Store:
             i += size
 
     def _upsert_runs(self) -> Any:
-        if self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
-        ins = dialect_insert(runs)
+        """PostgreSQL's run upsert (SQLite's is ``_SQLITE_RUN_TAIL``): totals grow by the batch's, saturating."""
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        ins = pg_insert(runs)
         ex = ins.excluded
         c = runs.c
-        add = {k: getattr(c, k) + getattr(ex, k) for k in _RUN_SUMS}
+        add = {k: _grow(getattr(c, k), getattr(ex, k), k) for k in _RUN_SUMS}
         return ins.on_conflict_do_update(
             index_elements=[c.run_id],
             set_={**add, "status": ex.status, "reason": ex.reason, "ended_at": ex.ended_at},
@@ -413,7 +462,7 @@ class Store:
             conn.execute(sa.insert(runs), new)
         if old:
             c = runs.c
-            values: dict[str, Any] = {k: getattr(c, k) + sa.bindparam(f"d_{k}", type_=sa.BigInteger())
+            values: dict[str, Any] = {k: _grow(getattr(c, k), sa.bindparam(f"d_{k}", type_=sa.BigInteger()), k)
                                       for k in _RUN_SUMS}
             values.update(status=sa.bindparam("d_status"), reason=sa.bindparam("d_reason"),
                           ended_at=sa.bindparam("d_ended_at"))
@@ -433,19 +482,20 @@ class Store:
 
     def run_cost(self, run_id: str) -> RunCost | None:
         self.ensure_schema()
+        run_id = _fit_text(run_id)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().first()
             if row is None:
                 return None
-            by_model = {
-                m: nanos_to_usd(int(n or 0)) or Decimal(0)
-                for m, n in conn.execute(
-                    sa.select(spans.c.model, sa.func.sum(sa.func.coalesce(spans.c.cost_nanos, 0)))
+
+            def model_costs(split: bool) -> Any:
+                return sa.select(spans.c.model, *_sum(sa.func.coalesce(spans.c.cost_nanos, 0), "cost", split)) \
                     .where(spans.c.run_id == run_id, spans.c.kind.in_(_LLM_KINDS), spans.c.model.is_not(None),
-                           spans.c.cache_hit.is_(False), spans.c.unpriced.is_(False))
+                           spans.c.cache_hit.is_(False), spans.c.unpriced.is_(False)) \
                     .group_by(spans.c.model)
-                )
-            }
+
+            by_model = {r["model"]: nanos_to_usd(_summed(r, "cost")) or Decimal(0)
+                        for r in self._sums(conn, model_costs)}
             unpriced_models = tuple(sorted(conn.execute(
                 sa.select(spans.c.model).distinct()
                 .where(spans.c.run_id == run_id, spans.c.unpriced.is_(True), spans.c.model.is_not(None))
@@ -485,6 +535,54 @@ class Store:
         where: Mapping[str, Any] | None = None,
     ) -> list[RollupRow]:
         self.ensure_schema()
+        out: list[RollupRow] = []
+        with self.engine.connect() as conn:
+            rows = self._sums(conn, lambda split: self._rollup_query(by, since, until, bucket, where, split))
+            for r in rows:
+                b = r.get("bucket")
+                if b is not None:
+                    hours = int(b) * (24 if bucket == "day" else 1)
+                    bstart: datetime | None = datetime.fromtimestamp(hours * 3600, UTC)
+                else:
+                    bstart = None
+                n = int(r["lat_n"] or 0)
+                out.append(RollupRow(
+                    key={k: r[f"k_{k}"] for k in by},
+                    bucket_start=bstart,
+                    cost_usd=nanos_to_usd(_summed(r, "cost")) or Decimal(0),
+                    input_tokens=_summed(r, "inp"),
+                    output_tokens=_summed(r, "out"),
+                    cache_read_tokens=_summed(r, "cr"),
+                    cache_write_tokens=_summed(r, "cw"),
+                    reasoning_tokens=_summed(r, "rsn"),
+                    llm_calls=int(r["llm"]),
+                    tool_calls=int(r["tool"]),
+                    runs=int(r["runs"]),
+                    avg_latency_ms=(float(r["lat_sum"]) / n) if n else None,
+                    max_latency_ms=float(r["lat_max"]) if r["lat_max"] is not None else None,
+                    unpriced_calls=int(r["unpriced"]),
+                    estimated_calls=int(r["est"]),
+                    cache_hits=int(r["hits"]),
+                    saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
+                ))
+        if rows and "cost" not in rows[0]:  # summed in halves: the database ordered them by the high half only
+            out.sort(key=attrgetter("cost_usd"), reverse=True)
+        return out
+
+    def _sums(self, conn: Connection, query: Any) -> list[Any]:
+        """The rows of ``query(False)``; on SQLite, whose ``SUM()`` raises on an overflow past 64 bits (a group
+        holding figures sanitised to BIGINT's ceiling), those of ``query(True)``, which sums each figure in
+        two halves (see ``_sum``): exact either way."""
+        try:
+            return list(conn.execute(query(False)).mappings())
+        except sa.exc.OperationalError as exc:
+            if self.dialect != "sqlite" or "integer overflow" not in str(exc):
+                raise
+        conn.rollback()
+        return list(conn.execute(query(True)).mappings())
+
+    def _rollup_query(self, by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
+                      where: Mapping[str, Any] | None, split: bool) -> Any:
         s = spans.c
         keys = [ROLLUP_KEYS[k].label(f"k_{k}") for k in by]
         group: list[Any] = list(keys)
@@ -497,18 +595,18 @@ class Store:
             group.append(bucket_col)
         not_hit = s.cache_hit.is_(False)
 
-        def tok(col: Any) -> Any:
-            return sa.func.coalesce(sa.func.sum(sa.case((not_hit, col), else_=0)), 0)
+        def tok(col: Any, name: str) -> list[Any]:
+            return _sum(sa.case((not_hit, col), else_=0), name, split)
 
         is_call = s.kind.in_(_CALL_KINDS)
         cols = [
             *group,
-            sa.func.coalesce(sa.func.sum(s.cost_nanos), 0).label("cost"),
-            tok(s.input_tokens).label("inp"),
-            tok(s.output_tokens).label("out"),
-            tok(s.cache_read_tokens).label("cr"),
-            tok(s.cache_write_tokens).label("cw"),
-            tok(s.reasoning_tokens).label("rsn"),
+            *_sum(s.cost_nanos, "cost", split),
+            *tok(s.input_tokens, "inp"),
+            *tok(s.output_tokens, "out"),
+            *tok(s.cache_read_tokens, "cr"),
+            *tok(s.cache_write_tokens, "cw"),
+            *tok(s.reasoning_tokens, "rsn"),
             sa.func.coalesce(sa.func.sum(sa.case((s.kind.in_(_LLM_KINDS), 1), else_=0)), 0).label("llm"),
             sa.func.coalesce(sa.func.sum(sa.case((s.kind == "tool", 1), else_=0)), 0).label("tool"),
             sa.func.count(sa.distinct(s.run_id)).label("runs"),
@@ -518,7 +616,7 @@ class Store:
             sa.func.coalesce(sa.func.sum(sa.case((s.unpriced.is_(True), 1), else_=0)), 0).label("unpriced"),
             sa.func.coalesce(sa.func.sum(sa.case((s.estimated.is_(True), 1), else_=0)), 0).label("est"),
             sa.func.coalesce(sa.func.sum(sa.case((s.cache_hit.is_(True), 1), else_=0)), 0).label("hits"),
-            sa.func.coalesce(sa.func.sum(s.saved_nanos), 0).label("saved"),
+            *_sum(s.saved_nanos, "saved", split),
         ]
         q = sa.select(*cols)
         if since is not None:
@@ -527,49 +625,22 @@ class Store:
             q = q.where(s.start_at < _naive_utc(until))
         for k, v in (where or {}).items():
             col = ROLLUP_KEYS[k]
-            if v is None:
+            if isinstance(v, (list, tuple, set, frozenset)):
+                vals = [_where_text(x) for x in v]
+                listed = col.in_([x for x in vals if x is not None])
+                q = q.where(sa.or_(listed, col.is_(None)) if None in vals else listed)
+            elif v is None:
                 q = q.where(col.is_(None))
-            elif isinstance(v, (list, tuple, set, frozenset)):
-                q = q.where(col.in_(list(v)))
             else:
-                q = q.where(col == v)
+                q = q.where(col == _where_text(v))
         if group:
             q = q.group_by(*group)
-        q = q.order_by(sa.desc("cost"))
-        out: list[RollupRow] = []
-        with self.engine.connect() as conn:
-            for r in conn.execute(q).mappings():
-                b = r.get("bucket")
-                if b is not None:
-                    hours = int(b) * (24 if bucket == "day" else 1)
-                    bstart: datetime | None = datetime.fromtimestamp(hours * 3600, UTC)
-                else:
-                    bstart = None
-                n = int(r["lat_n"] or 0)
-                out.append(RollupRow(
-                    key={k: r[f"k_{k}"] for k in by},
-                    bucket_start=bstart,
-                    cost_usd=nanos_to_usd(int(r["cost"])) or Decimal(0),
-                    input_tokens=int(r["inp"]),
-                    output_tokens=int(r["out"]),
-                    cache_read_tokens=int(r["cr"]),
-                    cache_write_tokens=int(r["cw"]),
-                    reasoning_tokens=int(r["rsn"]),
-                    llm_calls=int(r["llm"]),
-                    tool_calls=int(r["tool"]),
-                    runs=int(r["runs"]),
-                    avg_latency_ms=(float(r["lat_sum"]) / n) if n else None,
-                    max_latency_ms=float(r["lat_max"]) if r["lat_max"] is not None else None,
-                    unpriced_calls=int(r["unpriced"]),
-                    estimated_calls=int(r["est"]),
-                    cache_hits=int(r["hits"]),
-                    saved_usd=nanos_to_usd(int(r["saved"])) or Decimal(0),
-                ))
-        return out
+        return q.order_by(sa.desc(cols[len(group)]))
 
     def spans_of(self, run_id: str) -> list[dict[str, Any]]:
         """Every stored span of a run, oldest first (for audits and the CLI)."""
         self.ensure_schema()
+        run_id = _fit_text(run_id)
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(spans).where(spans.c.run_id == run_id).order_by(spans.c.id)).mappings()
             return [dict(r) for r in rows]
@@ -591,11 +662,40 @@ def _sqlite_write_lock(conn: sa.Connection) -> None:
         logger.debug("costobs: SQLite migration runs in the driver's own transaction: %r", exc)
 
 
+_HALF = 2**32
+
+
+def _sum(x: Any, name: str, split: bool) -> list[Any]:
+    """``SUM(x)`` labelled ``name`` (0 for no rows); with ``split``, ``SUM(x / 2^32)`` and ``SUM(x % 2^32)``
+    (integer division, truncating on both databases): neither overflows, and ``_summed`` joins them exactly."""
+    if not split:
+        return [sa.func.coalesce(sa.func.sum(x), 0).label(name)]
+    return [sa.func.coalesce(sa.func.sum(x // _HALF), 0).label(f"{name}_hi"),
+            sa.func.coalesce(sa.func.sum(x % _HALF), 0).label(f"{name}_lo")]
+
+
+def _summed(row: Mapping[str, Any], name: str) -> int:
+    if name in row:
+        return int(row[name])
+    return int(row[f"{name}_hi"]) * _HALF + int(row[f"{name}_lo"])
+
+
+def _where_text(v: Any) -> str | None:
+    """A ``where`` value as the column holds it: without NUL characters, encodable, at most 256 characters
+    (what the ledger and ``_span_tuple`` store of an attribution value or a name)."""
+    if v is None:
+        return None
+    return _fit_text(_txt(v, 256))
+
+
 def _naive_utc(dt: datetime) -> datetime:
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC).replace(tzinfo=None)
     return dt
 
+
+_BIG_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1
 
 _RUN_SUMS = (
     "cost_nanos", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
@@ -610,23 +710,48 @@ _RUN_COLS = (
     "started_at", "ended_at", *_RUN_SUMS,
 )
 _SQLITE_RUN_HEAD = f"INSERT INTO costobs_runs ({', '.join(_RUN_COLS)}) VALUES "
+_BIG_SUMS = frozenset(_RUN_SUMS[:6])
+"""The BIGINT totals of a run (money and tokens); the others are INTEGER counts."""
+
+
+def _sqlite_grow(k: str) -> str:
+    if k not in _BIG_SUMS:
+        return f"{k} = costobs_runs.{k} + excluded.{k}"
+    return (f"{k} = CASE WHEN excluded.{k} > 0 AND costobs_runs.{k} > {_BIG_MAX} - excluded.{k} THEN {_BIG_MAX} "
+            f"WHEN excluded.{k} < 0 AND costobs_runs.{k} < -{_BIG_MAX} - excluded.{k} THEN -{_BIG_MAX} "
+            f"ELSE costobs_runs.{k} + excluded.{k} END")
+
+
 _SQLITE_RUN_TAIL = (
     " ON CONFLICT (run_id) DO UPDATE SET "
-    + ", ".join(f"{k} = costobs_runs.{k} + excluded.{k}" for k in _RUN_SUMS)
+    + ", ".join(_sqlite_grow(k) for k in _RUN_SUMS)
     + ", status = excluded.status, reason = excluded.reason, ended_at = excluded.ended_at"
 )
 
 
+def _grow(total: Any, delta: Any, k: str) -> Any:
+    """``total + delta`` for a run's stored total, saturating at BIGINT's bounds (``±(2^63 - 1)``) for money and
+    tokens: a run that reached one (a figure sanitised to it) stays there, instead of refusing every later span
+    of the run. (``_SQLITE_RUN_TAIL`` is the same in SQLite's text.)"""
+    if k not in _BIG_SUMS:
+        return total + delta
+    return sa.case((sa.and_(delta > 0, total > _BIG_MAX - delta), sa.literal(_BIG_MAX, sa.BigInteger())),
+                   (sa.and_(delta < 0, total < -_BIG_MAX - delta), sa.literal(-_BIG_MAX, sa.BigInteger())),
+                   else_=total + delta)
+
+
 def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
     """A run's summary row for SQLite, in ``_RUN_COLS`` order: ``acc`` is ``[run, *totals]`` (see
-    ``_write_batch``); its status, reason and end as the run has them now."""
+    ``_write_batch``); its status, reason and end as the run has them now; its attributes as JSON text as the
+    engine writes it (``_json_text``)."""
     run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
     attrs = run.attributes
     return (
         run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
-        json.dumps(dict(attrs)) if attrs else None, status, run.aborted.reason if run.aborted is not None else None,
+        _json_text(dict(attrs)) if attrs else None, status,
+        run.aborted.reason if run.aborted is not None else None,
         _sqlite_dt(run.started_wall), _sqlite_dt(ended) if ended else None, *acc[1:],
     )
 
@@ -664,7 +789,8 @@ _SPAN_COLS: tuple[str, ...] = (
     "latency_ms", "status", "error", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
     "reasoning_tokens", "cost_nanos", "tree_cost_nanos", "unpriced", "estimated", "cache_hit", "saved_nanos",
     "price_source", "price_input", "price_output", "price_cache_read", "price_cache_write", "flags", "feature",
-    "route", "tenant_id", "user_hash", "prompt_version",
+    "route", "tenant_id", "user_hash", "prompt_version", "cache_write_1h_tokens", "service_tier",
+    "web_search_requests",
 )
 _SQLITE_SPAN_HEAD = f"INSERT INTO costobs_spans ({', '.join(_SPAN_COLS)}) VALUES "
 _NO_PRICES: tuple[str | None, ...] = (None, None, None, None, None)
@@ -689,9 +815,10 @@ _second_text: dict[int, str] = {}
 
 def _sqlite_dt(ts: float) -> str:
     """SQLAlchemy's own SQLite DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), so Core reads it
-    back; the date and time of a whole second are formatted once (spans come in bursts)."""
+    back; the date and time of a whole second are formatted once (spans come in bursts). Microseconds are
+    rounded as ``datetime.fromtimestamp`` rounds them (half to even), so every path stores the same time."""
     sec = int(ts)
-    us = int((ts - sec) * 1_000_000 + 0.5)
+    us = round((ts - sec) * 1_000_000)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
     head = _second_text.get(sec)
@@ -727,17 +854,157 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
         *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
         _txt(",".join(sp.flags), 256) if sp.flags else None,
-        *_RUN_ATTRIBUTION(run),
+        *_RUN_ATTRIBUTION(run), *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
     )
 
 
 _NO_USAGE = (0, 0, 0, 0, 0)
+_NO_DETAIL = (0, None, 0)
+
+
+def _detail_cols(d: UsageDetail) -> tuple[Any, ...]:
+    """A span's ``UsageDetail`` as its three columns. ``web_search_requests`` is an INTEGER: a count past it is
+    held at its ceiling here, on every database (SQLite would store it, PostgreSQL refuse it)."""
+    tier = d.service_tier
+    if tier is not None:
+        tier = _txt(tier if isinstance(tier, str) else str(tier), 32) or None
+    n = d.web_search_requests
+    return d.cache_write_1h, tier, n if n <= _INT_MAX else _INT_MAX
 _RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "prompt_version")
 
 
 def _span_row(sp: Span) -> dict[str, Any]:
     """One span as a Core parameter dict (the portable path, for dialects without a fast path)."""
     return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, bool), strict=True))
+
+
+# -- values made to fit their columns (a batch the database refused) ------------------------------------
+
+_INT32_COLS = frozenset({"hour", "web_search_requests", *_RUN_SUMS[6:]})
+_BIGINT_COLS = frozenset({
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_nanos",
+    "tree_cost_nanos", "saved_nanos", "cache_write_1h_tokens",
+})
+
+
+def _kinds(cols: Sequence[str]) -> str:
+    """Per column: ``b`` a BIGINT, ``i`` an INTEGER, ``t`` anything else (text is fitted, other values kept)."""
+    return "".join("i" if c in _INT32_COLS else "b" if c in _BIGINT_COLS else "t" for c in cols)
+
+
+_SPAN_KINDS = _kinds(_SPAN_COLS)
+_RUN_KINDS = _kinds(_RUN_COLS)
+_SPAN_LENS: tuple[int | None, ...] = tuple(getattr(spans.c[c].type, "length", None) for c in _SPAN_COLS)
+_RUN_LENS: tuple[int | None, ...] = tuple(getattr(runs.c[c].type, "length", None) for c in _RUN_COLS)
+_FLAGS_AT = _SPAN_COLS.index("flags")
+_ATTRS_AT = _RUN_COLS.index("attributes")
+
+
+def _fit_text(s: str) -> str:
+    """Text every database takes: surrogate pairs joined, lone surrogates replaced by U+FFFD (UTF-8 cannot
+    encode them), NUL characters dropped (PostgreSQL refuses them); the same object when it already is."""
+    if "\x00" in s:
+        s = s.replace("\x00", "")
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return s
+
+
+def _fit_int(v: int, ceiling: int) -> int:
+    return ceiling if v > ceiling else -ceiling if v < -ceiling else v
+
+
+def _fit_json(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Run attributes (text, numbers, booleans, ``None``) with their text made encodable."""
+    return {_fit_text(k): _fit_text(v) if isinstance(v, str) else v for k, v in attrs.items()}
+
+
+def _fit_row(row: Sequence[Any], kinds: str, lens: Sequence[int | None]) -> tuple[list[Any], bool]:
+    """A row with every value made to fit its column, and whether any changed: integers held inside their
+    column's range, text made encodable (``_fit_text``) and cut to the column's length. Booleans, times and
+    floats are kept."""
+    out = list(row)
+    changed = False
+    for i, v in enumerate(row):
+        tv = type(v)
+        if tv is str:
+            nv: Any = _fit_text(v)
+            n = lens[i]
+            if n is not None and len(nv) > n:
+                nv = nv[:n]
+        elif tv is int:
+            nv = _fit_int(v, _INT_MAX if kinds[i] == "i" else _BIG_MAX)
+        else:
+            continue
+        if nv is not v and nv != v:
+            out[i] = nv
+            changed = True
+    return out, changed
+
+
+def _fit_span_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
+    """A span's row (a tuple of ``_SPAN_COLS`` or a Core dict) made to fit (``_fit_row``), flagged ``sanitized``
+    if anything changed; and whether it did."""
+    vals, changed = _fit_row(tuple(row.values()) if isinstance(row, dict) else row, _SPAN_KINDS, _SPAN_LENS)
+    if changed:
+        _add_flag(vals)
+    if isinstance(row, dict):
+        return dict(zip(_SPAN_COLS, vals, strict=True)), changed
+    return tuple(vals), changed
+
+
+def _add_flag(vals: list[Any]) -> None:
+    flags = vals[_FLAGS_AT]
+    vals[_FLAGS_AT] = _txt(f"{flags},sanitized" if flags else "sanitized", 256)
+
+
+def _flag_sanitized(row: tuple[Any, ...] | dict[str, Any]) -> Any:
+    """A span's row flagged ``sanitized`` (its run's values were made to fit)."""
+    vals = list(row.values()) if isinstance(row, dict) else list(row)
+    _add_flag(vals)
+    return dict(zip(_SPAN_COLS, vals, strict=True)) if isinstance(row, dict) else tuple(vals)
+
+
+def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
+    """A run's row (``_sqlite_run_tuple`` or ``_run_row``) made to fit (``_fit_row``; JSON text as text, the
+    attributes of a Core row by value), and whether anything changed."""
+    if isinstance(row, dict):
+        attrs = row["attributes"]
+        vals, changed = _fit_row(tuple(row[k] for k in _RUN_COLS), _RUN_KINDS, _RUN_LENS)
+        if attrs:
+            fitted = _fit_json(attrs)
+            if fitted != attrs:
+                vals[_ATTRS_AT] = fitted
+                changed = True
+        return dict(zip(_RUN_COLS, vals, strict=True)), changed
+    text = row[_ATTRS_AT]
+    vals, changed = _fit_row(row, _RUN_KINDS, _RUN_LENS)
+    if text is not None:  # by value, as for a Core row (the text's \u0000 escapes are NULs too)
+        attrs = json.loads(text)
+        fitted = _fit_json(attrs)
+        vals[_ATTRS_AT] = _json_text(fitted)
+        changed = changed or fitted != attrs
+    return tuple(vals), changed
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """The batch was refused for its content (retrying it as it is cannot help), not for the database's state:
+    a value the driver cannot bind (an int past 64 bits, text it cannot encode) or the database refuses (out
+    of range, too long, a constraint)."""
+    if isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError, OverflowError, UnicodeError)):
+        return True
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return isinstance(exc.orig, (OverflowError, UnicodeError, ValueError, TypeError))
+    return False
+
+
+def _json_text(value: Any) -> str:
+    """JSON as the store writes it: characters as they are, not ``\\u`` escapes (see ``Store.__init__``)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -8,7 +8,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.utils.uuid import uuid7
@@ -230,8 +230,10 @@ class CostTracker:
 
     def run_cost(self, run_id: uuid.UUID | str) -> RunCost | None:
         """What a run cost: live from memory while it is open here, else from the database
-        (after flushing what this process still holds)."""
-        rid = run_text(run_id)
+        (after flushing what this process still holds); ``None`` for a run never seen.
+
+        ``run_id``: a ``UUID`` or a text of 1 to 64 characters (``ConfigurationError`` otherwise)."""
+        rid = _query_run_id(run_id)
         live = self.ledger.run_cost(rid)
         if live is not None:
             return live
@@ -255,28 +257,44 @@ class CostTracker:
         bucket: str | None = None,
         where: Mapping[str, Any] | None = None,
     ) -> list[RollupRow]:
-        """Costs grouped by attribution keys (and hour or day), most expensive first."""
-        keys = (by,) if isinstance(by, str) else tuple(by)
-        for k in (*keys, *(where or {})):
-            if k not in ROLLUP_KEYS:
-                raise ConfigurationError(f"unknown rollup key {k!r}; choose from {', '.join(ROLLUP_KEYS)}")
-        if len(set(keys)) != len(keys):
-            raise ConfigurationError(f"duplicate rollup key in {keys!r}")
+        """Costs grouped by attribution keys (and hour or day), most expensive first.
+
+        Args:
+            by: a key of ``ROLLUP_KEYS`` or a sequence of them (none: one row of everything).
+            since, until: the spans started in ``[since, until)``; ``datetime`` objects, a naive one read as
+                UTC (as the database keeps times).
+            bucket: ``"hour"``, ``"day"`` or ``None``.
+            where: key -> a text (equal to it), ``None`` (no value), or a list, tuple or set of those (any of
+                them). Values are compared as stored: NUL characters dropped, lone surrogates as U+FFFD,
+                at most 256 characters.
+
+        Every argument is checked before the database is asked: ``ConfigurationError`` names a bad one.
+        """
+        keys = _rollup_by(by)
         if bucket not in (None, "hour", "day"):
             raise ConfigurationError(f"bucket must be 'hour', 'day' or None, not {bucket!r}")
+        start, end = _moment("since", since), _moment("until", until)
+        if start is not None and end is not None and start > end:
+            raise ConfigurationError(f"since ({since!r}) is after until ({until!r})")
+        filters = _rollup_where(where)
         self.flush(timeout=10.0)
-        return self.store.rollup(keys, since=since, until=until, bucket=bucket, where=where)
+        return self.store.rollup(keys, since=start, until=end, bucket=bucket, where=filters)
 
     def spans(self, run_id: uuid.UUID | str) -> list[dict[str, Any]]:
-        """The stored spans of a run (after flushing), for audits."""
+        """The stored spans of a run (after flushing), for audits; ``run_id`` as for ``run_cost``."""
+        rid = _query_run_id(run_id)
         self.flush(timeout=10.0)
-        return self.store.spans_of(run_text(run_id))
+        return self.store.spans_of(rid)
 
     @property
     def stats(self) -> dict[str, int]:
-        """Exporter counters plus the handler's internal errors: check that nothing was lost."""
+        """Exporter counters plus the handler's internal errors: check that nothing was lost.
+
+        ``failed`` counts the spans and runs lost, ``refused`` those of them the database refused for their
+        content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``)."""
         out = self.exporter.stats.as_dict()
         out["internal_errors"] = self.ledger.internal_errors
+        out["sanitized"] = self.store.sanitized
         out["open_runs"] = len(self.ledger.runs)
         out["pending"] = self.exporter.pending()
         return out
@@ -318,6 +336,61 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise ConfigurationError(f"run_id must be a UUID (LangChain requires one), got {value!r}") from None
+
+
+def _query_run_id(run_id: Any) -> str:
+    """A run id to look up, as stored (``run_text``): a ``UUID``, or a text that could name a stored run (1 to 64
+    characters, no NUL, as ``run()`` takes them)."""
+    if not isinstance(run_id, uuid.UUID) and (
+            not isinstance(run_id, str) or not run_id or len(run_id) > 64 or "\x00" in run_id):
+        raise ConfigurationError(f"run_id must be a UUID or a text of 1 to 64 characters, got {run_id!r}")
+    return run_text(run_id)
+
+
+def _rollup_by(by: Any) -> tuple[str, ...]:
+    if isinstance(by, str):
+        keys: tuple[Any, ...] = (by,)
+    elif isinstance(by, Iterable) and not isinstance(by, (bytes, Mapping)):
+        keys = tuple(by)
+    else:
+        raise ConfigurationError(f"by must be a rollup key or a sequence of them, not {by!r}")
+    for k in keys:
+        if not isinstance(k, str) or k not in ROLLUP_KEYS:
+            raise ConfigurationError(f"unknown rollup key {k!r} in by; choose from {', '.join(ROLLUP_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise ConfigurationError(f"duplicate rollup key in by={keys!r}")
+    return keys
+
+
+def _moment(name: str, value: Any) -> datetime | None:
+    """``since``/``until`` as an aware UTC ``datetime`` (a naive one is UTC, as stored)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ConfigurationError(f"{name} must be a datetime (a naive one is read as UTC), not {value!r}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _rollup_where(where: Any) -> dict[str, Any] | None:
+    if where is None:
+        return None
+    if not isinstance(where, Mapping):
+        raise ConfigurationError(f"where must be a mapping of rollup keys to values, not {where!r}")
+    out: dict[str, Any] = {}
+    for k, v in where.items():
+        if not isinstance(k, str) or k not in ROLLUP_KEYS:
+            raise ConfigurationError(f"unknown rollup key {k!r} in where; choose from {', '.join(ROLLUP_KEYS)}")
+        if isinstance(v, (list, tuple, set, frozenset)):
+            bad = [x for x in v if x is not None and not isinstance(x, str)]
+            ok = not bad
+            v = list(v)
+        else:
+            ok = v is None or isinstance(v, str)
+        if not ok:
+            raise ConfigurationError(
+                f"where[{k!r}] must be a text, None, or a list, tuple or set of them, not {where[k]!r}")
+        out[k] = v
+    return out
 
 
 def _warm_tokenizers() -> None:

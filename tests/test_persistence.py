@@ -101,7 +101,10 @@ def usd(inp: int, out: int, cached: int = 0) -> Decimal:
 def child(tmp_path: Path) -> Any:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
+    # the children import the same checkout as this process (not whichever copy the environment installed)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env.pop("COSTOBS_USER_SALT", None)
     env.pop("COSTOBS_DATABASE_URL", None)
 

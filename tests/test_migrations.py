@@ -1,0 +1,150 @@
+"""Migrations on a database that holds data: a store at revision 0001, filled, is brought to the head by the
+first tracker that opens it; every row and figure survives, the new columns read as their defaults, and new
+spans fill them. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from costobs_callbacks import CostTracker
+from costobs_callbacks._events import TokenUsage, UsageDetail
+from costobs_callbacks._store import HEAD_REVISION, migrations_dir
+
+PRICES = {"m-mig": {"input": "2", "output": "8", "cache_read": "0.2", "cache_write": "2.5"}}
+NEW_COLUMNS = {"cache_write_1h_tokens", "service_tier", "web_search_requests"}
+
+
+def _alembic(conn: sa.Connection, verb: str, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("version_table", "costobs_alembic_version")
+    cfg.attributes["connection"] = conn
+    getattr(command, verb)(cfg, revision)
+
+
+T0 = datetime(2026, 11, 20, 9, 30, 15, 123456)
+T1 = datetime(2026, 11, 20, 9, 30, 16, 654321)
+HOUR = int(T0.timestamp() // 3600)  # naive T0 read as local time: any whole hour serves the check
+
+OLD_SPANS: list[dict[str, Any]] = [
+    dict(span_id="s-1", parent_id=None, run_id="run-a", kind="llm", name="ChatOpenAI", model="m-mig",
+         provider="openai", start_at=T0, end_at=T1, hour=HOUR, latency_ms=1531.0, status="ok", error=None,
+         input_tokens=1200, output_tokens=300, cache_read_tokens=200, cache_write_tokens=100, reasoning_tokens=50,
+         cost_nanos=4_690_000, tree_cost_nanos=4_690_000, unpriced=False, estimated=False, cache_hit=False,
+         saved_nanos=None, price_source="override", price_input="2", price_output="8", price_cache_read="0.2",
+         price_cache_write="2.5", flags=None, feature="chat", route="/a", tenant_id="t1", user_hash="h" * 64,
+         prompt_version="v1"),
+    dict(span_id="s-2", parent_id="s-1", run_id="run-a", kind="tool", name="search", model=None, provider=None,
+         start_at=T0, end_at=T1, hour=HOUR, latency_ms=2.5, status="error", error="TimeoutError",
+         input_tokens=0, output_tokens=0, cache_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0,
+         cost_nanos=1_000_000, tree_cost_nanos=1_000_000, unpriced=False, estimated=False, cache_hit=False,
+         saved_nanos=None, price_source=None, price_input=None, price_output=None, price_cache_read=None,
+         price_cache_write=None, flags="tool_error", feature="chat", route="/a", tenant_id="t1",
+         user_hash="h" * 64, prompt_version="v1"),
+    dict(span_id="s-3", parent_id=None, run_id="run-b", kind="llm", name="ChatOpenAI", model="m-unknown",
+         provider="openai", start_at=T1, end_at=T1, hour=HOUR, latency_ms=0.0, status="ok", error=None,
+         input_tokens=2**62, output_tokens=7, cache_read_tokens=0, cache_write_tokens=0, reasoning_tokens=0,
+         cost_nanos=None, tree_cost_nanos=0, unpriced=True, estimated=True, cache_hit=False, saved_nanos=None,
+         price_source=None, price_input=None, price_output=None, price_cache_read=None, price_cache_write=None,
+         flags="unpriced,estimated", feature="batch", route=None, tenant_id=None, user_hash=None,
+         prompt_version=None),
+]
+OLD_RUNS: list[dict[str, Any]] = [
+    dict(run_id="run-a", feature="chat", route="/a", tenant_id="t1", user_hash="h" * 64, prompt_version="v1",
+         attributes={"team": "x", "n": 3}, status="ok", reason=None, started_at=T0, ended_at=T1, invocations=1,
+         cost_nanos=5_690_000, input_tokens=1200, output_tokens=300, cache_read_tokens=200, cache_write_tokens=100,
+         reasoning_tokens=50, llm_calls=1, tool_calls=1, unpriced_calls=0, estimated_calls=0, span_count=2),
+    dict(run_id="run-b", feature="batch", route=None, tenant_id=None, user_hash=None, prompt_version=None,
+         attributes=None, status="aborted", reason="max_cost", started_at=T1, ended_at=T1, invocations=1,
+         cost_nanos=0, input_tokens=2**62, output_tokens=7, cache_read_tokens=0, cache_write_tokens=0,
+         reasoning_tokens=0, llm_calls=1, tool_calls=0, unpriced_calls=1, estimated_calls=1, span_count=1),
+]
+
+
+def _rows(conn: sa.Connection, table: str, key: str) -> list[dict[str, Any]]:
+    t = sa.Table(table, sa.MetaData(), autoload_with=conn)
+    if table == "costobs_runs":  # reflected JSON reads as text on SQLite
+        t = sa.Table(table, sa.MetaData(), sa.Column("attributes", sa.JSON()), autoload_with=conn)
+    return [dict(r) for r in conn.execute(sa.select(t).order_by(t.c[key])).mappings()]
+
+
+def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        _alembic(conn, "upgrade", "0001")
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() == "0001"
+        assert not NEW_COLUMNS & {c["name"] for c in sa.inspect(conn).get_columns("costobs_spans")}
+        md = sa.MetaData()
+        spans = sa.Table("costobs_spans", md, autoload_with=conn)
+        runs = sa.Table("costobs_runs", md, sa.Column("attributes", sa.JSON()), autoload_with=conn)
+        conn.execute(sa.insert(spans), OLD_SPANS)
+        conn.execute(sa.insert(runs), OLD_RUNS)
+        conn.execute(sa.text("INSERT INTO costobs_meta (key, value) VALUES ('user_salt', :v)"), {"v": "ab" * 32})
+
+    with CostTracker(database_url, prices=PRICES) as tracker:  # no salt given: the stored one is used
+        with tracker.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
+                == HEAD_REVISION == "0002"
+            spans_after = _rows(conn, "costobs_spans", "span_id")
+            runs_after = _rows(conn, "costobs_runs", "run_id")
+            assert conn.execute(sa.text("SELECT value FROM costobs_meta")).scalar_one() == "ab" * 32
+        assert [{k: v for k, v in r.items() if k != "id" and k not in NEW_COLUMNS} for r in spans_after] \
+            == OLD_SPANS
+        assert [(r["cache_write_1h_tokens"], r["service_tier"], r["web_search_requests"]) for r in spans_after] \
+            == [(0, None, 0)] * 3
+        assert runs_after == OLD_RUNS
+
+        rc = tracker.run_cost("run-a")
+        assert rc is not None
+        assert (rc.cost_usd, rc.input_tokens, rc.output_tokens, rc.cache_read_tokens, rc.cache_write_tokens,
+                rc.reasoning_tokens, rc.llm_calls, rc.tool_calls) == (Decimal("0.00569"), 1200, 300, 200, 100, 50, 1, 1)
+        assert rc.by_model == {"m-mig": Decimal("0.00469")}
+        assert rc.attributes == {"feature": "chat", "route": "/a", "tenant_id": "t1", "user": "h" * 64,
+                                 "prompt_version": "v1", "team": "x", "n": 3}
+        rb = tracker.run_cost("run-b")
+        assert rb is not None and (rb.status, rb.reason, rb.input_tokens, rb.unpriced_models) \
+            == ("aborted", "max_cost", 2**62, ("m-unknown",))
+        by_feature = {r.key["feature"]: r for r in tracker.rollup(by=["feature"])}
+        assert (by_feature["chat"].cost_usd, by_feature["chat"].tool_calls) == (Decimal("0.00569"), 1)
+        assert (by_feature["batch"].input_tokens, by_feature["batch"].unpriced_calls) == (2**62, 1)
+
+        # new spans, on the upgraded schema, fill the new columns; one continues an old run
+        ledger = tracker.ledger
+        detail = UsageDetail(cache_write_1h=40, service_tier="priority", web_search_requests=2)
+        ledger.start("s-new", None, "llm", "ChatAnthropic", {"feature": "chat"}, "m-mig", "anthropic",
+                     root=True, run_id="run-a")
+        time.sleep(0.001)
+        span = ledger.end("s-new", "ok", None, TokenUsage(1000, 100, 0, 60, 0), detail=detail)
+        assert span is not None and span.cost_nanos is not None
+        ledger.start("s-plain", None, "llm", "ChatOpenAI", {"feature": "other"}, "m-mig", "openai", root=True,
+                     run_id="run-c")
+        plain = ledger.end("s-plain", "ok", None, TokenUsage(10, 2))
+        assert plain is not None and plain.cost_nanos == 36_000
+        stored = {s["span_id"]: s for s in tracker.spans("run-a")}
+        assert (stored["s-new"]["cache_write_1h_tokens"], stored["s-new"]["service_tier"],
+                stored["s-new"]["web_search_requests"], stored["s-new"]["cost_nanos"]) \
+            == (40, "priority", 2, span.cost_nanos)
+        (c,) = tracker.spans("run-c")
+        assert (c["cache_write_1h_tokens"], c["service_tier"], c["web_search_requests"]) == (0, None, 0)
+        rc2 = tracker.run_cost("run-a")
+        assert rc2 is not None
+        assert rc2.cost_usd == Decimal("0.00569") + Decimal(span.cost_nanos).scaleb(-9)
+        assert (rc2.input_tokens, rc2.cache_write_tokens, rc2.llm_calls) == (2200, 160, 2)
+        assert tracker.stats["failed"] == 0
+
+    # and back: the downgrade drops the new columns and keeps every row
+    with engine.begin() as conn:
+        _alembic(conn, "downgrade", "0001")
+    with engine.connect() as conn:
+        assert not NEW_COLUMNS & {c["name"] for c in sa.inspect(conn).get_columns("costobs_spans")}
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_spans")).scalar_one() == 5
+        assert [r["span_id"] for r in _rows(conn, "costobs_spans", "span_id")][:3] == ["s-1", "s-2", "s-3"]
+    engine.dispose()
