@@ -853,9 +853,18 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
         _txt(sp.error, 128) if sp.error else None,
         *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
-        _txt(",".join(sp.flags), 256) if sp.flags else None,
+        _flags_of(sp, run.flags),
         *_RUN_ATTRIBUTION(run), *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
     )
+
+
+def _flags_of(sp: Span, run_flags: tuple[str, ...]) -> str | None:
+    """A span's flags column: its own flags, then its run's (``truncated``, ``sanitized`` attribution: every span
+    of the run carries them), comma-separated."""
+    own = sp.flags
+    if not run_flags:
+        return _txt(",".join(own), 256) if own else None
+    return _txt(",".join(dict.fromkeys((*(own or ()), *run_flags))), 256)
 
 
 _NO_USAGE = (0, 0, 0, 0, 0)

@@ -146,3 +146,28 @@ def test_sixteen_threads_without_max_tokens_stay_within_the_budget(
         assert rc is not None
         assert (rc.llm_calls, rc.cost_usd) == (n, call * n)
         assert rc.cost_usd <= budget
+
+
+def test_attribution_cut_or_sanitised_is_flagged_on_every_span(
+    cost_tracker_factory: Callable[..., CostTracker], stub_openai: StubOpenAI
+) -> None:
+    """An attribution value longer than 256 characters is cut there and flagged ``truncated``; a lone surrogate
+    (no database encoding takes it) is replaced by U+FFFD and flagged ``sanitized``; every span of the run says so."""
+    from langchain_core.runnables import RunnableLambda
+
+    stub_openai.responder = lambda req: StubReply("ok", usage=StubUsage(10, 5))
+    tracker = cost_tracker_factory()
+    llm = ChatOpenAI(base_url=stub_openai.base_url, api_key="sk-test", model=MODEL, max_retries=0)
+    chain = RunnableLambda(lambda x: x) | llm
+    cfg = tracker.config(feature="f" * 300, route="r\udcffs", team="t" * 260)
+    chain.invoke("hi", config=cfg)
+    ok = tracker.config(feature="plain")
+    chain.invoke("hi", config=ok)
+    assert tracker.flush(10)
+    spans = tracker.spans(cfg["run_id"])
+    assert len(spans) == 3
+    assert all(set(s["flags"].split(",")) >= {"truncated", "sanitized"} for s in spans)
+    assert {(s["feature"], s["route"]) for s in spans} == {("f" * 256, "r\ufffds")}
+    rc = tracker.run_cost(cfg["run_id"])
+    assert rc is not None and rc.attributes["team"] == "t" * 256 and rc.cost_usd == CALL_USD
+    assert all(s["flags"] is None for s in tracker.spans(ok["run_id"]) if s["kind"] != "llm")
