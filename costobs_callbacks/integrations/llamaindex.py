@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -83,10 +84,11 @@ from llama_index.core.tools.types import BaseTool
 from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel, Field
 
+from .._errors import Faults
 from .._events import TokenUsage, token_count
 from .._exceptions import RunAborted
 from .._ledger import Span, Tokens, _again, current_scope, tokens_of
-from .._tokens import count_text
+from .._tokens import chat_token_bound, chat_tokens, count, count_text, known_or_bytes
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
     import workflows as _workflows
@@ -135,27 +137,6 @@ _EMPTY: Mapping[str, Any] = {}
 
 
 # -- prompt operations -------------------------------------------------------------------------------
-
-
-_COUNTS: dict[tuple[int, int, str | None], tuple[int, bool]] = {}
-_MAX_COUNTS = 16_384
-
-
-def _count(text: str, model: str | None) -> tuple[int, bool]:
-    """``count_text``, remembered: an agent sends its whole history with every call, and a chat call is
-    counted for the loop guard's budget estimate before it is sent and again at its end when the provider
-    reports no usage. Keyed by the text's hash and length, so no text is kept; a hash collision could only
-    misstate an estimate."""
-    if not text:
-        return 0, True
-    key = (hash(text), len(text), model)
-    hit = _COUNTS.get(key)
-    if hit is None:
-        hit = count_text(text, model)
-        if len(_COUNTS) >= _MAX_COUNTS:
-            _COUNTS.clear()
-        _COUNTS[key] = hit
-    return hit
 
 
 def _calls_json(calls: list[dict[str, Any]]) -> str:
@@ -276,8 +257,8 @@ class _LlamaOps:
     """Prompt operations on what a LlamaIndex LLM call sends: a message list (chat, as a ``_Prompt``) or a
     prompt string (completion), plus the request's tools (a ``_Tools``). Never stored, never exported.
 
-    Token count of a chat request: 3 + sum over messages of (4 + text + tool calls) + the tools' JSON
-    (OpenAI's cookbook accounting), each counted with the model's own tiktoken encoding."""
+    Tokens: ``_tokens.chat_tokens``' accounting of a chat request (a completion's prompt is one text), each text
+    counted with the model's own tiktoken encoding."""
 
     @staticmethod
     def signature(model: str | None, prompt: Any) -> int:
@@ -287,25 +268,37 @@ class _LlamaOps:
 
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        tools = _tools_json(extra)
         if isinstance(prompt, str):
-            total, exact = _count(prompt, model)
-        else:
-            total, exact = 3, True
-            for _role, text, calls in _as_prompt(prompt).parts():
-                n, ok = _count(text, model)
-                total += n + 4
-                exact = exact and ok
-                if calls:
-                    n, ok = _count(calls, model)
-                    total += n
-                    exact = exact and ok
-        if extra:
-            tools_json = extra.json() if isinstance(extra, _Tools) else json.dumps(extra, default=str)
-            if tools_json:
-                n, ok = _count(tools_json, model)
-                total += n
-                exact = exact and ok
-        return total, exact
+            total, exact = count(prompt, model)
+            if tools:
+                n, ok = count(tools, model)
+                total, exact = total + n, exact and ok
+            return total, exact
+        return chat_tokens(model, _as_prompt(prompt).parts(), _TEXT_AND_CALLS, tools)
+
+    @staticmethod
+    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
+        (``_tokens.chat_token_bound``)."""
+        tools = _tools_json(extra)
+        if isinstance(prompt, str):
+            total, exact = known_or_bytes(prompt, model)
+            if tools:
+                n, ok = known_or_bytes(tools, model)
+                total, exact = total + n, exact and ok
+            return total, exact
+        return chat_token_bound(model, _as_prompt(prompt).parts(), _TEXT_AND_CALLS, tools)
+
+
+_TEXT_AND_CALLS = operator.itemgetter(1, 2)
+"""A ``_Prompt`` part's text and tool calls (``_tokens.chat_tokens``' ``parts``)."""
+
+
+def _tools_json(extra: Any) -> str:
+    if not extra:
+        return ""
+    return extra.json() if isinstance(extra, _Tools) else json.dumps(extra, default=str)
 
 
 OPS = _LlamaOps()
@@ -670,23 +663,10 @@ class _Adapter:
         self.lock = threading.RLock()
         self.managers: weakref.WeakSet[CallbackManager] = weakref.WeakSet()
         self.created_settings_manager: CallbackManager | None = None
-        self.internal_errors = 0
-        self._last_log = 0.0
+        self.fault = Faults(ledger, "LlamaIndex")  # our own bug or a payload we could not read: count, log, carry on
         self.span_handler = _SpanHandler(self)
         self.event_handler = _EventHandler(self)
         self.legacy = CostLlamaIndexHandler(self)
-
-    # -- faults ----------------------------------------------------------------------------------
-
-    def fault(self, hook: str, exc: BaseException) -> None:
-        """Our own bug or a payload we could not read: count, log (rate-limited), carry on."""
-        self.internal_errors += 1
-        self.ledger.internal_errors += 1
-        now = time.monotonic()
-        if now - self._last_log > 5.0:
-            self._last_log = now
-            logger.warning("costobs: internal error in LlamaIndex %s (%d so far): %r", hook, self.internal_errors,
-                           exc, exc_info=exc)
 
     # -- the event handler, on the dispatcher only while needed --------------------------------------
 
@@ -1073,8 +1053,8 @@ class _Adapter:
             prompt, tools = track.inner_prompt
         else:
             prompt, tools = track.prompt, track.tools
-        inp, ok_in = _count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
-        out, ok_out = _count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
+        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
+        out, ok_out = count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 
     # -- instrumentation: embeddings ---------------------------------------------------------------------
