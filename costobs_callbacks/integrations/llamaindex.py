@@ -436,6 +436,23 @@ def _identity(cls: type | None, model_dict: Mapping[str, Any], default: str) -> 
     return cls_name or str(model_dict.get("class_name") or default), _model_of(model_dict, cls_name), provider
 
 
+_IDENTITIES: dict[tuple[Any, Any, Any, Any], tuple[str, str | None, str | None]] = {}
+"""``(component class, model, model_name, class_name of its model dict)`` -> ``_identity``'s answer: read on every
+LLM call's start, the same for every call of a component."""
+_MAX_IDENTITIES = 1024
+
+
+def _remember_identity(key: tuple[Any, Any, Any, Any],
+                       ident: tuple[str, str | None, str | None]) -> tuple[str, str | None, str | None]:
+    try:
+        if len(_IDENTITIES) >= _MAX_IDENTITIES:
+            _IDENTITIES.clear()
+        _IDENTITIES[key] = ident
+    except TypeError:  # an unhashable model field: not remembered
+        pass
+    return ident
+
+
 def _provider_from_class_name(name: Any) -> str | None:
     """For the stand-alone handler (it sees only ``to_payload()``): ``openai_llm`` -> ``openai``."""
     return _provider_from_name(name) if isinstance(name, str) else None
@@ -1201,15 +1218,28 @@ class _Adapter:
         md = p.get(_P_SERIALIZED)
         if md is None or not (type(md) is dict or isinstance(md, Mapping)):
             md = _EMPTY
-        name, model, provider = _identity(node.cls, md, "llm")
+        # _identity(node.cls, md, "llm"), remembered by what it reads
+        ident_key = (node.cls, md.get("model"), md.get("model_name"), md.get("class_name"))
+        try:
+            ident = _IDENTITIES.get(ident_key)
+        except TypeError:  # an unhashable field
+            ident = None
+        if ident is None:
+            ident = _remember_identity(ident_key, _identity(node.cls, md, "llm"))
+        name, model, provider = ident
         key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
         if parent is None and self.ledger.lone_calls and current_scope.get() is None:
             # started when its span did (a top node's clock: see _Node)
             track = _lone_track(key, node, name, model, provider, prompt, tools, node.start_wall, node.start_perf)
         else:
             up = self.anchor(node, include_self=False) if parent is not None else None
+            if kw:
+                max_tokens = _max_tokens(kw, md)
+            else:  # _max_tokens without kwargs, inline
+                n = md.get("num_output")
+                max_tokens = n if type(n) is int and n > 0 else None
             try:
-                track = self.open_llm(key, up, name, node, model, provider, prompt, tools, _max_tokens(kw, md))
+                track = self.open_llm(key, up, name, node, model, provider, prompt, tools, max_tokens)
             except RunAborted as err:
                 node.refused = err
                 node.refused_raised = True
@@ -1571,6 +1601,16 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
             return
         a = self._adapter
         try:
+            if event_type is _EV_LLM and type(payload) is dict and _P_EXCEPTION not in payload:
+                # legacy_end's commonest case, inline: an LLM call of ours ended with its response
+                track = a.events.pop(event_id, None)
+                if track is not None and track.kind == "llm" and track.ctx_token is None and not track.ended:
+                    track.event_id = None  # popped
+                    resp = payload.get(_P_RESPONSE)
+                    a.finish_llm(track, resp if resp is not None else payload.get(_P_COMPLETION), None, quiet=False)
+                    return
+                if track is not None:
+                    a.events[event_id] = track  # the general path, next
             a.legacy_end(event_type, payload, event_id)
         except RunAborted:
             raise
