@@ -1238,12 +1238,26 @@ class _Adapter:
             else:  # _max_tokens without kwargs, inline
                 n = md.get("num_output")
                 max_tokens = n if type(n) is int and n > 0 else None
-            try:
-                track = self.open_llm(key, up, name, node, model, provider, prompt, tools, max_tokens)
-            except RunAborted as err:
-                node.refused = err
-                node.refused_raised = True
-                raise
+            if up is None:  # open_llm for a call without a parent of ours (in a tracker.run() scope), inline
+                try:
+                    # ledger.start(key, parent, kind, name, meta, model, provider, prompt, ops, extra, max_tokens)
+                    span = self.ledger.start(key, None, "llm", name, None, model, provider, prompt, OPS, tools,
+                                             max_tokens)
+                except RunAborted as err:
+                    node.refused = err
+                    node.refused_raised = True
+                    raise
+                track = _Track(key, None, "llm", span, node)
+                track.model = model
+                track.prompt = prompt
+                track.tools = tools
+            else:
+                try:
+                    track = self.open_llm(key, up, name, node, model, provider, prompt, tools, max_tokens)
+                except RunAborted as err:
+                    node.refused = err
+                    node.refused_raised = True
+                    raise
         track.span_id = sid
         track.event_id = event_id
         node.track = track
