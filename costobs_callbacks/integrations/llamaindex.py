@@ -27,11 +27,12 @@ All of it runs on the app's thread for every span and event, so the hot path is 
 given ``Class.method`` needs is decided once per class (``_PLANS``; most spans are transparent), events are
 routed by their class (``_ROUTES``), a chat call's messages are read once for the loop guard and both
 estimates (``_Prompt``), tool schemas are built only when an estimate needs them (``_Tools``), and token
-counts are remembered by text hash (``_count``), so a history resent with every call of an agent is
-tokenized once. A call whose provider reports usage tokenizes nothing at its end (only a ``max_cost_usd``
-budget counts its prompt, before it is sent). A model called on its own (no tracked span above it, no
-``tracker.run()`` around it) under a tracker policy that cannot refuse such a call opens nothing at its start
-and is recorded whole at its end (``Ledger.record_llm``).
+counts are remembered by text hash (``_tokens.count``, the LangChain adapter's too), so a history resent with
+every call of an agent is tokenized once. A call whose provider reports usage tokenizes nothing at its end; a
+``max_cost_usd`` budget reads its prompt before it is sent, and tokenizes it only if an upper bound of its
+tokens (one a UTF-8 byte for a text not counted before) does not fit. A model called on its own (no tracked
+span above it, no ``tracker.run()`` around it) under a tracker policy that cannot refuse such a call opens
+nothing at its start and is recorded whole at its end (``Ledger.record_llm``).
 """
 
 from __future__ import annotations
