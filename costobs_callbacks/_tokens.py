@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -196,32 +196,35 @@ PER_MESSAGE = 4
 """Tokens of a message beside its text and tool calls (role and separators)."""
 
 
-def _no_key(msg: Any) -> Hashable | None:
-    return None
-
-
 def chat_tokens(model: str | None, messages: Iterable[Any], parts: Callable[[Any], tuple[str, str]],
-                tools_json: str = "", key: Callable[[Any], Hashable | None] = _no_key) -> tuple[int, bool]:
+                tools_json: str = "", id_field: str | None = None) -> tuple[int, bool]:
     """Tokens of a chat request: ``(count, exact_tokenizer_used)``. ``parts(msg)`` gives a message's text and its
-    tool calls' JSON ("" without); ``key(msg)``, an id that names the message wherever it appears (a LangGraph
-    state message's), lets its whole count be remembered, so that ``parts`` is not even called again."""
+    tool calls' JSON ("" without). ``id_field``: the field (in the message's ``__dict__``) of an id that names the
+    message wherever it appears (a LangGraph state message's): its whole count is remembered by it, so that ``parts``
+    is not even called again."""
     total, exact = REPLY_PRIMING, True
+    counts = _COUNTS
     for m in messages:
-        k = key(m)
-        hit = _COUNTS.get((k, 0, model)) if k is not None else None
+        k = None
+        if id_field is not None:
+            d = getattr(m, "__dict__", None)
+            if d:
+                k = d.get(id_field)
+        hit = counts.get((k, 0, model)) if k else None
         if hit is None:
             text, calls = parts(m)
-            n, ok = count(text, model)
+            n, ok = count(text, model) if text else _ZERO
             if calls:
                 n2, ok2 = count(calls, model)
                 n, ok = n + n2, ok and ok2
             hit = (n, ok)
-            if k is not None:
-                if len(_COUNTS) >= _MAX_COUNTS:
-                    _COUNTS.clear()
-                _COUNTS[(k, 0, model)] = hit
+            if k:
+                if len(counts) >= _MAX_COUNTS:
+                    counts.clear()
+                counts[(k, 0, model)] = hit
         total += PER_MESSAGE + hit[0]
-        exact = exact and hit[1]
+        if not hit[1]:
+            exact = False
     if tools_json:
         n, ok = count(tools_json, model)
         total += n
@@ -229,24 +232,37 @@ def chat_tokens(model: str | None, messages: Iterable[Any], parts: Callable[[Any
     return total, exact
 
 
+_ZERO = (0, True)
+
+
 def chat_token_bound(model: str | None, messages: Iterable[Any], parts: Callable[[Any], tuple[str, str]],
-                     tools_json: str = "", key: Callable[[Any], Hashable | None] = _no_key) -> tuple[int, bool]:
+                     tools_json: str = "", id_field: str | None = None) -> tuple[int, bool]:
     """An upper bound of ``chat_tokens`` without running a tokenizer, and whether it is that count: texts counted
     before count as counted, others one token per UTF-8 byte (``utf8_len``)."""
     total, exact = REPLY_PRIMING, True
+    counts = _COUNTS
     for m in messages:
-        k = key(m)
-        hit = _COUNTS.get((k, 0, model)) if k is not None else None
-        if hit is not None:
-            total += PER_MESSAGE + hit[0]
-            continue
+        if id_field is not None:
+            d = getattr(m, "__dict__", None)
+            k = d.get(id_field) if d else None
+            if k:
+                hit = counts.get((k, 0, model))
+                if hit is not None:
+                    total += PER_MESSAGE + hit[0]
+                    continue
         text, calls = parts(m)
-        n, ok = known_or_bytes(text, model)
+        total += PER_MESSAGE
+        if text:  # known_or_bytes(text, model), inline
+            hit = counts.get((hash(text), len(text), model))
+            if hit is None:
+                total += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+                exact = False
+            else:
+                total += hit[0]
         if calls:
-            n2, ok2 = known_or_bytes(calls, model)
-            n, ok = n + n2, ok and ok2
-        total += PER_MESSAGE + n
-        exact = exact and ok
+            n, ok = known_or_bytes(calls, model)
+            total += n
+            exact = exact and ok
     if tools_json:
         n, ok = known_or_bytes(tools_json, model)
         total += n

@@ -86,14 +86,18 @@ class _MessagesOps(_RequestOps):
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """The request's tokens (``chat_tokens``' accounting), its messages read by ``_message_parts``; a message
-        with an id is counted once wherever it appears."""
-        return chat_tokens(model, _messages(prompt), _message_parts, _tools_json(extra), _message_id)
+        with an id is counted once wherever it appears (fields are read from ``__dict__``: see ``signature``)."""
+        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        return chat_tokens(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt), _message_parts,
+                           json.dumps(tools, default=str) if tools else "", "id")
 
     @staticmethod
     def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
         (``chat_token_bound``: texts not counted before count one token per UTF-8 byte)."""
-        return chat_token_bound(model, _messages(prompt), _message_parts, _tools_json(extra), _message_id)
+        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        return chat_token_bound(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt),
+                                _message_parts, json.dumps(tools, default=str) if tools else "", "id")
 
 
 def _messages(prompt: Any) -> Any:
@@ -105,23 +109,13 @@ def _messages(prompt: Any) -> Any:
     return [m for msgs in prompt for m in msgs]
 
 
-def _message_id(m: Any) -> Any:
-    # Fields are read from __dict__: see _MessagesOps.signature.
-    d = getattr(m, "__dict__", None)
-    return d.get("id") or None if d else None
-
-
 def _message_parts(m: Any) -> tuple[str, str]:
     """A message's text and its tool calls as ``[{"name", "args"}]`` JSON ("" without)."""
     d = getattr(m, "__dict__", None) or _EMPTY
     tc = d.get("tool_calls")
     calls = json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc], default=str) if tc else ""
-    return _message_text(m), calls
-
-
-def _tools_json(extra: Any) -> str:
-    tools = _RequestOps.tools(extra)
-    return json.dumps(tools, default=str) if tools else ""
+    c = d.get("content")
+    return (c if type(c) is str else _message_text(m)), calls
 
 
 class _StringsOps(_RequestOps):
