@@ -3,11 +3,20 @@
 Configurations, each on its own ``MockLLM`` (MockLLM reports no usage, so both token counters
 tokenise the prompt and the reply, as they would for any provider that reports none):
 
-  none         nothing: ``MockLLM()``
+  none         nothing: ``MockLLM()``, built with no callback handler at all (``Settings``' manager
+               cleared first: ``CallbackManager([])`` takes the handlers of the manager already in
+               ``Settings``, and shares its list; the handler lists are asserted before and after)
   tokencount   ``MockLLM(callback_manager=CallbackManager([TokenCountingHandler()]))``
   ours         ``tracker.instrument_llamaindex()`` (span handler + legacy handler), on
                only around this configuration's batches (``uninstrument_llamaindex()`` after each;
-               both untimed), since instrumentation is process-wide
+               both untimed), since instrumentation is process-wide; each call on its own (a lone call)
+  ours_run     the same, each call inside its own ``with tracker.run(feature=...)``: how an app
+               attributes a request (the scope's own opening and closing is in the figure)
+  ours_in_run  the same, the calls of each batch inside one ``tracker.run()`` opened and closed around the
+               batch (untimed): what a call adds inside a request that makes several; every call sends a
+               prompt of its own (identical requests in one run would be stopped by the loop guard)
+  scope_only   ``MockLLM()`` as ``none``, each call inside its own ``tracker.run()``, not instrumented:
+               what the scope alone costs (ledger work, not the LlamaIndex adapter's)
   ours_legacy  ``MockLLM(callback_manager=CallbackManager([tracker.llamaindex_handler()]))``: our
                legacy handler alone, wired like TokenCountingHandler (when the integration has it)
 
@@ -60,6 +69,9 @@ LABELS = {
     "none": "nothing",
     "tokencount": "TokenCountingHandler (CallbackManager)",
     "ours": "costobs: tracker.instrument_llamaindex()",
+    "ours_run": "costobs: instrument_llamaindex(), in tracker.run()",
+    "ours_in_run": "costobs: instrument_llamaindex(), 50 calls in a tracker.run()",
+    "scope_only": "tracker.run() around nothing's call",
     "ours_legacy": "costobs: legacy handler in a CallbackManager",
 }
 MOCK_PRICES = {"MockLLM": {"input": "0.15", "output": "0.60"}}
@@ -124,33 +136,63 @@ def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: A
 
     notes: list[str] = []
     counter = TokenCountingHandler()
+    from llama_index.core.settings import Settings
+
+    Settings._callback_manager = None  # else every CallbackManager([]) below takes (and shares) its handlers
     llms: dict[str, Any] = {
         "none": MockLLM(),
         "tokencount": MockLLM(callback_manager=CallbackManager([counter])),
         "ours": MockLLM(),
+        "ours_run": MockLLM(),
+        "ours_in_run": MockLLM(),
+        "scope_only": MockLLM(),
     }
     try:
         llms["ours_legacy"] = MockLLM(callback_manager=CallbackManager([legacy_tracker.llamaindex_handler()]))
     except (ImportError, AttributeError, NotImplementedError) as exc:
         notes.append(f"ours_legacy skipped: {type(exc).__name__}: {exc}")
-    hooks_before = {"ours": tracker.instrument_llamaindex}
-    hooks_after = {"ours": tracker.uninstrument_llamaindex}
+    _check_baselines(llms, counter)
+    batch_run: list[Any] = []
+
+    def enter_batch_run() -> None:
+        tracker.instrument_llamaindex()
+        batch_run.append(tracker.run(feature="bench-batch"))
+        batch_run[-1].__enter__()
+
+    def exit_batch_run() -> None:
+        batch_run.pop().__exit__(None, None, None)
+        tracker.uninstrument_llamaindex()
+
+    hooks_before = {"ours": tracker.instrument_llamaindex, "ours_run": tracker.instrument_llamaindex,
+                    "ours_in_run": enter_batch_run}
+    hooks_after = {"ours": tracker.uninstrument_llamaindex, "ours_run": tracker.uninstrument_llamaindex,
+                   "ours_in_run": exit_batch_run}
     messages = [ChatMessage(role="user", content=PROMPT)]
     sections: list[dict[str, Any]] = []
     calls_made = {k: 0 for k in llms}
     n_calls = args.warmup + args.rounds * args.batch
 
+    def scoped(key: str, call: Callable[[], Any]) -> Callable[[], Any]:
+        if key not in SCOPED:
+            return call
+        run = (legacy_tracker if key == "scope_only" else tracker).run
+
+        def in_run() -> Any:
+            with run(feature="bench"):
+                return call()
+        return in_run
+
     def complete_call(key: str, llm: Any) -> Callable[[], Any]:
-        if not args.unique_prompts:
-            return partial(llm.complete, PROMPT)
+        if not args.unique_prompts and key != "ours_in_run":
+            return scoped(key, partial(llm.complete, PROMPT))
         prompts = iter([f"{PROMPT} ({key} #{i})" for i in range(n_calls)])
-        return lambda: llm.complete(next(prompts))
+        return scoped(key, lambda: llm.complete(next(prompts)))
 
     def chat_call(key: str, llm: Any) -> Callable[[], Any]:
-        if not args.unique_prompts:
-            return partial(llm.chat, messages)
+        if not args.unique_prompts and key != "ours_in_run":
+            return scoped(key, partial(llm.chat, messages))
         chats = iter([[ChatMessage(role="user", content=f"{PROMPT} ({key} #{i})")] for i in range(n_calls)])
-        return lambda: llm.chat(next(chats))
+        return scoped(key, lambda: llm.chat(next(chats)))
 
     for title, make in (("llm.complete(prompt)", complete_call), ("llm.chat([ChatMessage])", chat_call)):
         calls: dict[str, Callable[[], Any]] = {k: make(k, llm) for k, llm in llms.items()}
@@ -170,15 +212,18 @@ def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: A
                                    "cpu_us_rounds": cpu[k]}
             if k != "none":
                 row["over_none_us"] = paired_overhead(cpu, k, "none")
-            if k not in ("none", "tokencount"):
+            if k not in ("none", "tokencount", "scope_only"):
                 row["over_tokencount_us"] = paired_overhead(cpu, k, "tokencount")
             sec["configs"][k] = row
         sections.append(sec)
+        _check_baselines(llms, counter)
 
     stored = _stored_calls(tracker) - 1  # minus the probe
     stored_legacy = _stored_calls(legacy_tracker) if "ours_legacy" in llms else None
     # chat() on MockLLM runs complete() inside it: LlamaIndex emits a chat and a completion event pair.
-    checks = {"ours": {"calls": calls_made["ours"], "stored_llm_calls": stored, "stats": tracker.stats}}
+    checks = {"ours": {"calls": calls_made["ours"] + calls_made["ours_run"] + calls_made["ours_in_run"],
+                       "stored_llm_calls": stored,
+                       "stats": tracker.stats}}
     if stored_legacy is not None:
         checks["ours_legacy"] = {"calls": calls_made["ours_legacy"], "stored_llm_calls": stored_legacy,
                                  "stats": legacy_tracker.stats}
@@ -208,6 +253,12 @@ def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: A
                               note=f"reference ~{TOKENCOUNT_REFERENCE_US:g} us" if tag == "complete" else None))
         summary.append(metric(f"{tag}: costobs (instrument_llamaindex) over nothing", ours, "us",
                               "< TokenCountingHandler", ours < tc))
+        in_run = cfg["ours_in_run"]["over_none_us"]["median"]
+        summary.append(metric(f"{tag}: costobs, a call in a tracker.run(), over nothing", in_run, "us",
+                              "<= TokenCountingHandler", in_run <= tc))
+        summary.append(metric(f"{tag}: costobs, a tracker.run() per call, over nothing",
+                              cfg["ours_run"]["over_none_us"]["median"], "us",
+                              note=f"tracker.run() alone: {fmt(cfg['scope_only']['over_none_us']['median'])} us"))
         if "ours_legacy" in cfg:
             summary.append(metric(f"{tag}: costobs legacy handler over nothing",
                                   cfg["ours_legacy"]["over_none_us"]["median"], "us"))
@@ -220,6 +271,18 @@ def _run(args: argparse.Namespace, tracker: Any, legacy_tracker: Any, MockLLM: A
 
 def _nothing() -> None:
     return None
+
+
+SCOPED = frozenset({"ours_run", "scope_only"})
+
+
+def _check_baselines(llms: dict[str, Any], counter: Any) -> None:
+    """The baselines are what they say: ``none`` (and the models ours instruments, outside their batches) without
+    any handler, ``tokencount`` with its counter alone."""
+    for k in ("none", "ours", "ours_run", "ours_in_run", "scope_only"):
+        handlers = llms[k].callback_manager.handlers
+        assert handlers == [], f"{k}: a handler slipped into its callback manager: {handlers}"
+    assert llms["tokencount"].callback_manager.handlers == [counter]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Token counting for calls whose provider reported no usage (the span is then flagged ``estimated``).
+"""Token counting for calls whose provider reported no usage (the span is then flagged ``estimated``), and for a
+budget's estimate of a call before it is sent. Every adapter counts through here: one tokenizer, one count cache,
+one accounting of a chat request.
+
+A chat request counts as OpenAI's cookbook does: ``3`` (the reply's priming) + for each message ``4`` + its text +
+its tool calls (``[{"name", "args"}]`` JSON), + the JSON of the tools it offers; each text with the model's own
+tiktoken encoding. ``chat_token_bound`` gives an upper bound of that count without running a tokenizer.
 
 tiktoken downloads its encoding files on first use, which locked-down hosts cannot do. We never let it
 reach for the network: an encoding is used only when its file is already in tiktoken's cache, or can be
@@ -16,11 +22,14 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["count_text", "encoding_for_model", "warm"]
+__all__ = [
+    "PER_MESSAGE", "REPLY_PRIMING", "chat_token_bound", "chat_tokens", "count", "count_text", "encoding_for_model",
+    "known_or_bytes", "texts_token_bound", "texts_tokens", "utf8_len", "warm",
+]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -139,3 +148,143 @@ def warm(*names: str) -> None:
     """Load encodings ahead of time (called from the exporter's thread, off the hot path)."""
     for name in names or tuple(_URLS):
         _load(name)
+
+
+# -- the count cache -----------------------------------------------------------------------------------
+
+_COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
+"""``(hash(text), len(text), model)`` -> ``count_text``; also ``(message key, 0, model)`` -> a whole message's count
+for adapters whose messages carry an id (see ``chat_tokens``). No text is kept; a hash collision could only misstate
+an estimate."""
+_MAX_COUNTS = 16_384
+
+
+def count(text: str, model: str | None) -> tuple[int, bool]:
+    """``count_text``, remembered: an agent sends its whole history with every call, and a call's prompt is counted
+    for a budget's estimate before it is sent and again at its end when the provider reports no usage."""
+    if not text:
+        return 0, True
+    key = (hash(text), len(text), model)
+    hit = _COUNTS.get(key)
+    if hit is None:
+        hit = count_text(text, model)
+        if len(_COUNTS) >= _MAX_COUNTS:
+            _COUNTS.clear()
+        _COUNTS[key] = hit
+    return hit
+
+
+def utf8_len(text: str) -> int:
+    """The UTF-8 length of ``text``: an upper bound of its token count under any byte-level BPE (every token is at
+    least one byte) and of the 4-characters-a-token fallback."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def known_or_bytes(text: str, model: str | None) -> tuple[int, bool]:
+    """A text's remembered token count, else its UTF-8 length (an upper bound): ``(n, n_is_the_count)``."""
+    if not text:
+        return 0, True
+    hit = _COUNTS.get((hash(text), len(text), model))
+    return (hit[0], True) if hit is not None else (utf8_len(text), False)
+
+
+# -- a chat request ------------------------------------------------------------------------------------
+
+REPLY_PRIMING = 3
+"""Tokens of a chat request beside its messages (the reply's priming)."""
+PER_MESSAGE = 4
+"""Tokens of a message beside its text and tool calls (role and separators)."""
+
+
+def chat_tokens(model: str | None, messages: Iterable[Any], parts: Callable[[Any], tuple[str, str]],
+                tools_json: str = "", id_field: str | None = None) -> tuple[int, bool]:
+    """Tokens of a chat request: ``(count, exact_tokenizer_used)``. ``parts(msg)`` gives a message's text and its
+    tool calls' JSON ("" without). ``id_field``: the field (in the message's ``__dict__``) of an id that names the
+    message wherever it appears (a LangGraph state message's): its whole count is remembered by it, so that ``parts``
+    is not even called again."""
+    total, exact = REPLY_PRIMING, True
+    counts = _COUNTS
+    for m in messages:
+        k = None
+        if id_field is not None:
+            d = getattr(m, "__dict__", None)
+            if d:
+                k = d.get(id_field)
+        hit = counts.get((k, 0, model)) if k else None
+        if hit is None:
+            text, calls = parts(m)
+            n, ok = count(text, model) if text else _ZERO
+            if calls:
+                n2, ok2 = count(calls, model)
+                n, ok = n + n2, ok and ok2
+            hit = (n, ok)
+            if k:
+                if len(counts) >= _MAX_COUNTS:
+                    counts.clear()
+                counts[(k, 0, model)] = hit
+        total += PER_MESSAGE + hit[0]
+        if not hit[1]:
+            exact = False
+    if tools_json:
+        n, ok = count(tools_json, model)
+        total += n
+        exact = exact and ok
+    return total, exact
+
+
+_ZERO = (0, True)
+
+
+def chat_token_bound(model: str | None, messages: Iterable[Any], parts: Callable[[Any], tuple[str, str]],
+                     tools_json: str = "", id_field: str | None = None) -> tuple[int, bool]:
+    """An upper bound of ``chat_tokens`` without running a tokenizer, and whether it is that count: texts counted
+    before count as counted, others one token per UTF-8 byte (``utf8_len``)."""
+    total, exact = REPLY_PRIMING, True
+    counts = _COUNTS
+    for m in messages:
+        if id_field is not None:
+            d = getattr(m, "__dict__", None)
+            k = d.get(id_field) if d else None
+            if k:
+                hit = counts.get((k, 0, model))
+                if hit is not None:
+                    total += PER_MESSAGE + hit[0]
+                    continue
+        text, calls = parts(m)
+        total += PER_MESSAGE
+        if text:  # known_or_bytes(text, model), inline
+            hit = counts.get((hash(text), len(text), model))
+            if hit is None:
+                total += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+                exact = False
+            else:
+                total += hit[0]
+        if calls:
+            n, ok = known_or_bytes(calls, model)
+            total += n
+            exact = exact and ok
+    if tools_json:
+        n, ok = known_or_bytes(tools_json, model)
+        total += n
+        exact = exact and ok
+    return total, exact
+
+
+def texts_tokens(model: str | None, texts: Iterable[str]) -> tuple[int, bool]:
+    """Tokens of plain prompt strings (a completion request), summed."""
+    total, exact = 0, True
+    for t in texts:
+        n, ok = count(t, model)
+        total += n
+        exact = exact and ok
+    return total, exact
+
+
+def texts_token_bound(model: str | None, texts: Iterable[str]) -> tuple[int, bool]:
+    """An upper bound of ``texts_tokens`` (see ``chat_token_bound``)."""
+    total, exact = 0, True
+    for t in texts:
+        n, ok = known_or_bytes(t, model)
+        total += n
+        exact = exact and ok
+    return total, exact

@@ -21,6 +21,8 @@ from typing import Any
 import llama_index.core
 import pytest
 import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.callbacks import CallbackManager
@@ -1030,3 +1032,119 @@ def test_standalone_handler_on_settings_manager_traces_a_query(tracker):
     assert spans["embedding:MockEmbedding"]["parent_id"] == spans["retriever:retrieve"]["span_id"]
     assert spans["llm:MockLLM"]["parent_id"] == spans["chain:synthesize"]["span_id"]
     assert spans["chain:query"]["parent_id"] == run.run_id
+
+
+# -- the three ways an LLM call opens give the same records ---------------------------------------------
+
+
+class _UsageLLM(llama_index.core.llms.CustomLLM):
+    """A custom LLM replying ``reply`` to ``complete`` and ``chat``, with ``usage`` (prompt, completion tokens) in
+    its ``raw`` as a provider's response carries it, or no usage at all (``None``: the call is estimated)."""
+
+    reply: str = "ok"
+    usage: tuple[int, int] | None = None
+
+    @property
+    def metadata(self) -> Any:
+        from llama_index.core.llms import LLMMetadata
+
+        return LLMMetadata(model_name="MockLLM")
+
+    def _raw(self) -> Any:
+        for probe in _DURING_CALL:
+            probe()
+        return None if self.usage is None else {"usage": {"prompt_tokens": self.usage[0],
+                                                          "completion_tokens": self.usage[1]}}
+
+    @llama_index.core.llms.callbacks.llm_chat_callback()
+    def chat(self, messages: Any, **kwargs: Any) -> Any:
+        from llama_index.core.llms import ChatResponse
+
+        return ChatResponse(message=ChatMessage(role="assistant", content=self.reply), raw=self._raw())
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        from llama_index.core.llms import CompletionResponse
+
+        return CompletionResponse(text=self.reply, raw=self._raw())
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+_DURING_CALL: list[Any] = []
+"""What ``_UsageLLM`` calls while a call is in flight (a test's look at the adapter's state)."""
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)  # lone surrogates: not text an LLM gets
+
+
+def _bare(llm: Any) -> Any:
+    """``llm`` with no callback manager, so that LlamaIndex makes it one at the call, from ``Settings`` (cleared by
+    the caller): no legacy handler, the call opens at its instrumentation start event."""
+    llm.__dict__["callback_manager"] = None
+    return llm
+
+
+def test_the_three_llm_starts_record_the_same_calls(tr):
+    """A call opened at its legacy start (the common case), at its instrumentation start event (an LLM whose manager
+    has no legacy handler) and a lone call recorded whole at its end (``Ledger.record_llm``) give the same stored
+    span and the same run totals, with or without provider usage, for chat and completion prompts alike."""
+    from costobs_callbacks.integrations.llamaindex import _adapter
+
+    adapter = _adapter(tr)
+    root = get_dispatcher()
+    fields = _SPAN_FIELDS
+
+    def totals(rc: Any) -> tuple[Any, ...]:
+        return (rc.cost_usd, rc.input_tokens, rc.output_tokens, rc.llm_calls, rc.estimated_calls, rc.by_model,
+                rc.status, rc.unpriced_calls)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(prompt=_TEXT, reply=_TEXT, chat=st.booleans(),
+           usage=st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)))
+    def check(prompt: str, reply: str, chat: bool, usage: tuple[int, int] | None) -> None:
+        def call(llm: Any) -> None:
+            if chat:
+                llm.chat(msgs(prompt))
+            else:
+                llm.complete(prompt)
+
+        runs = []
+        with tr.run(feature="p") as run:  # the legacy start
+            call(_UsageLLM(reply=reply, usage=usage))
+        runs.append(run.run_id)
+        saved = Settings._callback_manager
+        Settings._callback_manager = None
+        held: list[bool] = []
+        _DURING_CALL.append(lambda: held.append(adapter.event_handler in root.event_handlers))
+        try:
+            with tr.run(feature="p") as run:  # the instrumentation start event
+                call(_bare(_UsageLLM(reply=reply, usage=usage)))
+        finally:
+            Settings._callback_manager = saved
+            _DURING_CALL.clear()
+        assert held == [True]  # the event handler was on: the call was costed from its events
+        runs.append(run.run_id)
+        before = set(_lone_runs(tr))
+        call(_UsageLLM(reply=reply, usage=usage))  # a lone call
+        (lone,) = set(_lone_runs(tr)) - before
+        live = tr.ledger.recent_run(lone).snapshot()
+        rows = []
+        for rid in runs:
+            (span,) = spans_by_kind(tr, rid)["llm"]
+            rows.append(tuple(span[k] for k in fields))
+        (lone_span,) = tr.spans(lone)
+        rows.append(tuple(lone_span[k] for k in fields))
+        assert rows[0] == rows[1] == rows[2]
+        t = [totals(tr.run_cost(rid)) for rid in runs] + [totals(live), totals(tr.run_cost(lone))]
+        assert t[0] == t[1] == t[2] == t[3]
+        # and the figures are the ones the call had: the provider's, else the documented estimate
+        if usage is not None and usage != (0, 0):
+            inp, out = usage
+        else:
+            inp = 3 + 4 + tok(prompt) if chat else tok(prompt)
+            out = tok(reply)
+        assert (rows[0][6], rows[0][7]) == (inp, out)
+        assert t[0][0] == cost(inp, out, P_MOCK)
+
+    check()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -20,10 +19,11 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
 from .. import _usage
+from .._errors import Faults
 from .._events import TokenUsage, UsageDetail, usd_to_nanos
 from .._exceptions import RunAborted
 from .._ledger import Tokens, tokens_of
-from .._tokens import count_text
+from .._tokens import chat_token_bound, chat_tokens, count_text, texts_token_bound, texts_tokens
 
 if TYPE_CHECKING:
     from .._ledger import Ledger
@@ -86,101 +86,37 @@ class _MessagesOps(_RequestOps):
 
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        total = 3  # the reply's priming tokens (OpenAI's cookbook accounting)
-        exact = True
-        for msgs in prompt or ():
-            for m in msgs:
-                d = getattr(m, "__dict__", None) or {}
-                mid = d.get("id")
-                key = (mid, 0, model) if mid else None
-                hit = _COUNTS.get(key) if key is not None else None
-                if hit is None:
-                    n, ok = _count(_message_text(m), model)
-                    tc = d.get("tool_calls")
-                    if tc:
-                        n2, ok2 = _count(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
-                                                    default=str), model)
-                        n, ok = n + n2, ok and ok2
-                    hit = (n, ok)
-                    if key is not None:
-                        _remember(key, hit)
-                total += hit[0] + 4
-                exact = exact and hit[1]
-        tools = _RequestOps.tools(extra)
-        if tools:
-            n, ok = _count(json.dumps(tools, default=str), model)
-            total += n
-            exact = exact and ok
-        return total, exact
+        """The request's tokens (``chat_tokens``' accounting), its messages read by ``_message_parts``; a message
+        with an id is counted once wherever it appears (fields are read from ``__dict__``: see ``signature``)."""
+        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        return chat_tokens(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt), _message_parts,
+                           json.dumps(tools, default=str) if tools else "", "id")
 
     @staticmethod
     def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count: texts
-        counted before (the same cache) count as counted, other texts one token per UTF-8 byte (every BPE
-        token is at least one byte, and the 4-characters-a-token fallback is below that too)."""
-        total = 3
-        exact = True
-        for msgs in prompt or ():
-            for m in msgs:
-                d = getattr(m, "__dict__", None) or {}
-                mid = d.get("id")
-                hit = _COUNTS.get((mid, 0, model)) if mid else None
-                if hit is not None:
-                    total += hit[0] + 4
-                    continue
-                text = _message_text(m)
-                hit = _COUNTS.get((hash(text), len(text), model)) if text else (0, True)
-                if hit is None:
-                    exact = False
-                    total += _utf8_len(text) + 4
-                else:
-                    total += hit[0] + 4
-                tc = d.get("tool_calls")
-                if tc:
-                    n, ok = _known_or_bytes(json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc],
-                                                       default=str), model)
-                    total += n
-                    exact = exact and ok
-        tools = _RequestOps.tools(extra)
-        if tools:
-            n, ok = _known_or_bytes(json.dumps(tools, default=str), model)
-            total += n
-            exact = exact and ok
-        return total, exact
+        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
+        (``chat_token_bound``: texts not counted before count one token per UTF-8 byte)."""
+        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        return chat_token_bound(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt),
+                                _message_parts, json.dumps(tools, default=str) if tools else "", "id")
 
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+def _messages(prompt: Any) -> Any:
+    """The messages of ``on_chat_model_start``'s payload (a list of message lists), in one pass."""
+    if not prompt:
+        return ()
+    if len(prompt) == 1:
+        return prompt[0]
+    return [m for msgs in prompt for m in msgs]
 
 
-def _known_or_bytes(text: str, model: str | None) -> tuple[int, bool]:
-    """A text's remembered token count, else its UTF-8 length (an upper bound): ``(n, n_is_the_count)``."""
-    if not text:
-        return 0, True
-    hit = _COUNTS.get((hash(text), len(text), model))
-    return (hit[0], True) if hit is not None else (_utf8_len(text), False)
-
-
-_COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
-_MAX_COUNTS = 16_384
-
-
-def _count(text: str, model: str | None) -> tuple[int, bool]:
-    """``count_text``, remembered: an agent sends its whole history with every call, and the pre-call cost
-    estimate would tokenize it all again each time. Keyed by the text's hash and length, so no text is
-    kept; a hash collision could only misstate an estimate."""
-    key = (hash(text), len(text), model)
-    hit = _COUNTS.get(key)
-    if hit is None:
-        hit = count_text(text, model)
-        _remember(key, hit)
-    return hit
-
-
-def _remember(key: tuple[Any, int, str | None], value: tuple[int, bool]) -> None:
-    if len(_COUNTS) >= _MAX_COUNTS:
-        _COUNTS.clear()
-    _COUNTS[key] = value
+def _message_parts(m: Any) -> tuple[str, str]:
+    """A message's text and its tool calls as ``[{"name", "args"}]`` JSON ("" without)."""
+    d = getattr(m, "__dict__", None) or _EMPTY
+    tc = d.get("tool_calls")
+    calls = json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc], default=str) if tc else ""
+    c = d.get("content")
+    return (c if type(c) is str else _message_text(m)), calls
 
 
 class _StringsOps(_RequestOps):
@@ -192,20 +128,12 @@ class _StringsOps(_RequestOps):
 
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        total, exact = 0, True
-        for p in prompt or ():
-            n, ok = count_text(p if isinstance(p, str) else str(p), model)
-            total += n
-            exact = exact and ok
-        return total, exact
+        return texts_tokens(model, [p if isinstance(p, str) else str(p) for p in prompt or ()])
 
     @staticmethod
     def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        """See ``_MessagesOps.token_upper_bound``: one token per UTF-8 byte."""
-        total = 0
-        for p in prompt or ():
-            total += _utf8_len(p if isinstance(p, str) else str(p))
-        return total, total == 0
+        """See ``_MessagesOps.token_upper_bound``: one token per UTF-8 byte for a text not counted before."""
+        return texts_token_bound(model, [p if isinstance(p, str) else str(p) for p in prompt or ()])
 
 
 MESSAGES = _MessagesOps()
@@ -254,8 +182,7 @@ class CostCallbackHandler(BaseCallbackHandler):
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        self.internal_errors = 0
-        self._last_log = 0.0
+        self._faults = Faults(ledger, "LangChain")
 
     def __repr__(self) -> str:
         return f"<CostCallbackHandler open_spans={len(self._ledger.spans)}>"
@@ -266,15 +193,14 @@ class CostCallbackHandler(BaseCallbackHandler):
     def __copy__(self) -> CostCallbackHandler:
         return self
 
+    @property
+    def internal_errors(self) -> int:
+        """Exceptions of our own this handler caught (see ``_errors.Faults``)."""
+        return self._faults.count
+
     def _fault(self, hook: str, exc: BaseException) -> None:
         """Our own bug or a payload we could not read: count, log (rate-limited), carry on."""
-        self.internal_errors += 1
-        self._ledger.internal_errors += 1
-        now = time.monotonic()
-        if now - self._last_log > 5.0:
-            self._last_log = now
-            logger.warning("costobs: internal error in %s (%d so far): %r", hook, self.internal_errors, exc,
-                           exc_info=exc)
+        self._faults(hook, exc)
 
     # -- chains / graph nodes ----------------------------------------------------------------------
 

@@ -27,11 +27,12 @@ All of it runs on the app's thread for every span and event, so the hot path is 
 given ``Class.method`` needs is decided once per class (``_PLANS``; most spans are transparent), events are
 routed by their class (``_ROUTES``), a chat call's messages are read once for the loop guard and both
 estimates (``_Prompt``), tool schemas are built only when an estimate needs them (``_Tools``), and token
-counts are remembered by text hash (``_count``), so a history resent with every call of an agent is
-tokenized once. A call whose provider reports usage tokenizes nothing at its end (only a ``max_cost_usd``
-budget counts its prompt, before it is sent). A model called on its own (no tracked span above it, no
-``tracker.run()`` around it) under a tracker policy that cannot refuse such a call opens nothing at its start
-and is recorded whole at its end (``Ledger.record_llm``).
+counts are remembered by text hash (``_tokens.count``, the LangChain adapter's too), so a history resent with
+every call of an agent is tokenized once. A call whose provider reports usage tokenizes nothing at its end; a
+``max_cost_usd`` budget reads its prompt before it is sent, and tokenizes it only if an upper bound of its
+tokens (one a UTF-8 byte for a text not counted before) does not fit. A model called on its own (no tracked
+span above it, no ``tracker.run()`` around it) under a tracker policy that cannot refuse such a call opens
+nothing at its start and is recorded whole at its end (``Ledger.record_llm``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -84,11 +86,12 @@ from llama_index_instrumentation import get_dispatcher
 from pydantic import BaseModel, Field
 
 from .. import _usage
+from .._errors import Faults
 from .._events import TokenUsage, UsageDetail
 from .._exceptions import RunAborted
 from .._ledger import Span, Tokens, _again, current_scope
 from .._pricing import provider_from_name, provider_id
-from .._tokens import count_text
+from .._tokens import chat_token_bound, chat_tokens, count, count_text, known_or_bytes
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
     import workflows as _workflows
@@ -137,27 +140,6 @@ _EMPTY: Mapping[str, Any] = {}
 
 
 # -- prompt operations -------------------------------------------------------------------------------
-
-
-_COUNTS: dict[tuple[int, int, str | None], tuple[int, bool]] = {}
-_MAX_COUNTS = 16_384
-
-
-def _count(text: str, model: str | None) -> tuple[int, bool]:
-    """``count_text``, remembered: an agent sends its whole history with every call, and a chat call is
-    counted for the loop guard's budget estimate before it is sent and again at its end when the provider
-    reports no usage. Keyed by the text's hash and length, so no text is kept; a hash collision could only
-    misstate an estimate."""
-    if not text:
-        return 0, True
-    key = (hash(text), len(text), model)
-    hit = _COUNTS.get(key)
-    if hit is None:
-        hit = count_text(text, model)
-        if len(_COUNTS) >= _MAX_COUNTS:
-            _COUNTS.clear()
-        _COUNTS[key] = hit
-    return hit
 
 
 def _calls_json(calls: list[dict[str, Any]]) -> str:
@@ -278,8 +260,8 @@ class _LlamaOps:
     """Prompt operations on what a LlamaIndex LLM call sends: a message list (chat, as a ``_Prompt``) or a
     prompt string (completion), plus the request's tools (a ``_Tools``). Never stored, never exported.
 
-    Token count of a chat request: 3 + sum over messages of (4 + text + tool calls) + the tools' JSON
-    (OpenAI's cookbook accounting), each counted with the model's own tiktoken encoding."""
+    Tokens: ``_tokens.chat_tokens``' accounting of a chat request (a completion's prompt is one text), each text
+    counted with the model's own tiktoken encoding."""
 
     @staticmethod
     def signature(model: str | None, prompt: Any) -> int:
@@ -289,25 +271,37 @@ class _LlamaOps:
 
     @staticmethod
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        tools = _tools_json(extra)
         if isinstance(prompt, str):
-            total, exact = _count(prompt, model)
-        else:
-            total, exact = 3, True
-            for _role, text, calls in _as_prompt(prompt).parts():
-                n, ok = _count(text, model)
-                total += n + 4
-                exact = exact and ok
-                if calls:
-                    n, ok = _count(calls, model)
-                    total += n
-                    exact = exact and ok
-        if extra:
-            tools_json = extra.json() if isinstance(extra, _Tools) else json.dumps(extra, default=str)
-            if tools_json:
-                n, ok = _count(tools_json, model)
-                total += n
-                exact = exact and ok
-        return total, exact
+            total, exact = count(prompt, model)
+            if tools:
+                n, ok = count(tools, model)
+                total, exact = total + n, exact and ok
+            return total, exact
+        return chat_tokens(model, _as_prompt(prompt).parts(), _TEXT_AND_CALLS, tools)
+
+    @staticmethod
+    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
+        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
+        (``_tokens.chat_token_bound``)."""
+        tools = _tools_json(extra)
+        if isinstance(prompt, str):
+            total, exact = known_or_bytes(prompt, model)
+            if tools:
+                n, ok = known_or_bytes(tools, model)
+                total, exact = total + n, exact and ok
+            return total, exact
+        return chat_token_bound(model, _as_prompt(prompt).parts(), _TEXT_AND_CALLS, tools)
+
+
+_TEXT_AND_CALLS = operator.itemgetter(1, 2)
+"""A ``_Prompt`` part's text and tool calls (``_tokens.chat_tokens``' ``parts``)."""
+
+
+def _tools_json(extra: Any) -> str:
+    if not extra:
+        return ""
+    return extra.json() if isinstance(extra, _Tools) else json.dumps(extra, default=str)
 
 
 OPS = _LlamaOps()
@@ -404,6 +398,23 @@ def _identity(cls: type | None, model_dict: Mapping[str, Any], default: str) -> 
     else:
         cls_name, provider = None, _provider_from_class_name(model_dict.get("class_name"))
     return cls_name or str(model_dict.get("class_name") or default), _model_of(model_dict, cls_name), provider
+
+
+_IDENTITIES: dict[tuple[Any, Any, Any, Any], tuple[str, str | None, str | None]] = {}
+"""``(component class, model, model_name, class_name of its model dict)`` -> ``_identity``'s answer: read on every
+LLM call's start, the same for every call of a component."""
+_MAX_IDENTITIES = 1024
+
+
+def _remember_identity(key: tuple[Any, Any, Any, Any],
+                       ident: tuple[str, str | None, str | None]) -> tuple[str, str | None, str | None]:
+    try:
+        if len(_IDENTITIES) >= _MAX_IDENTITIES:
+            _IDENTITIES.clear()
+        _IDENTITIES[key] = ident
+    except TypeError:  # an unhashable model field: not remembered
+        pass
+    return ident
 
 
 def _provider_from_class_name(name: Any) -> str | None:
@@ -622,23 +633,10 @@ class _Adapter:
         self.lock = threading.RLock()
         self.managers: weakref.WeakSet[CallbackManager] = weakref.WeakSet()
         self.created_settings_manager: CallbackManager | None = None
-        self.internal_errors = 0
-        self._last_log = 0.0
+        self.fault = Faults(ledger, "LlamaIndex")  # our own bug or a payload we could not read: count, log, carry on
         self.span_handler = _SpanHandler(self)
         self.event_handler = _EventHandler(self)
         self.legacy = CostLlamaIndexHandler(self)
-
-    # -- faults ----------------------------------------------------------------------------------
-
-    def fault(self, hook: str, exc: BaseException) -> None:
-        """Our own bug or a payload we could not read: count, log (rate-limited), carry on."""
-        self.internal_errors += 1
-        self.ledger.internal_errors += 1
-        now = time.monotonic()
-        if now - self._last_log > 5.0:
-            self._last_log = now
-            logger.warning("costobs: internal error in LlamaIndex %s (%d so far): %r", hook, self.internal_errors,
-                           exc, exc_info=exc)
 
     # -- the event handler, on the dispatcher only while needed --------------------------------------
 
@@ -1037,8 +1035,8 @@ class _Adapter:
             prompt, tools = track.inner_prompt
         else:
             prompt, tools = track.prompt, track.tools
-        inp, ok_in = _count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
-        out, ok_out = _count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
+        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
+        out, ok_out = count(resp.text or "" if type(resp) is CompletionResponse else _response_text(resp), m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 
     # -- instrumentation: embeddings ---------------------------------------------------------------------
@@ -1185,19 +1183,46 @@ class _Adapter:
         md = p.get(_P_SERIALIZED)
         if md is None or not (type(md) is dict or isinstance(md, Mapping)):
             md = _EMPTY
-        name, model, provider = _identity(node.cls, md, "llm")
+        # _identity(node.cls, md, "llm"), remembered by what it reads
+        ident_key = (node.cls, md.get("model"), md.get("model_name"), md.get("class_name"))
+        try:
+            ident = _IDENTITIES.get(ident_key)
+        except TypeError:  # an unhashable field
+            ident = None
+        if ident is None:
+            ident = _remember_identity(ident_key, _identity(node.cls, md, "llm"))
+        name, model, provider = ident
         key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else _key(sid)  # _key, inline (36: _UUID_LEN)
         if parent is None and self.ledger.lone_calls and current_scope.get() is None:
             # started when its span did (a top node's clock: see _Node)
             track = _lone_track(key, node, name, model, provider, prompt, tools, node.start_wall, node.start_perf)
         else:
             up = self.anchor(node, include_self=False) if parent is not None else None
-            try:
-                track = self.open_llm(key, up, name, node, model, provider, prompt, tools, _max_tokens(kw, md))
-            except RunAborted as err:
-                node.refused = err
-                node.refused_raised = True
-                raise
+            if kw:
+                max_tokens = _max_tokens(kw, md)
+            else:  # _max_tokens without kwargs, inline
+                n = md.get("num_output")
+                max_tokens = n if type(n) is int and n > 0 else None
+            if up is None:  # open_llm for a call without a parent of ours (in a tracker.run() scope), inline
+                try:
+                    # ledger.start(key, parent, kind, name, meta, model, provider, prompt, ops, extra, max_tokens)
+                    span = self.ledger.start(key, None, "llm", name, None, model, provider, prompt, OPS, tools,
+                                             max_tokens)
+                except RunAborted as err:
+                    node.refused = err
+                    node.refused_raised = True
+                    raise
+                track = _Track(key, None, "llm", span, node)
+                track.model = model
+                track.prompt = prompt
+                track.tools = tools
+            else:
+                try:
+                    track = self.open_llm(key, up, name, node, model, provider, prompt, tools, max_tokens)
+                except RunAborted as err:
+                    node.refused = err
+                    node.refused_raised = True
+                    raise
         track.span_id = sid
         track.event_id = event_id
         node.track = track
@@ -1555,6 +1580,16 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
             return
         a = self._adapter
         try:
+            if event_type is _EV_LLM and type(payload) is dict and _P_EXCEPTION not in payload:
+                # legacy_end's commonest case, inline: an LLM call of ours ended with its response
+                track = a.events.pop(event_id, None)
+                if track is not None and track.kind == "llm" and track.ctx_token is None and not track.ended:
+                    track.event_id = None  # popped
+                    resp = payload.get(_P_RESPONSE)
+                    a.finish_llm(track, resp if resp is not None else payload.get(_P_COMPLETION), None, quiet=False)
+                    return
+                if track is not None:
+                    a.events[event_id] = track  # the general path, next
             a.legacy_end(event_type, payload, event_id)
         except RunAborted:
             raise
