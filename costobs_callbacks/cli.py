@@ -177,7 +177,7 @@ def _revision(store: Any, url: str) -> str | None:
     try:
         return store.current_revision()  # type: ignore[no-any-return]
     except Exception as exc:
-        raise CLIError(f"cannot open the database {_shown(url)}: {_reason(exc)}") from None
+        raise CLIError(f"cannot use the database {_shown(url)}: {_reason(exc)}") from None
 
 
 def _db_call(url: str, fn: Callable[[], Any]) -> Any:
