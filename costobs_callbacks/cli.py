@@ -29,6 +29,7 @@ __all__ = ["build_parser", "main"]
 
 DEFAULT_DATABASE_URL = "sqlite:///costobs.db"
 ROLLUP_TABLE = "costobs_rollups_hourly"
+_MAX_AGE_S = 100 * 366 * 86400
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -47,16 +48,18 @@ class _Parser(argparse.ArgumentParser):
 def _duration(value: str) -> timedelta:
     v = value.strip().lower()
     if len(v) >= 2 and v[-1] in _UNITS and v[:-1].isdigit() and int(v[:-1]) > 0:
-        return timedelta(seconds=int(v[:-1]) * _UNITS[v[-1]])
+        seconds = int(v[:-1]) * _UNITS[v[-1]]
+        if seconds > _MAX_AGE_S:
+            raise argparse.ArgumentTypeError(f"{value!r} is longer than 100 years")
+        return timedelta(seconds=seconds)
     raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 30m, 24h, 90d or 2w")
 
 
 def _since(value: str) -> datetime:
     """A duration ago (``24h``) or an ISO timestamp (UTC unless it names its offset)."""
-    try:
+    v = value.strip().lower()
+    if v[-1:] in _UNITS and v[:-1].isdigit():
         return datetime.now(UTC) - _duration(value)
-    except argparse.ArgumentTypeError:
-        pass
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
@@ -146,8 +149,7 @@ def _store(url: str, *, mode: str) -> Any:
         if os.path.isdir(path):
             raise CLIError(f"{path} is a directory, not a database file")
         if mode != "write" and not os.path.exists(path):
-            raise CLIError(f"no database at {path} (nothing was created; `costobs db upgrade --database-url "
-                           f"{url}` creates one)")
+            raise CLIError(f"no database at {path} (nothing was created; `{_upgrade_hint(url)}` creates one)")
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise CLIError(f"cannot create the database {path}: the directory {parent} does not exist")
@@ -162,15 +164,18 @@ def _store(url: str, *, mode: str) -> Any:
         try:
             rev = _revision(store, url)
             if rev is None:
-                raise CLIError(f"no costobs tables in {_shown(url)} (`costobs db upgrade --database-url {url}` "
-                               "creates them)")
+                raise CLIError(f"no costobs tables in {_shown(url)} (`{_upgrade_hint(url)}` creates them)")
             if rev != HEAD_REVISION:
                 raise CLIError(f"{_shown(url)} is at schema revision {rev}, this costobs reads {HEAD_REVISION} "
-                               f"(`costobs db upgrade --database-url {url}`)")
+                               f"(`{_upgrade_hint(url)}`)")
         except BaseException:
             store.close()
             raise
     return store
+
+
+def _upgrade_hint(url: str) -> str:
+    return f"costobs db upgrade --database-url {shlex.quote(_shown(url))}"
 
 
 def _revision(store: Any, url: str) -> str | None:

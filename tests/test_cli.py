@@ -181,6 +181,10 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["db", "prune", "--older-than", "soon"], "costobs db prune: error: argument --older-than: 'soon' is not "
                                                   "a duration"),
         (["db", "prune", "--older-than", "0d"], "costobs db prune: error: argument --older-than: '0d' is not"),
+        (["db", "prune", "--older-than", "99999999999d"], "costobs db prune: error: argument --older-than: "
+                                                          "'99999999999d' is longer than 100 years"),
+        (["report", "--since", "99999999999w"], "costobs report: error: argument --since: '99999999999w' is "
+                                                "longer than 100 years"),
         (["db"], "costobs db: error: the following arguments are required: ACTION"),
         (["--database-url", "nosuch://x", "report"], "costobs: "),
         (["demo", "--runs", "2", "--database-url", "sqlite:////proc/costobs.db"],
@@ -209,6 +213,13 @@ def test_errors_are_one_line_with_status_2(capsys: pytest.CaptureFixture[str], t
         assert err.count("\n") == 1 and err.endswith("\n"), (argv, err)
     assert (tmp_path / "notdb.db").read_text() == "hello, not a database\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notdb.db"]
+
+
+def test_messages_hide_the_password(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run_main(capsys, "report", "--database-url", "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/x")
+    assert (rc, out) == (2, "")
+    assert err.startswith("costobs: cannot use the database postgresql+psycopg://postgres:***@127.0.0.1:1/x: ")
+    assert "s3cret" not in err
 
 
 def test_errors_from_the_console_command_have_no_traceback(tmp_path: Path) -> None:
