@@ -258,6 +258,37 @@ def test_db_upgrade_and_current(capsys: pytest.CaptureFixture[str], database_url
     assert (rc, json.loads(out)) == (0, [])
 
 
+def test_an_older_schema_is_refused_by_reading_and_upgraded_by_db_upgrade(capsys: pytest.CaptureFixture[str],
+                                                                           database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from costobs_callbacks._store import migrations_dir
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("version_table", "costobs_alembic_version")
+    previous = ScriptDirectory.from_config(cfg).get_revision(HEAD_REVISION).down_revision
+    if not isinstance(previous, str):
+        pytest.skip("the head is the first revision")
+    url = database_url
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, previous)
+    eng.dispose()
+    assert run_main(capsys, "db", "current", "--database-url", url) == (
+        0, f"current: {previous}\nhead:    {HEAD_REVISION}\n", "")
+    rc, out, err = run_main(capsys, "report", "--database-url", url)
+    assert (rc, out) == (2, "")
+    assert err == (f"costobs: {url} is at schema revision {previous}, this costobs reads {HEAD_REVISION} "
+                   f"(`costobs db upgrade --database-url {url}`)\n")
+    assert run_main(capsys, "db", "upgrade", "--database-url", url) == (
+        0, f"{url}: upgraded from {previous} to {HEAD_REVISION}\n", "")
+    assert run_main(capsys, "report", "--database-url", url)[0] == 0
+
+
 def _age(url: str, run_ids: list[str], days: int) -> None:
     """Move the given runs and their spans ``days`` into the past (the store writes the time of each call)."""
     eng = sa.create_engine(url)
