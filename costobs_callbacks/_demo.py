@@ -176,7 +176,9 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
     except RunAborted as exc:
         aborted.append(exc)
     tracker.flush()
-    return print_report(tracker, out=out, aborted=aborted, runaway_id=str(runaway_id))
+    result = print_report(tracker, out=out, aborted=aborted, runaway_id=str(runaway_id))
+    result["runaway_id"] = str(runaway_id)
+    return result
 
 
 def _money(d: Any) -> str:

@@ -648,6 +648,12 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    # -- for `costobs db` -------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (None: no costobs tables); reads only."""
+        return self._current_revision()
+
 
 def _sqlite_write_lock(conn: sa.Connection) -> None:
     """Take SQLite's write lock for the whole migration, so that processes migrating a fresh file at the same

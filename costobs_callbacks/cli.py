@@ -1,9 +1,15 @@
-"""The ``costobs`` command: an offline demo and read-only cost reports over a store.
+"""The ``costobs`` command: an offline demo, read-only cost reports, and the upkeep of a store.
 
     costobs demo                       simulated multi-feature, multi-tenant workload + report
     costobs report --by feature model  rollup of a database (``--bucket hour``, ``--since 24h``)
     costobs run RUN_ID                 one run's cost and its spans
     costobs price MODEL [--provider]   how a model is priced (catalog or override), per million tokens
+    costobs db upgrade | current | prune --older-than 90d
+
+Every command takes ``--database-url`` before or after its name. Reading commands never create or
+change a database: they open SQLite files read-only and say so when there is nothing to read. Every
+failure the user can fix (an argument, a path, a server that is down) is one line on stderr and exit
+status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,71 +17,253 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import quote
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+DEFAULT_DATABASE_URL = "sqlite:///costobs.db"
+ROLLUP_TABLE = "costobs_rollups_hourly"
+_MAX_AGE_S = 100 * 366 * 86400
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _since(value: str | None) -> datetime | None:
-    if not value:
+class CLIError(Exception):
+    """A failure the user can fix, reported as one line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line instead of argparse's usage block: the usage is one ``--help`` away
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+# -- argument types --------------------------------------------------------------------------------
+
+def _duration(value: str) -> timedelta:
+    v = value.strip().lower()
+    if len(v) >= 2 and v[-1] in _UNITS and v[:-1].isdigit() and int(v[:-1]) > 0:
+        seconds = int(v[:-1]) * _UNITS[v[-1]]
+        if seconds > _MAX_AGE_S:
+            raise argparse.ArgumentTypeError(f"{value!r} is longer than 100 years")
+        return timedelta(seconds=seconds)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 30m, 24h, 90d or 2w")
+
+
+def _since(value: str) -> datetime:
+    """A duration ago (``24h``) or an ISO timestamp (UTC unless it names its offset)."""
+    v = value.strip().lower()
+    if v[-1:] in _UNITS and v[:-1].isdigit():
+        return datetime.now(UTC) - _duration(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a duration (30m, 24h, 7d) nor an ISO timestamp (2026-11-01 or 2026-11-01T08:00)"
+        ) from None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _rollup_keys() -> list[str]:
+    from ._store import ROLLUP_KEYS
+
+    return sorted(ROLLUP_KEYS)
+
+
+def _where(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE (e.g. tenant_id=acme)")
+    if key not in _rollup_keys():
+        raise argparse.ArgumentTypeError(f"unknown key {key!r} in {value!r} (one of: {', '.join(_rollup_keys())})")
+    return key, val
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return n
+
+
+# -- opening a database ----------------------------------------------------------------------------
+
+def _shown(url: str) -> str:
+    """The URL for messages, password hidden."""
+    import sqlalchemy as sa
+
+    try:
+        return str(sa.engine.make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return url
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what the driver said (SQLAlchemy's own text adds the statement and a link)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL (None: another database, or an in-memory one)."""
+    import sqlalchemy as sa
+
+    try:
+        u = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise CLIError(f"invalid database URL {url!r}: {exc}") from None
+    if u.get_backend_name() != "sqlite":
         return None
-    units = {"m": 60, "h": 3600, "d": 86400}
-    if value[-1] in units and value[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
-    return datetime.fromisoformat(value)
+    db = u.database or ""
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return os.path.abspath(db)
 
 
-def _tracker(args: argparse.Namespace, **kw: Any) -> Any:
-    from ._tracker import CostTracker
+def _engine_kwargs(url: str) -> dict[str, Any] | None:
+    import sqlalchemy as sa
 
-    return CostTracker(args.database_url, prices=getattr(args, "prices", None), **kw)
+    if sa.engine.make_url(url).get_backend_name() == "postgresql":
+        return {"connect_args": {"connect_timeout": 10}}  # a host that drops packets fails in seconds
+    return None
 
+
+def _store(url: str, *, mode: str) -> Any:
+    """A ``Store`` on ``url``. ``mode`` "read": the database must exist and hold the head schema; "inspect":
+    it must exist (any schema); "write": a missing SQLite file is created. SQLite files are opened read-only
+    unless writing, so that reading creates or converts nothing."""
+    from ._exceptions import ConfigurationError
+    from ._store import HEAD_REVISION, Store
+
+    path = _sqlite_file(url)
+    if path is not None:
+        if os.path.isdir(path):
+            raise CLIError(f"{path} is a directory, not a database file")
+        if mode != "write" and not os.path.exists(path):
+            raise CLIError(f"no database at {path} (nothing was created; `{_upgrade_hint(url)}` creates one)")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise CLIError(f"cannot create the database {path}: the directory {parent} does not exist")
+    open_url = url
+    if path is not None and mode != "write":
+        open_url = f"sqlite:///file:{quote(path)}?mode=ro&uri=true"
+    try:
+        store = Store(open_url, engine_kwargs=_engine_kwargs(url))
+    except ConfigurationError as exc:
+        raise CLIError(str(exc)) from None
+    if mode == "read":
+        try:
+            rev = _revision(store, url)
+            if rev is None:
+                raise CLIError(f"no costobs tables in {_shown(url)} (`{_upgrade_hint(url)}` creates them)")
+            if rev != HEAD_REVISION:
+                raise CLIError(f"{_shown(url)} is at schema revision {rev}, this costobs reads {HEAD_REVISION} "
+                               f"(`{_upgrade_hint(url)}`)")
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _upgrade_hint(url: str) -> str:
+    return f"costobs db upgrade --database-url {shlex.quote(_shown(url))}"
+
+
+def _revision(store: Any, url: str) -> str | None:
+    try:
+        return store.current_revision()  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise CLIError(f"cannot use the database {_shown(url)}: {_reason(exc)}") from None
+
+
+def _db_call(url: str, fn: Callable[[], Any]) -> Any:
+    """Run a database operation; a database error becomes one line naming the database."""
+    import sqlalchemy as sa
+
+    try:
+        return fn()
+    except CLIError:
+        raise
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise CLIError(f"cannot use the database {_shown(url)}: {_reason(exc)}") from None
+    except Exception as exc:
+        from alembic.util import CommandError
+
+        if isinstance(exc, CommandError):
+            raise CLIError(f"cannot migrate {_shown(url)}: {_reason(exc)}") from None
+        raise
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(args.database_url or os.environ.get("COSTOBS_DATABASE_URL") or DEFAULT_DATABASE_URL)
+
+
+# -- commands --------------------------------------------------------------------------------------
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
-
-    url = args.database_url
-    tmpdir = None
-    if url is None:
-        tmpdir = tempfile.mkdtemp(prefix="costobs-demo-")
-        url = f"sqlite:///{os.path.join(tmpdir, 'costobs-demo.db')}"
     from ._tracker import CostTracker
 
+    url = args.database_url
+    if url is None:  # a fresh file each time, unless asked for a database
+        url = f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='costobs-demo-'), 'costobs-demo.db')}"
+    store = _store(url, mode="write")
+    try:
+        # before the workload: with the demo's fixed salt, the tracker would start on a database that is down
+        _db_call(url, store.ensure_schema)
+    finally:
+        store.close()
     with CostTracker(url, tool_prices={"search_kb": "0.001"}, user_salt="demo-salt") as tracker:
         print(f"costobs demo: {args.runs} simulated agent runs -> {url}")
-        run_demo(tracker, runs=args.runs, seed=args.seed)
+        result = run_demo(tracker, runs=args.runs, seed=args.seed)
         stats = tracker.stats
         print(f"exporter: {stats['exported']} records written, {stats['dropped']} dropped, "
               f"{stats['failed']} failed; handler internal errors: {stats['internal_errors']}")
-    print(f"\nExplore it: costobs report --database-url {url} --by tenant_id model")
+    db = shlex.quote(url)
+    print("\nExplore it:")
+    print(f"  costobs report --database-url {db} --by tenant_id model")
+    print(f"  costobs report --database-url {db} --by feature --bucket hour --since 24h")
+    print(f"  costobs report --database-url {db} --by feature model --where kind=llm --json")
+    print(f"  costobs run {result['runaway_id']} --spans --database-url {db}")
+    print(f"  costobs db current --database-url {db}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ._demo import _table
 
-    with _tracker(args, user_salt="read-only") as tracker:
-        where = dict(w.split("=", 1) for w in args.where or [])
-        rows = tracker.rollup(by=args.by, since=_since(args.since), bucket=args.bucket, where=where or None)
-        if args.json:
-            print(json.dumps([_row_json(r) for r in rows], indent=2))
-            return 0
-        header = [*args.by, *(["bucket"] if args.bucket else []), "runs", "llm", "tools", "input", "output",
-                  "cost_usd", "avg_ms", "max_ms", "unpriced"]
-        table = []
-        for r in rows:
-            table.append([
-                *(str(r.key[k]) for k in args.by),
-                *([r.bucket_start.isoformat() if r.bucket_start else "-"] if args.bucket else []),
-                r.runs, r.llm_calls, r.tool_calls, r.input_tokens, r.output_tokens, f"{r.cost_usd:.6f}",
-                f"{r.avg_latency_ms:.1f}" if r.avg_latency_ms is not None else "-",
-                f"{r.max_latency_ms:.1f}" if r.max_latency_ms is not None else "-", r.unpriced_calls,
-            ])
-        _table(print, f"Costs by {', '.join(args.by)}", header, table)
+    url = _url(args)
+    store = _store(url, mode="read")
+    try:
+        where = dict(args.where or [])
+        rows = _db_call(url, lambda: store.rollup(args.by, since=args.since, bucket=args.bucket,
+                                                  where=where or None))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([_row_json(r) for r in rows], indent=2))
+        return 0
+    header = [*args.by, *(["bucket"] if args.bucket else []), "runs", "llm", "tools", "input", "output",
+              "cost_usd", "avg_ms", "max_ms", "unpriced"]
+    table = []
+    for r in rows:
+        table.append([
+            *(str(r.key[k]) for k in args.by),
+            *([r.bucket_start.isoformat() if r.bucket_start else "-"] if args.bucket else []),
+            r.runs, r.llm_calls, r.tool_calls, r.input_tokens, r.output_tokens, f"{r.cost_usd:.6f}",
+            f"{r.avg_latency_ms:.1f}" if r.avg_latency_ms is not None else "-",
+            f"{r.max_latency_ms:.1f}" if r.max_latency_ms is not None else "-", r.unpriced_calls,
+        ])
+    _table(print, f"Costs by {', '.join(args.by)}", header, table)
     return 0
 
 
@@ -91,29 +279,40 @@ def _row_json(r: Any) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    with _tracker(args, user_salt="read-only") as tracker:
-        rc = tracker.run_cost(args.run_id)
-        if rc is None:
-            print(f"no run {args.run_id}", file=sys.stderr)
-            return 1
-        print(f"run {rc.run_id}: {rc.status}{f' ({rc.reason})' if rc.reason else ''} cost ${rc.cost_usd}")
-        print(f"  tokens: input {rc.input_tokens} (cached {rc.cache_read_tokens}), output {rc.output_tokens} "
-              f"(reasoning {rc.reasoning_tokens}); llm calls {rc.llm_calls}, tool calls {rc.tool_calls}, "
-              f"unpriced {rc.unpriced_calls}")
-        print(f"  attributes: {rc.attributes}")
-        for m, c in rc.by_model.items():
-            print(f"  {m}: ${c}")
-        if args.spans:
-            for s in tracker.spans(args.run_id):
-                cost = "unpriced" if s["unpriced"] else f"${(s['cost_nanos'] or 0) / 1e9:.9f}"
-                print(f"  - {s['kind']:<9} {s['name'][:40]:<40} {s['status']:<7} {s['latency_ms']:8.1f} ms {cost}")
+    from ._ledger import run_text
+
+    url = _url(args)
+    run_id = run_text(args.run_id)
+    store = _store(url, mode="read")
+    try:
+        rc = _db_call(url, lambda: store.run_cost(run_id))
+        spans = _db_call(url, lambda: store.spans_of(run_id)) if rc is not None and args.spans else []
+    finally:
+        store.close()
+    if rc is None:
+        print(f"costobs: no run {args.run_id} in {_shown(url)}", file=sys.stderr)
+        return 1
+    print(f"run {rc.run_id}: {rc.status}{f' ({rc.reason})' if rc.reason else ''} cost ${rc.cost_usd}")
+    print(f"  tokens: input {rc.input_tokens} (cached {rc.cache_read_tokens}), output {rc.output_tokens} "
+          f"(reasoning {rc.reasoning_tokens}); llm calls {rc.llm_calls}, tool calls {rc.tool_calls}, "
+          f"unpriced {rc.unpriced_calls}")
+    print(f"  attributes: {rc.attributes}")
+    for m, c in rc.by_model.items():
+        print(f"  {m}: ${c}")
+    for s in spans:
+        cost = "unpriced" if s["unpriced"] else f"${(s['cost_nanos'] or 0) / 1e9:.9f}"
+        print(f"  - {s['kind']:<9} {s['name'][:40]:<40} {s['status']:<7} {s['latency_ms']:8.1f} ms {cost}")
     return 0
 
 
 def _cmd_price(args: argparse.Namespace) -> int:
+    from ._exceptions import ConfigurationError
     from ._pricing import PriceBook
 
-    book = PriceBook(args.prices)
+    try:
+        book = PriceBook(args.prices)
+    except (ConfigurationError, OSError) as exc:
+        raise CLIError(str(exc)) from None
     up = book.unit_prices(args.model, args.provider)
     if up is None:
         print(f"{args.model}: no price (unknown to the catalog; add it with prices=...)")
@@ -123,22 +322,142 @@ def _cmd_price(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from ._store import HEAD_REVISION
+
+    url = _url(args)
+    store = _store(url, mode="write")
+    try:
+        before = _revision(store, url)
+        if before == HEAD_REVISION:
+            print(f"{_shown(url)}: at the head revision {HEAD_REVISION}, nothing to do")
+            return 0
+        _db_call(url, store.ensure_schema)
+        after = _revision(store, url)
+    finally:
+        store.close()
+    print(f"{_shown(url)}: upgraded from {before or 'an empty database'} to {after}")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from ._store import HEAD_REVISION
+
+    url = _url(args)
+    store = _store(url, mode="inspect")
+    try:
+        rev = _revision(store, url)
+    finally:
+        store.close()
+    note = " (no costobs tables)" if rev is None else " (head)" if rev == HEAD_REVISION else ""
+    print(f"current: {rev or 'none'}{note}")
+    print(f"head:    {HEAD_REVISION}")
+    return 0
+
+
+def _cmd_db_prune(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from ._store import runs, spans
+
+    url = _url(args)
+    # whole hours: an hour's spans go together, so no hour is left with part of its total
+    cut_hour = int((datetime.now(UTC) - args.older_than).timestamp() // 3600)
+    cut = datetime.fromtimestamp(cut_hour * 3600, UTC)
+    cut_naive = cut.replace(tzinfo=None)
+    span_cond = spans.c.hour < cut_hour
+    run_cond = sa.and_(runs.c.started_at < cut_naive,
+                       sa.or_(runs.c.ended_at.is_(None), runs.c.ended_at < cut_naive))
+    store = _store(url, mode="read")  # the database and its schema, checked without creating anything
+    store.close()
+    store = _store(url, mode="write")
+    try:
+        def count() -> tuple[int, int, bool]:
+            with store.engine.connect() as conn:
+                n_spans = conn.execute(sa.select(sa.func.count()).select_from(spans).where(span_cond)).scalar_one()
+                n_runs = conn.execute(sa.select(sa.func.count()).select_from(runs).where(run_cond)).scalar_one()
+                return int(n_spans), int(n_runs), bool(sa.inspect(conn).has_table(ROLLUP_TABLE))
+
+        n_spans, n_runs, has_rollups = _db_call(url, count)
+        when = cut.strftime("%Y-%m-%d %H:%M UTC")
+        if not n_spans and not n_runs:
+            print(f"nothing to prune: no spans or runs before {when} in {_shown(url)}")
+            return 0
+        if not args.yes:
+            kept = (f"the hourly totals in {ROLLUP_TABLE} are kept" if has_rollups else
+                    f"this database keeps no hourly rollups ({ROLLUP_TABLE}), so reports will no longer include "
+                    "the costs of those hours")
+            sys.stderr.write(f"Delete {n_spans:,} spans and {n_runs:,} runs from before {when} in {_shown(url)}? "
+                             f"{kept}. [y/N] ")
+            sys.stderr.flush()
+            answer = sys.stdin.readline().strip().lower()
+            if answer not in ("y", "yes"):
+                print("costobs: nothing deleted (pass --yes to prune without asking)", file=sys.stderr)
+                return 1
+        done_spans, done_runs = _db_call(url, lambda: _prune(store, span_cond, run_cond, n_spans, n_runs,
+                                                             args.batch_size))
+    finally:
+        store.close()
+    print(f"deleted {done_spans:,} spans and {done_runs:,} runs from before {when}")
+    return 0
+
+
+def _prune(store: Any, span_cond: Any, run_cond: Any, n_spans: int, n_runs: int, batch: int) -> tuple[int, int]:
+    """Delete in batches, one transaction each, so the writers of a live database wait for one batch at most."""
+    import sqlalchemy as sa
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ._store import runs, spans
+
+    jobs = (
+        ("spans", n_spans, lambda: sa.delete(spans).where(
+            spans.c.id.in_(sa.select(spans.c.id).where(span_cond).order_by(spans.c.id).limit(batch)))),
+        ("runs", n_runs, lambda: sa.delete(runs).where(
+            runs.c.run_id.in_(sa.select(runs.c.run_id).where(run_cond).limit(batch)))),
+    )
+    done: list[int] = []
+    columns = (TextColumn("pruning {task.description:<5}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        for name, total, stmt in jobs:
+            task = progress.add_task(name, total=total)
+            n = 0
+            while True:
+                with store.engine.begin() as conn:
+                    deleted = conn.execute(stmt()).rowcount
+                if not deleted:
+                    break
+                n += deleted
+                progress.update(task, completed=n, total=max(total, n))
+            progress.update(task, completed=n, total=max(total, n))
+            done.append(n)
+    return done[0], done[1]
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+def _database_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    # SUPPRESS below the top: a subcommand sets the value only when given there, so either place works
+    p.add_argument("--database-url", default=None if top else argparse.SUPPRESS, metavar="URL",
+                   help="SQLAlchemy URL (default: $COSTOBS_DATABASE_URL, else sqlite:///costobs.db; "
+                        "the demo: a new temporary file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="costobs", description="What your LLM agents cost.")
-    p.add_argument("--database-url", default=None,
-                   help="SQLAlchemy URL (default: $COSTOBS_DATABASE_URL, else sqlite:///costobs.db)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="costobs", description="What your LLM agents cost.")
+    _database_arg(p, top=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="run an offline simulated agent workload and print its cost report")
-    d.add_argument("--runs", type=int, default=200)
+    d.add_argument("--runs", type=_positive_int, default=200)
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=_cmd_demo)
     r = sub.add_parser("report", help="costs grouped by attribution keys")
-    r.add_argument("--by", nargs="+", default=["feature"])
+    r.add_argument("--by", nargs="+", default=["feature"], choices=_rollup_keys(), metavar="KEY",
+                   help=f"one or more of: {', '.join(_rollup_keys())}")
     r.add_argument("--bucket", choices=["hour", "day"])
-    r.add_argument("--since", help="e.g. 24h, 7d, or an ISO timestamp")
-    r.add_argument("--where", action="append", help="key=value filter (repeatable)")
+    r.add_argument("--since", type=_since, help="e.g. 24h, 7d, or an ISO timestamp (UTC)")
+    r.add_argument("--where", type=_where, action="append", metavar="KEY=VALUE", help="filter (repeatable)")
     r.add_argument("--json", action="store_true")
-    r.add_argument("--prices", default=None, help=argparse.SUPPRESS)
     r.set_defaults(fn=_cmd_report)
     rn = sub.add_parser("run", help="one run's cost")
     rn.add_argument("run_id")
@@ -149,19 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--provider")
     pr.add_argument("--prices", help="a YAML or JSON price file of overrides")
     pr.set_defaults(fn=_cmd_price)
+    db = sub.add_parser("db", help="the database: schema revision, upgrade, pruning")
+    dbs = db.add_subparsers(dest="db_cmd", required=True, metavar="ACTION")
+    up = dbs.add_parser("upgrade", help="create the tables, or upgrade them to the head revision")
+    up.set_defaults(fn=_cmd_db_upgrade)
+    cur = dbs.add_parser("current", help="the database's schema revision and the head revision")
+    cur.set_defaults(fn=_cmd_db_current)
+    pu = dbs.add_parser("prune", help="delete spans and runs older than a cut-off (asks first)")
+    pu.add_argument("--older-than", type=_duration, required=True, metavar="AGE", help="e.g. 90d, 12w, 48h")
+    pu.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    pu.add_argument("--batch-size", type=_positive_int, default=5000, help=argparse.SUPPRESS)
+    pu.set_defaults(fn=_cmd_db_prune)
+    for sp in (d, r, rn, pr, db, up, cur, pu):
+        _database_arg(sp)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # the demo runs with the default database only when asked; everything else reads the given store
-    if args.cmd == "demo" and args.database_url is None:
-        args.database_url = None
-    elif args.database_url is None:
-        args.database_url = os.environ.get("COSTOBS_DATABASE_URL")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (status 2) or --help (0), returned like every other outcome
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.fn(args))
-    except Exception as exc:  # a clear one-line error for the command line
+    except CLIError as exc:
+        print(f"costobs: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # what a store or the demo's tracker refuses, in one line
         from ._exceptions import ConfigurationError
 
         if isinstance(exc, ConfigurationError):
