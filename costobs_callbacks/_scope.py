@@ -26,7 +26,10 @@ class RunScope:
     def __init__(self, tracker: CostTracker, meta: dict[str, Any], run_id: uuid.UUID | str | None) -> None:
         self._tracker = tracker
         self._meta = meta
-        self.run_id: str = run_text(run_id) if run_id is not None else str(uuid7())
+        # A run of its own is keyed by its UUID (as its integer: no text to parse), its scope span by the text.
+        rid: uuid.UUID | str = uuid7() if run_id is None else run_id
+        self._rid = rid
+        self.run_id: str = str(rid) if type(rid) is uuid.UUID else run_text(rid)
         self._span: Span | None = None
         self._token: Token[Span | None] | None = None
 
@@ -41,7 +44,7 @@ class RunScope:
     def __enter__(self) -> RunScope:
         name = str(self._meta.get("feature") or "run")
         self._span = self._tracker.ledger.start(
-            self._scope_key, None, "run", name, meta=self._meta, root=True, run_id=self.run_id
+            self._scope_key, None, "run", name, meta=self._meta, root=True, run_id=self._rid
         )
         self._token = current_scope.set(self._span)
         return self

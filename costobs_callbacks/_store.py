@@ -800,20 +800,21 @@ _SPAN_COLS: tuple[str, ...] = (
 )
 _SQLITE_SPAN_HEAD = f"INSERT INTO costobs_spans ({', '.join(_SPAN_COLS)}) VALUES "
 _NO_PRICES: tuple[str | None, ...] = (None, None, None, None, None)
-_price_text: dict[Any, tuple[str | None, ...]] = {}
+_price_text: dict[int, tuple[Any, tuple[str | None, ...]]] = {}
 
 
 def _prices_of(pr: Any) -> tuple[str | None, ...]:
-    """The audit columns of a ``UnitPrices``, formatted once per distinct price (not once per span)."""
+    """The audit columns of a ``UnitPrices``, formatted once per price object (not once per span). Keyed by the
+    object itself, not by its value: ``0.6`` and ``0.60`` are equal prices, each audited as it was written."""
     if pr is None:
         return _NO_PRICES
-    hit = _price_text.get(pr)
-    if hit is None:
-        hit = (_txt(pr.source, 64), _dec(pr.input), _dec(pr.output), _dec(pr.cache_read), _dec(pr.cache_write))
+    hit = _price_text.get(id(pr))
+    if hit is None or hit[0] is not pr:
+        hit = (pr, (_txt(pr.source, 64), _dec(pr.input), _dec(pr.output), _dec(pr.cache_read), _dec(pr.cache_write)))
         if len(_price_text) > 4096:
             _price_text.clear()
-        _price_text[pr] = hit
-    return hit
+        _price_text[id(pr)] = hit
+    return hit[1]
 
 
 _second_text: dict[int, str] = {}

@@ -18,6 +18,7 @@ from ._export import BatchExporter
 from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
 from ._pricing import PriceBook
+from ._scope import RunScope
 from ._store import ROLLUP_KEYS, RollupRow, Store
 
 if TYPE_CHECKING:
@@ -168,11 +169,9 @@ class CostTracker:
             if k.startswith(("ls_", "langgraph_", "costobs_")):
                 raise ConfigurationError(f"attribute name {k!r} is reserved")
             meta[k] = v
-        b = coerce_budget(budget)
-        if b is not None:
+        if budget is not None and (b := coerce_budget(budget)) is not None:
             meta[BUDGET_META_KEY] = b.model_dump(exclude_none=True, mode="json")
-        lp = coerce_loops(loops)
-        if lp is not None:
+        if loops is not None and (lp := coerce_loops(loops)) is not None:
             meta[LOOPS_META_KEY] = lp.model_dump(mode="json")
         return meta
 
@@ -217,8 +216,6 @@ class CostTracker:
         """A context manager that opens a root run: everything costed inside it (LangChain or
         LlamaIndex, this thread, asyncio tasks and threads started with a copied context) is
         attributed to it. ``run.run_id``, ``run.cost`` (the live ``RunCost``)."""
-        from ._scope import RunScope
-
         if run_id is not None and not isinstance(run_id, uuid.UUID):
             text = str(run_id)
             if not text or len(text) > 64 or "\x00" in text:  # it keys a 64-character column

@@ -175,7 +175,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         tool_args: Any = None,
         exported: bool = True,
         root: bool = False,
-        run_id: str | None = None,
+        run_id: str | UUID | None = None,
     ) -> Span:
         """Open a span; raises ``RunAborted`` if a guard refuses it (nothing has been sent yet). (The options may
         be passed by position, in this order: adapters on the hot path do, keyword arguments cost more.)
