@@ -23,8 +23,14 @@ LlamaIndex, one ``MockLLM.complete(prompt)`` (the same prompt every call):
                (``CallbackManager([])`` takes the handlers of the manager in ``Settings``, if there is one,
                so a baseline built without clearing it can silently include them)
   tokencount   ``MockLLM(callback_manager=CallbackManager([TokenCountingHandler()]))``
-  ours_scoped  ``tracker.instrument_llamaindex()``, then each call inside ``with tracker.run(feature=...,
-               user_id=..., tenant_id=...)``: the run scope is part of what is counted
+  ours_scoped  ``tracker.instrument_llamaindex()``, the calls made inside an open ``with tracker.run(feature=...,
+               user_id=..., tenant_id=..., loops=LoopPolicy(enabled=False))`` (every call repeats the same
+               prompt, which the loop guard would refuse by the third): each call is a child span of the run.
+               Each counted segment (and each timed batch) is one run, opened and closed around it; the
+               segment of 0 calls opens and closes one too, so the run's own opening cancels, and what is
+               left is the cost of a call in a run, its share of closing the run included
+  ours_run_each  ``tracker.instrument_llamaindex()``, each call inside a ``with tracker.run(feature=...,
+               user_id=..., tenant_id=...)`` of its own: a whole request of one LLM call, run included
   ours         ``tracker.instrument_llamaindex()``, no scope (the call is its own root run)
 
 **How the count is taken.** Each configuration runs in a process of its own under
@@ -32,7 +38,8 @@ LlamaIndex, one ``MockLLM.complete(prompt)`` (the same prompt every call):
 fixed. The process imports everything, builds its configuration, makes ``--warmup`` calls (tokenizers,
 price cache, pydantic validators, the exporter thread and the database schema are all set up by then),
 flushes the exporter, runs ``gc.collect()`` and ``gc.freeze()``, then calls ``os.getppid()`` (the marker),
-makes N = ``--calls`` calls, calls the marker, makes 0 calls, calls the marker. Every marker makes
+makes N = ``--calls`` calls, calls the marker, makes 0 calls, calls the marker (``ours_scoped`` opens and
+closes its run inside each segment). Every marker makes
 callgrind dump and zero its counters, one file per thread; thread 1 is the calling (main) thread. So
 segment 2 holds N calls plus one marker and segment 3 the marker alone, and
 
@@ -65,15 +72,17 @@ top of that. ``(c - b) / (b - a)`` is about 0.5 for ``UsageMetadataCallbackHandl
 calling-thread CPU time (``time.thread_time_ns``), ``--rounds`` rounds of one batch of ``--batch`` calls
 of every configuration, the order rotating by one each round, the median over rounds of the batch means,
 and the median of paired per-round differences (as ``handler_overhead.py``). ``instrument_llamaindex()``
-is process-wide, so each of our two configurations (two trackers) has it switched on only around its own
-batches (untimed), and the handler lists of the other two models are asserted before each of their
-batches.
+is process-wide, so each configuration of ours (one tracker each) has it switched on only around its own
+batches, and ``ours_scoped`` its run opened and closed around each batch (both untimed); the handler lists
+of the other two models are asserted before each of their batches. "Met" compares the paired per-round
+difference to ``TokenCountingHandler``.
 
 After counting, each process checks that the work was done: every call of ours stored and priced,
 ``UsageMetadataCallbackHandler`` and ``TokenCountingHandler`` holding every call's tokens; a failed check
 fails the benchmark.
 
-Run: ``python -m bench.instructions`` (about 10 minutes on 2 CPUs; ``--quick``: fewer calls and rounds).
+Run: ``python -m bench.instructions`` (10 processes under valgrind, 2 at a time: 10 to 25 minutes on 2 CPUs,
+with other work; ``--quick``: fewer calls and rounds, the same processes).
 """
 
 from __future__ import annotations
@@ -137,10 +146,11 @@ LANGCHAIN = {
 LLAMAINDEX = {
     "none": "nothing",
     "tokencount": "TokenCountingHandler",
-    "ours_scoped": "costobs: instrument_llamaindex(), call inside tracker.run()",
-    "ours": "costobs: instrument_llamaindex(), no scope",
+    "ours_scoped": "costobs: calls inside an open tracker.run()",
+    "ours_run_each": "costobs: each call in a tracker.run() of its own",
+    "ours": "costobs: no scope",
 }
-TIMED = ("none", "tokencount", "ours_scoped", "ours")
+TIMED = ("none", "tokencount", "ours_scoped", "ours_run_each", "ours")
 
 
 # -- the configurations (built in whichever process measures them) ----------------------------------
@@ -152,13 +162,16 @@ class Setup:
 
     def __init__(self, call: Callable[[], Any], check: Callable[[int], dict[str, Any]],
                  close: Callable[[], None] = lambda: None, assert_clean: Callable[[], None] = lambda: None,
-                 before: Callable[[], None] | None = None, after: Callable[[], None] | None = None) -> None:
+                 before: Callable[[], None] | None = None, after: Callable[[], None] | None = None,
+                 enter: Callable[[], None] = lambda: None, leave: Callable[[], None] = lambda: None) -> None:
         self.call = call
         self.check = check
         self.close = close
         self.assert_clean = assert_clean
-        self.before = before
+        self.before = before  # instrumentation on (the timed rounds switch it around each batch)
         self.after = after
+        self.enter = enter  # around every counted segment and timed batch, counted in the segment
+        self.leave = leave
 
 
 def _tracker(db_dir: str, name: str, prices: dict[str, dict[str, str]], export_delay: float) -> Any:
@@ -248,24 +261,35 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
 
         clean_tc()
         return Setup(partial(llm.complete, LI_PROMPT), check_tc, assert_clean=clean_tc)
-    if kind in ("ours", "ours_scoped"):
+    if kind in ("ours", "ours_scoped", "ours_run_each"):
+        from costobs_callbacks import LoopPolicy
+
         t = _tracker(db_dir, kind, LI_PRICES, export_delay)
         t.instrument_llamaindex()
         llm = MockLLM()
+        scopes: list[Any] = []
 
         def close() -> None:
             t.uninstrument_llamaindex()
             t.close()
 
-        if kind == "ours":
-            call: Callable[[], Any] = partial(llm.complete, LI_PROMPT)
-        else:
+        def enter() -> None:
+            scope = t.run(**META, loops=LoopPolicy(enabled=False))
+            scope.__enter__()
+            scopes.append(scope)
+
+        def leave() -> None:
+            scopes.pop().__exit__(None, None, None)
+
+        if kind == "ours_run_each":
             def call() -> Any:
                 with t.run(**META):
                     return llm.complete(LI_PROMPT)
-
+        else:
+            call = partial(llm.complete, LI_PROMPT)
+        hooks = {"enter": enter, "leave": leave} if kind == "ours_scoped" else {}
         return Setup(call, lambda n: _stored(t, n, None), close=close,
-                     before=t.instrument_llamaindex, after=t.uninstrument_llamaindex)
+                     before=t.instrument_llamaindex, after=t.uninstrument_llamaindex, **hooks)
     raise ValueError(f"unknown LlamaIndex configuration {kind!r}")
 
 
@@ -283,20 +307,26 @@ def child(spec: str, calls: int, warmup: int, freeze: bool = True) -> int:
     with tempfile.TemporaryDirectory(prefix="costobs-cg-") as d:
         s = SETUPS[framework][1](kind, d, 3600.0)
         try:
+            s.enter()
             for _ in range(warmup):
                 s.call()
+            s.leave()
             s.assert_clean()
             s.check(warmup)  # flushes ours: the counted segments start with an empty queue
-            call = s.call
+            call, enter, leave = s.call, s.enter, s.leave
             gc.collect()
             if freeze:
                 gc.freeze()
             mark()
+            enter()
             for _ in range(calls):
                 call()
+            leave()
             mark()
+            enter()
             for _ in range(0):
                 call()
+            leave()
             mark()
             gc.unfreeze()
             s.assert_clean()
@@ -384,14 +414,13 @@ def timed_llamaindex(rounds: int, batch: int, warmup: int) -> dict[str, Any]:
                 if s.after is not None:
                     s.after()  # instrumentation on only around its own batches
             for k, s in setups.items():
-                before[k] = s.before if s.before is not None else s.assert_clean
-                if s.after is not None:
-                    after[k] = s.after
+                before[k] = _chain(s.before or s.assert_clean, s.enter)
+                after[k] = _chain(s.leave, s.after or _nothing)
             for k in TIMED:
                 before[k]()
                 for _ in range(warmup):
                     calls[k]()
-                after.get(k, _nothing)()
+                after[k]()
             gc.collect()
             gc.freeze()
             t0 = time.perf_counter()
@@ -416,6 +445,14 @@ def timed_llamaindex(rounds: int, batch: int, warmup: int) -> dict[str, Any]:
 
 def _nothing() -> None:
     return None
+
+
+def _chain(first: Callable[[], Any], second: Callable[[], Any]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def report(counts: dict[str, dict[str, Any]], timed: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -453,8 +490,10 @@ def report(counts: dict[str, dict[str, Any]], timed: dict[str, Any] | None) -> l
         s = li["ours_scoped"]["per_call"] - n0
         summary.append(metric("LlamaIndex complete: TokenCountingHandler over nothing (instructions)", tc - n0,
                               "instr"))
-        summary.append(metric("LlamaIndex complete: costobs in tracker.run() over nothing (instructions)", s, "instr",
-                              "below TokenCountingHandler", s < tc - n0))
+        summary.append(metric("LlamaIndex complete: costobs in an open tracker.run() over nothing (instructions)", s,
+                              "instr", "below TokenCountingHandler", s < tc - n0))
+        summary.append(metric("LlamaIndex complete: costobs, a tracker.run() per call, over nothing (instructions)",
+                              li["ours_run_each"]["per_call"] - n0, "instr", note="the run's cost included"))
         summary.append(metric("LlamaIndex complete: costobs, no scope, over nothing (instructions)",
                               li["ours"]["per_call"] - n0, "instr"))
     if timed:
@@ -472,15 +511,17 @@ def report(counts: dict[str, dict[str, Any]], timed: dict[str, Any] | None) -> l
         print(table(["config", "CPU us/call (median)", "p10 / p90", "over nothing (p10..p90)", "wall us/call"], rows))
         d = c["ours_scoped"]["minus_tokencount_us"]
         print()
-        for k in ("ours_scoped", "ours"):
+        for k in ("ours_scoped", "ours_run_each", "ours"):
             m = c[k]["minus_tokencount_us"]
             print(f"{LLAMAINDEX[k]} minus TokenCountingHandler, paired per round: {fmt(m['median'])} us "
                   f"({fmt(m['p10'])}..{fmt(m['p90'])})")
         summary.append(metric("LlamaIndex complete: TokenCountingHandler over nothing (CPU)",
                               c["tokencount"]["over_none_us"]["median"], "us"))
         ov = c["ours_scoped"]["over_none_us"]["median"]
-        summary.append(metric("LlamaIndex complete: costobs in tracker.run() over nothing (CPU)", ov, "us",
+        summary.append(metric("LlamaIndex complete: costobs in an open tracker.run() over nothing (CPU)", ov, "us",
                               "below TokenCountingHandler", d["median"] < 0))
+        summary.append(metric("LlamaIndex complete: costobs, a tracker.run() per call, over nothing (CPU)",
+                              c["ours_run_each"]["over_none_us"]["median"], "us", note="the run's cost included"))
         summary.append(metric("LlamaIndex complete: costobs, no scope, over nothing (CPU)",
                               c["ours"]["over_none_us"]["median"], "us"))
     checks = {f"{fw}:{k}": v["check"] for fw, cs in counts.items() for k, v in cs.items()}
