@@ -267,7 +267,8 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
     rows = []
     for m in summary:
         ok = "" if m["ok"] is None else ("yes" if m["ok"] else "NO")
-        rows.append([m["metric"], fmt(m["value"]) + (f" {m['unit']}" if m["value"] is not None else ""),
+        digits = 2 if m["unit"] == "x" else 0 if m["unit"] == "instr" else 1
+        rows.append([m["metric"], fmt(m["value"], digits) + (f" {m['unit']}" if m["value"] is not None else ""),
                      m["target"] or "", ok, m.get("note") or ""])
     print(table(["metric", "value", "target", "met", "note"], rows))
 

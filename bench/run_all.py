@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "llamaindex_overhead": ("LlamaIndex overhead", ["--rounds", "40", "--batch", "30", "--warmup", "50"]),
     "exporter_throughput": ("Exporter into SQLite", ["--runs", "5000", "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
+    "instructions": ("Instructions (callgrind)", ["--quick"]),
 }
 PROFILE = ("profile_handler", ("Handler profile", ["--calls", "5000"]))
 
@@ -47,7 +48,7 @@ def _value(m: dict[str, Any]) -> str:
     if v is None:
         return "-"
     unit = m.get("unit") or ""
-    digits = 0 if unit in ("spans/s", "items", "blocks") or abs(v) >= 1000 else 1
+    digits = 2 if unit == "x" else 0 if unit in ("spans/s", "items", "blocks", "instr") or abs(v) >= 1000 else 1
     return f"{fmt(v, digits)} {unit}".strip()
 
 
@@ -72,7 +73,8 @@ def markdown(names: list[str]) -> str:
             f"Measured on {env.get('cpu')} ({env.get('cpus')} CPUs), Python {env.get('python')}, "
             f"langchain-core {pk.get('langchain-core')}, SQLAlchemy {pk.get('sqlalchemy')}, "
             f"llama-index-core {pk.get('llama-index-core')}, commit {env.get('commit')}; "
-            "per-call figures are the calling thread's CPU time (`python -m bench.run_all`).",
+            "per-call figures are the calling thread's CPU time, or its instructions counted by callgrind "
+            "(`python -m bench.run_all`).",
             "",
         ]
     lines.append("| Benchmark | Metric | Result | Target | Met | Note |")
