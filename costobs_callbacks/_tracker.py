@@ -273,6 +273,7 @@ class CostTracker:
         ``ConfigurationError`` names a bad one, and nothing is recorded. A run past its budget is aborted
         (its next framework call refused), never the record.
         """
+        self._open_for("record_usage")
         if not isinstance(model, str) or not model:
             raise ConfigurationError(f"model must be a non-empty text, not {model!r}")
         prov = _optional_text("provider", provider)
@@ -315,6 +316,7 @@ class CostTracker:
         span named ``name`` with that cost (rounded to the nano-dollar, half to even; ``tool_prices`` are not
         added), flagged ``manual``. ``usd``: a finite amount, 0 or more (a ``Decimal``, an int, a float or a
         numeric text). ``at``, ``run_id``, ``attribution`` and what it returns: as for ``record_usage``."""
+        self._open_for("record_cost")
         nanos = _usd_arg(usd)
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty text, not {name!r}")
@@ -323,6 +325,10 @@ class CostTracker:
         meta = _record_meta(attribution)
         return record(self.ledger, run_id=rid, meta=meta, kind="tool", name=name, cost_nanos=nanos,
                       wall=time.time() if when is None else when.timestamp())
+
+    def _open_for(self, what: str) -> None:
+        if self._closed:  # its exporter is stopped: the record would be dropped
+            raise ConfigurationError(f"{what}: this tracker is closed")
 
     # -- queries --------------------------------------------------------------------------------
 

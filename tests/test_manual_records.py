@@ -298,3 +298,12 @@ def test_record_ids_and_attribute_values_as_elsewhere(cost_tracker_factory: Any)
     assert a.attributes == {"feature": "f", "tenant_id": "42", "ratio": 0.5, "on": True}
     t.flush()
     assert t.run_cost(rid, where={"tenant_id": "42"}) is not None
+
+
+def test_a_closed_tracker_refuses_records(database_url: str) -> None:
+    t = CostTracker(database_url, user_salt="s")
+    t.close()
+    with pytest.raises(ConfigurationError, match="record_usage: this tracker is closed"):
+        t.record_usage(model="gpt-4o", input_tokens=1, output_tokens=1)
+    with pytest.raises(ConfigurationError, match="record_cost: this tracker is closed"):
+        t.record_cost(usd=1, name="api")

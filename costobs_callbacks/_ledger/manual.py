@@ -54,8 +54,9 @@ def record(
 
     Raises ``ConfigurationError`` before anything is recorded if the record would start a run without an attribution
     key the tracker requires."""
-    run = _join(ledger, run_id if run_id is not None else str(uuid7()), meta, wall)
-    span = Span(str(uuid7()), None, run, kind, name, model, provider, start_wall=wall, start_perf=time.perf_counter())
+    # New ids as UUIDv7 integers, turned into text on the exporter's thread (see Run.run_id, Span.span_id).
+    run = _join(ledger, run_id if run_id is not None else uuid7().int, meta, wall)
+    span = Span(uuid7().int, None, run, kind, name, model, provider, start_wall=wall, start_perf=time.perf_counter())
     span.end_wall = wall
     span.status = "ok"
     span.flags = _FLAGS
@@ -93,13 +94,14 @@ def record(
     return run.snapshot()
 
 
-def _join(ledger: Ledger, run_id: str, meta: Mapping[str, Any], wall: float) -> Run:
+def _join(ledger: Ledger, run_id: str | int, meta: Mapping[str, Any], wall: float) -> Run:
     """The run a record goes to, with the record counted in its ``open_roots``: one open in this process (its
     attribution kept), one ended here and remembered (reopened; attributed as the record says, if it says
     anything), else a new one (a run stored by another process, or ended long ago, grows in the store by what is
     added here, as for a ``tracker.config(run_id=...)`` reused)."""
     key = run_key(run_id)
-    alt = str(UUID(int=key)) if type(key) is int else None  # a framework's own id is keyed as its text
+    # a framework's own id (LlamaIndex's) is keyed as its text; a new run's id is new
+    alt = str(UUID(int=key)) if type(key) is int and type(run_id) is not int else None
 
     def held(d: Mapping[Any, Run]) -> Any:
         if key in d:
