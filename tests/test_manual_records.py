@@ -307,3 +307,17 @@ def test_a_closed_tracker_refuses_records(database_url: str) -> None:
         t.record_usage(model="gpt-4o", input_tokens=1, output_tokens=1)
     with pytest.raises(ConfigurationError, match="record_cost: this tracker is closed"):
         t.record_cost(usd=1, name="api")
+
+
+def test_a_backdated_record_is_priced_as_of_its_moment(cost_tracker_factory: Any) -> None:
+    """o3 went from $10 / $40 to $2 / $8 per million on 2025-06-10 (the catalog's effective dates)."""
+    t = cost_tracker_factory()
+    before = t.record_usage(model="o3", provider="openai", input_tokens=1_000_000, output_tokens=1000,
+                            at=datetime(2025, 6, 9, 23, 59, tzinfo=UTC))
+    after = t.record_usage(model="o3", provider="openai", input_tokens=1_000_000, output_tokens=1000,
+                           at=datetime(2025, 6, 10, tzinfo=UTC))
+    now = t.record_usage(model="o3", provider="openai", input_tokens=1_000_000, output_tokens=1000)
+    assert before.cost_usd == Decimal("10.04") and after.cost_usd == Decimal("2.008")
+    assert now.cost_usd == Decimal(t.prices.price_nanos("o3", "openai", (1_000_000, 1000, 0, 0, 0))[0]).scaleb(-9)
+    t.flush()
+    assert [s["price_input"] for s in t.spans(before.run_id) + t.spans(after.run_id)] == ["10", "2"]
