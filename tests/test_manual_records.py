@@ -321,3 +321,35 @@ def test_a_backdated_record_is_priced_as_of_its_moment(cost_tracker_factory: Any
     assert now.cost_usd == Decimal(t.prices.price_nanos("o3", "openai", (1_000_000, 1000, 0, 0, 0))[0]).scaleb(-9)
     t.flush()
     assert [s["price_input"] for s in t.spans(before.run_id) + t.spans(after.run_id)] == ["10", "2"]
+
+
+def test_concurrent_records_of_one_run_all_count(cost_tracker_factory: Any) -> None:
+    import threading
+
+    t = cost_tracker_factory(prices=PRICES)
+    rid = "shared-run"
+    t.record_cost(usd="0", name="open", run_id=rid, feature="f")
+    barrier = threading.Barrier(8)
+
+    def work(k: int) -> None:
+        barrier.wait()
+        for i in range(150):
+            if i % 2:
+                t.record_cost(usd="0.001", name="api", run_id=rid)
+            else:
+                t.record_usage(model=MODEL, input_tokens=1000, output_tokens=100, run_id=rid)
+            t.record_cost(usd="0.5", name="own", feature="g")  # a run of its own each time
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    t.flush()
+    rc = t.run_cost(rid)
+    assert rc is not None and (rc.llm_calls, rc.tool_calls) == (8 * 75, 1 + 8 * 75)
+    assert rc.cost_usd == 8 * 75 * (Decimal("0.001") + Decimal("0.0028"))
+    assert rc.attributes == {"feature": "f"} and rc.status == "ok"
+    assert t.spend(where={"feature": "g"}) == Decimal("0.5") * 8 * 150
+    assert len(t.top_runs(n=10_000, where={"feature": "g"})) == 8 * 150
+    assert t.stats["failed"] == 0 and t.ledger.runs == {}
