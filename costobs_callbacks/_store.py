@@ -29,7 +29,7 @@ from ._exceptions import ConfigurationError
 from ._export import PoisonBatch
 from ._ledger import Run, RunCost, Span
 
-__all__ = ["ROLLUP_KEYS", "RollupRow", "Store", "migrations_dir"]
+__all__ = ["ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "migrations_dir", "run_matches"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -135,6 +135,15 @@ ROLLUP_KEYS: dict[str, sa.ColumnElement[Any]] = {
     "status": spans.c.status,
     "prompt_version": spans.c.prompt_version,
 }
+
+RUN_KEYS: dict[str, sa.ColumnElement[Any]] = {
+    "feature": runs.c.feature,
+    "route": runs.c.route,
+    "tenant_id": runs.c.tenant_id,
+    "user": runs.c.user_hash,
+    "prompt_version": runs.c.prompt_version,
+}
+"""The rollup keys that are a run's own attribution (its summary row's columns; ``RunCost.attributes``' keys)."""
 
 _CALL_KINDS = ("llm", "embedding", "tool", "retriever")
 _LLM_KINDS = ("llm", "embedding")
@@ -480,32 +489,21 @@ class Store:
 
     # -- queries --------------------------------------------------------------------------------
 
-    def run_cost(self, run_id: str) -> RunCost | None:
+    def run_cost(self, run_id: str, where: Mapping[str, Any] | None = None) -> RunCost | None:
+        """A run's stored totals; ``None`` if it is not stored, or does not match ``where`` (``RUN_KEYS`` only,
+        values as for ``rollup``)."""
         self.ensure_schema()
         run_id = _fit_text(run_id)
+        q = sa.select(runs).where(runs.c.run_id == run_id)
+        for k, v in (where or {}).items():
+            if k not in RUN_KEYS:
+                raise ConfigurationError(f"run_cost's where takes {', '.join(RUN_KEYS)}, not {k!r}")
+            q = q.where(_match(RUN_KEYS[k], v))
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().first()
+            row = conn.execute(q).mappings().first()
             if row is None:
                 return None
-
-            def model_costs(split: bool) -> Any:
-                return sa.select(spans.c.model, *_sum(sa.func.coalesce(spans.c.cost_nanos, 0), "cost", split)) \
-                    .where(spans.c.run_id == run_id, spans.c.kind.in_(_LLM_KINDS), spans.c.model.is_not(None),
-                           spans.c.cache_hit.is_(False), spans.c.unpriced.is_(False)) \
-                    .group_by(spans.c.model)
-
-            by_model = {r["model"]: nanos_to_usd(_summed(r, "cost")) or Decimal(0)
-                        for r in self._sums(conn, model_costs)}
-            unpriced_models = tuple(sorted(conn.execute(
-                sa.select(spans.c.model).distinct()
-                .where(spans.c.run_id == run_id, spans.c.unpriced.is_(True), spans.c.model.is_not(None))
-            ).scalars()))
-        attrs: dict[str, Any] = {"feature": row["feature"]}
-        for k, col in (("route", "route"), ("tenant_id", "tenant_id"), ("user", "user_hash"),
-                       ("prompt_version", "prompt_version")):
-            if row[col] is not None:
-                attrs[k] = row[col]
-        attrs.update(row["attributes"] or {})
+            by_model, unpriced_models = self._models_of(conn, [spans.c.run_id == run_id]).get(run_id, ({}, ()))
         return RunCost(
             run_id=run_id,
             cost_usd=nanos_to_usd(int(row["cost_nanos"])) or Decimal(0),
@@ -520,10 +518,109 @@ class Store:
             by_model=by_model,
             unpriced_models=unpriced_models,
             status=row["status"],
-            attributes=attrs,
+            attributes=_run_attributes(row),
             reason=row["reason"],
             estimated_calls=int(row["estimated_calls"]),
         )
+
+    def _models_of(
+        self, conn: Connection, filters: Sequence[Any],
+    ) -> dict[str, tuple[dict[str, Decimal], tuple[str, ...]]]:
+        """Per run of the spans matching ``filters``: its priced cost by model, and its unpriced models (sorted)."""
+        s = spans.c
+
+        def model_costs(split: bool) -> Any:
+            return sa.select(s.run_id, s.model, *_sum(sa.func.coalesce(s.cost_nanos, 0), "cost", split)) \
+                .where(*filters, s.kind.in_(_LLM_KINDS), s.model.is_not(None), s.cache_hit.is_(False),
+                       s.unpriced.is_(False)) \
+                .group_by(s.run_id, s.model)
+
+        out: dict[str, tuple[dict[str, Decimal], tuple[str, ...]]] = {}
+        for r in self._sums(conn, model_costs):
+            out.setdefault(r["run_id"], ({}, ()))[0][r["model"]] = nanos_to_usd(_summed(r, "cost")) or Decimal(0)
+        unpriced: dict[str, list[str]] = {}
+        for rid, model in conn.execute(
+            sa.select(s.run_id, s.model).distinct().where(*filters, s.unpriced.is_(True), s.model.is_not(None))
+        ):
+            unpriced.setdefault(rid, []).append(model)
+        for rid, models in unpriced.items():
+            out[rid] = (out.get(rid, ({}, ()))[0], tuple(sorted(models)))
+        return out
+
+    def spend(
+        self, *, since: datetime | None = None, until: datetime | None = None, where: Mapping[str, Any] | None = None,
+    ) -> Decimal:
+        """The total cost of the spans started in ``[since, until)`` matching ``where`` (as ``rollup`` takes them)."""
+        self.ensure_schema()
+        filters = _span_filters(since, until, where)
+        with self.engine.connect() as conn:
+            rows = self._sums(conn, lambda split: sa.select(*_sum(spans.c.cost_nanos, "cost", split)).where(*filters))
+        return nanos_to_usd(_summed(rows[0], "cost")) or Decimal(0)
+
+    def top_runs(
+        self, n: int, *, since: datetime | None = None, until: datetime | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[RunCost]:
+        """The ``n`` runs of the most cost among the spans started in ``[since, until)`` matching ``where``,
+        costliest first (ties by run id), each counting those spans only; status and attributes from the run's row.
+        """
+        self.ensure_schema()
+        filters = _span_filters(since, until, where)
+        s = spans.c
+        not_hit = s.cache_hit.is_(False)
+
+        def query(split: bool) -> Any:
+            def tok(col: Any, name: str) -> list[Any]:
+                return _sum(sa.case((not_hit, col), else_=0), name, split)
+
+            cost = _sum(sa.func.coalesce(s.cost_nanos, 0), "cost", split)
+            q = sa.select(
+                s.run_id, *cost, *tok(s.input_tokens, "inp"), *tok(s.output_tokens, "out"),
+                *tok(s.cache_read_tokens, "cr"), *tok(s.cache_write_tokens, "cw"), *tok(s.reasoning_tokens, "rsn"),
+                sa.func.sum(sa.case((s.kind.in_(_LLM_KINDS), 1), else_=0)).label("llm"),
+                sa.func.sum(sa.case((s.kind == "tool", 1), else_=0)).label("tool"),
+                sa.func.sum(sa.case((sa.and_(s.kind.in_(_LLM_KINDS), s.unpriced.is_(True)), 1), else_=0))
+                .label("unpriced"),
+                sa.func.sum(sa.case((sa.and_(s.kind.in_(_LLM_KINDS), s.estimated.is_(True)), 1), else_=0))
+                .label("est"),
+            ).where(*filters).group_by(s.run_id)
+            if split:  # summed in halves: ordered exactly in Python (below), every group read
+                return q
+            return q.order_by(sa.desc(cost[0]), s.run_id).limit(n)
+
+        with self.engine.connect() as conn:
+            rows = self._sums(conn, query)
+            if rows and "cost" not in rows[0]:
+                rows = sorted(rows, key=lambda r: (-_summed(r, "cost"), r["run_id"]))[:n]
+            ids = [r["run_id"] for r in rows]
+            if not ids:
+                return []
+            heads = {h["run_id"]: h for h in conn.execute(sa.select(runs).where(runs.c.run_id.in_(ids))).mappings()}
+            models = self._models_of(conn, [*filters, s.run_id.in_(ids)])
+        out = []
+        for r in rows:
+            rid = r["run_id"]
+            head = heads.get(rid)
+            by_model, unpriced_models = models.get(rid, ({}, ()))
+            out.append(RunCost(
+                run_id=rid,
+                cost_usd=nanos_to_usd(_summed(r, "cost")) or Decimal(0),
+                input_tokens=_summed(r, "inp"),
+                output_tokens=_summed(r, "out"),
+                cache_read_tokens=_summed(r, "cr"),
+                cache_write_tokens=_summed(r, "cw"),
+                reasoning_tokens=_summed(r, "rsn"),
+                llm_calls=int(r["llm"]),
+                tool_calls=int(r["tool"]),
+                unpriced_calls=int(r["unpriced"]),
+                by_model=by_model,
+                unpriced_models=unpriced_models,
+                status=head["status"] if head is not None else "ok",
+                attributes=_run_attributes(head) if head is not None else {},
+                reason=head["reason"] if head is not None else None,
+                estimated_calls=int(r["est"]),
+            ))
+        return out
 
     def rollup(
         self,
@@ -637,13 +734,14 @@ class Store:
             q = q.group_by(*group)
         return q.order_by(sa.desc(cols[len(group)]))
 
-    def spans_of(self, run_id: str) -> list[dict[str, Any]]:
-        """Every stored span of a run, oldest first (for audits and the CLI)."""
+    def spans_of(self, run_id: str, where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every stored span of a run matching ``where`` (as ``rollup`` takes it), oldest first (for audits and
+        the CLI)."""
         self.ensure_schema()
         run_id = _fit_text(run_id)
+        q = sa.select(spans).where(spans.c.run_id == run_id, *_span_filters(None, None, where)).order_by(spans.c.id)
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(spans).where(spans.c.run_id == run_id).order_by(spans.c.id)).mappings()
-            return [dict(r) for r in rows]
+            return [dict(r) for r in conn.execute(q).mappings()]
 
     def close(self) -> None:
         self.engine.dispose()
@@ -692,6 +790,60 @@ def _where_text(v: Any) -> str | None:
     if v is None:
         return None
     return _fit_text(_txt(v, 256))
+
+
+def _match(col: Any, v: Any) -> Any:
+    """``col`` matching a checked ``where`` value: a text (equal to it as stored, ``_where_text``), ``None`` (no
+    value), or a list of those (any of them)."""
+    if isinstance(v, (list, tuple, set, frozenset)):
+        vals = [_where_text(x) for x in v]
+        listed = col.in_([x for x in vals if x is not None])
+        return sa.or_(listed, col.is_(None)) if None in vals else listed
+    if v is None:
+        return col.is_(None)
+    return col == _where_text(v)
+
+
+def _span_filters(since: datetime | None, until: datetime | None, where: Mapping[str, Any] | None) -> list[Any]:
+    """The clauses of spans started in ``[since, until)`` matching ``where`` (``ROLLUP_KEYS``), as ``rollup``'s.
+    A window is also given in whole hours, one either side to spare (``start_at`` is rounded to the microsecond,
+    ``hour`` is not): the same rows, found through the hour indexes."""
+    s = spans.c
+    out: list[Any] = []
+    if since is not None:
+        out.append(s.start_at >= _naive_utc(since))
+        out.append(s.hour >= int(since.timestamp() // 3600) - 1)
+    if until is not None:
+        out.append(s.start_at < _naive_utc(until))
+        out.append(s.hour <= int(until.timestamp() // 3600) + 1)
+    for k, v in (where or {}).items():
+        out.append(_match(ROLLUP_KEYS[k], v))
+    return out
+
+
+def run_matches(cost: RunCost, where: Mapping[str, Any] | None) -> bool:
+    """Whether a run's ``RunCost`` (its ``attributes``) matches a checked ``where`` of ``RUN_KEYS``, as its stored
+    row would (see ``_match``)."""
+    attrs = cost.attributes
+    for k, v in (where or {}).items():
+        have = attrs.get(k)
+        if isinstance(v, (list, tuple, set, frozenset)):
+            if have not in [_where_text(x) for x in v]:
+                return False
+        elif have != _where_text(v):
+            return False
+    return True
+
+
+def _run_attributes(row: Any) -> dict[str, Any]:
+    """``RunCost.attributes`` of a run's stored row."""
+    attrs: dict[str, Any] = {"feature": row["feature"]}
+    for k, col in (("route", "route"), ("tenant_id", "tenant_id"), ("user", "user_hash"),
+                   ("prompt_version", "prompt_version")):
+        if row[col] is not None:
+            attrs[k] = row[col]
+    attrs.update(row["attributes"] or {})
+    return attrs
 
 
 def _naive_utc(dt: datetime) -> datetime:

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.utils.uuid import uuid7
 
+from ._events import TokenUsage
 from ._exceptions import ConfigurationError
 from ._export import BatchExporter
 from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
+from ._ledger.manual import record
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
-from ._pricing import PriceBook
+from ._pricing import MAX_TOKENS, PriceBook
 from ._scope import RunScope
-from ._store import ROLLUP_KEYS, RollupRow, Store
+from ._store import ROLLUP_KEYS, RUN_KEYS, RollupRow, Store, run_matches
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
-    from ._scope import RunScope
     from .integrations.langchain import CostCallbackHandler
 
 __all__ = ["CostTracker"]
@@ -223,27 +227,155 @@ class CostTracker:
         meta = self._metadata(feature, route, user_id, tenant_id, budget, loops, attributes)
         return RunScope(self, meta, run_id)
 
+    # -- records --------------------------------------------------------------------------------
+
+    def record_usage(
+        self,
+        *,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        provider: str | None = None,
+        at: datetime | None = None,
+        run_id: uuid.UUID | str | None = None,
+        **attribution: Any,
+    ) -> RunCost:
+        """Record a model call no framework saw (a direct SDK call, a batch job, an import of history): stored as
+        an ``llm`` span priced by the ``PriceBook`` as a LangChain call of ``model`` is (an unknown model is
+        flagged ``unpriced``, never $0), its span flagged ``manual``.
+
+        Args:
+            model, provider: as a framework would report them (``provider`` helps pick the price).
+            input_tokens: the whole prompt, cache reads and writes included (Anthropic reports its
+                ``input_tokens`` without them: add ``cache_read_input_tokens`` and ``cache_creation_input_tokens``).
+            output_tokens: the whole completion, ``reasoning_tokens`` included. Every count is an int from 0 to
+                10^9 (record more as several records).
+            at: when the call was made (an aware ``datetime``): the span's start, end and hour, and the price in
+                effect then. Default: now.
+            run_id: add to this run (a ``UUID`` or a text of 1 to 64 characters): a run open in this process gets
+                the call in its live totals (and budget); an ended one is continued, as a reused
+                ``tracker.config(run_id=...)`` is. Default: a run of its own.
+            attribution: ``feature``, ``tenant_id``, ``user_id`` (hashed, as everywhere), ``route``,
+                ``prompt_version`` and other attributes (text, numbers, booleans), as ``tracker.config()`` takes
+                them. A run open in this process keeps its own attribution; an ended one given none keeps its own.
+
+        Returns the run's ``RunCost`` as this process holds it: the whole run unless it is continued from the
+        database (ended in another process, or long ago): ``run_cost(run_id)`` reads the whole then.
+
+        Nothing is sent to the database on the calling thread. Every argument is checked first:
+        ``ConfigurationError`` names a bad one, and nothing is recorded. A run past its budget is aborted
+        (its next framework call refused), never the record.
+        """
+        self._open_for("record_usage")
+        if not isinstance(model, str) or not model:
+            raise ConfigurationError(f"model must be a non-empty text, not {model!r}")
+        prov = _optional_text("provider", provider)
+        tokens = (
+            _token_arg("input_tokens", input_tokens), _token_arg("output_tokens", output_tokens),
+            _token_arg("cache_read_tokens", cache_read_tokens), _token_arg("cache_write_tokens", cache_write_tokens),
+            _token_arg("reasoning_tokens", reasoning_tokens),
+        )
+        if tokens[2] + tokens[3] > tokens[0]:
+            raise ConfigurationError(
+                f"cache_read_tokens + cache_write_tokens ({tokens[2]} + {tokens[3]}) exceed input_tokens "
+                f"({tokens[0]}): input_tokens counts the whole prompt, cached tokens included")
+        if tokens[4] > tokens[1]:
+            raise ConfigurationError(
+                f"reasoning_tokens ({tokens[4]}) exceed output_tokens ({tokens[1]}): output_tokens counts the whole "
+                "completion, reasoning included")
+        when = _at(at)
+        rid = _record_run_id(run_id)
+        meta = _record_meta(attribution)
+        if when is None:
+            wall = None
+            priced = self.prices.price_nanos(model, prov, tokens)
+        else:
+            wall = when.timestamp()
+            call = self.prices.price(model, prov, TokenUsage(*tokens), at=when)
+            priced = None if call is None else (call.cost_nanos, call.prices)
+        return record(self.ledger, run_id=rid, meta=meta, kind="llm", name="record_usage", model=model,
+                      provider=prov, tokens=tokens, priced=priced, wall=time.time() if wall is None else wall)
+
+    def record_cost(
+        self,
+        *,
+        usd: Decimal | int | float | str,
+        name: str,
+        at: datetime | None = None,
+        run_id: uuid.UUID | str | None = None,
+        **attribution: Any,
+    ) -> RunCost:
+        """Record a cost of exactly ``usd`` (a paid API call, a GPU hour, an invoice line): stored as a ``tool``
+        span named ``name`` with that cost (rounded to the nano-dollar, half to even; ``tool_prices`` are not
+        added), flagged ``manual``. ``usd``: a finite amount, 0 or more (a ``Decimal``, an int, a float or a
+        numeric text). ``at``, ``run_id``, ``attribution`` and what it returns: as for ``record_usage``."""
+        self._open_for("record_cost")
+        nanos = _usd_arg(usd)
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty text, not {name!r}")
+        when = _at(at)
+        rid = _record_run_id(run_id)
+        meta = _record_meta(attribution)
+        return record(self.ledger, run_id=rid, meta=meta, kind="tool", name=name, cost_nanos=nanos,
+                      wall=time.time() if when is None else when.timestamp())
+
+    def _open_for(self, what: str) -> None:
+        if self._closed:  # its exporter is stopped: the record would be dropped
+            raise ConfigurationError(f"{what}: this tracker is closed")
+
     # -- queries --------------------------------------------------------------------------------
 
-    def run_cost(self, run_id: uuid.UUID | str) -> RunCost | None:
+    def run_cost(self, run_id: uuid.UUID | str, where: Mapping[str, Any] | None = None) -> RunCost | None:
         """What a run cost: live from memory while it is open here, else from the database
         (after flushing what this process still holds); ``None`` for a run never seen.
 
-        ``run_id``: a ``UUID`` or a text of 1 to 64 characters (``ConfigurationError`` otherwise)."""
+        ``run_id``: a ``UUID`` or a text of 1 to 64 characters (``ConfigurationError`` otherwise).
+        ``where``: the run's attribution keys (``feature``, ``route``, ``tenant_id``, ``user``, ``prompt_version``)
+        as for ``rollup``: a run that does not match is ``None`` (another tenant's run is not seen)."""
         rid = _query_run_id(run_id)
+        filters = _run_where(where)
         live = self.ledger.run_cost(rid)
         if live is not None:
-            return live
+            return live if run_matches(live, filters) else None
         self.flush(timeout=10.0)
         try:
-            return self.store.run_cost(rid)
+            return self.store.run_cost(rid, where=filters)
         except Exception:
             recent = self.ledger.recent_run(rid)
             if recent is None:
                 raise
             # the database is unreachable: this process still remembers the run (at least its last 1,024 runs)
             logger.warning("costobs: database unavailable; run_cost(%s) answered from memory", rid, exc_info=True)
-            return recent.snapshot()
+            snap = recent.snapshot()
+            return snap if run_matches(snap, filters) else None
+
+    def spend(
+        self, since: datetime | None = None, until: datetime | None = None, where: Mapping[str, Any] | None = None,
+    ) -> Decimal:
+        """The total cost of the spans started in ``[since, until)`` that match ``where`` (exact; priced calls
+        only, as ``rollup``'s ``cost_usd``, which it equals). Arguments as for ``rollup``."""
+        start, end = _window(since, until)
+        filters = _rollup_where(where)
+        self.flush(timeout=10.0)
+        return self.store.spend(since=start, until=end, where=filters)
+
+    def top_runs(
+        self, n: int = 10, since: datetime | None = None, until: datetime | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[RunCost]:
+        """The ``n`` runs that spent most in ``[since, until)`` among the spans matching ``where``, costliest first
+        (ties by run id). Each ``RunCost`` counts those spans only: with no window and no filter, the whole run
+        (as ``run_cost``); its status and attributes are the run's. Arguments as for ``rollup``; ``n`` a positive
+        int."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"n must be a positive int, not {n!r}")
+        start, end = _window(since, until)
+        filters = _rollup_where(where)
+        self.flush(timeout=10.0)
+        return self.store.top_runs(n, since=start, until=end, where=filters)
 
     def rollup(
         self,
@@ -270,18 +402,18 @@ class CostTracker:
         keys = _rollup_by(by)
         if bucket not in (None, "hour", "day"):
             raise ConfigurationError(f"bucket must be 'hour', 'day' or None, not {bucket!r}")
-        start, end = _moment("since", since), _moment("until", until)
-        if start is not None and end is not None and start > end:
-            raise ConfigurationError(f"since ({since!r}) is after until ({until!r})")
+        start, end = _window(since, until)
         filters = _rollup_where(where)
         self.flush(timeout=10.0)
         return self.store.rollup(keys, since=start, until=end, bucket=bucket, where=filters)
 
-    def spans(self, run_id: uuid.UUID | str) -> list[dict[str, Any]]:
-        """The stored spans of a run (after flushing), for audits; ``run_id`` as for ``run_cost``."""
+    def spans(self, run_id: uuid.UUID | str, where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The stored spans of a run (after flushing), for audits; ``run_id`` as for ``run_cost``; ``where``
+        as for ``rollup`` (only the spans matching it: ``[]`` for another tenant's run)."""
         rid = _query_run_id(run_id)
+        filters = _rollup_where(where)
         self.flush(timeout=10.0)
-        return self.store.spans_of(rid)
+        return self.store.spans_of(rid, where=filters)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -368,6 +500,25 @@ def _moment(name: str, value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _window(since: Any, until: Any) -> tuple[datetime | None, datetime | None]:
+    """A query's ``since``/``until`` (see ``_moment``), ``since`` not after ``until``."""
+    start, end = _moment("since", since), _moment("until", until)
+    if start is not None and end is not None and start > end:
+        raise ConfigurationError(f"since ({since!r}) is after until ({until!r})")
+    return start, end
+
+
+def _run_where(where: Any) -> dict[str, Any] | None:
+    """``where`` of a query of one run's totals: ``_rollup_where`` of the run's own attribution keys only."""
+    filters = _rollup_where(where)
+    for k in filters or ():
+        if k not in RUN_KEYS:
+            raise ConfigurationError(
+                f"{k!r} in where is a key of each span, not of a run: run_cost takes {', '.join(RUN_KEYS)} "
+                "(spans(run_id, where=...) filters by any rollup key)")
+    return filters
+
+
 def _rollup_where(where: Any) -> dict[str, Any] | None:
     if where is None:
         return None
@@ -388,6 +539,83 @@ def _rollup_where(where: Any) -> dict[str, Any] | None:
                 f"where[{k!r}] must be a text, None, or a list, tuple or set of them, not {where[k]!r}")
         out[k] = v
     return out
+
+
+def _token_arg(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, not {value!r}")
+    if value < 0 or value > MAX_TOKENS:
+        raise ConfigurationError(
+            f"{name} must be from 0 to {MAX_TOKENS:,} (record more as several records), not {value!r}")
+    return value
+
+
+_MAX_RECORD_NANOS = 2**63 - 1
+
+
+def _usd_arg(usd: Any) -> int:
+    """``usd`` as nano-USD (half to even): a finite amount, 0 or more, that fits the store's BIGINT."""
+    if isinstance(usd, bool) or not isinstance(usd, (Decimal, int, float, str)):
+        raise ConfigurationError(f"usd must be a Decimal, an int, a float or a numeric text, not {usd!r}")
+    if isinstance(usd, float) and not math.isfinite(usd):
+        raise ConfigurationError(f"usd must be a finite amount, not {usd!r}")
+    try:
+        d = usd if isinstance(usd, Decimal) else Decimal(str(usd).strip() if isinstance(usd, str) else str(usd))
+    except InvalidOperation:
+        raise ConfigurationError(f"usd must be a number, not {usd!r}") from None
+    if not d.is_finite():
+        raise ConfigurationError(f"usd must be a finite amount, not {usd!r}")
+    if d < 0:
+        raise ConfigurationError(f"usd must be 0 or more, not {usd!r}")
+    nanos = int(d.scaleb(9).to_integral_value())
+    if nanos > _MAX_RECORD_NANOS:
+        raise ConfigurationError(f"usd is too large to store ({usd!r})")
+    return nanos
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigurationError(f"{name} must be a non-empty text or None, not {value!r}")
+    return value
+
+
+def _at(value: Any) -> datetime | None:
+    """A record's ``at``: an aware ``datetime`` (a naive one is refused: which zone it means is unknown)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ConfigurationError(f"at must be a datetime, not {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigurationError(f"at must be timezone-aware (e.g. datetime(..., tzinfo=UTC)), not {value!r}")
+    return value.astimezone(UTC)
+
+
+def _record_run_id(run_id: Any) -> str | None:
+    """A record's ``run_id`` as stored (see ``_query_run_id``), or ``None`` (a new run)."""
+    return None if run_id is None else _query_run_id(run_id)
+
+
+_RESERVED_PREFIXES = ("ls_", "lc_", "langgraph_", "langsmith", "costobs_", "checkpoint_", "__")
+_PLAIN_VALUES = (str, int, float, bool)
+
+
+def _record_meta(attribution: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's attribution keywords as run metadata: the attribution keys and other attributes of plain
+    values (text, numbers, booleans, ``None`` for none); other names and values are refused."""
+    meta: dict[str, Any] = {}
+    for k, v in attribution.items():
+        if not isinstance(k, str) or not k:
+            raise ConfigurationError(f"attribute names must be non-empty texts, not {k!r}")
+        if k.startswith(_RESERVED_PREFIXES):
+            raise ConfigurationError(f"attribute name {k!r} is reserved")
+        if k in ("user", "user_hash"):
+            raise ConfigurationError(f"{k!r} is not an attribute name: pass user_id=... (stored hashed)")
+        if v is not None and not isinstance(v, _PLAIN_VALUES):
+            raise ConfigurationError(
+                f"{k} must be a text, a number, a boolean or None, not {type(v).__name__} {v!r}")
+        if v is not None:
+            meta[k] = v
+    return meta
 
 
 def _warm_tokenizers() -> None:
