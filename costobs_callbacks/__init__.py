@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
+from ._events import COST_EVENT
 from ._exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -31,9 +32,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
     __version__ = "0.0.0"
 
-COST_EVENT = "costobs.cost"
-"""The LangChain custom event a tool dispatches to report its own cost at run time:
-``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
 
 __all__ = [
     "COST_EVENT",

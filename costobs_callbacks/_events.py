@@ -10,9 +10,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NANOS_PER_USD", "TokenUsage", "UsageDetail", "nanos_to_usd", "token_count", "usd_to_nanos"]
+__all__ = ["COST_EVENT", "NANOS_PER_USD", "TokenUsage", "UsageDetail", "nanos_to_usd", "token_count", "usd_to_nanos"]
 
 NANOS_PER_USD = 1_000_000_000
+
+COST_EVENT = "costobs.cost"
+"""The LangChain custom event a tool dispatches to report its own cost at run time:
+``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
 
 
 def nanos_to_usd(nanos: int | None) -> Decimal | None:

@@ -20,7 +20,7 @@ from langchain_core.outputs import LLMResult
 
 from .. import _usage
 from .._errors import Faults
-from .._events import TokenUsage, UsageDetail, usd_to_nanos
+from .._events import COST_EVENT, TokenUsage, UsageDetail, usd_to_nanos
 from .._exceptions import RunAborted
 from .._ledger import Tokens, tokens_of
 from .._tokens import chat_token_bound, chat_tokens, count_text, texts_token_bound, texts_tokens
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["COST_EVENT", "CostCallbackHandler"]
 
 logger = logging.getLogger("costobs_callbacks")
-
-COST_EVENT = "costobs.cost"
-"""Name of the custom event a tool dispatches to report its own cost:
-``dispatch_custom_event("costobs.cost", {"usd": 0.004})``."""
 
 _EMPTY: dict[str, Any] = {}  # read-only
 _BUBBLE_UP = frozenset({"GraphInterrupt", "NodeInterrupt", "ParentCommand", "GraphBubbleUp"})
