@@ -2,7 +2,8 @@
 
 Money is integer nano-USD (``BIGINT``), exact on every database; unit prices are stored as decimal
 text for audit. Times are naive UTC; ``hour`` is the span's start in whole hours since the epoch, so
-hourly and daily buckets are integer arithmetic on any dialect.
+hourly and daily buckets are integer arithmetic on any dialect. Every batch also adds its spans to the hourly
+rollup table (``costobs_rollups_hourly``) in the same transaction, so ``rollup()`` reads hours, not spans.
 """
 
 from __future__ import annotations
@@ -296,8 +297,12 @@ class Store:
             self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
             self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
         self._fast = self._span_insert_sql is not None
-        self._rollup_upsert_sql = (f"{_ROLLUP_HEAD}({', '.join(['%s'] * len(_ROLLUP_COLS))}){_ROLLUP_TAIL}"
-                                   if self.dialect == "postgresql" else "")
+        # PostgreSQL's rollup upsert takes a column per parameter (arrays, unnested): the driver adapts a few
+        # dozen lists, not a few dozen values per group
+        self._rollup_upsert_sql = (
+            f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) SELECT * FROM unnest("
+            + ", ".join(f"%s::{_PG_ARRAY[c]}[]" for c in _ROLLUP_COLS) + ")" + _ROLLUP_TAIL
+            if self.dialect == "postgresql" else "")
 
     def _portable(self) -> None:
         """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
@@ -505,24 +510,34 @@ class Store:
             # the batch's first root span of each of those opens its run (``opens_run``, the rollup's ``runs``).
             # Read from the write itself, in the batch's transaction, so concurrent writers of one run and a
             # batch written again after a rollback count it once.
+            stored: Sequence[Any]
             if sqlite_fast:
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
                 # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
                 # few hundred rows keeps the writer from starving behind the app.
                 stored = self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
             elif self.dialect == "postgresql":
-                stored = conn.execute(self._upsert_runs().returning(runs.c.run_id, runs.c.invocations),
-                                      run_rows).all()
+                # (read after the upsert, whose row locks keep other writers of these runs waiting until commit;
+                # a RETURNING would make SQLAlchemy send one statement of every row, parsed afresh per batch)
+                conn.execute(self._upsert_runs(), run_rows)
+                ids = list(first_root)
+                if not ids:
+                    stored = ()
+                elif self._span_insert_sql is not None:
+                    stored = conn.exec_driver_sql(
+                        "SELECT run_id, invocations FROM costobs_runs WHERE run_id = ANY(%s)", (ids,)).all()
+                else:
+                    stored = list(self._existing_runs(conn, ids).items())
             else:
                 stored = self._merge_runs_portable(conn, run_rows)
             if not span_rows:
                 return changed
             for rid, total in stored:
-                i = first_root.get(rid)
-                if i is not None and int(total) == runs_seen[rid][12]:  # (a run's batch invocations: its roots)
-                    row = span_rows[i]
+                at = first_root.get(rid)
+                if at is not None and int(total) == runs_seen[rid][12]:  # (a run's batch invocations: its roots)
+                    row = span_rows[at]
                     if type(row) is tuple:
-                        row = span_rows[i] = (*row[:_I_OPENS], row[_I_OPENS] is False or 1, *row[_I_OPENS + 1:])
+                        row = span_rows[at] = (*row[:_I_OPENS], row[_I_OPENS] is False or 1, *row[_I_OPENS + 1:])
                     else:
                         row["opens_run"] = True
                         row = tuple(row.values())
@@ -538,7 +553,8 @@ class Store:
                 else:
                     conn.execute(sa.insert(spans), span_rows)
                 if self.dialect == "postgresql" and self._span_insert_sql is not None:
-                    conn.exec_driver_sql(self._rollup_upsert_sql, roll_rows)
+                    if roll_rows:
+                        conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
                 else:
                     self._merge_rollups_portable(conn, roll_rows)
         return changed
@@ -1196,22 +1212,28 @@ _ROLLUP_TAIL = (
 )
 """The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
 _HALF_MASK = 2**32 - 1
+_PG_ARRAY = {c: "bigint" for c in _ROLLUP_ADDS} | {c: "text" for c in ("gkey", *_RKEY_COLS)} \
+    | {"hour": "integer", "latency_max_ms": "float8"}
 
 
 def _gkey(keys: Sequence[Any]) -> str:
     """The digest of a group's keys (without its hour), NULL told apart from every text: the rollup's conflict
     target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change."""
-    return hashlib.blake2b(json.dumps(list(keys)).encode("ascii"), digest_size=16).hexdigest()
+    return _blake2b(_json_ascii(keys).encode("ascii"), digest_size=16).hexdigest()
+
+
+_json_ascii = json.JSONEncoder().encode  # (a tuple as a JSON array, every character outside ASCII escaped)
+_blake2b = hashlib.blake2b
 
 
 def _rollup_tuple(key: tuple[Any, ...], g: Sequence[Any]) -> tuple[Any, ...]:
     """A rollup row in ``_ROLLUP_COLS`` order: ``key`` is ``(hour, *keys)``, ``g`` the group's sums (cost, the five
     token counts, saved, then ``_RCOUNTS``, then the latency maximum); each money or token sum in its halves."""
-    halves: list[int] = []
-    for v in g[:7]:
-        halves.append(v >> 32)
-        halves.append(v & _HALF_MASK)
-    return (key[0], _gkey(key[1:]), *key[1:], *halves, *g[7:15], g[15])
+    c, i, o, r, w, n, v = g[0], g[1], g[2], g[3], g[4], g[5], g[6]
+    m = _HALF_MASK
+    keys = key[1:]
+    return (key[0], _gkey(keys), *keys, c >> 32, c & m, i >> 32, i & m, o >> 32, o & m, r >> 32, r & m, w >> 32,
+            w & m, n >> 32, n & m, v >> 32, v & m, *g[7:])
 
 
 def _span_row(sp: Span) -> dict[str, Any]:
