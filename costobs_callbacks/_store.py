@@ -2,11 +2,13 @@
 
 Money is integer nano-USD (``BIGINT``), exact on every database; unit prices are stored as decimal
 text for audit. Times are naive UTC; ``hour`` is the span's start in whole hours since the epoch, so
-hourly and daily buckets are integer arithmetic on any dialect.
+hourly and daily buckets are integer arithmetic on any dialect. Every batch also adds its spans to the hourly
+rollup table (``costobs_rollups_hourly``) in the same transaction, so ``rollup()`` reads hours, not spans.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
 
 from ._events import UsageDetail, nanos_to_usd
 from ._exceptions import ConfigurationError
@@ -33,7 +36,7 @@ __all__ = ["ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "migrations_dir", "r
 
 logger = logging.getLogger("costobs_callbacks")
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 metadata = sa.MetaData()
 
@@ -81,6 +84,9 @@ spans = sa.Table(
     sa.Column("cache_write_1h_tokens", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("service_tier", sa.String(32)),
     sa.Column("web_search_requests", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("tier", sa.String(256)),
+    sa.Column("variant", sa.String(256)),
+    sa.Column("opens_run", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Index("ix_costobs_spans_run_id", "run_id"),
     sa.Index("ix_costobs_spans_hour", "hour"),
     sa.Index("ix_costobs_spans_feature_hour", "feature", "hour"),
@@ -123,10 +129,53 @@ meta_kv = sa.Table(
     sa.Column("value", sa.String(512), nullable=False),
 )
 
+_RSUMS = ("cost", "inp", "out", "cr", "cw", "rsn", "saved")
+"""The rollup's money and token sums, each kept in two BIGINT halves (``<name>_hi`` the sum of the figures'
+high 32 bits, ``<name>_lo`` of their low 32 bits): a group's total may pass BIGINT (figures held at its ceiling),
+its halves do not."""
+_RCOUNTS = ("llm_calls", "tool_calls", "runs", "calls", "unpriced_calls", "estimated_calls", "cache_hits",
+            "latency_us")
+
+rollups = sa.Table(
+    "costobs_rollups_hourly",
+    metadata,
+    sa.Column("hour", sa.Integer(), nullable=False),
+    sa.Column("gkey", sa.String(32), nullable=False),
+    sa.Column("feature", sa.String(256), nullable=False),
+    sa.Column("route", sa.String(256)),
+    sa.Column("tenant_id", sa.String(256)),
+    sa.Column("tier", sa.String(256)),
+    sa.Column("user_hash", sa.String(64)),
+    sa.Column("model", sa.String(256)),
+    sa.Column("provider", sa.String(64)),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(256)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("prompt_version", sa.String(256)),
+    sa.Column("variant", sa.String(256)),
+    *(sa.Column(f"{n}_{h}", sa.BigInteger(), nullable=False, server_default="0") for n in _RSUMS for h in ("hi", "lo")),
+    *(sa.Column(n, sa.BigInteger(), nullable=False, server_default="0") for n in _RCOUNTS),
+    sa.Column("latency_max_ms", sa.Float()),
+    sa.PrimaryKeyConstraint("hour", "gkey", name="pk_costobs_rollups_hourly"),
+    sa.Index("ix_costobs_rollups_feature_hour", "feature", "hour"),
+    sa.Index("ix_costobs_rollups_tenant_hour", "tenant_id", "hour"),
+)
+"""One row per hour and combination of the rollup keys, kept by every batch in the transaction of its spans.
+
+Keys may be NULL, and a unique index does not match NULLs (on SQLite, nor on PostgreSQL before 15's ``NULLS NOT
+DISTINCT``): the conflict target is ``(hour, gkey)``, ``gkey`` a digest of the keys with NULL told apart from any
+text (``_gkey``). The key columns keep their values as the spans have them, NULLs included, for the queries."""
+
+_RKEY_COLS = ("feature", "route", "tenant_id", "tier", "user_hash", "model", "provider", "kind", "name", "status",
+              "prompt_version", "variant")
+"""The rollup table's key columns (beside ``hour``), in its order."""
+
 ROLLUP_KEYS: dict[str, sa.ColumnElement[Any]] = {
     "feature": spans.c.feature,
     "route": spans.c.route,
     "tenant_id": spans.c.tenant_id,
+    "tier": spans.c.tier,
+    "variant": spans.c.variant,
     "user": spans.c.user_hash,
     "model": spans.c.model,
     "provider": spans.c.provider,
@@ -147,6 +196,10 @@ RUN_KEYS: dict[str, sa.ColumnElement[Any]] = {
 
 _CALL_KINDS = ("llm", "embedding", "tool", "retriever")
 _LLM_KINDS = ("llm", "embedding")
+_MODEL_KEYS = frozenset({"model", "provider"})
+"""Keys only model calls carry: a rollup by one counts the model calls (LLM and embedding spans) alone."""
+_ROLLUP_COL_OF = {k: ("user_hash" if k == "user" else k) for k in ROLLUP_KEYS}
+"""A rollup key's column, in the spans table and in the rollup table alike."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +306,12 @@ class Store:
             self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
             self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
         self._fast = self._span_insert_sql is not None
+        # PostgreSQL's rollup upsert takes a column per parameter (arrays, unnested): the driver adapts a few
+        # dozen lists, not a few dozen values per group
+        self._rollup_upsert_sql = (
+            f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) SELECT * FROM unnest("
+            + ", ".join(f"%s::{_PG_ARRAY[c]}[]" for c in _ROLLUP_COLS) + ")" + _ROLLUP_TAIL
+            if self.dialect == "postgresql" else "")
 
     def _portable(self) -> None:
         """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
@@ -356,7 +415,12 @@ class Store:
         """
         self.ensure_schema()
         make_row = self._span_row_fn
+        key_of = _RKEY_OF
+        lat_us = int  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
+        # (hour, *rollup keys) -> the batch's sums, in _rollup_tuple's order
+        groups: dict[tuple[Any, ...], list[Any]] = {}
         span_rows: list[Any] = []
+        first_root: dict[str, int] = {}  # run id -> the row of its first root span in the batch
         fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
         # run id -> [run, *the batch's totals in _RUN_SUMS order]
         runs_seen: dict[str, list[Any]] = {}
@@ -371,7 +435,44 @@ class Store:
                 if fit:
                     row, hit = _fit_span_row(row)
                     fitted.append((rid, hit))
+                if it.is_root and rid not in first_root:
+                    first_root[rid] = len(span_rows)
                 span_rows.append(row)
+                # the span's hourly rollup, from its row as stored (fitted values included)
+                r = row if type(row) is tuple else tuple(row.values())
+                gk = key_of(r)
+                g = groups.get(gk)
+                if g is None:
+                    g = groups[gk] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None]
+                v = r[_I_COST]
+                if v:
+                    g[0] += v
+                if r[_I_HIT]:
+                    g[13] += 1
+                else:
+                    g[1] += r[_I_TOK]
+                    g[2] += r[_I_TOK + 1]
+                    g[3] += r[_I_TOK + 2]
+                    g[4] += r[_I_TOK + 3]
+                    g[5] += r[_I_TOK + 4]
+                v = r[_I_SAVED]
+                if v:
+                    g[6] += v
+                kind = r[_I_KIND]
+                if kind in _CALL_KINDS:
+                    lat = r[_I_LAT]
+                    g[10] += 1
+                    g[14] += lat_us(lat * 1000.0)
+                    if g[15] is None or lat > g[15]:
+                        g[15] = lat
+                    if kind in _LLM_KINDS:
+                        g[7] += 1
+                    elif kind == "tool":
+                        g[8] += 1
+                if r[_I_UNPRICED]:
+                    g[11] += 1
+                if r[_I_EST]:
+                    g[12] += 1
                 if it.cost_nanos:
                     acc[1] += it.cost_nanos
                 t = it.tokens
@@ -414,28 +515,64 @@ class Store:
                     hit = True
                 changed += hit
         with self.engine.begin() as conn:
+            # The runs first: their upsert tells which runs had no root span stored (``invocations`` was 0), and
+            # the batch's first root span of each of those opens its run (``opens_run``, the rollup's ``runs``).
+            # Read from the write itself, in the batch's transaction, so concurrent writers of one run and a
+            # batch written again after a rollback count it once.
+            stored: Sequence[Any]
             if sqlite_fast:
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
                 # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
                 # few hundred rows keeps the writer from starving behind the app.
-                if span_rows:
-                    self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
-                self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
+                stored = self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
+            elif self.dialect == "postgresql":
+                # (read after the upsert, whose row locks keep other writers of these runs waiting until commit;
+                # a RETURNING would make SQLAlchemy send one statement of every row, parsed afresh per batch)
+                conn.execute(self._upsert_runs(), run_rows)
+                ids = list(first_root)
+                if not ids:
+                    stored = ()
+                elif self._span_insert_sql is not None:
+                    stored = conn.exec_driver_sql(
+                        "SELECT run_id, invocations FROM costobs_runs WHERE run_id = ANY(%s)", (ids,)).all()
+                else:
+                    stored = list(self._existing_runs(conn, ids).items())
+            else:
+                stored = self._merge_runs_portable(conn, run_rows)
+            if not span_rows:
                 return changed
-            if span_rows:
+            for rid, total in stored:
+                at = first_root.get(rid)
+                if at is not None and int(total) == runs_seen[rid][12]:  # (a run's batch invocations: its roots)
+                    row = span_rows[at]
+                    if type(row) is tuple:
+                        row = span_rows[at] = (*row[:_I_OPENS], row[_I_OPENS] is False or 1, *row[_I_OPENS + 1:])
+                    else:
+                        row["opens_run"] = True
+                        row = tuple(row.values())
+                    groups[key_of(row)][9] += 1
+            roll_rows = [_rollup_tuple(k, g) for k, g in groups.items()]
+            if sqlite_fast:
+                self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
+                self._sqlite_many(conn, _ROLLUP_HEAD, len(_ROLLUP_COLS), roll_rows, _ROLLUP_TAIL)
+            else:
                 if self._span_insert_sql is not None:
                     # the hot write: straight to the driver's executemany, rows prepared as tuples
                     conn.exec_driver_sql(self._span_insert_sql, span_rows)
                 else:
                     conn.execute(sa.insert(spans), span_rows)
-            if self.dialect == "postgresql":
-                conn.execute(self._upsert_runs(), run_rows)
-            else:
-                self._merge_runs_portable(conn, run_rows)
+                if self.dialect == "postgresql" and self._span_insert_sql is not None:
+                    if roll_rows:
+                        conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
+                else:
+                    self._merge_rollups_portable(conn, roll_rows)
         return changed
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
-                     tail: str) -> None:
+                     tail: str) -> list[Any]:
+        """Insert ``rows``, many per statement; the rows a ``RETURNING`` tail returns."""
+        out: list[Any] = []
+        returning = "RETURNING" in tail
         # Chunks come in a few fixed sizes (1024, 512, 256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
         # statement it prepares, and one per batch remainder would pile up large compiled programs.
         group = "(" + ",".join("?" * ncols) + ")"
@@ -447,8 +584,11 @@ class Store:
             sql = self._sql_cache.get(key)
             if sql is None:
                 sql = self._sql_cache[key] = head + ",".join([group] * size) + tail
-            conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+            res = conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+            if returning:
+                out.extend(res.all())
             i += size
+        return out
 
     def _upsert_runs(self) -> Any:
         """PostgreSQL's run upsert (SQLite's is ``_SQLITE_RUN_TAIL``): totals grow by the batch's, saturating."""
@@ -463,7 +603,8 @@ class Store:
             set_={**add, "status": ex.status, "reason": ex.reason, "ended_at": ex.ended_at},
         )
 
-    def _merge_runs_portable(self, conn: Connection, run_rows: list[dict[str, Any]]) -> None:
+    def _merge_runs_portable(self, conn: Connection, run_rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+        """The run upsert in SQLAlchemy Core alone; returns each run's id and its ``invocations`` now."""
         existing = self._existing_runs(conn, [r["run_id"] for r in run_rows])
         new = [r for r in run_rows if r["run_id"] not in existing]
         old = [r for r in run_rows if r["run_id"] in existing]
@@ -478,13 +619,43 @@ class Store:
             params = [{"rid": r["run_id"], **{f"d_{k}": r[k] for k in (*_RUN_SUMS, "status", "reason", "ended_at")}}
                       for r in old]
             conn.execute(sa.update(runs).where(c.run_id == sa.bindparam("rid")).values(values), params)
+        return [(r["run_id"], existing.get(r["run_id"], 0) + r["invocations"]) for r in run_rows]
 
-    def _existing_runs(self, conn: Connection, run_ids: Iterable[str]) -> set[str]:
+    def _merge_rollups_portable(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """The rollup upsert in SQLAlchemy Core alone: the groups already stored grow, the others are inserted."""
+        if not rows:
+            return
+        r = rollups.c
+        have: set[tuple[int, str]] = set()
+        for i in range(0, len(rows), 500):
+            hours = {row[0] for row in rows[i:i + 500]}
+            keys = [row[1] for row in rows[i:i + 500]]
+            have.update((int(h), g) for h, g in conn.execute(
+                sa.select(r.hour, r.gkey).where(r.hour.in_(hours), r.gkey.in_(keys))))
+        new = [dict(zip(_ROLLUP_COLS, row, strict=True)) for row in rows if (row[0], row[1]) not in have]
+        old = [row for row in rows if (row[0], row[1]) in have]
+        if new:
+            conn.execute(sa.insert(rollups), new)
+        if old:
+            values: dict[str, Any] = {k: getattr(r, k) + sa.bindparam(f"d_{k}", type_=sa.BigInteger())
+                                      for k in _ROLLUP_ADDS}
+            cur, new_max = r.latency_max_ms, sa.bindparam("d_latency_max_ms", type_=sa.Float())
+            values["latency_max_ms"] = sa.case((new_max.is_(None), cur),
+                                               (sa.or_(cur.is_(None), new_max > cur), new_max), else_=cur)
+            at = {k: i for i, k in enumerate(_ROLLUP_COLS)}
+            params = [{"p_hour": row[0], "p_gkey": row[1],
+                       **{f"d_{k}": row[at[k]] for k in (*_ROLLUP_ADDS, "latency_max_ms")}} for row in old]
+            conn.execute(sa.update(rollups).where(r.hour == sa.bindparam("p_hour"), r.gkey == sa.bindparam("p_gkey"))
+                         .values(values), params)
+
+    def _existing_runs(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, int]:
+        """The runs stored among ``run_ids``, each with its ``invocations``."""
         ids = list(run_ids)
-        found: set[str] = set()
+        found: dict[str, int] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            found.update(conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id.in_(chunk))).scalars())
+            found.update((rid, int(n)) for rid, n in conn.execute(
+                sa.select(runs.c.run_id, runs.c.invocations).where(runs.c.run_id.in_(chunk))))
         return found
 
     # -- queries --------------------------------------------------------------------------------
@@ -550,12 +721,10 @@ class Store:
     def spend(
         self, *, since: datetime | None = None, until: datetime | None = None, where: Mapping[str, Any] | None = None,
     ) -> Decimal:
-        """The total cost of the spans started in ``[since, until)`` matching ``where`` (as ``rollup`` takes them)."""
-        self.ensure_schema()
-        filters = _span_filters(since, until, where)
-        with self.engine.connect() as conn:
-            rows = self._sums(conn, lambda split: sa.select(*_sum(spans.c.cost_nanos, "cost", split)).where(*filters))
-        return nanos_to_usd(_summed(rows[0], "cost")) or Decimal(0)
+        """The total cost of the spans started in ``[since, until)`` matching ``where`` (as ``rollup`` takes them):
+        ``rollup(by=())``'s cost, so read from the hourly rollups whenever they hold the answer."""
+        rows = self.rollup((), since=since, until=until, where=where)
+        return rows[0].cost_usd if rows else Decimal(0)
 
     def top_runs(
         self, n: int, *, since: datetime | None = None, until: datetime | None = None,
@@ -631,10 +800,27 @@ class Store:
         bucket: str | None = None,
         where: Mapping[str, Any] | None = None,
     ) -> list[RollupRow]:
+        """Costs, tokens and calls grouped by ``by`` (and by hour or day with ``bucket``), in ``[since, until)``.
+
+        Read from the hourly rollup table when it holds the answer (every key is one of its columns, the window
+        is whole hours, the bucket an hour, a day or none), from the raw spans otherwise: the figures are the
+        same either way. A run counts once (``runs``), in the group of the span that opened it (its first root
+        span) and so in the window of that span's hour. A rollup by ``model`` or ``provider`` counts model calls
+        only (a chain or tool span carries neither, and adds no ``None`` row)."""
+        table = bucket in (None, "hour", "day") and _on_the_hour(since) and _on_the_hour(until) \
+            and all(k in _ROLLUP_COL_OF for k in (*by, *(where or ())))
+        return self._rollup(by, since, until, bucket, where, table)
+
+    def _rollup(self, by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
+                where: Mapping[str, Any] | None, table: bool) -> list[RollupRow]:
+        """``rollup`` from the rollup table (``table``) or from the raw spans (the tests compare the two)."""
         self.ensure_schema()
         out: list[RollupRow] = []
         with self.engine.connect() as conn:
-            rows = self._sums(conn, lambda split: self._rollup_query(by, since, until, bucket, where, split))
+            if table:
+                rows: list[Any] = list(conn.execute(_table_rollup_query(by, since, until, bucket, where)).mappings())
+            else:
+                rows = self._sums(conn, lambda split: _raw_rollup_query(by, since, until, bucket, where, split))
             for r in rows:
                 b = r.get("bucket")
                 if b is not None:
@@ -655,15 +841,14 @@ class Store:
                     llm_calls=int(r["llm"]),
                     tool_calls=int(r["tool"]),
                     runs=int(r["runs"]),
-                    avg_latency_ms=(float(r["lat_sum"]) / n) if n else None,
+                    avg_latency_ms=int(r["lat_us"]) / (1000 * n) if n else None,
                     max_latency_ms=float(r["lat_max"]) if r["lat_max"] is not None else None,
                     unpriced_calls=int(r["unpriced"]),
                     estimated_calls=int(r["est"]),
                     cache_hits=int(r["hits"]),
                     saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
                 ))
-        if rows and "cost" not in rows[0]:  # summed in halves: the database ordered them by the high half only
-            out.sort(key=attrgetter("cost_usd"), reverse=True)
+        out.sort(key=attrgetter("cost_usd"), reverse=True)  # (stable: the database's order among equals)
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:
@@ -677,62 +862,6 @@ class Store:
                 raise
         conn.rollback()
         return list(conn.execute(query(True)).mappings())
-
-    def _rollup_query(self, by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
-                      where: Mapping[str, Any] | None, split: bool) -> Any:
-        s = spans.c
-        keys = [ROLLUP_KEYS[k].label(f"k_{k}") for k in by]
-        group: list[Any] = list(keys)
-        bucket_col = None
-        if bucket == "hour":
-            bucket_col = s.hour.label("bucket")
-        elif bucket == "day":
-            bucket_col = (s.hour // 24).label("bucket")
-        if bucket_col is not None:
-            group.append(bucket_col)
-        not_hit = s.cache_hit.is_(False)
-
-        def tok(col: Any, name: str) -> list[Any]:
-            return _sum(sa.case((not_hit, col), else_=0), name, split)
-
-        is_call = s.kind.in_(_CALL_KINDS)
-        cols = [
-            *group,
-            *_sum(s.cost_nanos, "cost", split),
-            *tok(s.input_tokens, "inp"),
-            *tok(s.output_tokens, "out"),
-            *tok(s.cache_read_tokens, "cr"),
-            *tok(s.cache_write_tokens, "cw"),
-            *tok(s.reasoning_tokens, "rsn"),
-            sa.func.coalesce(sa.func.sum(sa.case((s.kind.in_(_LLM_KINDS), 1), else_=0)), 0).label("llm"),
-            sa.func.coalesce(sa.func.sum(sa.case((s.kind == "tool", 1), else_=0)), 0).label("tool"),
-            sa.func.count(sa.distinct(s.run_id)).label("runs"),
-            sa.func.sum(sa.case((is_call, s.latency_ms), else_=None)).label("lat_sum"),
-            sa.func.sum(sa.case((is_call, 1), else_=0)).label("lat_n"),
-            sa.func.max(sa.case((is_call, s.latency_ms), else_=None)).label("lat_max"),
-            sa.func.coalesce(sa.func.sum(sa.case((s.unpriced.is_(True), 1), else_=0)), 0).label("unpriced"),
-            sa.func.coalesce(sa.func.sum(sa.case((s.estimated.is_(True), 1), else_=0)), 0).label("est"),
-            sa.func.coalesce(sa.func.sum(sa.case((s.cache_hit.is_(True), 1), else_=0)), 0).label("hits"),
-            *_sum(s.saved_nanos, "saved", split),
-        ]
-        q = sa.select(*cols)
-        if since is not None:
-            q = q.where(s.start_at >= _naive_utc(since))
-        if until is not None:
-            q = q.where(s.start_at < _naive_utc(until))
-        for k, v in (where or {}).items():
-            col = ROLLUP_KEYS[k]
-            if isinstance(v, (list, tuple, set, frozenset)):
-                vals = [_where_text(x) for x in v]
-                listed = col.in_([x for x in vals if x is not None])
-                q = q.where(sa.or_(listed, col.is_(None)) if None in vals else listed)
-            elif v is None:
-                q = q.where(col.is_(None))
-            else:
-                q = q.where(col == _where_text(v))
-        if group:
-            q = q.group_by(*group)
-        return q.order_by(sa.desc(cols[len(group)]))
 
     def spans_of(self, run_id: str, where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Every stored span of a run matching ``where`` (as ``rollup`` takes it), oldest first (for audits and
@@ -751,6 +880,153 @@ class Store:
     def current_revision(self) -> str | None:
         """The schema revision the database is at (None: no costobs tables); reads only."""
         return self._current_revision()
+
+
+def _on_the_hour(dt: datetime | None) -> bool:
+    if dt is None:
+        return True
+    d = _naive_utc(dt)
+    return (d.minute, d.second, d.microsecond) == (0, 0, 0)
+
+
+def _hour_index(dt: datetime) -> int:
+    """A whole hour as the ``hour`` column counts it (hours since the epoch, UTC)."""
+    return int((_naive_utc(dt) - _EPOCH).total_seconds()) // 3600
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _filtered(q: Any, t: sa.Table, by: Sequence[str], since: datetime | None, until: datetime | None,
+              where: Mapping[str, Any] | None) -> Any:
+    """``q`` restricted to the window and ``where`` (on the spans or the rollup table, ``t``). A window on whole
+    hours is read by the ``hour`` column (the hour a span counts in, on both tables), any other by start time."""
+    for bound, op in ((since, "ge"), (until, "lt")):
+        if bound is None:
+            continue
+        if _on_the_hour(bound):
+            h = _hour_index(bound)
+            q = q.where(t.c.hour >= h if op == "ge" else t.c.hour < h)
+        else:
+            start = spans.c.start_at
+            q = q.where(start >= _naive_utc(bound) if op == "ge" else start < _naive_utc(bound))
+    for k, v in (where or {}).items():
+        q = q.where(_match(t.c[_ROLLUP_COL_OF[k]], v))
+    if _MODEL_KEYS.intersection(by):
+        q = q.where(t.c.kind.in_(_LLM_KINDS))
+    return q
+
+
+def _grouping(t: sa.Table, by: Sequence[str], bucket: str | None) -> list[Any]:
+    group: list[Any] = [t.c[_ROLLUP_COL_OF[k]].label(f"k_{k}") for k in by]
+    if bucket == "hour":
+        group.append(t.c.hour.label("bucket"))
+    elif bucket == "day":
+        group.append((t.c.hour // 24).label("bucket"))
+    return group
+
+
+class _micros(sa.sql.expression.FunctionElement[int]):
+    """Milliseconds (a float) as whole microseconds, truncated toward zero as ``int(ms * 1000.0)`` does in the
+    write path: ``CAST`` truncates on SQLite, rounds on PostgreSQL (hence ``trunc`` there)."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "costobs_micros"
+
+
+@compiles(_micros)
+def _micros_default(element: Any, compiler: Any, **kw: Any) -> str:
+    return f"CAST(({compiler.process(element.clauses, **kw)}) * 1000 AS BIGINT)"
+
+
+@compiles(_micros, "postgresql")
+def _micros_pg(element: Any, compiler: Any, **kw: Any) -> str:
+    return f"CAST(trunc(({compiler.process(element.clauses, **kw)}) * 1000) AS BIGINT)"
+
+
+def _raw_rollup_query(by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
+                      where: Mapping[str, Any] | None, split: bool, every_span: bool = False) -> Any:
+    """A rollup from the raw spans (see ``Store.rollup``). Migration 0003 fills the rollup table with it too
+    (``every_span``: by every key, the spans without a model included, as the rollup table holds them)."""
+    s = spans.c
+    group = _grouping(spans, by, bucket)
+    not_hit = s.cache_hit.is_(False)
+
+    def tok(col: Any, name: str) -> list[Any]:
+        return _sum(sa.case((not_hit, col), else_=0), name, split)
+
+    def count(cond: Any, name: str) -> Any:
+        return sa.func.coalesce(sa.func.sum(sa.case((cond, 1), else_=0)), 0).label(name)
+
+    is_call = s.kind.in_(_CALL_KINDS)
+    cols = [
+        *group,
+        *_sum(s.cost_nanos, "cost", split),
+        *tok(s.input_tokens, "inp"),
+        *tok(s.output_tokens, "out"),
+        *tok(s.cache_read_tokens, "cr"),
+        *tok(s.cache_write_tokens, "cw"),
+        *tok(s.reasoning_tokens, "rsn"),
+        count(s.kind.in_(_LLM_KINDS), "llm"),
+        count(s.kind == "tool", "tool"),
+        count(s.opens_run.is_(True), "runs"),
+        sa.func.coalesce(sa.func.sum(sa.case((is_call, _micros(s.latency_ms)), else_=0)), 0).label("lat_us"),
+        count(is_call, "lat_n"),
+        sa.func.max(sa.case((is_call, s.latency_ms), else_=None)).label("lat_max"),
+        count(s.unpriced.is_(True), "unpriced"),
+        count(s.estimated.is_(True), "est"),
+        count(s.cache_hit.is_(True), "hits"),
+        *_sum(s.saved_nanos, "saved", split),
+    ]
+    q = _filtered(sa.select(*cols), spans, () if every_span else by, since, until, where)
+    if group:
+        q = q.group_by(*group)
+    return q.order_by(sa.desc(cols[len(group)]))
+
+
+def _backfill_rollups(conn: Connection) -> int:
+    """Fill the rollup table from the spans stored (migration 0003); returns how many groups it wrote."""
+    by = [("user" if c == "user_hash" else c) for c in _RKEY_COLS]
+    rows = []
+    found: list[Any] = list(conn.execute(_raw_rollup_query(by, None, None, "hour", None, True, every_span=True))
+                            .mappings())
+    for r in found:
+        key = (int(r["bucket"]), *(r[f"k_{k}"] for k in by))
+        g = [*(_summed(r, n) for n in _RSUMS), *(int(r[n]) for n in ("llm", "tool", "runs", "lat_n", "unpriced", "est",
+                                                                    "hits", "lat_us")), r["lat_max"]]
+        rows.append(dict(zip(_ROLLUP_COLS, _rollup_tuple(key, g), strict=True)))
+    for i in range(0, len(rows), 500):
+        conn.execute(sa.insert(rollups), rows[i:i + 500])
+    return len(rows)
+
+
+def _table_rollup_query(by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
+                        where: Mapping[str, Any] | None) -> Any:
+    """A rollup from the hourly rollup table; the same columns as ``_raw_rollup_query``'s, sums in halves."""
+    r = rollups.c
+    group = _grouping(rollups, by, bucket)
+
+    def total(col: Any, name: str) -> Any:
+        return sa.func.coalesce(sa.func.sum(col), 0).label(name)
+
+    cols = [
+        *group,
+        *(total(r[f"{n}_{h}"], f"{n}_{h}") for n in _RSUMS for h in ("hi", "lo")),
+        total(r.llm_calls, "llm"),
+        total(r.tool_calls, "tool"),
+        total(r.runs, "runs"),
+        total(r.latency_us, "lat_us"),
+        total(r.calls, "lat_n"),
+        sa.func.max(r.latency_max_ms).label("lat_max"),
+        total(r.unpriced_calls, "unpriced"),
+        total(r.estimated_calls, "est"),
+        total(r.cache_hits, "hits"),
+    ]
+    q = _filtered(sa.select(*cols), rollups, by, since, until, where)
+    if group:
+        q = q.group_by(*group)
+    return q
 
 
 def _sqlite_write_lock(conn: sa.Connection) -> None:
@@ -884,6 +1160,7 @@ _SQLITE_RUN_TAIL = (
     " ON CONFLICT (run_id) DO UPDATE SET "
     + ", ".join(_sqlite_grow(k) for k in _RUN_SUMS)
     + ", status = excluded.status, reason = excluded.reason, ended_at = excluded.ended_at"
+    " RETURNING run_id, invocations"
 )
 
 
@@ -948,7 +1225,7 @@ _SPAN_COLS: tuple[str, ...] = (
     "reasoning_tokens", "cost_nanos", "tree_cost_nanos", "unpriced", "estimated", "cache_hit", "saved_nanos",
     "price_source", "price_input", "price_output", "price_cache_read", "price_cache_write", "flags", "feature",
     "route", "tenant_id", "user_hash", "prompt_version", "cache_write_1h_tokens", "service_tier",
-    "web_search_requests",
+    "web_search_requests", "tier", "variant", "opens_run",
 )
 _SQLITE_SPAN_HEAD = f"INSERT INTO costobs_spans ({', '.join(_SPAN_COLS)}) VALUES "
 _NO_PRICES: tuple[str | None, ...] = (None, None, None, None, None)
@@ -1014,7 +1291,21 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
         _flags_of(sp, run.flags),
         *_RUN_ATTRIBUTION(run), *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
+        *(_tier_variant(attrs) if (attrs := run.attributes) else _NO_TIER),
+        flag(False),  # opens_run: set by _write_batch, which learns it from the run's upsert
     )
+
+
+_NO_TIER = (None, None)
+
+
+def _tier_variant(attrs: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """A run's ``tier`` (the customer's plan) and ``variant`` attributes, as rollup keys: text (a number or a
+    boolean as its text), cut to the column."""
+    tier = attrs.get("tier")
+    variant = attrs.get("variant")
+    return (None if tier is None else _txt(tier if type(tier) is str else str(tier), 256),
+            None if variant is None else _txt(variant if type(variant) is str else str(variant), 256))
 
 
 def _flags_of(sp: Span, run_flags: tuple[str, ...]) -> str | None:
@@ -1039,6 +1330,59 @@ def _detail_cols(d: UsageDetail) -> tuple[Any, ...]:
     n = d.web_search_requests
     return d.cache_write_1h, tier, n if n <= _INT_MAX else _INT_MAX
 _RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "prompt_version")
+
+
+# -- the hourly rollup ------------------------------------------------------------------------------------
+
+_RKEY_OF = itemgetter(*(_SPAN_COLS.index(c) for c in ("hour", *_RKEY_COLS)))
+"""A span row's rollup group: its hour and its rollup keys."""
+_I_COST = _SPAN_COLS.index("cost_nanos")
+_I_TOK = _SPAN_COLS.index("input_tokens")
+_I_SAVED = _SPAN_COLS.index("saved_nanos")
+_I_HIT = _SPAN_COLS.index("cache_hit")
+_I_KIND = _SPAN_COLS.index("kind")
+_I_LAT = _SPAN_COLS.index("latency_ms")
+_I_UNPRICED = _SPAN_COLS.index("unpriced")
+_I_EST = _SPAN_COLS.index("estimated")
+_I_OPENS = _SPAN_COLS.index("opens_run")
+assert _SPAN_COLS[_I_TOK:_I_TOK + 5] == ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                                         "reasoning_tokens")
+
+_ROLLUP_ADDS: tuple[str, ...] = (*(f"{n}_{h}" for n in _RSUMS for h in ("hi", "lo")), *_RCOUNTS)
+_ROLLUP_COLS: tuple[str, ...] = ("hour", "gkey", *_RKEY_COLS, *_ROLLUP_ADDS, "latency_max_ms")
+_ROLLUP_HEAD = f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) VALUES "
+_T = "costobs_rollups_hourly"
+_ROLLUP_TAIL = (
+    " ON CONFLICT (hour, gkey) DO UPDATE SET "
+    + ", ".join(f"{k} = {_T}.{k} + excluded.{k}" for k in _ROLLUP_ADDS)
+    + f", latency_max_ms = CASE WHEN excluded.latency_max_ms IS NULL THEN {_T}.latency_max_ms"
+    f" WHEN {_T}.latency_max_ms IS NULL OR excluded.latency_max_ms > {_T}.latency_max_ms"
+    f" THEN excluded.latency_max_ms ELSE {_T}.latency_max_ms END"
+)
+"""The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
+_HALF_MASK = 2**32 - 1
+_PG_ARRAY = {c: "bigint" for c in _ROLLUP_ADDS} | {c: "text" for c in ("gkey", *_RKEY_COLS)} \
+    | {"hour": "integer", "latency_max_ms": "float8"}
+
+
+def _gkey(keys: Sequence[Any]) -> str:
+    """The digest of a group's keys (without its hour), NULL told apart from every text: the rollup's conflict
+    target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change."""
+    return _blake2b(_json_ascii(keys).encode("ascii"), digest_size=16).hexdigest()
+
+
+_json_ascii = json.JSONEncoder().encode  # (a tuple as a JSON array, every character outside ASCII escaped)
+_blake2b = hashlib.blake2b
+
+
+def _rollup_tuple(key: tuple[Any, ...], g: Sequence[Any]) -> tuple[Any, ...]:
+    """A rollup row in ``_ROLLUP_COLS`` order: ``key`` is ``(hour, *keys)``, ``g`` the group's sums (cost, the five
+    token counts, saved, then ``_RCOUNTS``, then the latency maximum); each money or token sum in its halves."""
+    c, i, o, r, w, n, v = g[0], g[1], g[2], g[3], g[4], g[5], g[6]
+    m = _HALF_MASK
+    keys = key[1:]
+    return (key[0], _gkey(keys), *keys, c >> 32, c & m, i >> 32, i & m, o >> 32, o & m, r >> 32, r & m, w >> 32,
+            w & m, n >> 32, n & m, v >> 32, v & m, *g[7:])
 
 
 def _span_row(sp: Span) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from costobs_callbacks._store import HEAD_REVISION, migrations_dir
 
 PRICES = {"m-mig": {"input": "2", "output": "8", "cache_read": "0.2", "cache_write": "2.5"}}
 NEW_COLUMNS = {"cache_write_1h_tokens", "service_tier", "web_search_requests"}
+NEW_0003 = {"tier", "variant", "opens_run"}
 
 
 def _alembic(conn: sa.Connection, verb: str, revision: str) -> None:
@@ -92,11 +93,11 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
     with CostTracker(database_url, prices=PRICES) as tracker:  # no salt given: the stored one is used
         with tracker.store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
-                == HEAD_REVISION == "0002"
+                == HEAD_REVISION == "0003"
             spans_after = _rows(conn, "costobs_spans", "span_id")
             runs_after = _rows(conn, "costobs_runs", "run_id")
             assert conn.execute(sa.text("SELECT value FROM costobs_meta")).scalar_one() == "ab" * 32
-        assert [{k: v for k, v in r.items() if k != "id" and k not in NEW_COLUMNS} for r in spans_after] \
+        assert [{k: v for k, v in r.items() if k != "id" and k not in NEW_COLUMNS | NEW_0003} for r in spans_after] \
             == OLD_SPANS
         assert [(r["cache_write_1h_tokens"], r["service_tier"], r["web_search_requests"]) for r in spans_after] \
             == [(0, None, 0)] * 3
