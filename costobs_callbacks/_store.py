@@ -346,7 +346,16 @@ class Store:
         status, reason and end are read from the live run (the root span of a run ends it).
         """
         self.ensure_schema()
-        make_row = self._span_row_fn
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        span_rows, run_rows, changed = self._rows(
+            items, self._span_row_fn, _sqlite_run_tuple if sqlite_fast else _run_row, fit)
+        if run_rows:
+            self._insert(span_rows, run_rows, sqlite_fast)
+        return changed
+
+    def _rows(self, items: Sequence[Any], make_row: Any, make_run: Any, fit: bool) -> tuple[list[Any], list[Any], int]:
+        """A batch's span rows (``make_row`` per span) and its runs' summary rows (``make_run`` per run), values
+        made to fit with ``fit``, and how many spans that changed."""
         span_rows: list[Any] = []
         fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
         # run id -> [run, *the batch's totals in _RUN_SUMS order]
@@ -386,24 +395,15 @@ class Store:
                     acc[12] += 1
             elif isinstance(it, Run) and it.run_id not in runs_seen:
                 runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        if not runs_seen:
-            return 0
-        sqlite_fast = self._fast and self.dialect == "sqlite"
-        make_run = _sqlite_run_tuple if sqlite_fast else _run_row
         run_rows: list[Any] = [make_run(acc) for acc in runs_seen.values()]
         changed = 0
         if fit:
-            # a run's own values (its attributes) made to fit: its spans in the batch are flagged with it
-            dirty = set()
-            for i, rid in enumerate(runs_seen):
-                run_rows[i], hit = _fit_run_row(run_rows[i])
-                if hit:
-                    dirty.add(rid)
-            for i, (rid, hit) in enumerate(fitted):
-                if not hit and rid in dirty:
-                    span_rows[i] = _flag_sanitized(span_rows[i])
-                    hit = True
-                changed += hit
+            changed = _fit_rows(span_rows, run_rows, [rid for rid, _ in fitted], [hit for _, hit in fitted],
+                                list(runs_seen))
+        return span_rows, run_rows, changed
+
+    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool) -> None:
+        """One transaction: the span rows inserted, the run rows upserted (their totals grow by the batch's)."""
         with self.engine.begin() as conn:
             if sqlite_fast:
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
@@ -412,7 +412,7 @@ class Store:
                 if span_rows:
                     self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
                 self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
-                return changed
+                return
             if span_rows:
                 if self._span_insert_sql is not None:
                     # the hot write: straight to the driver's executemany, rows prepared as tuples
@@ -423,7 +423,43 @@ class Store:
                 conn.execute(self._upsert_runs(), run_rows)
             else:
                 self._merge_runs_portable(conn, run_rows)
-        return changed
+
+    # -- spooled batches (``_spool``): rows kept while the database is away, written when it is back ------
+
+    def batch_rows(self, items: Sequence[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """A batch as the rows it would write, in a form any backend can write later and JSON keeps: span rows
+        in ``_SPAN_COLS`` order and run rows in ``_RUN_COLS`` order, times as epoch seconds, flags as booleans,
+        a run's attributes as a dict. Built now, from the live runs (their status as it is now)."""
+        span_rows, run_rows, _ = self._rows(items, _neutral_span, _neutral_run, False)
+        return span_rows, run_rows
+
+    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]]) -> None:
+        """Write rows from ``batch_rows`` in one transaction, as ``write_batch`` writes a batch: refused for their
+        content, written again made to fit (flagged ``sanitized``); refused still, ``PoisonBatch``."""
+        self.ensure_schema()
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        sp, rr = _from_neutral(span_rows, run_rows, self._fast, self.dialect)
+        try:
+            self._insert(sp, rr, sqlite_fast)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            sp = [list(r) if isinstance(r, tuple) else r for r in sp]
+            hits = []
+            for i, r in enumerate(sp):
+                sp[i], hit = _fit_span_row(tuple(r) if isinstance(r, list) else r)
+                hits.append(hit)
+            rid_at = _SPAN_COLS.index("run_id")
+            rids = [r[rid_at] for r in span_rows]
+            changed = _fit_rows(sp, rr, rids, hits, [r[0] for r in run_rows])
+            try:
+                self._insert(sp, rr, sqlite_fast)
+            except Exception as exc2:
+                if not _is_data_error(exc2):
+                    raise
+                orig = getattr(exc2, "orig", None)
+                raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
+            self.sanitized += changed
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> None:
@@ -998,6 +1034,73 @@ def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
         vals[_ATTRS_AT] = _json_text(fitted)
         changed = changed or fitted != attrs
     return tuple(vals), changed
+
+
+def _fit_rows(span_rows: list[Any], run_rows: list[Any], span_runs: Sequence[str], span_hits: Sequence[bool],
+              run_ids: Sequence[str]) -> int:
+    """Run rows made to fit in place; the span rows of a run so changed flagged ``sanitized`` (their own values
+    were fitted already: ``span_hits``). Returns how many spans were changed or flagged."""
+    dirty = set()
+    for i, rid in enumerate(run_ids):
+        run_rows[i], hit = _fit_run_row(run_rows[i])
+        if hit:
+            dirty.add(rid)
+    changed = 0
+    for i, (rid, hit) in enumerate(zip(span_runs, span_hits, strict=True)):
+        if not hit and rid in dirty:
+            span_rows[i] = _flag_sanitized(span_rows[i])
+            hit = True
+        changed += hit
+    return changed
+
+
+def _neutral_span(sp: Span) -> tuple[Any, ...]:
+    return _span_tuple(sp, float, bool)
+
+
+def _neutral_run(acc: list[Any]) -> tuple[Any, ...]:
+    run = acc[0]
+    status = run.status
+    ended = run.ended_wall if status != "running" else 0.0
+    return (
+        run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+        dict(run.attributes) or None, status, run.aborted.reason if run.aborted is not None else None,
+        float(run.started_wall), float(ended) if ended else None, *acc[1:],
+    )
+
+
+_START_AT, _END_AT = _SPAN_COLS.index("start_at"), _SPAN_COLS.index("end_at")
+_BOOL_AT = tuple(_SPAN_COLS.index(c) for c in ("unpriced", "estimated", "cache_hit"))
+_RUN_START_AT, _RUN_END_AT = _RUN_COLS.index("started_at"), _RUN_COLS.index("ended_at")
+
+
+def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], fast: bool,
+                  dialect: str) -> tuple[list[Any], list[Any]]:
+    """Rows of ``Store.batch_rows`` as this store's write path takes them (``_span_tuple``/``_span_row`` and
+    ``_sqlite_run_tuple``/``_run_row``)."""
+    sqlite_fast = fast and dialect == "sqlite"
+    dt: Any = _sqlite_dt if sqlite_fast else _utc
+    sp: list[Any] = []
+    for r in span_rows:
+        v = list(r)
+        v[_START_AT], v[_END_AT] = dt(v[_START_AT]), dt(v[_END_AT])
+        if sqlite_fast:
+            for i in _BOOL_AT:
+                v[i] = int(v[i])
+        sp.append(tuple(v) if fast else dict(zip(_SPAN_COLS, v, strict=True)))
+    rr: list[Any] = []
+    for r in run_rows:
+        v = list(r)
+        v[_RUN_START_AT] = dt(v[_RUN_START_AT])
+        if v[_RUN_END_AT] is not None:
+            v[_RUN_END_AT] = dt(v[_RUN_END_AT])
+        if sqlite_fast:
+            attrs = v[_ATTRS_AT]
+            v[_ATTRS_AT] = _json_text(attrs) if attrs else None
+            rr.append(tuple(v))
+        else:
+            rr.append(dict(zip(_RUN_COLS, v, strict=True)))
+    return sp, rr
 
 
 def _is_data_error(exc: BaseException) -> bool:
