@@ -44,8 +44,9 @@ class Fallback(Protocol):
     def keep(self, batch: Sequence[Any]) -> bool:
         """Keep a batch for later; False if it could not be kept either."""
 
-    def tick(self, final: bool = False, budget: float = 1.0) -> None:
-        """Move what is kept on to the database, when due (``final``: now, once, for up to ``budget`` s)."""
+    def tick(self, final: bool = False, budget: float = 1.0) -> bool:
+        """Move what is kept on to the database, when due (``final``: now, once, for up to ``budget`` s).
+        True: more is ready to move at once (the worker goes on without waiting)."""
 
     def backlog(self) -> int:
         """Items kept, not yet in the database."""
@@ -202,9 +203,12 @@ class BatchExporter:
 
     def _tick(self, fb: Fallback, final: bool = False) -> None:
         try:
-            fb.tick(final, self._final_budget if final else 1.0)
+            more = fb.tick(final, self._final_budget if final else 1.0)
         except Exception:
             logger.exception("costobs: replaying the spool failed")
+            return
+        if more:
+            self._wake.set()
 
     def _keep(self, batch: list[Any]) -> bool:
         fb = self._fallback

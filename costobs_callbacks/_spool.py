@@ -158,6 +158,7 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._own: _File | None = None
         self._claimed: list[_File] = []
+        self._left = 0  # items of the files released by ``close``
         self._pid = os.getpid()
         self.spooled = 0
         """Items this process wrote to the spool."""
@@ -177,7 +178,7 @@ class Spool:
     def pending(self) -> int:
         """Items in the spool files this process holds, not yet in the database."""
         own = self._own
-        return sum(f.pending for f in self._claimed) + (own.pending if own is not None else 0)
+        return sum(f.pending for f in self._claimed) + (own.pending if own is not None else 0) + self._left
 
     def claimed_pending(self) -> int:
         return sum(f.pending for f in self._claimed)
@@ -261,13 +262,14 @@ class Spool:
 
     # -- replaying ------------------------------------------------------------------------------
 
-    def replay(self, write: Callable[[bytes], None], budget: float = 1.0) -> bool:
-        """Write spooled records in order (claimed files, oldest first, then this process's own) with ``write``
-        (which raises if the database is away: replay stops there, the record kept). Stops after ``budget``
-        seconds. True if everything held is in the database."""
+    def replay(self, write: Callable[[list[bytes]], None], budget: float = 1.0, group: int = 4096) -> bool:
+        """Write spooled records in order (claimed files, oldest first, then this process's own) with ``write``,
+        consecutive records together up to ``group`` items (one transaction); ``write`` raises if the database
+        is away: replay stops there, the records kept. Stops after ``budget`` seconds. True if everything held
+        is in the database."""
         stop = time.monotonic() + budget
         for f in [*self._claimed, *([self._own] if self._own is not None else [])]:
-            if not self._replay_file(f, write, stop):
+            if not self._replay_file(f, write, stop, group):
                 return False
             if f is self._own:
                 self._own = None
@@ -276,29 +278,49 @@ class Spool:
             f.remove()
         return True
 
-    def _replay_file(self, f: _File, write: Callable[[bytes], None], stop: float) -> bool:
+    def _replay_file(self, f: _File, write: Callable[[list[bytes]], None], stop: float, group: int) -> bool:
         if f.done >= f.size:
             return True
-        data = os.pread(f.fd, f.size - f.done, f.done)
+        base = f.done
+        data = os.pread(f.fd, f.size - base, base)
+        batch: list[bytes] = []
+        count = end = 0
+
+        def commit() -> None:
+            nonlocal batch, count
+            if batch:
+                write(batch)  # raises: kept for the next attempt
+                f.pending -= count
+                self.replayed += count
+                batch, count = [], 0
+            f.mark(base + end)
+
         for rec in read_records(data):
             if rec.payload is None:
+                commit()
                 self.lost += rec.count
+                end = rec.end
+                f.mark(base + end)
                 logger.error("costobs: spool file %s: %d bytes at offset %d torn or corrupt (%d items lost); "
-                             "the rest is replayed", f.path, rec.end - rec.start, f.done + rec.start, rec.count)
-            else:
-                write(rec.payload)  # raises: kept for the next attempt
-                f.pending -= rec.count
-                self.replayed += rec.count
-            f.mark(f.done + (rec.end - rec.start))
-            if time.monotonic() > stop and f.done < f.size:
-                return False
+                             "the rest is replayed", f.path, rec.end - rec.start, base + rec.start, rec.count)
+                continue
+            batch.append(rec.payload)
+            count += rec.count
+            end = rec.end
+            if count >= group:
+                commit()
+                if time.monotonic() > stop and f.done < f.size:
+                    return False
+        commit()
         return f.done >= f.size
 
     def skip(self, payload_count: int) -> None:
         self.lost += payload_count
 
     def close(self) -> None:
-        """Release the files (their locks): what they still hold is replayed by the next process."""
+        """Release the files (their locks): what they still hold is replayed by the next process (and still
+        counted in ``pending``)."""
+        self._left += self.pending()
         for f in [*self._claimed, *([self._own] if self._own is not None else [])]:
             if f.done >= f.size:
                 f.remove()
@@ -320,10 +342,31 @@ def _spool_after_fork(ref: weakref.ReferenceType[Spool]) -> None:
             f.close()
         sp._claimed = []
         sp._own = None
+        sp._left = 0
         sp.spooled = sp.replayed = sp.lost = sp.found = 0
 
 
 # -- payloads ---------------------------------------------------------------------------------------
+
+def _merged(parts: list[tuple[list[list[Any]], list[list[Any]]]]) -> tuple[list[Any], list[Any]]:
+    """Several batches' rows as one: span rows in order, one run row per run (a run upserted twice in one
+    statement is refused by PostgreSQL): its totals summed, its status, reason and end the latest batch's."""
+    if len(parts) == 1:
+        return parts[0]
+    spans: list[Any] = []
+    runs: dict[Any, list[Any]] = {}
+    for sp, rr in parts:
+        spans.extend(sp)
+        for r in rr:
+            old = runs.get(r[0])
+            if old is None:
+                runs[r[0]] = list(r)
+                continue
+            old[7:11] = r[7:9] + old[9:10] + r[10:11]  # status, reason, (started kept), ended: the latest
+            for i in range(11, len(r)):
+                old[i] += r[i]
+    return spans, list(runs.values())
+
 
 def dump_rows(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]]) -> bytes:
     return json.dumps({"s": span_rows, "r": run_rows}, separators=(",", ":")).encode("ascii")
@@ -475,47 +518,57 @@ class StoreSpool:
                            self.spool.directory)
         return True
 
-    def tick(self, final: bool = False, budget: float = 1.0) -> None:
+    def tick(self, final: bool = False, budget: float = 1.0) -> bool:
         now = time.monotonic()
         if now >= self._next_claim:
             self._next_claim = now + self._claim_every
             self.spool.claim()
         if not self.spool.pending() or (now < self._next_try and not final):
-            return
+            return False
         if not self.file_ok():
             self._next_try = now + 1.0
-            return
+            return False
         try:
             done = self.spool.replay(self._write, budget)
         except Exception as exc:
             self._next_try = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, 2.0)
             logger.info("costobs: the database is still away (%r); %d items spooled", exc, self.spool.pending())
-            return
+            return False
         self._backoff = 0.25
         self._next_try = 0.0
         if done and self._outage:
             self._outage = False
             logger.warning("costobs: the database is back; the spool is replayed (%d items so far)",
                            self.spool.replayed)
+        return not done
 
     def backlog(self) -> int:
         return self.spool.pending()
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _write(self, payload: bytes) -> None:
+    def _write(self, payloads: list[bytes]) -> None:
+        """Spooled records written in one transaction; if the database refuses it for its content, record by
+        record, so only a refused record is lost."""
         from ._export import PoisonBatch
 
-        span_rows, run_rows = load_rows(payload)
-        guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
         try:
-            with guard:
-                self.store.write_rows(span_rows, run_rows)
+            self._write_rows(*_merged([load_rows(p) for p in payloads]))
         except PoisonBatch as exc:
+            if len(payloads) > 1:
+                for p in payloads:
+                    self._write([p])
+                return
+            span_rows, run_rows = load_rows(payloads[0])
             n = len(span_rows) or len(run_rows)
             self.spool.skip(n)
             logger.error("costobs: the database refused a spooled batch of %d (%r); it is lost", n, exc)
+
+    def _write_rows(self, span_rows: list[Any], run_rows: list[Any]) -> None:
+        guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
+        with guard:
+            self.store.write_rows(span_rows, run_rows)
 
     def file_ok(self) -> bool:
         """False while the SQLite file opened is gone from its path (deleted, its folder removed); a different

@@ -140,6 +140,7 @@ class CostTracker:
         self._closed = False
         if spool.found:  # replay what processes gone left, without waiting for the first span
             self.exporter._ensure_worker()
+            self.exporter._wake.set()
         _on_sigterm(self)
 
     # -- LangChain ------------------------------------------------------------------------------
