@@ -155,7 +155,8 @@ class Spool:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"{self.directory} is not a directory")
         self._own: _File | None = None
         self._claimed: list[_File] = []
         self._left = 0  # items of the files released by ``close``
@@ -207,7 +208,14 @@ class Spool:
     def _open_own(self) -> _File:
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path = self.directory / f"{name}.spool"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        for attempt in range(3):  # made when first needed (and again if another process just removed it)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         _lock(fd)
         done_fd = os.open(path.with_suffix(".done"), os.O_RDWR | os.O_CREAT, 0o600)
         return _File(path, fd, done_fd, 0, 0, 0)
@@ -276,6 +284,8 @@ class Spool:
             else:
                 self._claimed.remove(f)
             f.remove()
+        with contextlib.suppress(OSError):  # the folder too, once empty
+            self.directory.rmdir()
         return True
 
     def _replay_file(self, f: _File, write: Callable[[list[bytes]], None], stop: float, group: int) -> bool:
