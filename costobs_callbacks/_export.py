@@ -321,7 +321,8 @@ class BatchExporter:
         return len(self._queue)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Flush and stop the worker; runs once. Later ``emit`` calls are counted as dropped."""
+        """Flush and stop the worker; runs once. Later ``emit`` calls are counted as dropped. The fallback's
+        backlog gets one last replay within ``timeout``; what it keeps then stays for the next process."""
         if not self._shutdown_once.acquire(blocking=False):
             return
         start = time.monotonic()
