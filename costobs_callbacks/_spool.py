@@ -7,11 +7,11 @@ seconds, a running one) takes the lock of every file nobody holds — its writer
 one replayer per file, so a record is written once. A file fully replayed is removed.
 
 A record is self-delimiting and checksummed: ``MAGIC, payload length, item count, CRC32`` (big-endian), then
-the payload: the JSON (ASCII) of the rows the store would have written (``Store.batch_rows``): rows rather
-than spans, because rows are what the database receives (a replay writes exactly what the direct write would
-have), and a span's row needs none of the ledger's live objects to be rebuilt. A torn or corrupt record is
-skipped, its items counted as lost and logged; reading goes on at the next record (found by its magic), so a
-crash mid-write loses that one record, never the rest.
+the payload: the JSON (UTF-8, surrogates passed through) of the rows the store would have written
+(``Store.batch_rows``): rows rather than spans, because rows are what the database receives (a replay writes
+exactly what the direct write would have), and a span's row needs none of the ledger's live objects.
+A torn or corrupt record is skipped, its items counted as lost and logged; reading goes on at the next
+record (found by its magic), so a crash mid-write loses that one record, never the rest.
 
 Exactly once: the ``.done`` offset is written after each record's transaction commits. A crash between the
 commit and that write (microseconds) would replay that one record again: a window accepted rather than a
@@ -379,11 +379,15 @@ def _merged(parts: list[tuple[list[list[Any]], list[list[Any]]]]) -> tuple[list[
 
 
 def dump_rows(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]]) -> bytes:
-    return json.dumps({"s": span_rows, "r": run_rows}, separators=(",", ":")).encode("ascii")
+    """Rows as JSON, text as it is: UTF-8 with surrogates passed through (a ``\\u`` escape of a surrogate pair
+    would come back joined, a value the database then stores unflagged where the direct write fits and flags
+    it)."""
+    text = json.dumps({"s": span_rows, "r": run_rows}, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
 
 
 def load_rows(payload: bytes) -> tuple[list[list[Any]], list[list[Any]]]:
-    obj = json.loads(payload)
+    obj = json.loads(payload.decode("utf-8", "surrogatepass"))
     return obj["s"], obj["r"]
 
 
@@ -560,11 +564,15 @@ class StoreSpool:
 
     def _write(self, payloads: list[bytes]) -> None:
         """Spooled records written in one transaction; if the database refuses it for its content, record by
-        record, so only a refused record is lost."""
+        record, each as its batch would have been written (made to fit, flagged ``sanitized``), so that the
+        rows stored are the direct write's and only a record refused even so is lost."""
         from ._export import PoisonBatch
 
         try:
-            self._write_rows(*_merged([load_rows(p) for p in payloads]))
+            if len(payloads) > 1:
+                self._write_rows(*_merged([load_rows(p) for p in payloads]), fit=False)
+            else:
+                self._write_rows(*load_rows(payloads[0]))
         except PoisonBatch as exc:
             if len(payloads) > 1:
                 for p in payloads:
@@ -575,10 +583,10 @@ class StoreSpool:
             self.spool.skip(n)
             logger.error("costobs: the database refused a spooled batch of %d (%r); it is lost", n, exc)
 
-    def _write_rows(self, span_rows: list[Any], run_rows: list[Any]) -> None:
+    def _write_rows(self, span_rows: list[Any], run_rows: list[Any], fit: bool = True) -> None:
         guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
         with guard:
-            self.store.write_rows(span_rows, run_rows)
+            self.store.write_rows(span_rows, run_rows, fit=fit)
 
     def file_ok(self) -> bool:
         """False while the SQLite file opened is gone from its path (deleted, its folder removed); a different

@@ -433,9 +433,11 @@ class Store:
         span_rows, run_rows, _ = self._rows(items, _neutral_span, _neutral_run, False)
         return span_rows, run_rows
 
-    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]]) -> None:
+    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], *,
+                   fit: bool = True) -> None:
         """Write rows from ``batch_rows`` in one transaction, as ``write_batch`` writes a batch: refused for their
-        content, written again made to fit (flagged ``sanitized``); refused still, ``PoisonBatch``."""
+        content, written again made to fit (flagged ``sanitized``); refused still (or at once without ``fit``),
+        ``PoisonBatch``."""
         self.ensure_schema()
         sqlite_fast = self._fast and self.dialect == "sqlite"
         sp, rr = _from_neutral(span_rows, run_rows, self._fast, self.dialect)
@@ -444,6 +446,8 @@ class Store:
         except Exception as exc:
             if not _is_data_error(exc):
                 raise
+            if not fit:
+                raise PoisonBatch(str(getattr(exc, "orig", None) or exc)) from exc
             sp = [list(r) if isinstance(r, tuple) else r for r in sp]
             hits = []
             for i, r in enumerate(sp):

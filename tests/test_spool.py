@@ -430,3 +430,65 @@ def test_flush_counts_what_is_found_spooled_at_start(tmp_path, stub_openai):
     rc = t2.rollup(by=())
     t2.close()
     assert (rc[0].cost_usd, rc[0].llm_calls, rc[0].runs) == (Decimal(4 * CALL_NANOS) / 10**9, 4, 4)
+
+
+# -- the spooled path writes what the direct one writes -------------------------------------------------
+
+def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_admin_url):
+    """The same random spans (malformed ones included: see ``test_store_paths``), written by ``write_batch``
+    and, through the spool's JSON, by ``write_rows``, on each write path: the same rows, the same sanitising;
+    two records replayed together as two batches written one after the other."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from costobs_callbacks import LoopPolicy, PriceBook
+    from costobs_callbacks._export import BatchExporter
+    from costobs_callbacks._ledger import Ledger
+    from costobs_callbacks._spool import StoreSpool, dump_rows
+    from costobs_callbacks._store import Store
+    from tests.pg import create_database
+    from tests.test_store_paths import PRICES as PATH_PRICES
+    from tests.test_store_paths import _make, _stored, call
+
+    pairs = []
+    for kind in ("fast", "portable", "pg"):
+        pair = []
+        for side in ("direct", "spooled"):
+            url = create_database(postgres_admin_url) if kind == "pg" else f"sqlite:///{tmp_path}/{kind}-{side}.db"
+            s = Store(url)
+            if kind == "portable":
+                s._portable()
+            s.ensure_schema()
+            pair.append(s)
+        pairs.append(pair)
+    made: list[Any] = []
+    source = BatchExporter(made.extend, schedule_delay=3600)
+    ledger = Ledger(prices=PriceBook(PATH_PRICES), exporter=source, user_salt=b"salt",
+                    loops=LoopPolicy(enabled=False))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+    @given(st.lists(call, min_size=1, max_size=6), st.booleans())
+    def check(calls: list[dict[str, Any]], split: bool) -> None:
+        run_ids = [_make(ledger, c) for c in calls]
+        assert source.force_flush(10)
+        items = list(made)
+        made.clear()
+        parts = [items[: len(items) // 2], items[len(items) // 2:]] if split and len(items) > 1 else [items]
+        for direct, spooled in pairs:
+            before = (direct.sanitized, spooled.sanitized)
+            payloads = [dump_rows(*spooled.batch_rows(p)) for p in parts]
+            for p in parts:
+                direct.write_batch(p)
+            sp = StoreSpool(spooled, Spool(tmp_path / "unused"))
+            sp._write(payloads)  # grouped (one transaction), or record by record where that is refused
+            assert _stored(direct, run_ids) == _stored(spooled, run_ids)
+            assert direct.sanitized - before[0] == spooled.sanitized - before[1]
+
+    try:
+        check()
+    finally:
+        source.shutdown()
+        for pair in pairs:
+            for s in pair:
+                s.close()
