@@ -57,7 +57,8 @@ class CostTracker:
         spool_dir: where batches the database does not take are kept until it does (default: a folder per
             database under the user's cache directory); they are replayed in order, by this process or the next.
         db_timeout: seconds a database call of the exporter may take (PostgreSQL: ``connect_timeout``,
-            ``statement_timeout``, and its sockets cut past it) before its batch goes to the spool.
+            ``statement_timeout``, and its sockets cut past it) before its batch goes to the spool; the
+            ``statement_timeout`` bounds this tracker's queries (``rollup``) too: raise it for long reports.
 
     SIGTERM: where the default handler is in place (and the tracker is made on the main thread), one is installed
     that closes the tracker (its queue flushed to the database, or the spool) and then dies of SIGTERM as before;
