@@ -223,7 +223,10 @@ class Spool:
     # -- claiming the files of processes gone -----------------------------------------------------
 
     def claim(self) -> int:
-        """Take every unlocked spool file of the folder (its writer is gone); returns how many items they hold."""
+        """Take every unlocked spool file of the folder (its writer is gone); returns how many items they hold.
+        Without ``flock`` (not POSIX) a live writer cannot be told from a gone one: nothing is claimed."""
+        if fcntl is None:  # pragma: no cover
+            return 0
         held = {f.path for f in self._claimed}
         if self._own is not None:
             held.add(self._own.path)
