@@ -5,6 +5,11 @@ wakes when a batch is full or every ``schedule_delay`` seconds; ``force_flush`` 
 emitted before it; ``shutdown`` runs once, with a deadline, also at interpreter exit; a forked child gets
 a fresh queue and thread. Failures of the sink are retried with backoff (nothing is lost while the store
 comes back); what still cannot be written, and what overflows a full queue, is counted and logged.
+
+With a ``Fallback`` (the tracker's spool, see ``_spool``), a batch the sink fails to take for any reason but
+its content is handed to it at once instead (the thread never sleeps on a database that is away), and every
+later batch follows it there while it holds a backlog, so that the database receives them in order; the
+fallback's ``tick`` replays the backlog on the worker's thread, between batches.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["BatchExporter", "ExportStats", "PoisonBatch"]
+__all__ = ["BatchExporter", "ExportStats", "Fallback", "PoisonBatch"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -30,10 +35,27 @@ class PoisonBatch(Exception):
     splits it to write every good item and count the bad ones."""
 
 
+class Fallback(Protocol):
+    """Where batches go while the sink cannot take them (called on the worker's thread only)."""
+
+    def divert(self) -> bool:
+        """True: send the next batch to ``keep`` without trying the sink (a backlog to keep order behind)."""
+
+    def keep(self, batch: Sequence[Any]) -> bool:
+        """Keep a batch for later; False if it could not be kept either."""
+
+    def tick(self, final: bool = False, budget: float = 1.0) -> bool:
+        """Move what is kept on to the database, when due (``final``: now, once, for up to ``budget`` s).
+        True: more is ready to move at once (the worker goes on without waiting)."""
+
+    def backlog(self) -> int:
+        """Items kept, not yet in the database."""
+
+
 class ExportStats:
     """Counters of the exporter; read them to see that nothing was lost."""
 
-    __slots__ = ("_pending", "batches", "dropped", "exported", "failed", "refused", "retries", "taken")
+    __slots__ = ("_pending", "batches", "dropped", "exported", "failed", "refused", "retries", "spooled", "taken")
 
     def __init__(self, pending: Callable[[], int] = lambda: 0) -> None:
         self._pending = pending
@@ -47,6 +69,8 @@ class ExportStats:
         """Items lost: refused by the sink (``refused``), or not written before the retry deadline."""
         self.refused = 0
         """Items the sink refused for their content (``PoisonBatch`` on the item alone); counted in ``failed`` too."""
+        self.spooled = 0
+        """Items handed to the fallback (the spool) instead of the sink; not lost."""
         self.batches = 0
         self.retries = 0
 
@@ -57,7 +81,7 @@ class ExportStats:
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k)
-                for k in ("batches", "dropped", "emitted", "exported", "failed", "refused", "retries")}
+                for k in ("batches", "dropped", "emitted", "exported", "failed", "refused", "retries", "spooled")}
 
 
 class BatchExporter:
@@ -71,6 +95,7 @@ class BatchExporter:
         retry_deadline: float = 60.0,
         name: str = "costobs-exporter",
         on_start: Callable[[], None] | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         if max_queue_size < 1 or max_batch_size < 1 or schedule_delay <= 0:
             raise ValueError("max_queue_size and max_batch_size must be >= 1, schedule_delay > 0")
@@ -82,6 +107,8 @@ class BatchExporter:
         self._retry_deadline = retry_deadline
         self._name = name
         self._on_start = on_start
+        self._fallback = fallback
+        self._final_budget = 5.0
         self.stats = ExportStats(lambda: len(self._queue))
         self._init_state()
         self._shutdown_once = threading.Lock()
@@ -145,17 +172,22 @@ class BatchExporter:
                 self._on_start()
             except Exception:
                 logger.exception("costobs: exporter start hook failed")
+        fb = self._fallback
         while True:
             self._wake.wait(self._delay)
             self._wake.clear()
             with self._cond:
                 target = self._requested
+            if fb is not None:
+                self._tick(fb)
             self._drain()
             with self._cond:
                 if target > self._done:
                     self._done = target
                     self._cond.notify_all()
             if self._stop and not self._queue:
+                if fb is not None:
+                    self._tick(fb, final=True)
                 with self._cond:
                     self._done = self._requested
                     self._cond.notify_all()
@@ -169,7 +201,38 @@ class BatchExporter:
             batch = [q.popleft() for _ in range(n)]
             self._write(batch)
 
+    def _tick(self, fb: Fallback, final: bool = False) -> None:
+        try:
+            more = fb.tick(final, self._final_budget if final else 1.0)
+        except Exception:
+            logger.exception("costobs: replaying the spool failed")
+            return
+        if more:
+            self._wake.set()
+
+    def _keep(self, batch: list[Any]) -> bool:
+        fb = self._fallback
+        if fb is None:
+            return False
+        try:
+            kept = fb.keep(batch)
+        except Exception:
+            logger.exception("costobs: could not spool %d spans/runs", len(batch))
+            return False
+        if kept:
+            self.stats.spooled += len(batch)
+        return kept
+
     def _write(self, batch: list[Any]) -> None:
+        fb = self._fallback
+        if fb is not None:
+            try:
+                diverted = fb.divert()
+            except Exception:
+                logger.exception("costobs: the spool's check failed")
+                diverted = False
+            if diverted and self._keep(batch):
+                return
         deadline = time.monotonic() + self._retry_deadline
         backoff = 0.1
         while True:
@@ -187,6 +250,8 @@ class BatchExporter:
                              exc.__cause__ or exc, self.stats.refused, self.stats.failed)
                 return
             except Exception as exc:
+                if fb is not None and self._keep(batch):
+                    return
                 if time.monotonic() + backoff > deadline or self._stop:
                     self.stats.failed += len(batch)
                     logger.error(
@@ -206,7 +271,30 @@ class BatchExporter:
     # -- control --------------------------------------------------------------------------------
 
     def force_flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything emitted before this call is written (or failed). True if done in time."""
+        """Wait until everything emitted before this call is written (or failed), and the fallback's backlog
+        with it. True if done in time; else what is left is still queued, or kept by the fallback."""
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self._flush_queue(timeout):
+            return False
+        fb = self._fallback
+        if fb is None or self._worker is None or not self._worker.is_alive():
+            return fb is None or fb.backlog() == 0
+        while fb.backlog():
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            with self._cond:
+                self._requested += 1
+                target = self._requested
+            self._wake.set()
+            with self._cond:
+                self._cond.wait_for(lambda t=target: self._done >= t,  # type: ignore[misc]
+                                    min(0.5, remaining) if remaining is not None else 0.5)
+            if not self._worker.is_alive():
+                break
+        return fb.backlog() == 0
+
+    def _flush_queue(self, timeout: float | None) -> bool:
         if self._worker is None or not self._worker.is_alive():
             if not self._queue:
                 return True
@@ -233,10 +321,15 @@ class BatchExporter:
         return len(self._queue)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Flush and stop the worker; runs once. Later ``emit`` calls are counted as dropped."""
+        """Flush and stop the worker; runs once. Later ``emit`` calls are counted as dropped. The fallback's
+        backlog gets one last replay within ``timeout``; what it keeps then stays for the next process."""
         if not self._shutdown_once.acquire(blocking=False):
             return
-        self.force_flush(timeout)
+        start = time.monotonic()
+        self._flush_queue(timeout)
+        # the worker's last round replays the fallback's backlog once, for what is left of the timeout: a
+        # database that is away does not hold the exit up (what is kept is replayed by the next process)
+        self._final_budget = 5.0 if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         self._stop = True
         self._closed = True
         self._wake.set()

@@ -405,8 +405,8 @@ class Store:
                 raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
 
     def _write_batch(self, items: Sequence[Any], fit: bool) -> int:
-        """Write finished spans and the summaries of their runs in one transaction (all or nothing:
-        the exporter retries a failed batch whole). With ``fit``, every value is first made to fit its
+        """Write finished spans, the summaries of their runs and their hourly rollups in one transaction (all or
+        nothing: the exporter retries a failed batch whole). With ``fit``, every value is first made to fit its
         column; returns how many spans that changed.
 
         Items are finished ``Span`` objects and, for runs refused before any span, ``Run`` objects.
@@ -414,11 +414,17 @@ class Store:
         status, reason and end are read from the live run (the root span of a run ends it).
         """
         self.ensure_schema()
-        make_row = self._span_row_fn
-        key_of = _RKEY_OF
-        lat_us = int  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
-        # (hour, *rollup keys) -> the batch's sums, in _rollup_tuple's order
-        groups: dict[tuple[Any, ...], list[Any]] = {}
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        span_rows, run_rows, changed, first_root = self._rows(
+            items, self._span_row_fn, _sqlite_run_tuple if sqlite_fast else _run_row, fit)
+        if run_rows:
+            self._insert(span_rows, run_rows, sqlite_fast, first_root)
+        return changed
+
+    def _rows(self, items: Sequence[Any], make_row: Any, make_run: Any,
+              fit: bool) -> tuple[list[Any], list[Any], int, dict[str, int]]:
+        """A batch's span rows (``make_row`` per span) and its runs' summary rows (``make_run`` per run), values
+        made to fit with ``fit``, how many spans that changed, and the row of each run's first root span."""
         span_rows: list[Any] = []
         first_root: dict[str, int] = {}  # run id -> the row of its first root span in the batch
         fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
@@ -438,41 +444,6 @@ class Store:
                 if it.is_root and rid not in first_root:
                     first_root[rid] = len(span_rows)
                 span_rows.append(row)
-                # the span's hourly rollup, from its row as stored (fitted values included)
-                r = row if type(row) is tuple else tuple(row.values())
-                gk = key_of(r)
-                g = groups.get(gk)
-                if g is None:
-                    g = groups[gk] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None]
-                v = r[_I_COST]
-                if v:
-                    g[0] += v
-                if r[_I_HIT]:
-                    g[13] += 1
-                else:
-                    g[1] += r[_I_TOK]
-                    g[2] += r[_I_TOK + 1]
-                    g[3] += r[_I_TOK + 2]
-                    g[4] += r[_I_TOK + 3]
-                    g[5] += r[_I_TOK + 4]
-                v = r[_I_SAVED]
-                if v:
-                    g[6] += v
-                kind = r[_I_KIND]
-                if kind in _CALL_KINDS:
-                    lat = r[_I_LAT]
-                    g[10] += 1
-                    g[14] += lat_us(lat * 1000.0)
-                    if g[15] is None or lat > g[15]:
-                        g[15] = lat
-                    if kind in _LLM_KINDS:
-                        g[7] += 1
-                    elif kind == "tool":
-                        g[8] += 1
-                if r[_I_UNPRICED]:
-                    g[11] += 1
-                if r[_I_EST]:
-                    g[12] += 1
                 if it.cost_nanos:
                     acc[1] += it.cost_nanos
                 t = it.tokens
@@ -496,24 +467,19 @@ class Store:
                     acc[12] += 1
             elif isinstance(it, Run) and it.run_id not in runs_seen:
                 runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        if not runs_seen:
-            return 0
-        sqlite_fast = self._fast and self.dialect == "sqlite"
-        make_run = _sqlite_run_tuple if sqlite_fast else _run_row
         run_rows: list[Any] = [make_run(acc) for acc in runs_seen.values()]
         changed = 0
         if fit:
-            # a run's own values (its attributes) made to fit: its spans in the batch are flagged with it
-            dirty = set()
-            for i, rid in enumerate(runs_seen):
-                run_rows[i], hit = _fit_run_row(run_rows[i])
-                if hit:
-                    dirty.add(rid)
-            for i, (rid, hit) in enumerate(fitted):
-                if not hit and rid in dirty:
-                    span_rows[i] = _flag_sanitized(span_rows[i])
-                    hit = True
-                changed += hit
+            changed = _fit_rows(span_rows, run_rows, [rid for rid, _ in fitted], [hit for _, hit in fitted],
+                                list(runs_seen))
+        return span_rows, run_rows, changed, first_root
+
+    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool, first_root: dict[str, int]) -> None:
+        """One transaction: the run rows upserted (their totals grow by the batch's), the span rows inserted, the
+        batch's hourly rollups upserted (from the span rows as stored, fitted values included)."""
+        key_of = _RKEY_OF
+        groups = _rollup_groups(span_rows)
+        roots = _batch_invocations(run_rows)
         with self.engine.begin() as conn:
             # The runs first: their upsert tells which runs had no root span stored (``invocations`` was 0), and
             # the batch's first root span of each of those opens its run (``opens_run``, the rollup's ``runs``).
@@ -540,13 +506,15 @@ class Store:
             else:
                 stored = self._merge_runs_portable(conn, run_rows)
             if not span_rows:
-                return changed
+                return
             for rid, total in stored:
                 at = first_root.get(rid)
-                if at is not None and int(total) == runs_seen[rid][12]:  # (a run's batch invocations: its roots)
+                if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
                     row = span_rows[at]
                     if type(row) is tuple:
-                        row = span_rows[at] = (*row[:_I_OPENS], row[_I_OPENS] is False or 1, *row[_I_OPENS + 1:])
+                        # True on PostgreSQL (booleans), 1 on SQLite (ints); rows written again keep their type
+                        row = span_rows[at] = (*row[:_I_OPENS], True if type(row[_I_OPENS]) is bool else 1,
+                                               *row[_I_OPENS + 1:])
                     else:
                         row["opens_run"] = True
                         row = tuple(row.values())
@@ -566,7 +534,58 @@ class Store:
                         conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
                 else:
                     self._merge_rollups_portable(conn, roll_rows)
-        return changed
+
+    # -- spooled batches (``_spool``): rows kept while the database is away, written when it is back ------
+
+    def batch_rows(self, items: Sequence[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """A batch as the rows it would write, in a form any backend can write later and JSON keeps: span rows
+        in ``_SPAN_COLS`` order and run rows in ``_RUN_COLS`` order, times as epoch seconds, flags as booleans,
+        a run's attributes as a dict. Built now, from the live runs (their status as it is now). The first root
+        span of each run carries ``None`` for ``opens_run`` (``write_rows`` decides it when the rows are written)."""
+        span_rows, run_rows, _, first_root = self._rows(items, _neutral_span, _neutral_run, False)
+        for at in first_root.values():
+            row = span_rows[at]
+            span_rows[at] = (*row[:_I_OPENS], None, *row[_I_OPENS + 1:])
+        return span_rows, run_rows
+
+    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], *,
+                   fit: bool = True) -> None:
+        """Write rows from ``batch_rows`` in one transaction, as ``write_batch`` writes a batch: refused for their
+        content, written again made to fit (flagged ``sanitized``); refused still (or at once without ``fit``),
+        ``PoisonBatch``."""
+        self.ensure_schema()
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        first_root: dict[str, int] = {}
+        unmarked: list[Sequence[Any]] = []
+        rid_at = _SPAN_COLS.index("run_id")
+        for i, r in enumerate(span_rows):
+            if r[_I_OPENS] is None:
+                first_root.setdefault(r[rid_at], i)
+                r = (*r[:_I_OPENS], False, *r[_I_OPENS + 1:])
+            unmarked.append(r)
+        sp, rr = _from_neutral(unmarked, run_rows, self._fast, self.dialect)
+        try:
+            self._insert(sp, rr, sqlite_fast, first_root)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            if not fit:
+                raise PoisonBatch(str(getattr(exc, "orig", None) or exc)) from exc
+            sp = [list(r) if isinstance(r, tuple) else r for r in sp]
+            hits = []
+            for i, r in enumerate(sp):
+                sp[i], hit = _fit_span_row(tuple(r) if isinstance(r, list) else r)
+                hits.append(hit)
+            rids = [r[rid_at] for r in unmarked]
+            changed = _fit_rows(sp, rr, rids, hits, [r[0] for r in run_rows])
+            try:
+                self._insert(sp, rr, sqlite_fast, first_root)
+            except Exception as exc2:
+                if not _is_data_error(exc2):
+                    raise
+                orig = getattr(exc2, "orig", None)
+                raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
+            self.sanitized += changed
 
     def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
                      tail: str) -> list[Any]:
@@ -1375,6 +1394,64 @@ _json_ascii = json.JSONEncoder().encode  # (a tuple as a JSON array, every chara
 _blake2b = hashlib.blake2b
 
 
+def _rollup_groups(span_rows: Sequence[Any]) -> dict[tuple[Any, ...], list[Any]]:
+    """A batch's hourly rollups from its span rows as stored: (hour, *rollup keys) -> sums in ``_rollup_tuple``'s
+    order (``runs``, index 9, is added by ``Store._insert`` once it knows which spans open their run)."""
+    key_of = _RKEY_OF
+    lat_us = int  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for row in span_rows:
+        r = row if type(row) is tuple else tuple(row.values())
+        gk = key_of(r)
+        g = groups.get(gk)
+        if g is None:
+            g = groups[gk] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None]
+        v = r[_I_COST]
+        if v:
+            g[0] += v
+        if r[_I_HIT]:
+            g[13] += 1
+        else:
+            g[1] += r[_I_TOK]
+            g[2] += r[_I_TOK + 1]
+            g[3] += r[_I_TOK + 2]
+            g[4] += r[_I_TOK + 3]
+            g[5] += r[_I_TOK + 4]
+        v = r[_I_SAVED]
+        if v:
+            g[6] += v
+        kind = r[_I_KIND]
+        if kind in _CALL_KINDS:
+            lat = r[_I_LAT]
+            g[10] += 1
+            g[14] += lat_us(lat * 1000.0)
+            if g[15] is None or lat > g[15]:
+                g[15] = lat
+            if kind in _LLM_KINDS:
+                g[7] += 1
+            elif kind == "tool":
+                g[8] += 1
+        if r[_I_UNPRICED]:
+            g[11] += 1
+        if r[_I_EST]:
+            g[12] += 1
+    return groups
+
+
+_INVOCATIONS_AT = _RUN_COLS.index("invocations")
+
+
+def _batch_invocations(run_rows: Sequence[Any]) -> dict[str, int]:
+    """Run id -> its root spans in the batch (the ``invocations`` its run row adds), tuple or dict rows."""
+    out: dict[str, int] = {}
+    for r in run_rows:
+        if type(r) is dict:
+            out[r["run_id"]] = r["invocations"]
+        else:
+            out[r[0]] = r[_INVOCATIONS_AT]
+    return out
+
+
 def _rollup_tuple(key: tuple[Any, ...], g: Sequence[Any]) -> tuple[Any, ...]:
     """A rollup row in ``_ROLLUP_COLS`` order: ``key`` is ``(hour, *keys)``, ``g`` the group's sums (cost, the five
     token counts, saved, then ``_RCOUNTS``, then the latency maximum); each money or token sum in its halves."""
@@ -1501,6 +1578,73 @@ def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
         vals[_ATTRS_AT] = _json_text(fitted)
         changed = changed or fitted != attrs
     return tuple(vals), changed
+
+
+def _fit_rows(span_rows: list[Any], run_rows: list[Any], span_runs: Sequence[str], span_hits: Sequence[bool],
+              run_ids: Sequence[str]) -> int:
+    """Run rows made to fit in place; the span rows of a run so changed flagged ``sanitized`` (their own values
+    were fitted already: ``span_hits``). Returns how many spans were changed or flagged."""
+    dirty = set()
+    for i, rid in enumerate(run_ids):
+        run_rows[i], hit = _fit_run_row(run_rows[i])
+        if hit:
+            dirty.add(rid)
+    changed = 0
+    for i, (rid, hit) in enumerate(zip(span_runs, span_hits, strict=True)):
+        if not hit and rid in dirty:
+            span_rows[i] = _flag_sanitized(span_rows[i])
+            hit = True
+        changed += hit
+    return changed
+
+
+def _neutral_span(sp: Span) -> tuple[Any, ...]:
+    return _span_tuple(sp, float, bool)
+
+
+def _neutral_run(acc: list[Any]) -> tuple[Any, ...]:
+    run = acc[0]
+    status = run.status
+    ended = run.ended_wall if status != "running" else 0.0
+    return (
+        run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
+        dict(run.attributes) or None, status, run.aborted.reason if run.aborted is not None else None,
+        float(run.started_wall), float(ended) if ended else None, *acc[1:],
+    )
+
+
+_START_AT, _END_AT = _SPAN_COLS.index("start_at"), _SPAN_COLS.index("end_at")
+_BOOL_AT = tuple(_SPAN_COLS.index(c) for c in ("unpriced", "estimated", "cache_hit"))
+_RUN_START_AT, _RUN_END_AT = _RUN_COLS.index("started_at"), _RUN_COLS.index("ended_at")
+
+
+def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], fast: bool,
+                  dialect: str) -> tuple[list[Any], list[Any]]:
+    """Rows of ``Store.batch_rows`` as this store's write path takes them (``_span_tuple``/``_span_row`` and
+    ``_sqlite_run_tuple``/``_run_row``)."""
+    sqlite_fast = fast and dialect == "sqlite"
+    dt: Any = _sqlite_dt if sqlite_fast else _utc
+    sp: list[Any] = []
+    for r in span_rows:
+        v = list(r)
+        v[_START_AT], v[_END_AT] = dt(v[_START_AT]), dt(v[_END_AT])
+        if sqlite_fast:
+            for i in _BOOL_AT:
+                v[i] = int(v[i])
+        sp.append(tuple(v) if fast else dict(zip(_SPAN_COLS, v, strict=True)))
+    rr: list[Any] = []
+    for r in run_rows:
+        v = list(r)
+        v[_RUN_START_AT] = dt(v[_RUN_START_AT])
+        if v[_RUN_END_AT] is not None:
+            v[_RUN_END_AT] = dt(v[_RUN_END_AT])
+        if sqlite_fast:
+            attrs = v[_ATTRS_AT]
+            v[_ATTRS_AT] = _json_text(attrs) if attrs else None
+            rr.append(tuple(v))
+        else:
+            rr.append(dict(zip(_RUN_COLS, v, strict=True)))
+    return sp, rr
 
 
 def _is_data_error(exc: BaseException) -> bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -24,6 +27,7 @@ from ._ledger.manual import record
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
 from ._pricing import MAX_TOKENS, PriceBook
 from ._scope import RunScope
+from ._spool import Spool, StoreSpool, Watchdog, default_spool_dir
 from ._store import ROLLUP_KEYS, RUN_KEYS, RollupRow, Store, run_matches
 
 if TYPE_CHECKING:
@@ -55,6 +59,16 @@ class CostTracker:
         refresh_prices: fetch newer catalog data from its publisher in the background (opt-in).
         export_delay: seconds between background writes (lower: fresher rollups, more transactions).
         max_queue_size: spans held in memory before new ones are dropped (and counted).
+        spool_dir: where batches the database does not take are kept until it does (default: a folder per
+            database under the user's cache directory); they are replayed in order, by this process or the next.
+        db_timeout: seconds a database call of the exporter may take (PostgreSQL: ``connect_timeout``,
+            ``statement_timeout``, and its sockets cut past it) before its batch goes to the spool; the
+            ``statement_timeout`` bounds this tracker's queries (``rollup``) too: raise it for long reports.
+
+    SIGTERM: where the default handler is in place (and the tracker is made on the main thread), one is installed
+    that closes the tracker (its queue flushed to the database, or the spool) and then dies of SIGTERM as before;
+    where the app installed its own, the tracker's flush runs first, then the app's handler. A handler the app
+    installs later replaces it: call ``tracker.close()`` from it.
     """
 
     def __init__(
@@ -71,6 +85,8 @@ class CostTracker:
         refresh_prices: bool = False,
         export_delay: float = 0.5,
         max_queue_size: int = 65_536,
+        spool_dir: str | os.PathLike[str] | None = None,
+        db_timeout: float = 10.0,
     ) -> None:
         if isinstance(require, str):
             require = (require,)
@@ -81,9 +97,18 @@ class CostTracker:
         if on_budget_warning is not None and not callable(on_budget_warning):
             raise ConfigurationError("on_budget_warning must be callable")
         default_budget, default_loops = coerce_budget(budget), coerce_loops(loops)  # before any thread or file
+        if isinstance(db_timeout, bool) or not isinstance(db_timeout, (int, float)) or not db_timeout > 0:
+            raise ConfigurationError(f"db_timeout must be a number of seconds > 0, got {db_timeout!r}")
         self.database_url = database_url or os.environ.get("COSTOBS_DATABASE_URL") or DEFAULT_DATABASE_URL
         self.prices = PriceBook(prices, tool_prices=tool_prices, refresh=refresh_prices)
-        self.store = Store(self.database_url)
+        self.store = Store(self.database_url, engine_kwargs=_timeouts(self.database_url, db_timeout))
+        self._watchdog = Watchdog(self.store.engine, db_timeout) if self.store.dialect == "postgresql" else None
+        if spool_dir is None:
+            spool_dir = default_spool_dir(self.database_url, self.store.engine.url.render_as_string(True))
+        try:
+            spool = Spool(spool_dir)
+        except OSError as exc:
+            raise ConfigurationError(f"spool_dir {str(spool_dir)!r} cannot be used: {exc}") from exc
         salt = user_salt if user_salt is not None else os.environ.get("COSTOBS_USER_SALT")
         if salt is not None and not salt:
             raise ConfigurationError("user_salt must not be empty")
@@ -101,8 +126,11 @@ class CostTracker:
                     "the database is down"
                 ) from exc
             logger.error("costobs: database unavailable at start (%r); spans are queued and retried", exc)
+        self._spool = StoreSpool(self.store, spool, after=lambda: self.ledger.trim_recent(),
+                                 watchdog=self._watchdog)
         self.exporter = BatchExporter(
             self._write, schedule_delay=export_delay, max_queue_size=max_queue_size, on_start=_warm_tokenizers,
+            fallback=self._spool,
         )
         self.ledger = Ledger(
             prices=self.prices,
@@ -116,14 +144,20 @@ class CostTracker:
         self._handler: CostCallbackHandler | None = None
         self._handler_lock = threading.Lock()
         self._closed = False
+        if spool.found:  # replay what processes gone left, without waiting for the first span
+            self.exporter._ensure_worker()
+            self.exporter._wake.set()
+        _on_sigterm(self)
 
     # -- LangChain ------------------------------------------------------------------------------
 
     def _write(self, items: Sequence[Any]) -> None:
         """The exporter's sink (on its thread): store a batch, then forget the oldest ended runs, so that the
         app's thread never frees them (freeing a run ended a thousand calls ago costs it cold memory)."""
+        wd = self._watchdog
         try:
-            self.store.write_batch(items)
+            with wd.guard() if wd is not None else contextlib.nullcontext():
+                self.store.write_batch(items)
         finally:
             self.ledger.trim_recent()
 
@@ -420,8 +454,17 @@ class CostTracker:
         """Exporter counters plus the handler's internal errors: check that nothing was lost.
 
         ``failed`` counts the spans and runs lost, ``refused`` those of them the database refused for their
-        content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``)."""
+        content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``).
+        ``spooled`` counts the items sent to the spool (the database did not take them), ``replayed`` those
+        written from it (this process's and those found from processes gone), ``in_spool`` those still only
+        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too)."""
         out = self.exporter.stats.as_dict()
+        sp = self._spool.spool
+        out["replayed"] = sp.replayed
+        out["in_spool"] = sp.pending()
+        out["spool_lost"] = sp.lost
+        out["spool_found"] = sp.found
+        out["failed"] += sp.lost
         out["internal_errors"] = self.ledger.internal_errors
         out["sanitized"] = self.store.sanitized
         out["open_runs"] = len(self.ledger.runs)
@@ -431,8 +474,16 @@ class CostTracker:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Write everything finished so far; True if done within ``timeout``."""
-        return self.exporter.force_flush(timeout)
+        """Write everything finished so far, and everything spooled (by this process, or found from processes
+        gone), to the database; True once it is there, False when ``timeout`` passed first (then a warning says
+        how many items are still only in the spool: ``stats["in_spool"]``)."""
+        done = self.exporter.force_flush(timeout)
+        if not done:
+            left = self._spool.backlog()
+            if left:
+                logger.warning("costobs: flush timed out with %d items still only in the spool %s", left,
+                               self._spool.spool.directory)
+        return done
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush, stop the exporter and release the database. Idempotent."""
@@ -445,6 +496,7 @@ class CostTracker:
         try:
             self.exporter.shutdown(timeout)
         finally:
+            self._spool.close()
             self.prices.close()
             self.store.close()
 
@@ -616,6 +668,71 @@ def _record_meta(attribution: Mapping[str, Any]) -> dict[str, Any]:
         if v is not None:
             meta[k] = v
     return meta
+
+
+def _timeouts(url: str, seconds: float) -> dict[str, Any] | None:
+    """PostgreSQL's ``connect_timeout`` and ``statement_timeout`` for a tracker's engine (unless the URL sets
+    them): a server that hangs cannot hold the exporter's thread past them."""
+    import sqlalchemy as sa
+
+    try:
+        u = sa.engine.make_url(url)
+    except Exception:
+        return None  # Store names the bad URL
+    if u.get_backend_name() != "postgresql" or u.get_driver_name() not in ("psycopg", "psycopg2"):
+        return None
+    args: dict[str, Any] = {}
+    if "connect_timeout" not in u.query:
+        args["connect_timeout"] = max(1, round(seconds))
+    if "options" not in u.query:
+        args["options"] = f"-c statement_timeout={max(1, int(seconds * 1000))}"
+    return {"connect_args": args} if args else None
+
+
+_term_trackers: weakref.WeakSet[CostTracker] = weakref.WeakSet()
+_term_prev: Any = None  # the SIGTERM handler ours replaced
+
+
+def _on_sigterm(tracker: CostTracker) -> None:
+    """Flush on SIGTERM (see ``CostTracker``): set from the main thread only, where Python runs handlers."""
+    global _term_prev
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        cur = signal.getsignal(signal.SIGTERM)
+    except (ValueError, AttributeError):  # pragma: no cover - no SIGTERM here
+        return
+    if cur is _sigterm:
+        _term_trackers.add(tracker)
+        return
+    if cur is signal.SIG_IGN or cur is None:  # ignored, or set outside Python: left as it is
+        return
+    try:
+        signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # pragma: no cover
+        return
+    _term_prev = cur
+    _term_trackers.add(tracker)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    prev = _term_prev
+    default = prev is signal.SIG_DFL
+    for t in list(_term_trackers):
+        if t._closed:
+            continue
+        try:
+            if default:  # the process ends now: close (the spool's files released for the next process)
+                t.close(timeout=5.0)
+            else:  # the app's handler decides whether it ends: flush only
+                t.flush(timeout=5.0)
+        except Exception:
+            logger.exception("costobs: flushing on SIGTERM failed")
+    if default:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif callable(prev):
+        prev(signum, frame)
 
 
 def _warm_tokenizers() -> None:

@@ -34,6 +34,7 @@ def cost_tracker_factory(tmp_path):
 
     def make(name: str = "costs.db", **kwargs):
         kwargs.setdefault("user_salt", "test-salt")
+        kwargs.setdefault("spool_dir", tmp_path / f"spool-{name}")  # a database's spool beside it, not in ~/.cache
         tracker = CostTracker(f"sqlite:///{tmp_path / name}", **kwargs)
         made.append(tracker)
         return tracker

@@ -347,7 +347,7 @@ def _wait_counted(tracker: CostTracker, emitted: int) -> dict[str, int]:
     deadline = time.monotonic() + 10
     while True:
         stats = tracker.stats
-        if stats["exported"] + stats["failed"] >= emitted or time.monotonic() > deadline:
+        if stats["exported"] + stats["failed"] + stats["spooled"] >= emitted or time.monotonic() > deadline:
             return stats
         time.sleep(0.02)
 
@@ -366,25 +366,26 @@ def test_table_dropped_mid_run_never_reaches_the_app(tracker, stub_openai, tmp_p
     second = tracker.config(feature="db")
     for _ in range(3):
         assert llm.invoke("hi", config=second).content == "fine"  # the app never notices
-    assert not tracker.flush(0.3)  # still retrying
-    assert tracker.stats["retries"] >= 1
+    assert not tracker.flush(0.3)  # still in the spool
     tracker.close(timeout=0.5)
     stats = _wait_counted(tracker, 4)
-    assert (stats["exported"], stats["failed"], stats["dropped"]) == (1, 3, 0)
+    # kept in the spool (replayed once the table is back), not lost
+    got = tuple(stats[k] for k in ("exported", "failed", "dropped", "spooled", "in_spool"))
+    assert got == (1, 0, 0, 3, 3)
     assert stats["internal_errors"] == 0
 
 
 def test_read_only_database_never_reaches_the_app(cost_tracker_factory, stub_openai, tmp_path):
     cost_tracker_factory("ro.db").close()  # create and migrate it
     with CostTracker(f"sqlite:///file:{tmp_path}/ro.db?mode=ro&uri=true", user_salt="test-salt",
-                     prices=PRICES) as tracker:
+                     prices=PRICES, spool_dir=tmp_path / "spool") as tracker:
         assert tracker.rollup(by="feature") == []  # reads work
         stub_openai.enqueue(StubReply("fine", usage=StubUsage(10, 2)))
         cfg = tracker.config(feature="ro")
         assert chat(stub_openai).invoke("hi", config=cfg).content == "fine"
         tracker.close(timeout=0.5)
         stats = _wait_counted(tracker, 1)
-        assert (stats["exported"], stats["failed"]) == (0, 1)
+        assert (stats["exported"], stats["failed"], stats["in_spool"]) == (0, 0, 1)  # spooled, not lost
 
 
 def test_unreachable_database_at_start(stub_openai, tmp_path, caplog):
@@ -392,7 +393,7 @@ def test_unreachable_database_at_start(stub_openai, tmp_path, caplog):
     with pytest.raises(ConfigurationError, match="user_salt"):
         CostTracker(url)  # the salt lives in the database: refuse to guess
     caplog.set_level(logging.ERROR, logger="costobs_callbacks")
-    tracker = CostTracker(url, user_salt="test-salt", prices=PRICES)
+    tracker = CostTracker(url, user_salt="test-salt", prices=PRICES, spool_dir=tmp_path / "spool")
     try:
         assert any("database unavailable" in r.getMessage() for r in caplog.records)
         stub_openai.enqueue(StubReply("fine", usage=StubUsage(10, 2)))
@@ -401,7 +402,7 @@ def test_unreachable_database_at_start(stub_openai, tmp_path, caplog):
     finally:
         tracker.close(timeout=0.5)
     stats = _wait_counted(tracker, 1)
-    assert (stats["exported"], stats["failed"]) == (0, 1)
+    assert (stats["exported"], stats["failed"], stats["in_spool"]) == (0, 0, 1)  # spooled, not lost
 
 
 def test_bad_database_urls():
