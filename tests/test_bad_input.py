@@ -237,8 +237,8 @@ def test_odd_user_ids_are_hashed(tracker, stub_openai):
 
 
 def test_non_finite_and_nul_metadata_stored_on_every_backend(database_url, stub_openai):
-    """NaN is no JSON number for PostgreSQL and NUL no text character: one such value used to fail the
-    whole batch (other runs' spans with it). They are stored as text, NULs dropped."""
+    """NaN is no JSON number for PostgreSQL and NUL no text character: one such value must not fail the whole
+    batch (other runs' spans with it). They are stored as text, NULs dropped."""
     with CostTracker(database_url, user_salt="test-salt", prices=PRICES) as tracker:
         stub_openai.enqueue(StubReply("ok", usage=StubUsage(10, 2)),
                             StubReply("ok", usage=StubUsage(10, 2), model="m\x00x"))
@@ -292,7 +292,8 @@ def test_bad_cost_events_from_tools(cost_tracker_factory, stub_openai, payload, 
 
 
 def test_long_override_price_stored_on_every_backend(database_url, stub_openai):
-    """A price with more digits than its 40-character audit column used to fail every batch on PostgreSQL."""
+    """A price with more digits than its 40-character audit column is stored cut to the column, on PostgreSQL
+    too (which refuses text longer than a column): the batch is not failed."""
     long_price = "0.1234567890123456789012345678901234567890"
     with CostTracker(database_url, user_salt="test-salt", prices={MODEL: {"input": long_price, "output": "2"}}) as t:
         stub_openai.enqueue(StubReply("ok", usage=StubUsage(1_000_000, 0)))
