@@ -292,8 +292,8 @@ def test_bad_cost_events_from_tools(cost_tracker_factory, stub_openai, payload, 
 
 
 def test_long_override_price_stored_on_every_backend(database_url, stub_openai):
-    """A price with more digits than its 40-character audit column is stored cut to the column, on PostgreSQL
-    too (which refuses text longer than a column): the batch is not failed."""
+    """A price with more digits than its 40-character audit column is audited shortened to fit, on PostgreSQL
+    too (which refuses text longer than a column): the batch is not failed, the cost is exact."""
     long_price = "0.1234567890123456789012345678901234567890"
     with CostTracker(database_url, user_salt="test-salt", prices={MODEL: {"input": long_price, "output": "2"}}) as t:
         stub_openai.enqueue(StubReply("ok", usage=StubUsage(1_000_000, 0)))
