@@ -36,7 +36,7 @@ __all__ = ["ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "migrations_dir", "r
 
 logger = logging.getLogger("costobs_callbacks")
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0005"
 
 metadata = sa.MetaData()
 

@@ -1,0 +1,164 @@
+"""The caps' own thread: it reports what this replica spent, tops its leases up before they run dry, takes slices
+of the rate buckets while calls wait for them, gives back what is idle, and reads the shared figures again every
+``cap_refresh_s``. Not the exporter's thread (which may be stuck on a database that hangs) and never the app's."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .leases import LocalAccount, LocalBucket
+
+if TYPE_CHECKING:
+    from .guard import SpendCaps
+
+__all__ = ["CapsWorker"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+_SLICES = 16
+"""A lease is at least 1/16 of the cap (or four of the largest estimates seen, if more), never more than is left."""
+
+_BUCKET_SLICES = 8
+
+
+class CapsWorker:
+    """Runs ``SpendCaps``' rounds on a daemon thread (started with the first capped call)."""
+
+    def __init__(self, caps: SpendCaps, refresh_s: float) -> None:
+        self.caps = caps
+        self.refresh_s = refresh_s
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._last_round: dict[object, float] = {}
+        self.rounds = 0
+        """Rounds finished (each account and bucket visited once)."""
+
+    def ensure_started(self) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None and not self._stop.is_set():
+                    t = threading.Thread(target=self._loop, name="costobs-caps", daemon=True)
+                    t.start()
+                    self._thread = t
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delay = self.round()
+            except Exception:  # never dies: logged, counted, tried again
+                logger.exception("costobs: spend caps round failed")
+                self.caps.store_errors += 1
+                delay = self.refresh_s
+            self.wake.wait(delay)
+            self.wake.clear()
+
+    def round(self, final: bool = False) -> float:
+        """Visit every account and bucket that is due; returns the seconds until the next round is due."""
+        caps = self.caps
+        now = time.monotonic()
+        delay = self.refresh_s
+        with caps.lock:
+            accts = list(caps.accounts.values())
+            bkts = list(caps.buckets.values())
+        for a in accts:
+            delay = min(delay, self._account(a, now, final))
+        for b in bkts:
+            delay = min(delay, self._bucket(b, now, final))
+        self.rounds += 1
+        return max(delay, 0.005)
+
+    def _account(self, a: LocalAccount, now: float, final: bool) -> float:
+        caps = self.caps
+        last = self._last_round.get(a, 0.0)
+        due = final or now - last >= self.refresh_s
+        with caps.lock:
+            slice_ = max(a.cap // _SLICES, 4 * a.largest, 1)
+            avail = a.granted - a.used - a.held
+            current = caps.is_current(a.key)
+            need = current and not final and (not a.known or (a.touched and avail < slice_ // 2))
+            if not (due or need):
+                return self.refresh_s - (now - last)
+            idle = final or not current or (not a.touched and a.held == 0)
+            used = a.used
+            from_lease = min(used, a.granted)
+            give_back = max(0, a.granted - from_lease - a.held) if idle and not need else 0
+            want = max(0, slice_ - avail) if need or (current and a.touched and avail < slice_ // 2) else 0
+            if due:
+                a.touched = False
+        try:
+            fig = caps.store.settle(a.key, a.cap, used=used, from_lease=from_lease, give_back=give_back, want=want,
+                                    reconcile=due)
+        except Exception as exc:
+            caps.went_offline(exc)
+            with caps.cond:
+                caps.cond.notify_all()
+            return min(self.refresh_s, 1.0)
+        self._last_round[a] = now
+        with caps.cond:
+            a.used -= used
+            a.granted = fig.granted
+            a.spent, a.leased = fig.spent, fig.leased
+            a.known = True
+            if fig.lease_lost:
+                caps.leases_lost += 1
+            caps.back_online()
+            if not current and a.used == 0 and a.held == 0 and a.granted == 0:
+                caps.accounts.pop((a.key.scope, a.key.scope_id, a.key.period, a.key.start), None)
+                self._last_round.pop(a, None)
+            caps.cond.notify_all()
+        return self.refresh_s
+
+    def _bucket(self, b: LocalBucket, now: float, final: bool) -> float:
+        caps = self.caps
+        last = self._last_round.get(b, 0.0)
+        due = final or now - last >= self.refresh_s
+        with caps.lock:
+            slice_ = max(b.capacity // _BUCKET_SLICES, 2 * b.largest, 1)
+            avail = b.tokens - b.held
+            need = not final and (b.waiting > 0 or not b.known or (b.touched and avail < slice_ // 2))
+            if not (due or need):
+                return self.refresh_s - (now - last)
+            idle = final or (not b.touched and b.held == 0 and b.waiting == 0)
+            give_back = b.tokens if idle and b.tokens > 0 else 0
+            want = max(0, slice_ - avail) if need else 0
+            if due:
+                b.touched = False
+        try:
+            grant, _ = caps.store.take(b.key[0], b.key[1], b.capacity, want, give_back)
+        except Exception as exc:
+            caps.went_offline(exc)
+            with caps.cond:
+                caps.cond.notify_all()
+            return min(self.refresh_s, 0.25)
+        self._last_round[b] = now
+        with caps.cond:
+            b.tokens += grant - give_back
+            b.known = True
+            b.refilled_at = 0.0
+            caps.back_online()
+            caps.cond.notify_all()
+            short = want - grant
+            waiting = b.waiting > 0 or b.touched
+        if short > 0 and waiting:
+            # the bucket is dry: look again when it will have refilled what is missing (it refills a minute's
+            # worth per minute), at least every second
+            return min(1.0, max(0.02, short * 60.0 / b.capacity))
+        return self.refresh_s
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop the thread, then give back every lease and bucket slice held (one last round)."""
+        self._stop.set()
+        self.wake.set()
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        if t is not None or self.caps.accounts or self.caps.buckets:
+            try:
+                self.round(final=True)
+            except Exception:
+                logger.warning("costobs: could not give back spend cap leases at close", exc_info=True)
