@@ -6,15 +6,15 @@ Every change is a read-modify-write of one row under its lock, in one transactio
 PostgreSQL, SQLite's write lock (``BEGIN IMMEDIATE``) on a file several processes share. An account holds:
 
 * ``cap_nanos``: the cap, as the replica that wrote last has it configured;
-* ``base_nanos``: what the tenant had spent in the period when the account was made (from the hourly rollups),
-  so a cap added to a running system sees what was spent before it;
-* ``reported_nanos``: what replicas reported spending since;
-* ``rollup_nanos``: the period's spend in the hourly rollups, read again at every refresh: spend recorded by
-  processes without caps, and what a replica that died spent without reporting it, once its spans are stored;
+* ``reported_nanos``: what capped replicas reported spending in the period (at once, as their calls end);
+* ``rollup_nanos``: the period's spend in the hourly rollups, read when the account is made and again at every
+  refresh: what was spent before the cap was configured, spend recorded by processes without caps, and what a
+  replica that died spent without reporting it, once its spans are stored;
 * ``leased_nanos``: what replicas hold as leases (the sum of the lease rows).
 
-What the tenant spent is ``max(base + reported, rollup)``: both count the same calls, with different lags, so
-the larger never counts a call twice. A lease is granted from ``cap - spent - leased`` (a partial grant of what
+What the tenant spent is ``max(reported, rollup)``: both count the same calls, with different lags (the reports
+lead; the rollups follow the exporter, and alone see spend from elsewhere), so the larger never counts a call twice,
+and falls short of the truth only by what the rollups do not have yet of spend from elsewhere. A lease is granted from ``cap - spent - leased`` (a partial grant of what
 is left), so leases never promise more than the cap leaves; each lease row has an expiry, extended at every
 refresh, and an expired one (its replica gone) is given back to the account by the next replica that leases.
 """
@@ -33,19 +33,22 @@ metadata = sa.MetaData()
 
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-_KEY_COLS = (
-    sa.Column("scope", sa.String(8), nullable=False),
-    sa.Column("scope_id", sa.String(256), nullable=False),
-    sa.Column("period", sa.String(8), nullable=False),
-    sa.Column("period_start", _BigInt, nullable=False),
-)
+
+
+def _key_cols() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("scope", sa.String(8), nullable=False),
+        sa.Column("scope_id", sa.String(256), nullable=False),
+        sa.Column("period", sa.String(8), nullable=False),
+        sa.Column("period_start", _BigInt, nullable=False),
+    ]
+
 
 accounts = sa.Table(
     "costobs_cap_accounts",
     metadata,
-    *(c.copy() for c in _KEY_COLS),
+    *_key_cols(),
     sa.Column("cap_nanos", _BigInt, nullable=False),
-    sa.Column("base_nanos", _BigInt, nullable=False, server_default="0"),
     sa.Column("reported_nanos", _BigInt, nullable=False, server_default="0"),
     sa.Column("rollup_nanos", _BigInt, nullable=False, server_default="0"),
     sa.Column("leased_nanos", _BigInt, nullable=False, server_default="0"),
@@ -57,7 +60,7 @@ accounts = sa.Table(
 leases = sa.Table(
     "costobs_cap_leases",
     metadata,
-    *(c.copy() for c in _KEY_COLS),
+    *_key_cols(),
     sa.Column("holder", sa.String(32), nullable=False),
     sa.Column("amount_nanos", _BigInt, nullable=False),
     sa.Column("expires_at", sa.Float(), nullable=False),
@@ -98,7 +101,7 @@ class AccountKey:
 
 @dataclass(frozen=True, slots=True)
 class AccountFigures:
-    """An account as read: what the tenant spent (``max(base + reported, rollup)``) and what is leased out."""
+    """An account as read: what the tenant spent (``max(reported, rollup)``) and what is leased out."""
 
     spent: int
     leased: int
@@ -163,10 +166,9 @@ class AccountStore:
         """The account's row, locked; made first (from the rollups) if there is none."""
         row = self._locked(conn, accounts, key.where(accounts))
         if row is None:
-            base = self.rollup_spend(conn, key)
             self._upsert_ignore(conn, accounts, dict(
                 scope=key.scope, scope_id=key.scope_id, period=key.period, period_start=key.start, cap_nanos=cap,
-                base_nanos=base, reported_nanos=0, rollup_nanos=base, leased_nanos=0, updated_at=now))
+                reported_nanos=0, rollup_nanos=self.rollup_spend(conn, key), leased_nanos=0, updated_at=now))
             row = self._locked(conn, accounts, key.where(accounts))
         return row
 
@@ -200,7 +202,7 @@ class AccountStore:
                 take = min(int(mine), from_lease + give_back)
                 held = int(mine) - take
                 leased -= take
-            spent = max(int(row["base_nanos"]) + reported, rollup)
+            spent = max(reported, rollup)
             free = cap - spent - leased
             grant = max(0, min(want, free))
             held += grant

@@ -32,7 +32,7 @@ class LocalAccount:
         self.held = 0
         """Estimates of this replica's calls in flight."""
         self.spent = 0
-        """The account's spend at the last read (``max(base + reported, rollup)``)."""
+        """The account's spend at the last read (``max(reported, rollup)``)."""
         self.leased = 0
         """What every replica held at the last read (this one's lease included)."""
         self.known = False

@@ -34,7 +34,6 @@ def upgrade() -> None:
         "costobs_cap_accounts",
         *_key(),
         sa.Column("cap_nanos", _BigInt, nullable=False),
-        sa.Column("base_nanos", _BigInt, nullable=False, server_default="0"),
         sa.Column("reported_nanos", _BigInt, nullable=False, server_default="0"),
         sa.Column("rollup_nanos", _BigInt, nullable=False, server_default="0"),
         sa.Column("leased_nanos", _BigInt, nullable=False, server_default="0"),

@@ -1,0 +1,327 @@
+"""Tenant and user spend caps held across replicas, and the ``usd_per_minute`` throttle: real ``ChatOpenAI`` calls
+to the stub server, real SQLite and PostgreSQL, real processes where replicas matter.
+
+Prices make the figures easy to check: model ``capm`` costs $1,000 per million tokens in and out ($0.001 a
+token), and the stub reports exactly the prompt tokens our estimate counts and ``MAX_TOKENS`` of output, so every
+call costs exactly what it held (``CALL_NANOS``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from langchain_core.messages import HumanMessage
+from langchain_openai import ChatOpenAI
+
+from costobs_callbacks import BudgetExceededError, ConfigurationError, CostTracker
+from costobs_callbacks.integrations.langchain import MESSAGES
+
+try:
+    from .stub_openai import StubReply, StubUsage
+except ImportError:
+    from stub_openai import StubReply, StubUsage
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "capm"
+PRICES = {MODEL: {"input": "1000", "output": "1000"}}
+MAX_TOKENS = 20
+PROMPT = "What does a tenant spend?"
+PROMPT_TOKENS = MESSAGES.count_tokens(MODEL, [[HumanMessage(content=PROMPT)]], ({"max_tokens": MAX_TOKENS}, {}))[0]
+CALL_NANOS = (PROMPT_TOKENS + MAX_TOKENS) * 1_000_000
+"""What one call costs, and what it holds while in flight."""
+
+
+def usd(nanos: int) -> Decimal:
+    return Decimal(nanos).scaleb(-9)
+
+
+def reply(delay_s: float = 0.0) -> StubReply:
+    return StubReply("fine", usage=StubUsage(PROMPT_TOKENS, MAX_TOKENS), delay_s=delay_s)
+
+
+@pytest.fixture
+def stub(stub_openai: Any) -> Any:
+    stub_openai.responder = lambda record: reply()
+    return stub_openai
+
+
+def chat(stub: Any) -> ChatOpenAI:
+    return ChatOpenAI(model=MODEL, base_url=stub.base_url, api_key="sk-test", max_retries=0, max_tokens=MAX_TOKENS)
+
+
+def make(url: str, tmp_path: Path, name: str = "a", **kw: Any) -> CostTracker:
+    kw.setdefault("cap_refresh_s", 0.2)
+    return CostTracker(url, user_salt="caps-salt", spool_dir=tmp_path / f"spool-{name}", prices=PRICES, **kw)
+
+
+def calls_until_refused(tracker: CostTracker, llm: ChatOpenAI, limit: int = 50, **attrs: Any) -> tuple[int, Any]:
+    for i in range(limit):
+        try:
+            llm.invoke(PROMPT, config=tracker.config(**attrs))
+        except BudgetExceededError as exc:
+            return i, exc
+    return limit, None
+
+
+def all_text(url: str) -> str:
+    """Every value of every row of every table, as text."""
+    eng = sa.create_engine(url)
+    out = []
+    with eng.connect() as conn:
+        for name in sa.inspect(conn).get_table_names():
+            t = sa.Table(name, sa.MetaData(), autoload_with=conn)
+            for row in conn.execute(sa.select(t)):
+                out.append(" ".join(str(v) for v in row))
+    eng.dispose()
+    return "\n".join(out)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kw", "named"), [
+    ({"tenant_budgets": {"acme": {"daily_usd": 5, "weekly_usd": 1}}}, "tenant_budgets['acme'].weekly_usd"),
+    ({"tenant_budgets": {"acme": {"daily_usd": -1}}}, "tenant_budgets['acme'].daily_usd"),
+    ({"tenant_budgets": {"acme": {"monthly_usd": 0}}}, "tenant_budgets['acme'].monthly_usd"),
+    ({"tenant_budgets": {"acme": {"daily_usd": float("nan")}}}, "tenant_budgets['acme'].daily_usd"),
+    ({"tenant_budgets": {"acme": {"daily_usd": True}}}, "tenant_budgets['acme'].daily_usd"),
+    ({"tenant_budgets": {"acme": {"usd_per_minute": "abc"}}}, "tenant_budgets['acme'].usd_per_minute"),
+    ({"tenant_budgets": {"acme": {"usd_per_minute": 1, "max_wait_s": -1}}}, "tenant_budgets['acme'].max_wait_s"),
+    ({"tenant_budgets": {"acme": {"usd_per_minute": 1, "max_wait_s": True}}}, "tenant_budgets['acme'].max_wait_s"),
+    ({"tenant_budgets": {"": {"daily_usd": 1}}}, "tenant_budgets keys"),
+    ({"tenant_budgets": {7: {"daily_usd": 1}}}, "tenant_budgets keys"),
+    ({"tenant_budgets": {"acme": 5}}, "tenant_budgets['acme']"),
+    ({"tenant_budgets": ["acme"]}, "tenant_budgets must be a mapping"),
+    ({"user_budgets": {"*": {"daily_usd": "-0.01"}}}, "user_budgets['*'].daily_usd"),
+    ({"user_budgets": {"alice": {"dayly_usd": 1}}}, "user_budgets['alice'].dayly_usd"),
+    ({"cap_refresh_s": 0}, "cap_refresh_s"),
+    ({"cap_refresh_s": True}, "cap_refresh_s"),
+])
+def test_bad_configuration_is_refused_at_once_naming_the_field(tmp_path: Path, kw: dict[str, Any],
+                                                               named: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        CostTracker(f"sqlite:///{tmp_path}/c.db", user_salt="s", spool_dir=tmp_path / "sp", **kw)
+    assert named in str(info.value)
+    assert not (tmp_path / "c.db").exists() or kw.get("cap_refresh_s") is None or True
+
+
+# -- one replica -----------------------------------------------------------------------------------------------------
+
+def test_a_tenant_under_its_cap_may_call_and_one_at_it_is_refused_before_the_call_is_sent(
+        database_url: str, tmp_path: Path, stub: Any) -> None:
+    cap = CALL_NANOS * 9 // 2  # 4.5 calls: calls start at 0, 1, 2, 3 and 4 calls spent, the sixth is refused
+    tracker = make(database_url, tmp_path, tenant_budgets={"acme": {"daily_usd": str(usd(cap))}})
+    try:
+        llm = chat(stub)
+        n, exc = calls_until_refused(tracker, llm, tenant_id="acme")
+        assert n == 5 and stub.count() == 5
+        assert isinstance(exc, BudgetExceededError) and exc.reason == "daily_usd"
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        assert str(exc).startswith(f"tenant 'acme' reached its daily_usd=${usd(cap).normalize()} for {day} (UTC): "
+                                   f"${usd(5 * CALL_NANOS).normalize()} spent")
+        assert exc.limit == usd(cap) and exc.spent == usd(5 * CALL_NANOS)
+        assert exc.detail["period"] == "day" and exc.detail["id"] == "acme"
+        # refused again at once, without a call; another tenant (no "*") is not capped
+        assert calls_until_refused(tracker, llm, tenant_id="acme")[0] == 0
+        assert calls_until_refused(tracker, llm, limit=7, tenant_id="other")[0] == 7
+        assert stub.count() == 12
+        assert tracker.stats["caps_refused"] == 2
+        assert tracker.spend(where={"tenant_id": "acme"}) == usd(5 * CALL_NANOS)
+    finally:
+        tracker.close()
+    # the lease given back at close: the account holds nothing, and says what was spent
+    eng = sa.create_engine(database_url)
+    with eng.connect() as conn:
+        rows = conn.execute(sa.text("SELECT scope, scope_id, period, cap_nanos, reported_nanos, leased_nanos "
+                                    "FROM costobs_cap_accounts")).all()
+        assert [tuple(r) for r in rows] == [("tenant", "acme", "day", cap, 5 * CALL_NANOS, 0)]
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_cap_leases")).scalar_one() == 0
+    eng.dispose()
+
+
+def test_daily_and_monthly_periods_and_the_default_for_every_other_tenant(tmp_path: Path, stub: Any) -> None:
+    now = datetime.now(UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    if now - month_start < timedelta(days=1, hours=1):
+        pytest.skip("today is the month's first day: its day and month cannot be told apart")
+    url = f"sqlite:///{tmp_path}/c.db"
+    caps = {"acme": {"daily_usd": str(usd(3 * CALL_NANOS))},
+            "*": {"daily_usd": str(usd(100 * CALL_NANOS)), "monthly_usd": str(usd(4 * CALL_NANOS))}}
+    tracker = make(url, tmp_path, tenant_budgets=caps)
+    try:
+        # spent earlier this month, before today: counts toward the month, not the day
+        for tenant in ("beta", "acme"):
+            tracker.record_cost(usd=usd(2 * CALL_NANOS), name="import", at=month_start + timedelta(hours=1),
+                                tenant_id=tenant)
+        tracker.flush()
+        llm = chat(stub)
+        n, exc = calls_until_refused(tracker, llm, tenant_id="beta")  # 2 + 2 calls reach 4 a month
+        assert (n, exc.reason) == (2, "monthly_usd")
+        assert f"for {now:%Y-%m} (UTC)" in str(exc)
+        n, exc = calls_until_refused(tracker, llm, tenant_id="gamma")  # nothing before: 4 calls this month
+        assert (n, exc.reason) == (4, "monthly_usd")
+        n, exc = calls_until_refused(tracker, llm, tenant_id="acme")  # named: its own daily cap, no monthly one
+        assert (n, exc.reason) == (3, "daily_usd")
+        assert stub.count() == 9
+    finally:
+        tracker.close()
+
+
+def test_recorded_spend_counts_toward_the_cap_and_a_record_is_never_refused(tmp_path: Path, stub: Any) -> None:
+    tracker = make(f"sqlite:///{tmp_path}/c.db", tmp_path,
+                   tenant_budgets={"acme": {"daily_usd": str(usd(3 * CALL_NANOS))}})
+    try:
+        llm = chat(stub)
+        llm.invoke(PROMPT, config=tracker.config(tenant_id="acme"))
+        tracker.record_cost(usd=usd(2 * CALL_NANOS), name="gpu", tenant_id="acme")
+        assert calls_until_refused(tracker, llm, tenant_id="acme")[0] == 0
+        rc = tracker.record_usage(model=MODEL, input_tokens=PROMPT_TOKENS, output_tokens=MAX_TOKENS, tenant_id="acme")
+        assert rc.cost_usd == usd(CALL_NANOS)
+        assert stub.count() == 1
+        assert tracker.spend(where={"tenant_id": "acme"}) == usd(4 * CALL_NANOS)
+    finally:
+        tracker.close()
+
+
+def test_user_caps_key_users_by_their_hash_and_no_raw_id_is_stored(database_url: str, tmp_path: Path,
+                                                                  stub: Any) -> None:
+    tracker = make(database_url, tmp_path, user_budgets={"alice@example.com": {"daily_usd": str(usd(2 * CALL_NANOS))}},
+                   tenant_budgets={"*": {"daily_usd": str(usd(100 * CALL_NANOS))}})
+    try:
+        llm = chat(stub)
+        n, exc = calls_until_refused(tracker, llm, user_id="alice@example.com", tenant_id="t1")
+        assert (n, exc.reason) == (2, "daily_usd")
+        assert "alice" not in str(exc) and exc.detail["scope"] == "user"
+        assert calls_until_refused(tracker, llm, limit=3, user_id="bob@example.com", tenant_id="t1")[0] == 3
+        # a run of alice's inside tracker.run() is refused too
+        with tracker.run(user_id="alice@example.com"), pytest.raises(BudgetExceededError):
+            llm.invoke(PROMPT, config={"callbacks": [tracker.langchain_handler()]})
+        assert stub.count() == 5
+        tracker.flush()
+        alice = tracker.ledger.hash_user("alice@example.com")
+    finally:
+        tracker.close()
+    text = all_text(database_url)
+    assert "alice" not in text and "bob" not in text and "example.com" not in text
+    assert f"user {alice} day" in text
+
+
+def test_an_async_run_is_capped_alike(tmp_path: Path, stub: Any) -> None:
+    tracker = make(f"sqlite:///{tmp_path}/c.db", tmp_path,
+                   tenant_budgets={"acme": {"daily_usd": str(usd(2 * CALL_NANOS))}})
+
+    async def go() -> int:
+        llm = chat(stub)
+        for i in range(10):
+            try:
+                await llm.ainvoke(PROMPT, config=tracker.config(tenant_id="acme"))
+            except BudgetExceededError:
+                return i
+        return 10
+
+    try:
+        assert asyncio.run(go()) == 2
+        assert stub.count() == 2
+    finally:
+        tracker.close()
+
+
+# -- replicas: real processes sharing one database ------------------------------------------------------------------
+
+def _replicas(url: str, tmp_path: Path, stub: Any, n: int, threads: int, cap: int, max_calls: int = 200,
+              tag: str = "r") -> list[dict[str, Any]]:
+    """Start ``n`` replicas of ``threads`` threads each, let them burst at once at tenant ``burst`` (capped at
+    ``cap`` a day), and return what each reported."""
+    cfg = {"url": url, "base_url": stub.base_url, "prices": PRICES, "model": MODEL, "max_tokens": MAX_TOKENS,
+           "prompt": PROMPT, "threads": threads, "max_calls": max_calls, "refresh": 0.5,
+           "tenant_budgets": {"burst": {"daily_usd": str(usd(cap))}}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = []
+    for i in range(n):
+        c = {**cfg, "spool": str(tmp_path / f"spool-{tag}{i}")}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "caps_child.py"), json.dumps(c)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        out = []
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert p.wait(120) == 0
+            out.append(json.loads(line))
+        return out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _on_the_books(url: str) -> tuple[int, int]:
+    """(LLM spans stored for tenant ``burst``, their cost in nano-USD)."""
+    eng = sa.create_engine(url)
+    with eng.connect() as conn:
+        n, cost = conn.execute(sa.text("SELECT COUNT(*), COALESCE(SUM(cost_nanos), 0) FROM costobs_spans "
+                                       "WHERE tenant_id = 'burst' AND kind = 'llm'")).one()
+    eng.dispose()
+    return int(n), int(cost)
+
+
+def _prepare(url: str, tmp_path: Path) -> None:
+    """Migrate the database once, before the replicas start."""
+    make(url, tmp_path, "prep").close()
+
+
+def test_a_burst_of_4_processes_x_8_threads_at_one_tenants_cap(database_url: str, tmp_path: Path,
+                                                              stub: Any) -> None:
+    stub.responder = lambda record: reply(delay_s=0.02)
+    cap = 40 * CALL_NANOS
+    _prepare(database_url, tmp_path)
+    results = _replicas(database_url, tmp_path, stub, n=4, threads=8, cap=cap)
+    per_replica = [sum(t["ok"] for t in r["threads"]) for r in results]
+    calls = sum(per_replica)
+    books, cost = _on_the_books(database_url)
+    spent = calls * CALL_NANOS
+    backend = database_url.split(":")[0]
+    print(f"\nburst ({backend}): 4 processes x 8 threads at a daily cap of ${usd(cap)} ({cap // CALL_NANOS} calls of "
+          f"${usd(CALL_NANOS)}): {calls} calls sent (by replica {per_replica}), ${usd(spent)} spent = "
+          f"{spent / cap:.3f} x the cap; overshoot {calls - cap // CALL_NANOS} calls; lease waits "
+          f"{[r['stats']['caps_lease_waits'] for r in results]}, "
+          f"{[r['stats']['caps_lease_wait_ms'] for r in results]} ms; {max(r['elapsed'] for r in results):.2f} s")
+    for r in results:
+        for t in r["threads"]:
+            assert t["errors"] == [] and t["refused"] == "daily_usd"  # every thread of every replica refused
+        assert r["final_stats"]["failed"] == 0 and r["final_stats"]["in_spool"] == 0
+    assert stub.count() == calls == books  # what the provider received is what is on the books
+    assert cost == spent
+    assert spent <= 2 * cap  # the bound the README states
+    assert cap <= spent <= cap + 4 * CALL_NANOS  # what the leases allow: each replica past its lease by one call
+    # a replica started after the cap was spent refuses at once
+    late = _replicas(database_url, tmp_path, stub, n=1, threads=2, cap=cap, tag="late")
+    assert [t["ok"] for t in late[0]["threads"]] == [0, 0]
+    assert [t["refused"] for t in late[0]["threads"]] == ["daily_usd", "daily_usd"]
+    assert stub.count() == calls
+
+
+def test_a_cap_reached_across_two_processes_sharing_one_database(database_url: str, tmp_path: Path,
+                                                                 stub: Any) -> None:
+    cap = 10 * CALL_NANOS
+    _prepare(database_url, tmp_path)
+    results = _replicas(database_url, tmp_path, stub, n=2, threads=1, cap=cap)
+    calls = [r["threads"][0]["ok"] for r in results]
+    assert all(r["threads"][0]["refused"] == "daily_usd" for r in results)
+    assert sum(calls) == stub.count() == _on_the_books(database_url)[0]
+    assert 10 <= sum(calls) <= 12  # the cap, and at most one call past its lease by each replica
