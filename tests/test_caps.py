@@ -61,7 +61,8 @@ def chat(stub: Any) -> ChatOpenAI:
 
 def make(url: str, tmp_path: Path, name: str = "a", **kw: Any) -> CostTracker:
     kw.setdefault("cap_refresh_s", 0.2)
-    return CostTracker(url, user_salt="caps-salt", spool_dir=tmp_path / f"spool-{name}", prices=PRICES, **kw)
+    kw.setdefault("prices", PRICES)
+    return CostTracker(url, user_salt="caps-salt", spool_dir=tmp_path / f"spool-{name}", **kw)
 
 
 def calls_until_refused(tracker: CostTracker, llm: ChatOpenAI, limit: int = 50, **attrs: Any) -> tuple[int, Any]:
@@ -325,3 +326,182 @@ def test_a_cap_reached_across_two_processes_sharing_one_database(database_url: s
     assert all(r["threads"][0]["refused"] == "daily_usd" for r in results)
     assert sum(calls) == stub.count() == _on_the_books(database_url)[0]
     assert 10 <= sum(calls) <= 12  # the cap, and at most one call past its lease by each replica
+
+
+# -- the throttle ----------------------------------------------------------------------------------------------------
+
+RATE = 60 * CALL_NANOS
+"""A rate of one call a second: a bucket of a minute's worth (60 calls) that refills one call's worth a second."""
+
+
+def _throttled(tmp_path: Path, max_wait_s: float = 5.0, **kw: Any) -> CostTracker:
+    return make(f"sqlite:///{tmp_path}/c.db", tmp_path, tenant_budgets={
+        "acme": {"usd_per_minute": str(usd(RATE)), "max_wait_s": max_wait_s},
+        "slow": {"usd_per_minute": str(usd(RATE)), "max_wait_s": 0.3}}, **kw)
+
+
+def _drain(tracker: CostTracker, tenant: str) -> None:
+    """Spend the tenant's whole minute (a record is never refused, never waits)."""
+    tracker.record_cost(usd=usd(RATE), name="batch", tenant_id=tenant)
+
+
+def _flags(tracker: CostTracker, run_id: Any) -> list[str]:
+    (span,) = [s for s in tracker.spans(run_id) if s["kind"] == "llm"]
+    return (span["flags"] or "").split(",")
+
+
+def test_the_throttle_delays_a_sync_call_which_then_resumes_and_refuses_past_max_wait(tmp_path: Path,
+                                                                                      stub: Any) -> None:
+    tracker = _throttled(tmp_path)
+    try:
+        llm = chat(stub)
+        _drain(tracker, "acme")
+        waits = []
+        configs = []
+        for _ in range(2):
+            cfg = tracker.config(tenant_id="acme")
+            configs.append(cfg)
+            t0 = time.perf_counter()
+            assert llm.invoke(PROMPT, config=cfg).content == "fine"  # waited, then went on with its context
+            waits.append(time.perf_counter() - t0)
+        assert stub.count() == 2
+        assert all(0.5 < w < 4.0 for w in waits), waits  # a call's worth refills in a second
+        st = tracker.stats
+        assert st["throttled"] == 2 and st["throttle_refused"] == 0
+        assert 1000 < st["throttle_wait_ms"] < 8000
+        flags = _flags(tracker, configs[0]["run_id"])
+        assert "throttled" in flags
+        (ms,) = [int(f.split(":")[1]) for f in flags if f.startswith("throttle_wait_ms:")]
+        assert 500 < ms < 4000
+
+        _drain(tracker, "slow")
+        t0 = time.perf_counter()
+        with pytest.raises(BudgetExceededError) as info:
+            llm.invoke(PROMPT, config=tracker.config(tenant_id="slow"))
+        assert 0.3 <= time.perf_counter() - t0 < 2.0
+        assert info.value.reason == "usd_per_minute" and "max_wait_s=0.3" in str(info.value)
+        assert stub.count() == 2  # never sent
+        assert tracker.stats["throttle_refused"] == 1
+    finally:
+        tracker.close()
+
+
+async def test_the_throttle_sleeps_on_the_event_loop_which_keeps_running_other_tasks(tmp_path: Path,
+                                                                                    stub: Any) -> None:
+    tracker = _throttled(tmp_path)
+    try:
+        llm = chat(stub)
+        _drain(tracker, "acme")
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        cfg = tracker.config(tenant_id="acme")
+        t0 = time.perf_counter()
+        out = await llm.ainvoke(PROMPT, config=cfg)
+        waited = time.perf_counter() - t0
+        done = True
+        await task
+        assert out.content == "fine" and stub.count() == 1
+        assert 0.5 < waited < 4.0
+        assert ticks >= 20 * waited  # the loop ran the ticker all along (every 10 ms; a blocked loop gives ~1)
+        assert tracker.stats["throttled"] == 1 and tracker.stats["throttle_wait_ms"] >= 500
+        assert "throttled" in _flags(tracker, cfg["run_id"])
+
+        _drain(tracker, "slow")
+        with pytest.raises(BudgetExceededError) as info:
+            await llm.ainvoke(PROMPT, config=tracker.config(tenant_id="slow"))
+        assert info.value.reason == "usd_per_minute"
+        assert stub.count() == 1
+    finally:
+        tracker.close()
+
+
+async def test_llamaindex_async_calls_never_block_the_loop_and_wait_at_the_run_scopes_entry(tmp_path: Path,
+                                                                                          stub: Any) -> None:
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai import OpenAI
+
+    tracker = make(f"sqlite:///{tmp_path}/c.db", tmp_path, prices={"gpt-4o-mini": PRICES[MODEL]},
+                   tenant_budgets={"acme": {"usd_per_minute": str(usd(RATE)), "max_wait_s": 5}})
+    tracker.instrument_llamaindex()
+    try:
+        llm = OpenAI(api_base=stub.base_url, api_key="sk-test", model="gpt-4o-mini", max_retries=0, max_tokens=20)
+        msgs = [ChatMessage(role="user", content=PROMPT)]
+        _drain(tracker, "acme")
+        # a LlamaIndex hook cannot await: a call that would have to wait is refused, the loop never blocked
+        t0 = time.perf_counter()
+        with tracker.run(tenant_id="acme"), pytest.raises(BudgetExceededError) as info:
+            await llm.achat(msgs)
+        assert time.perf_counter() - t0 < 0.5
+        assert info.value.reason == "usd_per_minute" and "event loop" in str(info.value)
+        assert stub.count() == 0
+        # async with tracker.run() waits at its entry (asyncio.sleep), then the call goes
+        t0 = time.perf_counter()
+        async with tracker.run(tenant_id="acme"):
+            assert 0.5 < time.perf_counter() - t0 < 4.0
+            await llm.achat(msgs)
+        assert stub.count() == 1
+        assert tracker.stats["throttled"] == 1
+    finally:
+        tracker.close()
+
+
+# -- the database down -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["cut", "hang"])
+def test_with_the_database_down_no_exception_reaches_the_app_and_the_last_figures_decide(
+        postgres_admin_url: str, tmp_path: Path, stub: Any, mode: str) -> None:
+    from tests.pg import create_database
+    from tests.test_spool import Proxy
+
+    url = create_database(postgres_admin_url)
+    port = sa.engine.make_url(url).port
+    assert port is not None
+    proxy = Proxy(port)
+    via = sa.engine.make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+    tracker = make(via, tmp_path, db_timeout=2.0, tenant_budgets={"acme": {"daily_usd": str(usd(12 * CALL_NANOS))}})
+    try:
+        llm = chat(stub)
+        for _ in range(3):
+            llm.invoke(PROMPT, config=tracker.config(tenant_id="acme"))
+        time.sleep(0.5)  # a refresh: the store's figures known
+        getattr(proxy, mode)()
+        slowest = 0.0
+        n = 0
+        for _ in range(20):
+            t0 = time.perf_counter()
+            try:
+                llm.invoke(PROMPT, config=tracker.config(tenant_id="acme"))
+                n += 1
+            except BudgetExceededError as exc:
+                assert exc.reason == "daily_usd"
+                break
+            finally:
+                slowest = max(slowest, time.perf_counter() - t0)
+        # the lease held, then the rest of the cap as last read: this replica alone reaches it, exactly
+        assert 3 + n == 12 == stub.count()
+        assert slowest < 1.5  # at most one bounded wait for a lease while the store hangs, never its timeout
+        st = tracker.stats
+        assert st["caps_offline"] == 1 and st["caps_store_errors"] + (mode == "hang") >= 1
+        assert st["internal_errors"] == 0
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while tracker.stats["caps_offline"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tracker.stats["caps_offline"] == 0
+        assert calls_until_refused(tracker, llm, tenant_id="acme")[0] == 0
+    finally:
+        proxy.restore()
+        tracker.close()
+    eng = sa.create_engine(url)
+    with eng.connect() as conn:
+        assert conn.execute(sa.text("SELECT reported_nanos, leased_nanos FROM costobs_cap_accounts")).one() \
+            == (12 * CALL_NANOS, 0)
+    eng.dispose()

@@ -14,9 +14,11 @@ PostgreSQL, SQLite's write lock (``BEGIN IMMEDIATE``) on a file several processe
 
 What the tenant spent is ``max(reported, rollup)``: both count the same calls, with different lags (the reports
 lead; the rollups follow the exporter, and alone see spend from elsewhere), so the larger never counts a call twice,
-and falls short of the truth only by what the rollups do not have yet of spend from elsewhere. A lease is granted from ``cap - spent - leased`` (a partial grant of what
-is left), so leases never promise more than the cap leaves; each lease row has an expiry, extended at every
-refresh, and an expired one (its replica gone) is given back to the account by the next replica that leases.
+and falls short of the truth only by what the rollups do not have yet of spend from elsewhere.
+
+A lease is granted from ``cap - spent - leased`` (a partial grant of what is left), so leases never promise more
+than the cap leaves; each lease row has an expiry, extended at every refresh, and an expired one (its replica gone)
+is given back to the account by the next replica that leases.
 """
 
 from __future__ import annotations

@@ -187,11 +187,10 @@ class SpendCaps:
         loop = on_event_loop()
         err: BudgetExceededError | None = None
         if self.throttles:
-            if self._prewaited:
-                ms = self._prewaited.pop(span._sid, None)
-                if ms is not None:
-                    span.flag("throttled")
-                    span.flag(f"throttle_wait_ms:{round(ms)}")
+            waited = self._prewaited.pop(span._sid, None) if self._prewaited else None
+            if waited:  # its async start waited on the loop (wait_async)
+                span.flag("throttled")
+                span.flag(f"throttle_wait_ms:{round(waited)}")
             err = self._throttle(run, span, entries, est, loop)
         held: list[tuple[Any, int]] = []
         if err is None:
@@ -200,7 +199,7 @@ class SpendCaps:
                 for scope, sid, lim in entries:
                     for key, cap in self._keys(scope, sid, lim, now):
                         a = self._account(key, cap)
-                        r = a.try_hold(est, self.offline)
+                        r = a.try_hold(est, self.unreachable())
                         if r == WAIT:
                             r = self._wait_lease(a, est, loop)
                         if r == REFUSE:
@@ -234,12 +233,12 @@ class SpendCaps:
         r = WAIT
         while r == WAIT:
             left = deadline - time.monotonic()
-            if left <= 0 or self.offline:
+            if left <= 0 or self.unreachable():
                 r = a.try_hold(est, True)
                 break
             self.worker.wake.set()
             self.cond.wait(left)
-            r = a.try_hold(est, self.offline)
+            r = a.try_hold(est, self.unreachable())
         self.lease_wait_ms += (time.monotonic() - t0) * 1000.0
         return r
 
@@ -275,15 +274,16 @@ class SpendCaps:
                 b.touched = True
                 if est > b.largest:
                     b.largest = est
-                if b.room():
+                if b.room(est):
                     continue
                 deadline = t0 + lim.max_wait_s
                 b.waiting += 1
+                self.worker.wake.set()  # once: the worker then looks as the bucket refills
                 try:
-                    while not b.room():
-                        if self.offline:
+                    while not b.room(est):
+                        if self.unreachable():
                             b.refill(time.time())
-                            if b.room():
+                            if b.room(est):
                                 break
                         left = deadline - time.monotonic()
                         if left <= 0 or loop:
@@ -301,7 +301,6 @@ class SpendCaps:
                                 detail={"scope": scope, "id": sid, "waited_s": round(time.monotonic() - t0, 3)},
                             )
                         waited = True
-                        self.worker.wake.set()
                         self.cond.wait(min(left, 0.25))
                 finally:
                     b.waiting -= 1
@@ -310,10 +309,11 @@ class SpendCaps:
         return None
 
     def note_async_wait(self, key: Any, ms: float) -> None:
-        """An async start slept ``ms`` for a throttle before its hook ran (``throttle.wait_async``)."""
+        """An async start waited (``throttle.wait_async``) before its hook ran; ``ms`` slept for a throttle."""
         with self.lock:
-            self.throttled += 1
-            self.throttle_wait_ms += ms
+            if ms:
+                self.throttled += 1
+                self.throttle_wait_ms += ms
             if key is not None:
                 if len(self._prewaited) > 4096:
                     self._prewaited.clear()
@@ -329,7 +329,7 @@ class SpendCaps:
         span.flag("throttled")
         span.flag(f"throttle_wait_ms:{round(ms)}")
 
-    def ready(self, entries: tuple[Entry, ...]) -> float:
+    def ready(self, entries: tuple[Entry, ...], est: int) -> float:
         """Seconds an async start should sleep before its hook runs (0: go): a dry bucket, or an account this
         replica has no lease for yet. Used by ``throttle.wait_async``; never waits itself."""
         now = time.time()
@@ -337,12 +337,14 @@ class SpendCaps:
             for scope, sid, lim in entries:
                 if lim.per_minute is not None:
                     b = self._bucket(scope, sid, lim)
-                    if self.offline:
+                    if self.unreachable():
                         b.refill(now)
-                    if not b.room():
+                    if est > b.largest:
+                        b.largest = est
+                    if not b.room(est or b.largest):
                         b.touched = True  # the worker takes a slice for it
                         return -1.0
-            if not self.offline:
+            if not self.unreachable():
                 for scope, sid, lim in entries:
                     for key, cap in self._keys(scope, sid, lim, now):
                         a = self._account(key, cap)
@@ -384,6 +386,14 @@ class SpendCaps:
 
     # -- the store's state ----------------------------------------------------------------------
 
+    def unreachable(self) -> bool:
+        """The store cannot be reached: its last operation failed, or the one under way has taken longer than
+        ``LEASE_WAIT_S`` (a server that hangs)."""
+        if self.offline:
+            return True
+        since = self.worker.busy_since
+        return bool(since) and time.monotonic() - since > LEASE_WAIT_S
+
     def went_offline(self, exc: BaseException) -> None:
         self.store_errors += 1
         if not self.offline:
@@ -401,7 +411,7 @@ class SpendCaps:
             "caps_refused": self.refused, "throttled": self.throttled,
             "throttle_wait_ms": round(self.throttle_wait_ms), "throttle_refused": self.throttle_refused,
             "caps_lease_waits": self.lease_waits, "caps_lease_wait_ms": round(self.lease_wait_ms),
-            "caps_store_errors": self.store_errors, "caps_offline": int(self.offline),
+            "caps_store_errors": self.store_errors, "caps_offline": int(self.unreachable()),
             "caps_leases_lost": self.leases_lost,
         }
 

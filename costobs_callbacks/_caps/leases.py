@@ -76,8 +76,9 @@ class LocalAccount:
 
 class LocalBucket:
     """One replica's slice of a ``usd_per_minute`` bucket: ``tokens`` taken from the shared bucket and not yet spent
-    (negative: spent beyond it, a debt the next slices pay), ``held`` by calls in flight. A call may start while
-    ``tokens - held > 0``, else it waits for the worker to take more. While the store cannot be reached, the slice
+    (negative: spent beyond it, a debt the next slices pay), ``held`` by calls in flight. A call may start when
+    ``tokens - held`` covers its estimate (at most a minute's worth: a call dearer than that waits for a full
+    bucket), else it waits for the worker to take more. While the store cannot be reached, the slice
     refills here at the full rate (``refill``)."""
 
     __slots__ = ("capacity", "held", "key", "known", "largest", "max_wait_s", "refilled_at", "tokens", "touched",
@@ -95,8 +96,8 @@ class LocalBucket:
         self.largest = 0
         self.refilled_at = 0.0
 
-    def room(self) -> bool:
-        return self.tokens - self.held > 0
+    def room(self, est: int) -> bool:
+        return self.tokens - self.held >= max(1, min(est, self.capacity))
 
     def refill(self, now: float) -> None:
         """The offline fallback: refill at the full rate, up to a minute's worth."""

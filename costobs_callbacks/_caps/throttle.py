@@ -94,10 +94,11 @@ def entries_for(
     return caps.entries(tenant, user)
 
 
-async def wait_async(caps: SpendCaps, entries: tuple[Entry, ...], key: Any = None) -> None:
+async def wait_async(caps: SpendCaps, entries: tuple[Entry, ...], key: Any = None, est: int = 0) -> None:
     """Sleep on the loop (``asyncio.sleep``) while ``entries`` have a dry bucket (up to its ``max_wait_s``) or an
     account with no lease here yet (up to ``LEASE_WAIT_S``); never raises. The time slept is remembered under
-    ``key`` (the call's span key) for its span and ``stats``."""
+    ``key`` (the call's span key) for its span and ``stats``. ``est``: the call's estimate (0: unknown; a bucket then
+    needs room for the largest estimate seen)."""
     from .guard import LEASE_WAIT_S
 
     if not entries:
@@ -106,8 +107,9 @@ async def wait_async(caps: SpendCaps, entries: tuple[Entry, ...], key: Any = Non
     t0 = time.monotonic()
     limit = max((lim.max_wait_s for _, _, lim in entries if lim.per_minute is not None), default=0.0)
     throttled = False
+    woken = False
     while True:
-        d = caps.ready(entries)
+        d = caps.ready(entries, est)
         if d == 0:
             break
         if d < 0:
@@ -115,7 +117,9 @@ async def wait_async(caps: SpendCaps, entries: tuple[Entry, ...], key: Any = Non
         elapsed = time.monotonic() - t0
         if elapsed >= (limit if d < 0 else LEASE_WAIT_S):
             break
-        caps.worker.wake.set()
+        if not woken or d > 0:  # a dry bucket: the worker looks again as it refills
+            caps.worker.wake.set()
+            woken = True
         await asyncio.sleep(0.02 if d > 0 else 0.05)
-    if throttled:
-        caps.note_async_wait(key, (time.monotonic() - t0) * 1000.0)
+    if caps.throttles:
+        caps.note_async_wait(key, (time.monotonic() - t0) * 1000.0 if throttled else 0.0)

@@ -35,6 +35,8 @@ class CapsWorker:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._last_round: dict[object, float] = {}
+        self.busy_since = 0.0
+        """``time.monotonic()`` when the store operation under way began (0: none)."""
         self.rounds = 0
         """Rounds finished (each account and bucket visited once)."""
 
@@ -90,14 +92,17 @@ class CapsWorker:
             want = max(0, slice_ - avail) if need or (current and a.touched and avail < slice_ // 2) else 0
             if due:
                 a.touched = False
+        self.busy_since = time.monotonic()
         try:
             fig = caps.store.settle(a.key, a.cap, used=used, from_lease=from_lease, give_back=give_back, want=want,
                                     reconcile=due)
         except Exception as exc:
+            self.busy_since = 0.0
             caps.went_offline(exc)
             with caps.cond:
                 caps.cond.notify_all()
             return min(self.refresh_s, 1.0)
+        self.busy_since = 0.0
         self._last_round[a] = now
         with caps.cond:
             a.used -= used
@@ -128,13 +133,16 @@ class CapsWorker:
             want = max(0, slice_ - avail) if need else 0
             if due:
                 b.touched = False
+        self.busy_since = time.monotonic()
         try:
             grant, _ = caps.store.take(b.key[0], b.key[1], b.capacity, want, give_back)
         except Exception as exc:
+            self.busy_since = 0.0
             caps.went_offline(exc)
             with caps.cond:
                 caps.cond.notify_all()
             return min(self.refresh_s, 0.25)
+        self.busy_since = 0.0
         self._last_round[b] = now
         with caps.cond:
             b.tokens += grant - give_back
@@ -142,11 +150,11 @@ class CapsWorker:
             b.refilled_at = 0.0
             caps.back_online()
             caps.cond.notify_all()
-            short = want - grant
+            short = b.held - b.tokens + max(b.largest, 1)  # what the next call needs to start
             waiting = b.waiting > 0 or b.touched
-        if short > 0 and waiting:
-            # the bucket is dry: look again when it will have refilled what is missing (it refills a minute's
-            # worth per minute), at least every second
+        if grant < want and short > 0 and waiting:
+            # the bucket is dry: look again when it will have refilled one call's worth (it refills a minute's
+            # worth a minute), at least every second
             return min(1.0, max(0.02, short * 60.0 / b.capacity))
         return self.refresh_s
 
