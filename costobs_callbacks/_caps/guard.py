@@ -58,16 +58,22 @@ Entry = tuple[str, str, Limits]
 
 
 class _Binding:
-    """A capped run's link to its caps (``Run.caps``): ``_account`` calls ``settle`` for every ended span."""
+    """The caps of one (tenant, user) pair, shared by its runs (``Run.caps``): its limits, and the accounts and
+    buckets of the current periods (looked up again once ``until`` passes). ``_account`` calls ``settle`` for every
+    ended span of a run bound to it."""
 
-    __slots__ = ("caps", "entries")
+    __slots__ = ("accounts", "buckets", "caps", "entries", "until")
 
     def __init__(self, caps: SpendCaps, entries: tuple[Entry, ...]) -> None:
         self.caps = caps
         self.entries = entries
+        self.until = 0.0
+        """When the first of its current periods ends (epoch seconds)."""
+        self.accounts: tuple[LocalAccount, ...] = ()
+        self.buckets: tuple[LocalBucket, ...] = ()
 
     def settle(self, span: Span, cost: int) -> None:
-        self.caps.settle(self.entries, span, cost)
+        self.caps.settle(self, span, cost)
 
 
 class SpendCaps:
@@ -85,7 +91,7 @@ class SpendCaps:
         self.accounts: dict[tuple[str, str, str, int], LocalAccount] = {}
         self.buckets: dict[tuple[str, str], LocalBucket] = {}
         self.worker = CapsWorker(self, refresh_s)
-        self._entries: dict[tuple[str | None, str | None], tuple[Entry, ...]] = {}
+        self._bindings: dict[tuple[str | None, str | None], _Binding | None] = {}
         self._month: tuple[int, int] = (0, 0)
         self.offline = False
         # counters (tracker.stats)
@@ -103,13 +109,17 @@ class SpendCaps:
     # -- what applies ---------------------------------------------------------------------------
 
     def applies(self, tenant_id: str | None, user_hash: str | None) -> bool:
-        return bool(self.entries(tenant_id, user_hash))
+        return self.binding(tenant_id, user_hash) is not None
 
     def entries(self, tenant_id: str | None, user_hash: str | None) -> tuple[Entry, ...]:
-        """The limits of a run for ``tenant_id`` and ``user_hash`` (remembered per pair, bounded)."""
+        b = self.binding(tenant_id, user_hash)
+        return () if b is None else b.entries
+
+    def binding(self, tenant_id: str | None, user_hash: str | None) -> _Binding | None:
+        """The caps of a run for ``tenant_id`` and ``user_hash`` (``None``: none apply), one per pair (bounded)."""
         k = (tenant_id, user_hash)
-        got = self._entries.get(k)
-        if got is None:
+        got: _Binding | None = self._bindings.get(k, _NONE)
+        if got is _NONE:
             out: list[Entry] = []
             if tenant_id is not None and self.tenants is not None:
                 lim = self.tenants.limits(tenant_id)
@@ -119,20 +129,29 @@ class SpendCaps:
                 lim = self.users.limits(user_hash)
                 if lim is not None:
                     out.append(("user", user_hash, lim))
-            got = tuple(out)
-            if len(self._entries) > 4096:
-                self._entries.clear()
-            self._entries[k] = got
+            got = _Binding(self, tuple(out)) if out else None
+            if len(self._bindings) > 4096:
+                self._bindings.clear()
+            self._bindings[k] = got
         return got
 
     def bind(self, run: Run) -> _Binding | None:
-        entries = self.entries(run.tenant_id, run.user_hash)
-        if not entries:
-            return None
-        b: _Binding | None = run.caps
-        if b is None or b.entries is not entries:
-            b = run.caps = _Binding(self, entries)
+        """Bind ``run`` to its caps (``Run.caps``), if any apply."""
+        b = self.binding(run.tenant_id, run.user_hash)
+        if b is not None and run.caps is not b:
+            run.caps = b
         return b
+
+    def _current(self, b: _Binding, now: float) -> None:
+        """Under ``lock``: the binding's accounts and buckets for the periods ``now`` is in."""
+        accts, bkts, until = [], [], float("inf")
+        for scope, sid, lim in b.entries:
+            for key, cap in self._keys(scope, sid, lim, now):
+                accts.append(self._account(key, cap))
+                until = min(until, key.end)
+            if lim.per_minute is not None:
+                bkts.append(self._bucket(scope, sid, lim))
+        b.accounts, b.buckets, b.until = tuple(accts), tuple(bkts), until
 
     # -- periods --------------------------------------------------------------------------------
 
@@ -195,27 +214,24 @@ class SpendCaps:
         held: list[tuple[Any, int]] = []
         if err is None:
             now = time.time()
-            with self.cond:
-                for scope, sid, lim in entries:
-                    for key, cap in self._keys(scope, sid, lim, now):
-                        a = self._account(key, cap)
-                        r = a.try_hold(est, self.unreachable())
-                        if r == WAIT:
-                            r = self._wait_lease(a, est, loop)
-                        if r == REFUSE:
-                            err = self._refusal(run, a, est)
-                            break
-                        held.append((a, est))
-                        if a.granted - a.used - a.held < max(a.cap // 32, 2 * a.largest):
-                            self.worker.wake.set()  # running low: top it up before it runs dry
-                    if err is not None:
+            unreachable = self.unreachable()
+            with self.lock:
+                if now >= binding.until:
+                    self._current(binding, now)
+                for a in binding.accounts:
+                    r = a.try_hold(est, unreachable)
+                    if r == WAIT:
+                        r = self._wait_lease(a, est, loop)
+                    if r == REFUSE:
+                        err = self._refusal(run, a, est)
                         break
+                    held.append((a, est))
+                    if a.granted - a.used - a.held < max(a.cap // 32, 2 * a.largest):
+                        self.worker.wake.set()  # running low: top it up before it runs dry
                 if err is None:
-                    for scope, sid, lim in entries:
-                        if lim.per_minute is not None:
-                            b = self._bucket(scope, sid, lim)
-                            b.held += est
-                            held.append((b, est))
+                    for b in binding.buckets:
+                        b.held += est
+                        held.append((b, est))
                 else:
                     for obj, e in held:
                         obj.held -= e
@@ -352,7 +368,7 @@ class SpendCaps:
                             return LEASE_WAIT_S
         return 0.0
 
-    def settle(self, entries: tuple[Entry, ...], span: Span, cost: int) -> None:
+    def settle(self, binding: _Binding, span: Span, cost: int) -> None:
         """A span of a capped run ended (``_account``): give back what it held, spend its cost from the lease."""
         holds = span.cap_holds
         with self.lock:
@@ -367,7 +383,7 @@ class SpendCaps:
                             obj.tokens -= cost
             elif cost:  # a cost that held nothing (a tool's price, a record): spent all the same
                 when = span.start_wall
-                for scope, sid, lim in entries:
+                for scope, sid, lim in binding.entries:
                     for key, cap in self._keys(scope, sid, lim, when):
                         if self.is_current(key):
                             self._account(key, cap).used += cost
@@ -417,6 +433,9 @@ class SpendCaps:
 
     def close(self, timeout: float | None) -> None:
         self.worker.stop(timeout)
+
+
+_NONE: Any = object()
 
 
 def _timegm(year: int, month: int) -> int:

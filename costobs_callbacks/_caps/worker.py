@@ -23,6 +23,9 @@ _SLICES = 16
 
 _BUCKET_SLICES = 8
 
+_IDLE_ROUNDS = 12
+"""Rounds without a call after which a lease is given back even far from the cap (near it: after one)."""
+
 
 class CapsWorker:
     """Runs ``SpendCaps``' rounds on a daemon thread (started with the first capped call)."""
@@ -35,6 +38,8 @@ class CapsWorker:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._last_round: dict[object, float] = {}
+        self._idle: dict[object, int] = {}
+        """Due rounds in a row that found an account or bucket without a call since the one before."""
         self.busy_since = 0.0
         """``time.monotonic()`` when the store operation under way began (0: none)."""
         self.rounds = 0
@@ -85,7 +90,14 @@ class CapsWorker:
             need = current and not final and (not a.known or (a.touched and avail < slice_ // 2))
             if not (due or need):
                 return self.refresh_s - (now - last)
-            idle = final or not current or (not a.touched and a.held == 0)
+            if due:
+                quiet = self._idle[a] = self._idle.get(a, 0) + 1 if not a.touched and a.held == 0 else 0
+            else:
+                quiet = 0
+            # An idle lease goes back near the cap (less is left to lease than is leased out: other replicas may need
+            # it), else after _IDLE_ROUNDS rounds: a tenant calling now and then keeps its lease (no wait) meanwhile.
+            tight = a.cap - a.spent - a.leased < a.leased
+            idle = final or not current or (quiet > 0 and (tight or quiet >= _IDLE_ROUNDS))
             used = a.used
             from_lease = min(used, a.granted)
             give_back = max(0, a.granted - from_lease - a.held) if idle and not need else 0
@@ -115,6 +127,7 @@ class CapsWorker:
             if not current and a.used == 0 and a.held == 0 and a.granted == 0:
                 caps.accounts.pop((a.key.scope, a.key.scope_id, a.key.period, a.key.start), None)
                 self._last_round.pop(a, None)
+                self._idle.pop(a, None)
             caps.cond.notify_all()
         return self.refresh_s
 
