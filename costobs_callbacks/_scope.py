@@ -61,7 +61,7 @@ class RunScope:
 
     async def __aenter__(self) -> RunScope:
         caps = self._tracker._caps
-        if caps is not None and caps.throttles:  # wait for the tenant's rate here: hooks inside cannot always await
+        if caps is not None:  # wait here for the tenant's rate, or a first lease: hooks inside cannot always await
             from ._caps.throttle import entries_for, wait_async
 
             try:

@@ -56,6 +56,10 @@ def main(cfg: dict[str, Any]) -> None:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    if cfg.get("die"):  # report, then wait to be killed with what it holds (its lease never given back)
+        time.sleep(1.0)  # a few rounds: what it spent is reported
+        print(json.dumps({"threads": results, "elapsed": elapsed, "stats": tracker.stats}), flush=True)
+        time.sleep(600)
     stats = tracker.stats
     tracker.close()
     print(json.dumps({"threads": results, "elapsed": elapsed, "stats": stats,

@@ -242,35 +242,43 @@ def test_an_async_run_is_capped_alike(tmp_path: Path, stub: Any) -> None:
 
 # -- replicas: real processes sharing one database ------------------------------------------------------------------
 
-def _replicas(url: str, tmp_path: Path, stub: Any, n: int, threads: int, cap: int, max_calls: int = 200,
-              tag: str = "r") -> list[dict[str, Any]]:
-    """Start ``n`` replicas of ``threads`` threads each, let them burst at once at tenant ``burst`` (capped at
-    ``cap`` a day), and return what each reported."""
-    cfg = {"url": url, "base_url": stub.base_url, "prices": PRICES, "model": MODEL, "max_tokens": MAX_TOKENS,
-           "prompt": PROMPT, "threads": threads, "max_calls": max_calls, "refresh": 0.5,
-           "tenant_budgets": {"burst": {"daily_usd": str(usd(cap))}}}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = []
-    for i in range(n):
-        c = {**cfg, "spool": str(tmp_path / f"spool-{tag}{i}")}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "caps_child.py"), json.dumps(c)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
-    try:
-        for p in procs:
+class _Replicas:
+    """Replicas started at once (their imports overlap), each released by ``go`` and read by ``results``: each runs
+    ``threads`` threads bursting at tenant ``burst``, capped at ``cap`` a day."""
+
+    def __init__(self, url: str, tmp_path: Path, stub: Any, n: int, threads: int, cap: int, max_calls: int = 200,
+                 tag: str = "r", die: bool = False, refresh: float = 0.2) -> None:
+        cfg = {"url": url, "base_url": stub.base_url, "prices": PRICES, "model": MODEL, "max_tokens": MAX_TOKENS,
+               "prompt": PROMPT, "threads": threads, "max_calls": max_calls, "refresh": refresh, "die": die,
+               "tenant_budgets": {"burst": {"daily_usd": str(usd(cap))}}}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.procs = []
+        for i in range(n):
+            c = {**cfg, "spool": str(tmp_path / f"spool-{tag}{i}")}
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "caps_child.py"), json.dumps(c)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+
+    def go(self) -> None:
+        for p in self.procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        for p in procs:
+        for p in self.procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
+
+    def results(self, wait: bool = True) -> list[dict[str, Any]]:
         out = []
-        for p in procs:
+        for p in self.procs:
             assert p.stdout is not None
             line = p.stdout.readline()
-            assert p.wait(120) == 0
+            if wait:
+                assert p.wait(120) == 0
             out.append(json.loads(line))
         return out
-    finally:
-        for p in procs:
+
+    def kill(self) -> None:
+        for p in self.procs:
             if p.poll() is None:
                 p.kill()
 
@@ -295,41 +303,94 @@ def test_a_burst_of_4_processes_x_8_threads_at_one_tenants_cap(database_url: str
     stub.responder = lambda record: reply(delay_s=0.02)
     cap = 40 * CALL_NANOS
     _prepare(database_url, tmp_path)
-    results = _replicas(database_url, tmp_path, stub, n=4, threads=8, cap=cap)
-    per_replica = [sum(t["ok"] for t in r["threads"]) for r in results]
-    calls = sum(per_replica)
-    books, cost = _on_the_books(database_url)
-    spent = calls * CALL_NANOS
-    backend = database_url.split(":")[0]
-    print(f"\nburst ({backend}): 4 processes x 8 threads at a daily cap of ${usd(cap)} ({cap // CALL_NANOS} calls of "
-          f"${usd(CALL_NANOS)}): {calls} calls sent (by replica {per_replica}), ${usd(spent)} spent = "
-          f"{spent / cap:.3f} x the cap; overshoot {calls - cap // CALL_NANOS} calls; lease waits "
-          f"{[r['stats']['caps_lease_waits'] for r in results]}, "
-          f"{[r['stats']['caps_lease_wait_ms'] for r in results]} ms; {max(r['elapsed'] for r in results):.2f} s")
-    for r in results:
-        for t in r["threads"]:
-            assert t["errors"] == [] and t["refused"] == "daily_usd"  # every thread of every replica refused
-        assert r["final_stats"]["failed"] == 0 and r["final_stats"]["in_spool"] == 0
-    assert stub.count() == calls == books  # what the provider received is what is on the books
-    assert cost == spent
-    assert spent <= 2 * cap  # the bound the README states
-    assert cap <= spent <= cap + 4 * CALL_NANOS  # what the leases allow: each replica past its lease by one call
-    # a replica started after the cap was spent refuses at once
-    late = _replicas(database_url, tmp_path, stub, n=1, threads=2, cap=cap, tag="late")
-    assert [t["ok"] for t in late[0]["threads"]] == [0, 0]
-    assert [t["refused"] for t in late[0]["threads"]] == ["daily_usd", "daily_usd"]
-    assert stub.count() == calls
+    burst = _Replicas(database_url, tmp_path, stub, n=4, threads=8, cap=cap)
+    late = _Replicas(database_url, tmp_path, stub, n=1, threads=2, cap=cap, tag="late")  # started now, let go after
+    try:
+        burst.go()
+        results = burst.results()
+        per_replica = [sum(t["ok"] for t in r["threads"]) for r in results]
+        calls = sum(per_replica)
+        books, cost = _on_the_books(database_url)
+        spent = calls * CALL_NANOS
+        backend = database_url.split(":")[0]
+        print(f"\nburst ({backend}): 4 processes x 8 threads at a daily cap of ${usd(cap)} ({cap // CALL_NANOS} calls "
+              f"of ${usd(CALL_NANOS)}): {calls} calls sent (by replica {per_replica}), ${usd(spent)} spent = "
+              f"{spent / cap:.3f} x the cap; overshoot {calls - cap // CALL_NANOS} calls; lease waits "
+              f"{[r['stats']['caps_lease_waits'] for r in results]}, "
+              f"{[r['stats']['caps_lease_wait_ms'] for r in results]} ms; {max(r['elapsed'] for r in results):.2f} s")
+        for r in results:
+            for t in r["threads"]:
+                assert t["errors"] == [] and t["refused"] == "daily_usd"  # every thread of every replica refused
+            assert r["final_stats"]["failed"] == 0 and r["final_stats"]["in_spool"] == 0
+        assert stub.count() == calls == books  # what the provider received is what is on the books
+        assert cost == spent
+        assert spent <= 2 * cap  # the bound the README states
+        assert cap <= spent <= cap + 4 * CALL_NANOS  # what the leases allow: each replica past its lease by one call
+        # a replica started before and let go after the cap was spent refuses at once
+        late.go()
+        (r,) = late.results()
+        assert [t["ok"] for t in r["threads"]] == [0, 0]
+        assert [t["refused"] for t in r["threads"]] == ["daily_usd", "daily_usd"]
+        assert stub.count() == calls
+    finally:
+        burst.kill()
+        late.kill()
 
 
 def test_a_cap_reached_across_two_processes_sharing_one_database(database_url: str, tmp_path: Path,
                                                                  stub: Any) -> None:
     cap = 10 * CALL_NANOS
     _prepare(database_url, tmp_path)
-    results = _replicas(database_url, tmp_path, stub, n=2, threads=1, cap=cap)
+    two = _Replicas(database_url, tmp_path, stub, n=2, threads=1, cap=cap)
+    try:
+        two.go()
+        results = two.results()
+    finally:
+        two.kill()
     calls = [r["threads"][0]["ok"] for r in results]
     assert all(r["threads"][0]["refused"] == "daily_usd" for r in results)
     assert sum(calls) == stub.count() == _on_the_books(database_url)[0]
     assert 10 <= sum(calls) <= 12  # the cap, and at most one call past its lease by each replica
+
+
+def test_a_lease_held_by_a_replica_that_died_goes_back_to_the_tenant_when_it_expires(
+        postgres_admin_url: str, tmp_path: Path, stub: Any) -> None:
+    from tests.pg import create_database
+
+    database_url = create_database(postgres_admin_url)
+    cap = 6 * CALL_NANOS
+    _prepare(database_url, tmp_path)
+    # its lease expires 6 rounds (6 s) after its last renewal
+    dying = _Replicas(database_url, tmp_path, stub, n=1, threads=1, cap=cap, max_calls=2, die=True, refresh=1.0)
+    try:
+        dying.go()
+        (r,) = dying.results(wait=False)
+        assert r["threads"][0]["ok"] == 2
+        dying.procs[0].kill()  # SIGKILL: no close, its lease (4 calls' worth, 2 of them unspent) never given back
+        dying.procs[0].wait(10)
+    finally:
+        dying.kill()
+    tracker = make(database_url, tmp_path, tenant_budgets={"burst": {"daily_usd": str(usd(cap))}},
+                   cap_refresh_s=0.2)
+    try:
+        llm = chat(stub)
+        # 2 spent and 2 leased by the dead replica: 2 left
+        assert calls_until_refused(tracker, llm, tenant_id="burst")[0] == 2
+        more = 0
+        deadline = time.monotonic() + 20
+        while not more and time.monotonic() < deadline:  # its lease expires; a round of ours gives it back
+            time.sleep(0.5)
+            more = calls_until_refused(tracker, llm, tenant_id="burst")[0]
+        assert more == 2
+        assert stub.count() == 6
+    finally:
+        tracker.close()
+    eng = sa.create_engine(database_url)
+    with eng.connect() as conn:
+        assert conn.execute(sa.text("SELECT reported_nanos, leased_nanos FROM costobs_cap_accounts")).one() \
+            == (6 * CALL_NANOS, 0)
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_cap_leases")).scalar_one() == 0
+    eng.dispose()
 
 
 # -- the throttle ----------------------------------------------------------------------------------------------------

@@ -182,11 +182,12 @@ class AccountStore:
         return sum(int(a) for (a,) in gone)
 
     def settle(self, key: AccountKey, cap: int, *, used: int, from_lease: int, give_back: int, want: int,
-               reconcile: bool) -> AccountFigures:
+               reconcile: bool, holding: int = 0) -> AccountFigures:
         """One round for this holder on one account, in one transaction: report ``used`` (``from_lease`` of it
         taken from this holder's lease), give ``give_back`` of the lease back, lease up to ``want`` more (a partial
         grant of what the cap leaves), extend the lease's expiry, and with ``reconcile`` read the period's
-        rollups again. Returns the account's figures after it and what this holder now holds as a lease."""
+        rollups again. ``holding``: what this holder believes it holds (a lease that is gone is reported lost).
+        Returns the account's figures after it and what this holder now holds as a lease."""
         now = time.time()
         with self.engine.begin() as conn:
             self._begin(conn)
@@ -199,7 +200,7 @@ class AccountStore:
             lost = False
             if mine is None:
                 held = 0
-                lost = from_lease > 0 or give_back > 0  # our lease was given back while we were away
+                lost = holding > 0  # our lease expired while we were away, and another replica gave it back
             else:
                 take = min(int(mine), from_lease + give_back)
                 held = int(mine) - take

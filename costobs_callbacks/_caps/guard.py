@@ -85,7 +85,8 @@ class SpendCaps:
         self.users = users
         self.refresh_s = refresh_s
         self.holder = uuid.uuid4().hex
-        self.store = AccountStore(engine, self.holder, lease_ttl=max(30.0, 6 * refresh_s))
+        # a lease's expiry is renewed at every round (every refresh_s): six rounds missed, its replica is taken for gone
+        self.store = AccountStore(engine, self.holder, lease_ttl=max(1.0, 6 * refresh_s))
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.accounts: dict[tuple[str, str, str, int], LocalAccount] = {}
@@ -312,7 +313,6 @@ class SpendCaps:
                                 f"{_usd(lim.per_minute)}: the call waited {time.monotonic() - t0:.1f}s of "
                                 f"max_wait_s={lim.max_wait_s:g}{what}; refused",
                                 run_id=run.run_id, reason="usd_per_minute", limit=nanos_to_usd(lim.per_minute),
-                                spent=nanos_to_usd(max(0, -b.tokens + b.held)),
                                 spent_usd=nanos_to_usd(run.cost_nanos),
                                 detail={"scope": scope, "id": sid, "waited_s": round(time.monotonic() - t0, 3)},
                             )
@@ -371,6 +371,8 @@ class SpendCaps:
     def settle(self, binding: _Binding, span: Span, cost: int) -> None:
         """A span of a capped run ended (``_account``): give back what it held, spend its cost from the lease."""
         holds = span.cap_holds
+        if holds is None and not cost:
+            return  # a chain's span: nothing held, nothing spent
         with self.lock:
             if holds is not None:
                 span.cap_holds = None
@@ -381,13 +383,14 @@ class SpendCaps:
                             obj.used += cost
                         else:
                             obj.tokens -= cost
-            elif cost:  # a cost that held nothing (a tool's price, a record): spent all the same
+            else:  # a cost that held nothing (a tool's price, a record): spent all the same
                 when = span.start_wall
+                recent = time.time() - when < 60  # a record of older spend (an import) does not slow today's calls
                 for scope, sid, lim in binding.entries:
                     for key, cap in self._keys(scope, sid, lim, when):
                         if self.is_current(key):
                             self._account(key, cap).used += cost
-                    if lim.per_minute is not None:
+                    if lim.per_minute is not None and recent:
                         self._bucket(scope, sid, lim).tokens -= cost
 
     def release(self, span: Span) -> None:

@@ -102,12 +102,13 @@ class CapsWorker:
             from_lease = min(used, a.granted)
             give_back = max(0, a.granted - from_lease - a.held) if idle and not need else 0
             want = max(0, slice_ - avail) if need or (current and a.touched and avail < slice_ // 2) else 0
+            holding = a.granted
             if due:
                 a.touched = False
         self.busy_since = time.monotonic()
         try:
             fig = caps.store.settle(a.key, a.cap, used=used, from_lease=from_lease, give_back=give_back, want=want,
-                                    reconcile=due)
+                                    reconcile=due, holding=holding)
         except Exception as exc:
             self.busy_since = 0.0
             caps.went_offline(exc)
