@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 
@@ -236,6 +238,85 @@ def test_an_async_run_is_capped_alike(tmp_path: Path, stub: Any) -> None:
     try:
         assert asyncio.run(go()) == 2
         assert stub.count() == 2
+    finally:
+        tracker.close()
+
+
+def test_a_cap_policy_object_is_taken_as_a_mapping_is(tmp_path: Path, stub: Any) -> None:
+    from costobs_callbacks import CapPolicy
+
+    tracker = make(f"sqlite:///{tmp_path}/c.db", tmp_path,
+                   tenant_budgets={"acme": CapPolicy(daily_usd=usd(2 * CALL_NANOS))})
+    try:
+        assert calls_until_refused(tracker, chat(stub), tenant_id="acme")[0] == 2
+    finally:
+        tracker.close()
+
+
+def test_llamaindex_sync_calls_are_capped_alike(tmp_path: Path, stub: Any) -> None:
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai import OpenAI
+
+    tracker = make(f"sqlite:///{tmp_path}/c.db", tmp_path, prices={"gpt-4o-mini": PRICES[MODEL]},
+                   tenant_budgets={"acme": {"daily_usd": str(usd(2 * CALL_NANOS))}})
+    tracker.instrument_llamaindex()
+    try:
+        llm = OpenAI(api_base=stub.base_url, api_key="sk-test", model="gpt-4o-mini", max_retries=0, max_tokens=20)
+        n = 0
+        with pytest.raises(BudgetExceededError) as info:
+            for n in range(10):  # noqa: B007
+                with tracker.run(tenant_id="acme"):
+                    llm.chat([ChatMessage(role="user", content=PROMPT)])
+        assert (n, info.value.reason, stub.count()) == (2, "daily_usd", 2)
+    finally:
+        tracker.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.integers(1, 5), extra=st.integers(0, CALL_NANOS - 1),
+       paths=st.lists(st.sampled_from(["root", "child", "scope"]), min_size=8, max_size=8))
+def test_the_fast_path_and_the_general_path_admit_alike(tmp_path_factory: Any, calls: int, extra: int,
+                                                        paths: list[str]) -> None:
+    """A model call that opens its own run (``_start_new_llm_run``), one under a chain and one inside
+    ``tracker.run()`` (``_guard_start``) are admitted and refused by the same rule: a tenant under its cap may start
+    a call; ``ceil(cap / call)`` calls then fill it, whatever the mix."""
+    from langchain_core.messages import HumanMessage as Msg
+
+    cap = calls * CALL_NANOS + extra
+    d = tmp_path_factory.mktemp("fastgeneral")
+    tracker = make(f"sqlite:///{d}/c.db", d, tenant_budgets={"acme": {"daily_usd": str(usd(cap))}})
+    ledger = tracker.ledger
+    prompt = [[Msg(content=PROMPT)]]
+    extra_req = ({"max_tokens": MAX_TOKENS}, {})
+    admitted = 0
+    outcome = []
+    try:
+        for i, path in enumerate(paths):
+            meta = {"tenant_id": "acme"}
+            try:
+                if path == "root":
+                    ledger.start(f"r{i}", None, "llm", "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
+                    ledger.end_llm(f"r{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
+                elif path == "child":
+                    ledger.start(f"c{i}", None, "chain", "chain", meta)
+                    try:
+                        ledger.start(f"k{i}", f"c{i}", "llm", "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
+                        ledger.end_llm(f"k{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
+                    finally:
+                        ledger.end(f"c{i}")
+                else:
+                    with tracker.run(tenant_id="acme"):
+                        ledger.start(f"s{i}", None, "llm", "m", None, MODEL, "openai", prompt, MESSAGES, extra_req)
+                        ledger.end_llm(f"s{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
+                admitted += 1
+                outcome.append(True)
+            except BudgetExceededError as exc:
+                assert exc.reason == "daily_usd"
+                outcome.append(False)
+        expected = min(len(paths), -(-cap // CALL_NANOS))
+        assert admitted == expected
+        assert outcome == [True] * expected + [False] * (len(paths) - expected)
+        assert tracker.stats["caps_refused"] == len(paths) - expected
     finally:
         tracker.close()
 
@@ -500,6 +581,7 @@ async def test_llamaindex_async_calls_never_block_the_loop_and_wait_at_the_run_s
         llm = OpenAI(api_base=stub.base_url, api_key="sk-test", model="gpt-4o-mini", max_retries=0, max_tokens=20)
         msgs = [ChatMessage(role="user", content=PROMPT)]
         _drain(tracker, "acme")
+        await asyncio.sleep(0.5)  # a round of the caps' thread: the debt taken from the bucket, which it now knows
         # a LlamaIndex hook cannot await: a call that would have to wait is refused, the loop never blocked
         t0 = time.perf_counter()
         with tracker.run(tenant_id="acme"), pytest.raises(BudgetExceededError) as info:
@@ -516,6 +598,28 @@ async def test_llamaindex_async_calls_never_block_the_loop_and_wait_at_the_run_s
         assert tracker.stats["throttled"] == 1
     finally:
         tracker.close()
+
+
+def test_the_rate_is_global_a_replicas_spend_slows_another(tmp_path: Path, stub: Any) -> None:
+    """Two trackers on one database are two replicas: what one spends is taken from the shared bucket, so the
+    other's next call waits for it to refill."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    a = _throttled(tmp_path)
+    b = make(url, tmp_path, "b", tenant_budgets={"acme": {"usd_per_minute": str(usd(RATE)), "max_wait_s": 5}})
+    try:
+        llm = chat(stub)
+        t0 = time.perf_counter()
+        llm.invoke(PROMPT, config=b.config(tenant_id="acme"))  # a full bucket: no wait
+        assert time.perf_counter() - t0 < 1.0 and b.stats["throttled"] == 0
+        _drain(a, "acme")  # the rest of the minute, spent on the other replica
+        time.sleep(0.6)  # a round of a's: its debt taken from the shared bucket
+        t0 = time.perf_counter()
+        llm.invoke(PROMPT, config=b.config(tenant_id="acme"))
+        assert 0.5 < time.perf_counter() - t0 < 4.0
+        assert b.stats["throttled"] == 1 and stub.count() == 2
+    finally:
+        a.close()
+        b.close()
 
 
 # -- the database down -----------------------------------------------------------------------------------------------

@@ -139,8 +139,10 @@ class SpendCaps:
     def bind(self, run: Run) -> _Binding | None:
         """Bind ``run`` to its caps (``Run.caps``), if any apply."""
         b = self.binding(run.tenant_id, run.user_hash)
-        if b is not None and run.caps is not b:
-            run.caps = b
+        if b is not None:
+            self.worker.ensure_started()
+            if run.caps is not b:
+                run.caps = b
         return b
 
     def _current(self, b: _Binding, now: float) -> None:
@@ -201,7 +203,6 @@ class SpendCaps:
         binding = self.bind(run)
         if binding is None:
             return
-        self.worker.ensure_started()
         entries = binding.entries
         est = ledger.cap_estimate(span)
         loop = on_event_loop()
@@ -280,10 +281,12 @@ class SpendCaps:
     def _throttle(self, run: Run, span: Span, entries: tuple[Entry, ...], est: int,
                   loop: bool) -> BudgetExceededError | None:
         """Wait while a bucket of the call's tenant (user) is dry, up to its ``max_wait_s``; refuse past it (at once
-        on an event loop's thread, where a hook cannot wait: see ``throttle``)."""
+        on an event loop's thread, where a hook cannot wait: see ``throttle``). A bucket this replica has no slice of
+        yet is waited for as a lease is (``LEASE_WAIT_S`` at most, not on an event loop); then, or while the store
+        cannot be reached, it is taken as full, as a new bucket is."""
         t0 = time.monotonic()
-        waited = False
-        with self.cond:
+        throttled = False
+        with self.lock:
             for scope, sid, lim in entries:
                 if lim.per_minute is None:
                     continue
@@ -296,31 +299,42 @@ class SpendCaps:
                 deadline = t0 + lim.max_wait_s
                 b.waiting += 1
                 self.worker.wake.set()  # once: the worker then looks as the bucket refills
+                first = not b.known
                 try:
                     while not b.room(est):
+                        now = time.monotonic()
+                        if not b.known:
+                            if loop or self.unreachable() or now - t0 >= LEASE_WAIT_S:
+                                b.refill(time.time())
+                            else:
+                                self.cond.wait(min(LEASE_WAIT_S - (now - t0), 0.05))
+                            continue
                         if self.unreachable():
                             b.refill(time.time())
                             if b.room(est):
                                 break
-                        left = deadline - time.monotonic()
+                        left = deadline - now
                         if left <= 0 or loop:
                             self.throttle_refused += 1
-                            self._count_wait(span, t0, waited)
+                            self._count_wait(span, t0, throttled)
                             what = (" and a hook on an event loop cannot wait (an async LlamaIndex call: "
                                     "`async with tracker.run(...)` waits at its entry)") if loop else ""
                             return BudgetExceededError(
                                 f"{scope} {sid if scope == 'tenant' else sid[:12] + '…'} is past its usd_per_minute="
-                                f"{_usd(lim.per_minute)}: the call waited {time.monotonic() - t0:.1f}s of "
+                                f"{_usd(lim.per_minute)}: the call waited {now - t0:.1f}s of "
                                 f"max_wait_s={lim.max_wait_s:g}{what}; refused",
                                 run_id=run.run_id, reason="usd_per_minute", limit=nanos_to_usd(lim.per_minute),
                                 spent_usd=nanos_to_usd(run.cost_nanos),
-                                detail={"scope": scope, "id": sid, "waited_s": round(time.monotonic() - t0, 3)},
+                                detail={"scope": scope, "id": sid, "waited_s": round(now - t0, 3)},
                             )
-                        waited = True
+                        throttled = True
                         self.cond.wait(min(left, 0.25))
                 finally:
                     b.waiting -= 1
-            if waited:
+                if first and not throttled:  # it waited for a first slice, not for the rate
+                    self.lease_waits += 1
+                    self.lease_wait_ms += (time.monotonic() - t0) * 1000.0
+            if throttled:
                 self._count_wait(span, t0, True)
         return None
 
@@ -359,7 +373,7 @@ class SpendCaps:
                         b.largest = est
                     if not b.room(est or b.largest):
                         b.touched = True  # the worker takes a slice for it
-                        return -1.0
+                        return -1.0 if b.known else LEASE_WAIT_S
             if not self.unreachable():
                 for scope, sid, lim in entries:
                     for key, cap in self._keys(scope, sid, lim, now):

@@ -100,8 +100,12 @@ class LocalBucket:
         return self.tokens - self.held >= max(1, min(est, self.capacity))
 
     def refill(self, now: float) -> None:
-        """The offline fallback: refill at the full rate, up to a minute's worth."""
-        if self.refilled_at:
+        """The offline fallback: refill at the full rate, up to a minute's worth (a bucket never read: full, as a
+        new one is)."""
+        if not self.known and not self.refilled_at:
+            self.tokens = min(self.capacity, self.tokens + self.capacity)
+            self.refilled_at = now
+        elif self.refilled_at:
             add = int(self.capacity * (now - self.refilled_at) / 60.0)
             if add > 0:
                 self.tokens = min(self.capacity, self.tokens + add)

@@ -139,12 +139,14 @@ class CapsWorker:
         with caps.lock:
             slice_ = max(b.capacity // _BUCKET_SLICES, 2 * b.largest, 1)
             avail = b.tokens - b.held
-            need = not final and (b.waiting > 0 or not b.known or (b.touched and avail < slice_ // 2))
+            # a debt (spent past its slices: a record, a call dearer than it held) is taken from the shared bucket at
+            # once, so that every replica's rate sees it
+            need = not final and (b.waiting > 0 or not b.known or b.tokens < 0 or (b.touched and avail < slice_ // 2))
             if not (due or need):
                 return self.refresh_s - (now - last)
             idle = final or (not b.touched and b.held == 0 and b.waiting == 0)
             give_back = b.tokens if idle and b.tokens > 0 else 0
-            want = max(0, slice_ - avail) if need else 0
+            want = (max(0, slice_ - avail) if b.touched or b.waiting else max(0, -b.tokens)) if need else 0
             if due:
                 b.touched = False
         self.busy_since = time.monotonic()
