@@ -249,14 +249,18 @@ class SpendCaps:
         deadline = t0 + LEASE_WAIT_S
         self.lease_waits += 1
         r = WAIT
-        while r == WAIT:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.unreachable():
-                r = a.try_hold(est, True)
-                break
-            self.worker.wake.set()
-            self.cond.wait(left)
-            r = a.try_hold(est, self.unreachable())
+        a.wanted += est
+        try:
+            while r == WAIT:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.unreachable():  # a store this slow is taken for down
+                    r = a.try_hold(est, True)
+                    break
+                self.worker.wake.set()
+                self.cond.wait(left)
+                r = a.try_hold(est, self.unreachable())
+        finally:
+            a.wanted -= est
         self.lease_wait_ms += (time.monotonic() - t0) * 1000.0
         return r
 

@@ -20,7 +20,8 @@ class LocalAccount:
     room asks the worker for more (``WAIT``), or, while the store cannot be reached, lets calls through up to that
     room."""
 
-    __slots__ = ("cap", "granted", "held", "key", "known", "largest", "leased", "lost", "spent", "touched", "used")
+    __slots__ = ("cap", "granted", "held", "key", "known", "largest", "leased", "lost", "spent", "touched", "used",
+                 "wanted")
 
     def __init__(self, key: AccountKey, cap: int) -> None:
         self.key = key
@@ -41,6 +42,8 @@ class LocalAccount:
         """A call was admitted since the worker's last round (an idle lease is given back)."""
         self.largest = 0
         """The largest estimate held here (the worker leases slices of at least a few of them)."""
+        self.wanted = 0
+        """Estimates of the calls waiting for a top-up (the worker leases them beside a slice)."""
         self.lost = False
 
     def try_hold(self, est: int, offline: bool) -> int:

@@ -87,7 +87,7 @@ class CapsWorker:
             slice_ = max(a.cap // _SLICES, 4 * a.largest, 1)
             avail = a.granted - a.used - a.held
             current = caps.is_current(a.key)
-            need = current and not final and (not a.known or (a.touched and avail < slice_ // 2))
+            need = current and not final and (not a.known or a.wanted > 0 or (a.touched and avail < slice_ // 2))
             if not (due or need):
                 return self.refresh_s - (now - last)
             if due:
@@ -101,7 +101,8 @@ class CapsWorker:
             used = a.used
             from_lease = min(used, a.granted)
             give_back = max(0, a.granted - from_lease - a.held) if idle and not need else 0
-            want = max(0, slice_ - avail) if need or (current and a.touched and avail < slice_ // 2) else 0
+            want = (max(0, slice_ + a.wanted - avail) if need or (current and a.touched and avail < slice_ // 2)
+                    else 0)
             holding = a.granted
             if due:
                 a.touched = False
