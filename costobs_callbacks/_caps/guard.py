@@ -15,9 +15,11 @@ decide (see ``LocalAccount.try_hold``). A hook on a thread running an event loop
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
+import weakref
 from calendar import monthrange
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,13 +39,6 @@ if TYPE_CHECKING:
     from .._ledger import Run, Span
 
 
-class _Ledger(Protocol):
-    """What ``admit`` needs of the ledger."""
-
-    def cap_estimate(self, span: Span) -> int: ...
-
-    def _abort(self, run: Run, err: RunAborted) -> None: ...
-
 __all__ = ["LEASE_WAIT_S", "SpendCaps"]
 
 logger = logging.getLogger("costobs_callbacks")
@@ -55,6 +50,14 @@ _DAY = 86400
 
 Entry = tuple[str, str, Limits]
 """(scope, tenant id or user hash, its limits)."""
+
+
+class _Ledger(Protocol):
+    """What ``admit`` needs of the ledger."""
+
+    def cap_estimate(self, span: Span) -> int: ...
+
+    def _abort(self, run: Run, err: RunAborted) -> None: ...
 
 
 class _Binding:
@@ -84,14 +87,23 @@ class SpendCaps:
         self.tenants = tenants
         self.users = users
         self.refresh_s = refresh_s
+        self._engine = engine
+        self._init_state()
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+
+    def _init_state(self) -> None:
+        """A replica of its own: a new holder id, no lease, no thread (made again in a forked child, whose parent
+        keeps the leases it held)."""
         self.holder = uuid.uuid4().hex
         # a lease's expiry is renewed at every round (every refresh_s): six rounds missed, its replica is taken for gone
-        self.store = AccountStore(engine, self.holder, lease_ttl=max(1.0, 6 * refresh_s))
+        self.store = AccountStore(self._engine, self.holder, lease_ttl=max(1.0, 6 * self.refresh_s))
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.accounts: dict[tuple[str, str, str, int], LocalAccount] = {}
         self.buckets: dict[tuple[str, str], LocalBucket] = {}
-        self.worker = CapsWorker(self, refresh_s)
+        self.worker = CapsWorker(self, self.refresh_s)
         self._bindings: dict[tuple[str | None, str | None], _Binding | None] = {}
         self._month: tuple[int, int] = (0, 0)
         self.offline = False
@@ -105,7 +117,8 @@ class SpendCaps:
         self.store_errors = 0
         self.leases_lost = 0
         self._prewaited: dict[Any, float] = {}
-        self.throttles = (tenants is not None and tenants.throttled) or (users is not None and users.throttled)
+        self.throttles = ((self.tenants is not None and self.tenants.throttled)
+                          or (self.users is not None and self.users.throttled))
 
     # -- what applies ---------------------------------------------------------------------------
 
@@ -457,6 +470,12 @@ class SpendCaps:
 
 
 _NONE: Any = object()
+
+
+def _after_fork(ref: weakref.ref[SpendCaps]) -> None:
+    caps = ref()
+    if caps is not None:
+        caps._init_state()
 
 
 def _timegm(year: int, month: int) -> int:
