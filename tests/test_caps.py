@@ -321,6 +321,36 @@ def test_the_fast_path_and_the_general_path_admit_alike(tmp_path_factory: Any, c
         tracker.close()
 
 
+def test_a_quiet_tenant_costs_the_database_nothing_and_comes_back_as_new(tmp_path: Path, stub: Any) -> None:
+    """A tenant without calls gives its lease back and is forgotten (no round for it: no transaction); its next
+    call leases again, and every figure adds up."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    tracker = make(url, tmp_path, cap_refresh_s=0.05,
+                   tenant_budgets={"acme": {"daily_usd": str(usd(3 * CALL_NANOS)), "usd_per_minute": "1000"}})
+    try:
+        caps = tracker._caps
+        assert caps is not None
+        llm = chat(stub)
+        llm.invoke(PROMPT, config=tracker.config(tenant_id="acme"))
+        deadline = time.monotonic() + 10
+        while (caps.accounts or caps.buckets) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not caps.accounts and not caps.buckets and caps.retirements == 2
+        rounds = caps.worker.rounds
+        eng = sa.create_engine(url)
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT reported_nanos, leased_nanos FROM costobs_cap_accounts")).one() \
+                == (CALL_NANOS, 0)
+        assert calls_until_refused(tracker, llm, tenant_id="acme")[0] == 2
+        assert caps.worker.rounds > rounds and len(caps.accounts) == 1
+    finally:
+        tracker.close()
+    with eng.connect() as conn:
+        assert conn.execute(sa.text("SELECT reported_nanos, leased_nanos FROM costobs_cap_accounts")).one() \
+            == (3 * CALL_NANOS, 0)
+    eng.dispose()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_is_a_replica_of_its_own(tmp_path: Path, stub: Any) -> None:
     """A child forked from a process holding leases gets a holder id of its own and no lease: what each spends is

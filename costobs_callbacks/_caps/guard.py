@@ -65,7 +65,7 @@ class _Binding:
     buckets of the current periods (looked up again once ``until`` passes). ``_account`` calls ``settle`` for every
     ended span of a run bound to it."""
 
-    __slots__ = ("accounts", "buckets", "caps", "entries", "until")
+    __slots__ = ("accounts", "buckets", "caps", "entries", "epoch", "until")
 
     def __init__(self, caps: SpendCaps, entries: tuple[Entry, ...]) -> None:
         self.caps = caps
@@ -74,6 +74,8 @@ class _Binding:
         """When the first of its current periods ends (epoch seconds)."""
         self.accounts: tuple[LocalAccount, ...] = ()
         self.buckets: tuple[LocalBucket, ...] = ()
+        self.epoch = -1
+        """``SpendCaps.retirements`` when they were looked up."""
 
     def settle(self, span: Span, cost: int) -> None:
         self.caps.settle(self, span, cost)
@@ -105,6 +107,8 @@ class SpendCaps:
         self.buckets: dict[tuple[str, str], LocalBucket] = {}
         self.worker = CapsWorker(self, self.refresh_s)
         self._bindings: dict[tuple[str | None, str | None], _Binding | None] = {}
+        self.retirements = 0
+        """Accounts and buckets the worker forgot (quiet, holding nothing): a binding made before looks up again."""
         self._month: tuple[int, int] = (0, 0)
         self.offline = False
         # counters (tracker.stats)
@@ -167,7 +171,7 @@ class SpendCaps:
                 until = min(until, key.end)
             if lim.per_minute is not None:
                 bkts.append(self._bucket(scope, sid, lim))
-        b.accounts, b.buckets, b.until = tuple(accts), tuple(bkts), until
+        b.accounts, b.buckets, b.until, b.epoch = tuple(accts), tuple(bkts), until, self.retirements
 
     # -- periods --------------------------------------------------------------------------------
 
@@ -231,7 +235,7 @@ class SpendCaps:
             now = time.time()
             unreachable = self.unreachable()
             with self.lock:
-                if now >= binding.until:
+                if now >= binding.until or binding.epoch != self.retirements:
                     self._current(binding, now)
                 for a in binding.accounts:
                     r = a.try_hold(est, unreachable)
@@ -330,6 +334,8 @@ class SpendCaps:
                             b.refill(time.time())
                             if b.room(est):
                                 break
+                        elif loop and b.shared_room(est, time.time()):
+                            break
                         left = deadline - now
                         if left <= 0 or loop:
                             self.throttle_refused += 1

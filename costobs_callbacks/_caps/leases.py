@@ -84,8 +84,8 @@ class LocalBucket:
     bucket), else it waits for the worker to take more. While the store cannot be reached, the slice
     refills here at the full rate (``refill``)."""
 
-    __slots__ = ("capacity", "held", "key", "known", "largest", "max_wait_s", "refilled_at", "tokens", "touched",
-                 "waiting")
+    __slots__ = ("capacity", "held", "key", "known", "largest", "max_wait_s", "refilled_at", "shared", "shared_at",
+                 "tokens", "touched", "waiting")
 
     def __init__(self, key: tuple[str, str], capacity: int, max_wait_s: float) -> None:
         self.key = key
@@ -98,9 +98,23 @@ class LocalBucket:
         self.waiting = 0
         self.largest = 0
         self.refilled_at = 0.0
+        self.shared = 0
+        """The shared bucket's level after this replica's last slice (at ``shared_at``, epoch seconds)."""
+        self.shared_at = 0.0
 
     def room(self, est: int) -> bool:
         return self.tokens - self.held >= max(1, min(est, self.capacity))
+
+    def shared_room(self, est: int, now: float) -> bool:
+        """The shared bucket, as last read and refilled since at the rate, has room for ``est``: a call that cannot
+        wait for a slice (on an event loop) starts on it, its estimate taken from that figure at once (what it costs
+        is this replica's debt, taken from the shared bucket at the worker's next round)."""
+        level = min(self.capacity, self.shared + int(self.capacity * max(0.0, now - self.shared_at) / 60.0))
+        need = max(1, min(est, self.capacity))
+        if level < need:
+            return False
+        self.shared, self.shared_at = level - need, now
+        return True
 
     def refill(self, now: float) -> None:
         """The offline fallback: refill at the full rate, up to a minute's worth (a bucket never read: full, as a

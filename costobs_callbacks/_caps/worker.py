@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .leases import LocalAccount, LocalBucket
 
@@ -94,6 +94,10 @@ class CapsWorker:
                 quiet = self._idle[a] = self._idle.get(a, 0) + 1 if not a.touched and a.held == 0 else 0
             else:
                 quiet = 0
+            if (current and not final and quiet >= 2 and a.known and a.granted == 0 and a.used == 0
+                    and a.held == 0 and a.wanted == 0):
+                self._retire(caps.accounts, (a.key.scope, a.key.scope_id, a.key.period, a.key.start), a)
+                return self.refresh_s  # quiet, holding nothing: no round for it until a call needs it again
             # An idle lease goes back near the cap (less is left to lease than is leased out: other replicas may need
             # it), else after _IDLE_ROUNDS rounds: a tenant calling now and then keeps its lease (no wait) meanwhile.
             tight = a.cap - a.spent - a.leased < a.leased
@@ -127,9 +131,7 @@ class CapsWorker:
                 caps.leases_lost += 1
             caps.back_online()
             if not current and a.used == 0 and a.held == 0 and a.granted == 0:
-                caps.accounts.pop((a.key.scope, a.key.scope_id, a.key.period, a.key.start), None)
-                self._last_round.pop(a, None)
-                self._idle.pop(a, None)
+                self._retire(caps.accounts, (a.key.scope, a.key.scope_id, a.key.period, a.key.start), a)
             caps.cond.notify_all()
         return self.refresh_s
 
@@ -150,9 +152,15 @@ class CapsWorker:
             want = (max(0, slice_ - avail) if b.touched or b.waiting else max(0, -b.tokens)) if need else 0
             if due:
                 b.touched = False
+                quiet = self._idle[b] = self._idle.get(b, 0) + 1 if idle else 0
+                if not need and not give_back:  # a bucket has nothing to read again: no round unless it needs one
+                    self._last_round[b] = now
+                    if quiet >= _IDLE_ROUNDS and not final and b.tokens == 0 and b.held == 0:
+                        self._retire(caps.buckets, b.key, b)
+                    return self.refresh_s
         self.busy_since = time.monotonic()
         try:
-            grant, _ = caps.store.take(b.key[0], b.key[1], b.capacity, want, give_back)
+            grant, level = caps.store.take(b.key[0], b.key[1], b.capacity, want, give_back)
         except Exception as exc:
             self.busy_since = 0.0
             caps.went_offline(exc)
@@ -163,6 +171,7 @@ class CapsWorker:
         self._last_round[b] = now
         with caps.cond:
             b.tokens += grant - give_back
+            b.shared, b.shared_at = level, time.time()
             b.known = True
             b.refilled_at = 0.0
             caps.back_online()
@@ -174,6 +183,15 @@ class CapsWorker:
             # worth a minute), at least every second
             return min(1.0, max(0.02, short * 60.0 / b.capacity))
         return self.refresh_s
+
+    def _retire(self, table: dict[Any, Any], key: Any, obj: object) -> None:
+        """Under ``lock``: forget a quiet account or bucket that holds nothing (the bindings that point to it look
+        their accounts up again: ``SpendCaps.retirements``)."""
+        if table.get(key) is obj:
+            del table[key]
+            self.caps.retirements += 1
+        self._last_round.pop(obj, None)
+        self._idle.pop(obj, None)
 
     def stop(self, timeout: float | None) -> None:
         """Stop the thread, then give back every lease and bucket slice held (one last round)."""
