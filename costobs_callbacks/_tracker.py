@@ -484,7 +484,14 @@ class CostTracker:
         content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``).
         ``spooled`` counts the items sent to the spool (the database did not take them), ``replayed`` those
         written from it (this process's and those found from processes gone), ``in_spool`` those still only
-        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too)."""
+        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too).
+
+        Spend caps (0 without them): ``caps_refused`` calls refused at a tenant's or user's cap; ``throttled`` calls
+        that waited for a ``usd_per_minute`` rate, ``throttle_wait_ms`` how long in all, ``throttle_refused`` calls
+        refused past ``max_wait_s``; ``caps_lease_waits`` / ``caps_lease_wait_ms`` calls that waited for a lease this
+        replica did not have yet; ``caps_store_errors`` rounds of the caps' thread the database failed;
+        ``caps_offline`` 1 while it cannot be reached; ``caps_leases_lost`` leases found given back after they
+        expired (this replica was away too long)."""
         out = self.exporter.stats.as_dict()
         sp = self._spool.spool
         out["replayed"] = sp.replayed

@@ -9,9 +9,11 @@ thread running an event loop a sync hook must never sleep (every task of the loo
   before running the sync hook. Every other caller (the sync dispatcher included) gets the sync hook, so the sync
   path pays nothing and trackers without caps use the plain handler.
 * LlamaIndex calls its legacy handlers synchronously, from async calls too: its hook cannot await. There the
-  throttle does not wait: a call that would have to is refused (``BudgetExceededError``, reason ``usd_per_minute``),
-  so the rate holds and the loop never stops; ``async with tracker.run(tenant_id=...)`` waits at its entry
-  (``RunScope.__aenter__`` calls ``wait_async``), so that the calls inside it start with room.
+  throttle does not wait. A call whose replica's slice is dry starts if the shared bucket, as last read and refilled
+  since at the rate, has room for it (``LocalBucket.shared_room``), and is refused otherwise (``BudgetExceededError``,
+  reason ``usd_per_minute``): the rate holds and the loop never stops. ``async with tracker.run(tenant_id=...)``
+  waits at its entry (``RunScope.__aenter__`` calls ``wait_async``), so that the calls inside it start with room.
+  A lease this replica does not have yet is not waited for there either: what it knows decides.
 """
 
 from __future__ import annotations
