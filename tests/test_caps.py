@@ -741,3 +741,32 @@ def test_with_the_database_down_no_exception_reaches_the_app_and_the_last_figure
         assert conn.execute(sa.text("SELECT reported_nanos, leased_nanos FROM costobs_cap_accounts")).one() \
             == (12 * CALL_NANOS, 0)
     eng.dispose()
+
+
+def test_a_replica_that_never_reached_the_database_spends_one_provisional_slice(
+        postgres_admin_url: str, tmp_path: Path, stub: Any) -> None:
+    from tests.pg import create_database
+    from tests.test_spool import Proxy
+
+    url = create_database(postgres_admin_url)
+    _prepare(url, tmp_path)
+    port = sa.engine.make_url(url).port
+    assert port is not None
+    proxy = Proxy(port)
+    proxy.cut()
+    via = sa.engine.make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+    tracker = make(via, tmp_path, db_timeout=2.0, tenant_budgets={"acme": {"daily_usd": str(usd(32 * CALL_NANOS))}})
+    try:
+        llm = chat(stub)
+        n, exc = calls_until_refused(tracker, llm, tenant_id="acme")
+        assert (n, exc.reason) == (2, "daily_usd")  # a first lease's worth: 1/16 of the cap
+        assert tracker.stats["caps_offline"] == 1
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while tracker.stats["caps_offline"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert calls_until_refused(tracker, llm, tenant_id="acme")[0] == 30  # the rest of the cap, once read
+        assert stub.count() == 32
+    finally:
+        proxy.restore()
+        tracker.close()

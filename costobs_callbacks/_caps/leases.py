@@ -10,6 +10,10 @@ __all__ = ["HOLD", "REFUSE", "WAIT", "LocalAccount", "LocalBucket"]
 
 HOLD, REFUSE, WAIT = 0, 1, 2
 
+PROVISIONAL_SLICES = 16
+"""A replica that could not read an account spends at most ``cap // PROVISIONAL_SLICES`` of it (a first lease's
+worth) until it can."""
+
 
 class LocalAccount:
     """One replica's share of an account (see ``accounts``). Every field is read and written under ``SpendCaps.lock``.
@@ -18,7 +22,8 @@ class LocalAccount:
     then holds its estimate until it ends. Past the lease, the last figures read from the store decide: a cap with
     nothing left to lease (``spent + leased >= cap``: what was spent plus what every replica holds) refuses; one with
     room asks the worker for more (``WAIT``), or, while the store cannot be reached, lets calls through up to that
-    room."""
+    room. An account never read (the store down, or slower than a lease wait) lets this replica spend one
+    provisional slice (``PROVISIONAL_SLICES``)."""
 
     __slots__ = ("cap", "granted", "held", "key", "known", "largest", "leased", "lost", "spent", "touched", "used",
                  "wanted")
@@ -57,8 +62,9 @@ class LocalAccount:
         if not self.known:
             if not offline:
                 return WAIT
-            # never reached the store: this replica's own spend against the cap
-            if self.used + self.held < self.cap:
+            # never read from the store (down, or slower than a lease wait): this replica spends at most what a first
+            # lease would have given it, on its own figures
+            if self.used + self.held < max(self.cap // PROVISIONAL_SLICES, 1):
                 self.held += est
                 return HOLD
             return REFUSE

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .leases import LocalAccount, LocalBucket
+from .leases import PROVISIONAL_SLICES, LocalAccount, LocalBucket
 
 if TYPE_CHECKING:
     from .guard import SpendCaps
@@ -18,7 +18,7 @@ __all__ = ["CapsWorker"]
 
 logger = logging.getLogger("costobs_callbacks")
 
-_SLICES = 16
+_SLICES = PROVISIONAL_SLICES
 """A lease is at least 1/16 of the cap (or four of the largest estimates seen, if more), never more than is left."""
 
 _BUCKET_SLICES = 8
