@@ -164,15 +164,15 @@ class AccountStore:
             .where(col == key.scope_id, r.c.hour >= key.start // 3600, r.c.hour < key.end // 3600)).one()
         return int(hi) * _HALF + int(lo)
 
-    def _account(self, conn: sa.Connection, key: AccountKey, cap: int, now: float) -> Any:
-        """The account's row, locked; made first (from the rollups) if there is none."""
+    def _account(self, conn: sa.Connection, key: AccountKey, cap: int, now: float) -> tuple[Any, bool]:
+        """The account's row, locked, and whether it was made here (from the rollups, read just now)."""
         row = self._locked(conn, accounts, key.where(accounts))
-        if row is None:
-            self._upsert_ignore(conn, accounts, dict(
-                scope=key.scope, scope_id=key.scope_id, period=key.period, period_start=key.start, cap_nanos=cap,
-                reported_nanos=0, rollup_nanos=self.rollup_spend(conn, key), leased_nanos=0, updated_at=now))
-            row = self._locked(conn, accounts, key.where(accounts))
-        return row
+        if row is not None:
+            return row, False
+        self._upsert_ignore(conn, accounts, dict(
+            scope=key.scope, scope_id=key.scope_id, period=key.period, period_start=key.start, cap_nanos=cap,
+            reported_nanos=0, rollup_nanos=self.rollup_spend(conn, key), leased_nanos=0, updated_at=now))
+        return self._locked(conn, accounts, key.where(accounts)), True
 
     def _reclaim(self, conn: sa.Connection, key: AccountKey, now: float) -> int:
         """Delete the expired leases of other holders; what they held (the account's ``leased`` drops by it)."""
@@ -191,12 +191,14 @@ class AccountStore:
         now = time.time()
         with self.engine.begin() as conn:
             self._begin(conn)
-            row = self._account(conn, key, cap, now)
-            leased = int(row["leased_nanos"]) - self._reclaim(conn, key, now)
+            row, made = self._account(conn, key, cap, now)
+            leased = int(row["leased_nanos"])
             reported = int(row["reported_nanos"]) + used
-            rollup = self.rollup_spend(conn, key) if reconcile else int(row["rollup_nanos"])
+            rollup = self.rollup_spend(conn, key) if reconcile and not made else int(row["rollup_nanos"])
             mine = conn.execute(sa.select(leases.c.amount_nanos).where(key.where(leases),
                                                                         leases.c.holder == self.holder)).scalar()
+            if leased > (mine or 0):  # other replicas hold leases: give back those that expired
+                leased -= self._reclaim(conn, key, now)
             lost = False
             if mine is None:
                 held = 0
