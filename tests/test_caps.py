@@ -485,8 +485,12 @@ def test_a_burst_of_4_processes_x_8_threads_at_one_tenants_cap(database_url: str
         late.kill()
 
 
-def test_a_cap_reached_across_two_processes_sharing_one_database(database_url: str, tmp_path: Path,
+def test_a_cap_reached_across_two_processes_sharing_one_database(postgres_admin_url: str, tmp_path: Path,
                                                                  stub: Any) -> None:
+    """(PostgreSQL: the burst above runs on a SQLite file shared by processes too.)"""
+    from tests.pg import create_database
+
+    database_url = create_database(postgres_admin_url)
     cap = 10 * CALL_NANOS
     _prepare(database_url, tmp_path)
     two = _Replicas(database_url, tmp_path, stub, n=2, threads=1, cap=cap)
