@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from langchain_openai import ChatOpenAI
 
 from costobs_callbacks import CostTracker
-from costobs_callbacks._spool import Spool, encode, read_records
+from costobs_callbacks._export import Spool, encode, read_records
 
 try:
     from .stub_openai import StubReply, StubUsage
@@ -442,9 +442,8 @@ def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_
     from hypothesis import strategies as st
 
     from costobs_callbacks import LoopPolicy, PriceBook
-    from costobs_callbacks._export import BatchExporter
+    from costobs_callbacks._export import BatchExporter, StoreSpool, dump_rows
     from costobs_callbacks._ledger import Ledger
-    from costobs_callbacks._spool import StoreSpool, dump_rows
     from costobs_callbacks._store import Store
     from tests.pg import create_database
     from tests.test_store_paths import PRICES as PATH_PRICES
