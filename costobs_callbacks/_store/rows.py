@@ -189,7 +189,7 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
         _flags_of(sp, run.flags),
         *_RUN_ATTRIBUTION(run), *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
         *(_tier_variant(attrs) if (attrs := run.attributes) else _NO_TIER),
-        flag(False),  # opens_run: set by _write_batch, which learns it from the run's upsert
+        flag(False),  # opens_run: set by Store._insert, which learns it from the run's upsert
     )
 
 
@@ -241,7 +241,7 @@ def _span_row(sp: Span) -> dict[str, Any]:
 
 def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
     """A run's summary row for SQLite, in ``_RUN_COLS`` order: ``acc`` is ``[run, *totals]`` (see
-    ``_write_batch``); its status, reason and end as the run has them now; its attributes as JSON text as the
+    ``_batch_rows``); its status, reason and end as the run has them now; its attributes as JSON text as the
     engine writes it (``_json_text``)."""
     run = acc[0]
     status = run.status
