@@ -12,7 +12,7 @@ Every batch adds its spans to the hourly rollup table (``costobs_rollups_hourly`
 ``rollup()`` reads hours, not spans.
 """
 
-from .migrate import _backfill_rollups, migrations_dir
+from .migrate import _backfill_rollups, _sqlite_write_lock, migrations_dir
 from .queries import RollupRow, run_matches
 from .rows import _tier_variant
 from .schema import _ROLLUP_COLS, HEAD_REVISION, ROLLUP_KEYS, RUN_KEYS, meta_kv, metadata, rollups, runs, spans
@@ -20,5 +20,6 @@ from .store import Store
 
 __all__ = [
     "HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "_ROLLUP_COLS", "_backfill_rollups",
-    "_tier_variant", "meta_kv", "metadata", "migrations_dir", "rollups", "run_matches", "runs", "spans",
+    "_sqlite_write_lock", "_tier_variant", "meta_kv", "metadata", "migrations_dir", "rollups", "run_matches", "runs",
+    "spans",
 ]
