@@ -485,12 +485,10 @@ def test_a_burst_of_4_processes_x_8_threads_at_one_tenants_cap(database_url: str
         late.kill()
 
 
-def test_a_cap_reached_across_two_processes_sharing_one_database(postgres_admin_url: str, tmp_path: Path,
+def test_a_cap_reached_across_two_processes_sharing_one_database(postgres_database: Any, tmp_path: Path,
                                                                  stub: Any) -> None:
     """(PostgreSQL: the burst above runs on a SQLite file shared by processes too.)"""
-    from tests.pg import create_database
-
-    database_url = create_database(postgres_admin_url)
+    database_url = postgres_database()
     cap = 10 * CALL_NANOS
     _prepare(database_url, tmp_path)
     two = _Replicas(database_url, tmp_path, stub, n=2, threads=1, cap=cap)
@@ -506,10 +504,8 @@ def test_a_cap_reached_across_two_processes_sharing_one_database(postgres_admin_
 
 
 def test_a_lease_held_by_a_replica_that_died_goes_back_to_the_tenant_when_it_expires(
-        postgres_admin_url: str, tmp_path: Path, stub: Any) -> None:
-    from tests.pg import create_database
-
-    database_url = create_database(postgres_admin_url)
+        postgres_database: Any, tmp_path: Path, stub: Any) -> None:
+    database_url = postgres_database()
     cap = 6 * CALL_NANOS
     _prepare(database_url, tmp_path)
     # its lease expires 6 rounds (6 s) after its last renewal
@@ -697,11 +693,10 @@ def test_the_rate_is_global_a_replicas_spend_slows_another(tmp_path: Path, stub:
 
 @pytest.mark.parametrize("mode", ["cut", "hang"])
 def test_with_the_database_down_no_exception_reaches_the_app_and_the_last_figures_decide(
-        postgres_admin_url: str, tmp_path: Path, stub: Any, mode: str) -> None:
-    from tests.pg import create_database
+        postgres_database: Any, tmp_path: Path, stub: Any, mode: str) -> None:
     from tests.test_spool import Proxy
 
-    url = create_database(postgres_admin_url)
+    url = postgres_database()
     port = sa.engine.make_url(url).port
     assert port is not None
     proxy = Proxy(port)
@@ -748,11 +743,10 @@ def test_with_the_database_down_no_exception_reaches_the_app_and_the_last_figure
 
 
 def test_a_replica_that_never_reached_the_database_spends_one_provisional_slice(
-        postgres_admin_url: str, tmp_path: Path, stub: Any) -> None:
-    from tests.pg import create_database
+        postgres_database: Any, tmp_path: Path, stub: Any) -> None:
     from tests.test_spool import Proxy
 
-    url = create_database(postgres_admin_url)
+    url = postgres_database()
     _prepare(url, tmp_path)
     port = sa.engine.make_url(url).port
     assert port is not None
