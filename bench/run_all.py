@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "exporter_throughput": ("Exporter into SQLite", ["--runs", "5000", "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
     "instructions": ("Instructions (callgrind)", ["--quick"]),
+    "caps_overhead": ("Tenant spend caps", ["--rounds", "15", "--batch", "100", "--first-calls", "10"]),
 }
 PROFILE = ("profile_handler", ("Handler profile", ["--calls", "5000"]))
 

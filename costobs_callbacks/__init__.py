@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
+from ._caps import CapPolicy
 from ._events import COST_EVENT
 from ._exceptions import (
     BudgetExceededError,
@@ -39,6 +40,7 @@ __all__ = [
     "Budget",
     "BudgetExceededError",
     "BudgetWarning",
+    "CapPolicy",
     "ConfigurationError",
     "CostGuardMiddleware",
     "CostTracker",

@@ -60,6 +60,15 @@ class RunScope:
         self._tracker.ledger.end(self._scope_key, status=status, error=exc)
 
     async def __aenter__(self) -> RunScope:
+        caps = self._tracker._caps
+        if caps is not None:  # wait here for the tenant's rate, or a first lease: hooks inside cannot always await
+            from ._caps.throttle import entries_for, wait_async
+
+            try:
+                entries = entries_for(caps, self._tracker.ledger, None, self._meta)
+            except Exception:  # never the app's problem: its calls are checked by their own hooks
+                entries = ()
+            await wait_async(caps, entries)
         return self.__enter__()
 
     async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:

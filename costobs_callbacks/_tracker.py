@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.utils.uuid import uuid7
 
+from ._caps import SpendCaps, coerce_cap_table
 from ._events import TokenUsage
 from ._exceptions import ConfigurationError
 from ._export import BatchExporter, Spool, StoreSpool, Watchdog, default_spool_dir
-from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
+from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from, user_hash
 from ._ledger.manual import record
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
 from ._pricing import MAX_TOKENS, PriceBook
@@ -58,6 +59,13 @@ class CostTracker:
         refresh_prices: fetch newer catalog data from its publisher in the background (opt-in).
         export_delay: seconds between background writes (lower: fresher rollups, more transactions).
         max_queue_size: spans held in memory before new ones are dropped (and counted).
+        tenant_budgets: tenant id -> spend limits held across every replica sharing the database: ``daily_usd``,
+            ``monthly_usd`` (calendar periods in UTC), ``usd_per_minute`` (a rate: calls wait, up to ``max_wait_s``,
+            default 30, then are refused); ``"*"``: the limits of every tenant not named. A call of a run whose
+            tenant is at its cap is refused with ``BudgetExceededError`` before it is sent.
+        user_budgets: the same per user id (kept hashed, as everywhere).
+        cap_refresh_s: how old the shared figures the caps decide on may be (seconds): how often each replica reports
+            its spend, renews its leases and reads the store's figures again.
         spool_dir: where batches the database does not take are kept until it does (default: a folder per
             database under the user's cache directory); they are replayed in order, by this process or the next.
         db_timeout: seconds a database call of the exporter may take (PostgreSQL: ``connect_timeout``,
@@ -86,6 +94,9 @@ class CostTracker:
         max_queue_size: int = 65_536,
         spool_dir: str | os.PathLike[str] | None = None,
         db_timeout: float = 10.0,
+        tenant_budgets: Mapping[str, Any] | None = None,
+        user_budgets: Mapping[str, Any] | None = None,
+        cap_refresh_s: float = 5.0,
     ) -> None:
         if isinstance(require, str):
             require = (require,)
@@ -98,6 +109,12 @@ class CostTracker:
         default_budget, default_loops = coerce_budget(budget), coerce_loops(loops)  # before any thread or file
         if isinstance(db_timeout, bool) or not isinstance(db_timeout, (int, float)) or not db_timeout > 0:
             raise ConfigurationError(f"db_timeout must be a number of seconds > 0, got {db_timeout!r}")
+        if (isinstance(cap_refresh_s, bool) or not isinstance(cap_refresh_s, (int, float))
+                or not 0.05 <= cap_refresh_s <= 3600):
+            raise ConfigurationError(
+                f"cap_refresh_s must be a number of seconds from 0.05 to 3600, got {cap_refresh_s!r}")
+        tenant_caps = coerce_cap_table("tenant_budgets", tenant_budgets, "tenant")
+        coerce_cap_table("user_budgets", user_budgets, "user")  # checked now; keyed by hash once the salt is known
         self.database_url = database_url or os.environ.get("COSTOBS_DATABASE_URL") or DEFAULT_DATABASE_URL
         self.prices = PriceBook(prices, tool_prices=tool_prices, refresh=refresh_prices)
         self.store = Store(self.database_url, engine_kwargs=_timeouts(self.database_url, db_timeout))
@@ -127,6 +144,10 @@ class CostTracker:
             logger.error("costobs: database unavailable at start (%r); spans are queued and retried", exc)
         self._spool = StoreSpool(self.store, spool, after=lambda: self.ledger.trim_recent(),
                                  watchdog=self._watchdog)
+        salt_bytes = salt_from(salt)
+        user_caps = coerce_cap_table("user_budgets", user_budgets, "user", lambda uid: user_hash(salt_bytes, uid))
+        self._caps = (SpendCaps(self.store.engine, tenant_caps, user_caps, float(cap_refresh_s))
+                      if tenant_caps is not None or user_caps is not None else None)
         self.exporter = BatchExporter(
             self._write, schedule_delay=export_delay, max_queue_size=max_queue_size, on_start=_warm_tokenizers,
             fallback=self._spool,
@@ -139,6 +160,7 @@ class CostTracker:
             loops=default_loops,
             require=req,
             on_budget_warning=on_budget_warning,
+            caps=self._caps,
         )
         self._handler: CostCallbackHandler | None = None
         self._handler_lock = threading.Lock()
@@ -165,9 +187,14 @@ class CostTracker:
         if self._handler is None:
             with self._handler_lock:
                 if self._handler is None:
-                    from .integrations.langchain import CostCallbackHandler
+                    if self._caps is not None:  # its model starts can await on an event loop (see _caps.throttle)
+                        from .integrations.langchain_caps import CappedCallbackHandler
 
-                    self._handler = CostCallbackHandler(self.ledger)
+                        self._handler = CappedCallbackHandler(self.ledger, self._caps)
+                    else:
+                        from .integrations.langchain import CostCallbackHandler
+
+                        self._handler = CostCallbackHandler(self.ledger)
         return self._handler
 
     def config(
@@ -456,7 +483,14 @@ class CostTracker:
         content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``).
         ``spooled`` counts the items sent to the spool (the database did not take them), ``replayed`` those
         written from it (this process's and those found from processes gone), ``in_spool`` those still only
-        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too)."""
+        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too).
+
+        Spend caps (0 without them): ``caps_refused`` calls refused at a tenant's or user's cap; ``throttled`` calls
+        that waited for a ``usd_per_minute`` rate, ``throttle_wait_ms`` how long in all, ``throttle_refused`` calls
+        refused past ``max_wait_s``; ``caps_lease_waits`` / ``caps_lease_wait_ms`` calls that waited for a lease this
+        replica did not have yet; ``caps_store_errors`` rounds of the caps' thread the database failed;
+        ``caps_offline`` 1 while it cannot be reached; ``caps_leases_lost`` leases found given back after they
+        expired (this replica was away too long)."""
         out = self.exporter.stats.as_dict()
         sp = self._spool.spool
         out["replayed"] = sp.replayed
@@ -467,6 +501,7 @@ class CostTracker:
         out["internal_errors"] = self.ledger.internal_errors
         out["sanitized"] = self.store.sanitized
         out["open_runs"] = len(self.ledger.runs)
+        out.update(self._caps.stats() if self._caps is not None else _NO_CAPS_STATS)
         out["pending"] = self.exporter.pending()
         return out
 
@@ -493,6 +528,8 @@ class CostTracker:
         if li is not None:  # leave LlamaIndex's global dispatcher and Settings as they were
             li.uninstrument(self)
         try:
+            if self._caps is not None:  # its leases given back while the database is still open
+                self._caps.close(timeout)
             self.exporter.shutdown(timeout)
         finally:
             self._spool.close()
@@ -507,6 +544,11 @@ class CostTracker:
 
     def __repr__(self) -> str:
         return f"CostTracker({self.store.engine.url.render_as_string(hide_password=True)!r})"
+
+
+_NO_CAPS_STATS = {"caps_refused": 0, "throttled": 0, "throttle_wait_ms": 0, "throttle_refused": 0,
+                  "caps_lease_waits": 0, "caps_lease_wait_ms": 0, "caps_store_errors": 0, "caps_offline": 0,
+                  "caps_leases_lost": 0}
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:

@@ -10,6 +10,7 @@ def test_public_api_is_pinned() -> None:
         "Budget",
         "BudgetExceededError",
         "BudgetWarning",
+        "CapPolicy",
         "ConfigurationError",
         "CostGuardMiddleware",
         "CostTracker",

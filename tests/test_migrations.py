@@ -5,10 +5,12 @@ spans fill them. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -17,9 +19,15 @@ from costobs_callbacks import CostTracker
 from costobs_callbacks._events import TokenUsage, UsageDetail
 from costobs_callbacks._store import HEAD_REVISION, migrations_dir
 
+try:
+    from .stub_openai import StubReply, StubUsage
+except ImportError:
+    from stub_openai import StubReply, StubUsage
+
 PRICES = {"m-mig": {"input": "2", "output": "8", "cache_read": "0.2", "cache_write": "2.5"}}
 NEW_COLUMNS = {"cache_write_1h_tokens", "service_tier", "web_search_requests"}
 NEW_0003 = {"tier", "variant", "opens_run"}
+CAP_TABLES = ("costobs_cap_accounts", "costobs_cap_leases", "costobs_cap_buckets")
 
 
 def _alembic(conn: sa.Connection, verb: str, revision: str) -> None:
@@ -93,7 +101,9 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
     with CostTracker(database_url, prices=PRICES) as tracker:  # no salt given: the stored one is used
         with tracker.store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
-                == HEAD_REVISION == "0003"
+                == HEAD_REVISION == "0005"
+            for table in CAP_TABLES:  # the spend caps' tables, empty until a capped call needs them
+                assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one() == 0
             spans_after = _rows(conn, "costobs_spans", "span_id")
             runs_after = _rows(conn, "costobs_runs", "run_id")
             assert conn.execute(sa.text("SELECT value FROM costobs_meta")).scalar_one() == "ab" * 32
@@ -146,6 +156,54 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
         _alembic(conn, "downgrade", "0001")
     with engine.connect() as conn:
         assert not NEW_COLUMNS & {c["name"] for c in sa.inspect(conn).get_columns("costobs_spans")}
+        assert not set(CAP_TABLES) & set(sa.inspect(conn).get_table_names())
         assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_spans")).scalar_one() == 5
         assert [r["span_id"] for r in _rows(conn, "costobs_spans", "span_id")][:3] == ["s-1", "s-2", "s-3"]
+    engine.dispose()
+
+
+def test_a_filled_0003_database_gains_the_cap_tables_and_caps_count_what_its_rollups_hold(
+        database_url: str, tmp_path: Path, stub_openai: Any) -> None:
+    """Spend stored before caps existed (revision 0003's rollups) counts toward a cap configured after the upgrade:
+    the account is made from the rollups of its period."""
+    from langchain_openai import ChatOpenAI
+
+    from costobs_callbacks import BudgetExceededError
+
+    call = 30 * 1_000_000  # 10 in + 20 out at $1,000 per million tokens
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        _alembic(conn, "upgrade", "0003")
+    now = datetime.now(UTC)
+    spent = [dict(hour=int(now.timestamp() // 3600), gkey="a" * 32, feature="chat", tenant_id="t1", kind="llm",
+                  status="ok", cost_hi=0, cost_lo=4 * call, calls=4, llm_calls=4),
+             dict(hour=int(now.timestamp() // 3600), gkey="b" * 32, feature="chat", tenant_id="t2", kind="llm",
+                  status="ok", cost_hi=0, cost_lo=9 * call, calls=9, llm_calls=9)]
+    with engine.begin() as conn:
+        rollups = sa.Table("costobs_rollups_hourly", sa.MetaData(), autoload_with=conn)
+        conn.execute(sa.insert(rollups), spent)
+    stub_openai.responder = lambda record: StubReply("ok", usage=StubUsage(10, 20))
+    caps = {"t1": {"daily_usd": str(Decimal(5 * call).scaleb(-9))}}
+    with CostTracker(database_url, user_salt="s", spool_dir=tmp_path / "sp", tenant_budgets=caps,
+                     prices={"capm": {"input": "1000", "output": "1000"}}) as tracker:
+        with tracker.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() == "0005"
+            kept = sa.Table("costobs_rollups_hourly", sa.MetaData(), autoload_with=conn)
+            assert [(r.tenant_id, r.cost_lo, r.calls) for r in conn.execute(
+                sa.select(kept).order_by(kept.c.gkey))] == [("t1", 4 * call, 4), ("t2", 9 * call, 9)]
+        llm = ChatOpenAI(model="capm", base_url=stub_openai.base_url, api_key="sk-test", max_retries=0,
+                         max_tokens=20)
+        llm.invoke("hi", config=tracker.config(tenant_id="t1"))  # 4 spent before, under 5: may start
+        with pytest.raises(BudgetExceededError) as info:
+            llm.invoke("hi", config=tracker.config(tenant_id="t1"))
+        assert info.value.spent == Decimal(5 * call).scaleb(-9)
+        assert stub_openai.count() == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT scope_id, reported_nanos, rollup_nanos FROM costobs_cap_accounts")
+                            ).one() == ("t1", call, 4 * call)
+    with engine.begin() as conn:
+        _alembic(conn, "downgrade", "0003")
+    with engine.connect() as conn:
+        assert not set(CAP_TABLES) & set(sa.inspect(conn).get_table_names())
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_rollups_hourly")).scalar_one() == 3
     engine.dispose()

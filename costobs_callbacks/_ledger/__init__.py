@@ -12,6 +12,7 @@ from .attribution import (
     coerce_budget_quiet,
     coerce_loops_quiet,
     salt_from,
+    user_hash,
 )
 from .core import Ledger
 from .guards import _again, canonical_args
@@ -39,5 +40,5 @@ __all__ = [
     "ATTRIBUTION_KEYS", "BUDGET_META_KEY", "COST_KINDS", "DEFAULT_OUTPUT_HOLD", "LOOPS_META_KEY", "UNATTRIBUTED",
     "Exporter", "Ledger", "PromptOps", "Run", "RunCost", "Span", "Tokens", "_DEFERRED", "_account", "_again",
     "canonical_args", "coerce_budget_quiet", "coerce_loops_quiet", "current_scope", "max_output_tokens", "run_key",
-    "run_text", "salt_from", "span_key", "tokens_of",
+    "run_text", "salt_from", "span_key", "tokens_of", "user_hash",
 ]

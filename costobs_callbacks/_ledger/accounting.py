@@ -18,6 +18,9 @@ def _account(run: Run, span: Span, cost: int, sig: Any) -> None:
         span.reserved = 0
         if run.loose_holds:
             run.loose_holds.discard(span)
+    caps = run.caps  # spend caps hook: its holds given back, its cost spent from the tenant's and user's leases
+    if caps is not None:
+        caps.settle(span, cost)
     if cost:
         run.cost_nanos += cost
         p = span.parent

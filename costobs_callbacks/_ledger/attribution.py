@@ -17,6 +17,9 @@ from .._exceptions import MissingAttributionError
 from .._policy import Budget, LoopPolicy, coerce_budget, coerce_loops
 from .model import _NO_META, ATTRIBUTION_KEYS, UNATTRIBUTED, Exporter, Run, logger
 
+if TYPE_CHECKING:
+    from .._caps import SpendCaps
+
 BUDGET_META_KEY = "costobs_budget"
 
 
@@ -188,6 +191,11 @@ def salt_from(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
+def user_hash(salt: bytes, user_id: str) -> str:
+    """A user id as stored: its HMAC-SHA256 under the tracker's salt, in hex (never the id itself)."""
+    return hmac.new(salt, user_id.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+
+
 def _copy_attribution(src: Run, dst: Run) -> None:
     """What ``Ledger._attribute`` set on ``src``, onto ``dst``."""
     dst.feature, dst.route, dst.tenant_id, dst.user_hash, dst.prompt_version = (
@@ -197,6 +205,13 @@ def _copy_attribution(src: Run, dst: Run) -> None:
 
 
 _FIRST_CHECKED, _FIRST_FREE, _FIRST_DEFER, _FIRST_ESTIMATE = 0, 1, 2, 4
+
+
+_FIRST_CAPS = 8
+"""Beside ``_FIRST_FREE``: the run's tenant or user has spend caps (``SpendCaps.admit`` checks the first call)."""
+
+
+_FIRST_GUARDED = _FIRST_ESTIMATE | _FIRST_CAPS
 
 
 class AttributionMixin:
@@ -210,12 +225,13 @@ class AttributionMixin:
         _salt: bytes
         _user_cache: dict[str, str]
         _attr_memo: dict[tuple[Any, ...], _Attribution]
+        caps: SpendCaps | None
 
     def hash_user(self, user_id: Any) -> str:
         key = str(user_id)
         h = self._user_cache.get(key)
         if h is None:
-            h = hmac.new(self._salt, key.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+            h = user_hash(self._salt, key)
             if len(self._user_cache) > 4096:
                 self._user_cache.clear()
             self._user_cache[key] = h
@@ -340,8 +356,11 @@ class AttributionMixin:
         if loops is None:
             loops = self.default_loops
         run_loops = loops if loops.enabled else None
+        first = _first_call(run_budget, run_loops)
+        if first and self.caps is not None and self.caps.applies(tenant_id, user_hash):  # spend caps hook
+            first |= _FIRST_CAPS
         return (feature, route, tenant_id, user_hash, prompt_version, MappingProxyType(attrs) if attrs else _NO_META,
-                run_budget, max_cost, run_loops, _first_call(run_budget, run_loops), tuple(dict.fromkeys(flags)))
+                run_budget, max_cost, run_loops, first, tuple(dict.fromkeys(flags)))
 
     @staticmethod
     def _budget_from_meta(value: Any) -> Budget | None:

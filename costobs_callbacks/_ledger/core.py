@@ -21,10 +21,12 @@ from .._exceptions import RunAborted
 from .._policy import Budget, BudgetHook, LoopPolicy
 from .accounting import _account
 from .attribution import (
+    _FIRST_CAPS,
     _FIRST_CHECKED,
     _FIRST_DEFER,
     _FIRST_ESTIMATE,
     _FIRST_FREE,
+    _FIRST_GUARDED,
     AttributionMixin,
     _Attribution,
     _copy_attribution,
@@ -53,6 +55,7 @@ from .model import (
 )
 
 if TYPE_CHECKING:
+    from .._caps import SpendCaps
     from .._pricing import PriceBook, UnitPrices
 
 
@@ -73,8 +76,10 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         loops: LoopPolicy | None = None,
         require: Iterable[str] = (),
         on_budget_warning: BudgetHook | None = None,
+        caps: SpendCaps | None = None,
     ) -> None:
         self.prices = prices
+        self.caps = caps  # spend caps hook: tenant and user caps (None: none configured)
         self.exporter = exporter
         self._salt = user_salt
         self.default_budget = budget if budget is not None and not budget.is_empty() else None
@@ -109,7 +114,8 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         # is the tracker's own: when nothing in it can refuse such a call (no required attribution key, no budget, no
         # loop limit that applies to a first call), an adapter may record the call whole at its end (``record_llm``).
         first = _first_call(self.default_budget, self.default_loops if self.default_loops.enabled else None)
-        self.lone_calls = not self.require and first != _FIRST_CHECKED and not first & _FIRST_ESTIMATE
+        self.lone_calls = (not self.require and first != _FIRST_CHECKED and not first & _FIRST_ESTIMATE
+                           and caps is None)
         self._lone_attr: _Attribution | None = None
 
     def open_run(
@@ -260,10 +266,13 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                 return None
             self.runs[key] = run
             self.spans[key] = span
-        if first & _FIRST_ESTIMATE and run.max_cost_nanos is not None:
-            assert run.budget is not None
+        if first & _FIRST_GUARDED:
             try:
-                self._check_llm_estimate(run, span, run.budget)
+                if first & _FIRST_ESTIMATE and run.max_cost_nanos is not None:
+                    assert run.budget is not None
+                    self._check_llm_estimate(run, span, run.budget)
+                if first & _FIRST_CAPS and self.caps is not None:  # spend caps hook (after every other guard)
+                    self.caps.admit(run, span, self)
             except RunAborted:
                 with run.lock:  # a refused call was never made
                     run.steps -= 1

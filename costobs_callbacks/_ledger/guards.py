@@ -14,6 +14,7 @@ from .._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy
 from .model import _DEFERRED, COST_KINDS, Run, Span, _usd, logger
 
 if TYPE_CHECKING:
+    from .._caps import SpendCaps
     from .._pricing import PriceBook
 
 
@@ -71,6 +72,10 @@ class GuardsMixin:
         def _reserve(self, run: Run, span: Span, budget: Budget, estimate: int, what: str, detail: dict[str, Any],
                      least: int | None = None) -> None: ...
 
+        caps: SpendCaps | None
+
+        def cap_estimate(self, span: Span) -> int: ...
+
     def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
         if run.aborted is not None:
             raise _again(run.aborted)
@@ -103,7 +108,7 @@ class GuardsMixin:
                 else:
                     run.llm_calls += 1
                     nth = run.llm_calls
-            if budget is None:
+            if budget is None and self.caps is None:  # spend caps hook: capped trackers take the full checks
                 if loops is None:
                     return
                 if kind != "tool" and (max_steps is None or steps <= max_steps):
@@ -185,6 +190,8 @@ class GuardsMixin:
                     self._check_llm_estimate(run, span, budget)
         if loops is not None:
             self._check_loops(run, span, loops, tool_args, steps)
+        if kind != "tool" and self.caps is not None:  # spend caps hook: last, so that nothing refuses after its holds
+            self.caps.admit(run, span, self)
 
     def _check_loops(self, run: Run, span: Span, loops: LoopPolicy, tool_args: Any, steps: int) -> None:
         if loops.max_steps is not None and steps > loops.max_steps:

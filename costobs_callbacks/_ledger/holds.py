@@ -88,6 +88,23 @@ class HoldsMixin:
                 f"({prompt_tokens} prompt tokens" + (f", max_tokens={max_out})" if max_out else ", no max_tokens)"))
         self._reserve(run, span, budget, estimate, what, {"model": span.model, "prompt_tokens": prompt_tokens}, least)
 
+    def cap_estimate(self, span: Span) -> int:
+        """What a model call holds of its tenant's and user's spend caps while in flight (``SpendCaps.admit``): its
+        prompt counted and its output bounded as for a budget's hold (``max_tokens``, else ``output_hold``); 0 for
+        an unpriced model."""
+        prices = self.prices
+        if not prices.is_priced(span.model, span.provider):
+            return 0
+        prompt_tokens = 0
+        ops = span.prompt_ops
+        if span.prompt is not None and ops is not None:
+            try:
+                prompt_tokens, _ = ops.count_tokens(span.model, span.prompt, span.extra)
+            except Exception:  # an odd payload: the output bound alone is held
+                logger.debug("costobs: could not count a capped call's prompt", exc_info=True)
+        out = max_output_tokens(span) or self.output_hold(span.model, span.provider, prompt_tokens)
+        return prices.estimate_nanos(span.model, span.provider, prompt_tokens, out) or 0
+
     def output_hold(self, model: str | None, provider: str | None, prompt_tokens: int) -> int:
         """The output tokens a budget holds for a call that sets no ``max_tokens``: the most this model produced
         in one call in this process, else what its context window leaves after the prompt (the catalog's), else

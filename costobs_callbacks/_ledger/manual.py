@@ -71,6 +71,8 @@ def record(
         else:
             cost, span.prices = priced
             span.cost_nanos = span.tree_cost = cost
+    if ledger.caps is not None:  # spend caps hook: a record counts toward its tenant's and user's caps
+        ledger.caps.bind(run)
     with run.lock:
         run.steps += 1
         if kind == "tool":

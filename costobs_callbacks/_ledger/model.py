@@ -202,6 +202,9 @@ class Run:
     """Pre-call estimates of the calls in flight (sum of their ``Span.reserved``)."""
     loose_holds: set[Span] | None = None
     """Calls in flight holding an upper bound of their estimate."""
+    caps: Any = None
+    """Spend caps hook: the run's tenant and user caps (``_caps.guard._Binding``) once a capped call or record bound
+    them; ``_account`` settles every ended span's cost through it."""
 
     def __init__(self, run_id: str | UUID | int, key: Any, started_wall: float, started_perf: float) -> None:
         self._rid = run_id
@@ -296,6 +299,8 @@ class Span:
     request_sig: Any = None  # int, or _DEFERRED
     reserved = 0
     """nano-USD of the run's budget this call holds while in flight."""
+    cap_holds: Any = None
+    """Spend caps hook: what this call holds of its tenant's and user's caps while in flight (``SpendCaps.admit``)."""
 
     def __init__(
         self, span_id: str | UUID | int, parent: Span | None, run: Run, kind: str, name: str, model: str | None = None,

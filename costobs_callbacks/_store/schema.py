@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 __all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "meta_kv", "metadata", "rollups", "runs", "spans"]
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0005"
 
 metadata = sa.MetaData()
 
