@@ -1,10 +1,11 @@
 """A LangGraph agent with tools, its cost attributed across the whole run tree.
 
-    pip install "costobs-callbacks[langgraph]"
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/langgraph_agent.py
 
-Offline with a fake model that plans two tool calls and reports usage; with OPENAI_API_KEY set and
-langchain-openai installed, it uses gpt-4o-mini.
+Offline with a fake model that plans two tool calls and reports usage; with OPENAI_API_KEY set, it uses
+gpt-4o-mini (through langchain-openai, which the ``examples`` extra installs). A span without a cost of its own
+(a chain step, a tool without a price) shows "-": it adds nothing, it is not a $0 price.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def main() -> None:
               f"{cost.input_tokens} input / {cost.output_tokens} output tokens")
         print("\nthe run tree, as stored:")
         for span in tracker.spans(cfg["run_id"]):
-            own = span["cost_nanos"]
-            print(f"  {span['kind']:<6} {span['name'][:28]:<28} own ${(own or 0) / 1e9:.6f}  "
+            own = span["cost_nanos"]  # None: no cost of its own (a chain step, a tool without a price)
+            own_text = "-" if own is None else f"${own / 1e9:.6f}"
+            print(f"  {span['kind']:<6} {span['name'][:28]:<28} own {own_text:>9}  "
                   f"subtree ${span['tree_cost_nanos'] / 1e9:.6f}")
 
 

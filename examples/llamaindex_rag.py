@@ -1,6 +1,6 @@
 """A LlamaIndex RAG app: ingestion and answers costed, attributed, and stopped by a budget.
 
-    pip install "costobs-callbacks[llamaindex]"
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/llamaindex_rag.py
 
 Runs offline with no API key: LlamaIndex's own ``MockLLM`` (it echoes its prompt) and ``MockEmbedding``,
