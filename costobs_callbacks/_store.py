@@ -3,7 +3,8 @@
 Money is integer nano-USD (``BIGINT``), exact on every database; unit prices are stored as decimal
 text for audit. Times are naive UTC; ``hour`` is the span's start in whole hours since the epoch, so
 hourly and daily buckets are integer arithmetic on any dialect. Every batch also adds its spans to the hourly
-rollup table (``costobs_rollups_hourly``) in the same transaction, so ``rollup()`` reads hours, not spans.
+rollup table (``costobs_rollups_hourly``) and to the rollups by one key (``costobs_rollups_keyed``, see
+``_rollup_keys``) in the same transaction, so ``rollup()`` reads hours or days, not spans.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "migrations_dir", "r
 
 logger = logging.getLogger("costobs_callbacks")
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0006"
 
 metadata = sa.MetaData()
 
@@ -165,6 +166,23 @@ rollups = sa.Table(
 Keys may be NULL, and a unique index does not match NULLs (on SQLite, nor on PostgreSQL before 15's ``NULLS NOT
 DISTINCT``): the conflict target is ``(hour, gkey)``, ``gkey`` a digest of the keys with NULL told apart from any
 text (``_gkey``). The key columns keep their values as the spans have them, NULLs included, for the queries."""
+
+rollups_keyed = sa.Table(
+    "costobs_rollups_keyed",
+    metadata,
+    sa.Column("dim", sa.String(16), nullable=False),
+    sa.Column("grain", sa.Integer(), nullable=False),
+    sa.Column("bucket", sa.Integer(), nullable=False),
+    sa.Column("vkey", sa.String(32), nullable=False),
+    sa.Column("value", sa.String(256)),
+    *(sa.Column(f"{n}_{h}", sa.BigInteger(), nullable=False, server_default="0") for n in _RSUMS for h in ("hi", "lo")),
+    *(sa.Column(n, sa.BigInteger(), nullable=False, server_default="0") for n in _RCOUNTS),
+    sa.Column("latency_max_ms", sa.Float()),
+    sa.PrimaryKeyConstraint("dim", "grain", "bucket", "vkey", name="pk_costobs_rollups_keyed"),
+)
+"""The hourly rollups summed by one key (``dim``, one of ``_rollup_keys.KEYED``) and its value, per hour (``grain``
+1, ``bucket`` the hour) and per UTC day (``grain`` 24, ``bucket`` the day): see ``_rollup_keys``. ``vkey`` is the
+value's digest (``_gkey``), NULL told apart."""
 
 _RKEY_COLS = ("feature", "route", "tenant_id", "tier", "user_hash", "model", "provider", "kind", "name", "status",
               "prompt_version", "variant")
@@ -534,6 +552,8 @@ class Store:
                         conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
                 else:
                     self._merge_rollups_portable(conn, roll_rows)
+            # last: every batch shares its keys' rows, and their locks are held from here to the commit
+            _rollup_keys.write(self, conn, roll_rows, sqlite_fast)
 
     # -- spooled batches (``_spool``): rows kept while the database is away, written when it is back ------
 
@@ -741,7 +761,7 @@ class Store:
         self, *, since: datetime | None = None, until: datetime | None = None, where: Mapping[str, Any] | None = None,
     ) -> Decimal:
         """The total cost of the spans started in ``[since, until)`` matching ``where`` (as ``rollup`` takes them):
-        ``rollup(by=())``'s cost, so read from the hourly rollups whenever they hold the answer."""
+        ``rollup(by=())``'s cost, so read from the rollup tables whenever they hold the answer."""
         rows = self.rollup((), since=since, until=until, where=where)
         return rows[0].cost_usd if rows else Decimal(0)
 
@@ -821,9 +841,10 @@ class Store:
     ) -> list[RollupRow]:
         """Costs, tokens and calls grouped by ``by`` (and by hour or day with ``bucket``), in ``[since, until)``.
 
-        Read from the hourly rollup table when it holds the answer (every key is one of its columns, the window
-        is whole hours, the bucket an hour, a day or none), from the raw spans otherwise: the figures are the
-        same either way. A run counts once (``runs``), in the group of the span that opened it (its first root
+        Read from the rollup tables when they hold the answer (every key is one of their columns, the window is
+        whole hours, the bucket an hour, a day or none: from the rows by one key when that is the only key named,
+        see ``_rollup_keys``, else from the hourly rows), from the raw spans otherwise: the figures are the same
+        either way. A run counts once (``runs``), in the group of the span that opened it (its first root
         span) and so in the window of that span's hour. A rollup by ``model`` or ``provider`` counts model calls
         only (a chain or tool span carries neither, and adds no ``None`` row)."""
         table = bucket in (None, "hour", "day") and _on_the_hour(since) and _on_the_hour(until) \
@@ -831,32 +852,39 @@ class Store:
         return self._rollup(by, since, until, bucket, where, table)
 
     def _rollup(self, by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
-                where: Mapping[str, Any] | None, table: bool) -> list[RollupRow]:
-        """``rollup`` from the rollup table (``table``) or from the raw spans (the tests compare the two)."""
+                where: Mapping[str, Any] | None, table: bool, keyed: bool = True) -> list[RollupRow]:
+        """``rollup`` from the rollup tables (``table``: the keyed rows of one key when they hold the answer and
+        ``keyed``, else the hourly rows) or from the raw spans (the tests compare the three)."""
         self.ensure_schema()
         out: list[RollupRow] = []
+        dim = _rollup_keys.dim_of(by, where) if table and keyed else None
         with self.engine.connect() as conn:
-            if table:
-                rows: list[Any] = list(conn.execute(_table_rollup_query(by, since, until, bucket, where)).mappings())
+            if dim is not None:
+                rows: list[Any] = _dict_rows(conn.execute(_rollup_keys.query(dim, by, since, until, bucket, where)))
+            elif table:
+                rows = _dict_rows(conn.execute(_table_rollup_query(by, since, until, bucket, where)))
             else:
                 rows = self._sums(conn, lambda split: _raw_rollup_query(by, since, until, bucket, where, split))
+            starts: dict[Any, datetime | None] = {None: None}  # a bucket's start, made once per bucket
+            keys = [(k, f"k_{k}") for k in by]
             for r in rows:
                 b = r.get("bucket")
-                if b is not None:
+                bstart = starts.get(b)
+                if bstart is None and b is not None:
                     hours = int(b) * (24 if bucket == "day" else 1)
-                    bstart: datetime | None = datetime.fromtimestamp(hours * 3600, UTC)
-                else:
-                    bstart = None
+                    bstart = starts[b] = datetime.fromtimestamp(hours * 3600, UTC)
                 n = int(r["lat_n"] or 0)
+                cost, inp, out_t, cr, cw, rsn, saved = [
+                    int(r[s]) if s in r else int(r[hi]) * _HALF + int(r[lo]) for s, hi, lo in _HALVES]
                 out.append(RollupRow(
-                    key={k: r[f"k_{k}"] for k in by},
+                    key={k: r[col] for k, col in keys},
                     bucket_start=bstart,
-                    cost_usd=nanos_to_usd(_summed(r, "cost")) or Decimal(0),
-                    input_tokens=_summed(r, "inp"),
-                    output_tokens=_summed(r, "out"),
-                    cache_read_tokens=_summed(r, "cr"),
-                    cache_write_tokens=_summed(r, "cw"),
-                    reasoning_tokens=_summed(r, "rsn"),
+                    cost_usd=nanos_to_usd(cost) or Decimal(0),
+                    input_tokens=inp,
+                    output_tokens=out_t,
+                    cache_read_tokens=cr,
+                    cache_write_tokens=cw,
+                    reasoning_tokens=rsn,
                     llm_calls=int(r["llm"]),
                     tool_calls=int(r["tool"]),
                     runs=int(r["runs"]),
@@ -865,9 +893,11 @@ class Store:
                     unpriced_calls=int(r["unpriced"]),
                     estimated_calls=int(r["est"]),
                     cache_hits=int(r["hits"]),
-                    saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
+                    saved_usd=nanos_to_usd(saved) or Decimal(0),
                 ))
-        out.sort(key=attrgetter("cost_usd"), reverse=True)  # (stable: the database's order among equals)
+        # costliest first; among equal costs by key and bucket, so that every source gives one order
+        out.sort(key=lambda r: (-r.cost_usd, [(v is None, str(v)) for v in r.key.values()],
+                                r.bucket_start or _EPOCH_UTC))
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:
@@ -914,6 +944,7 @@ def _hour_index(dt: datetime) -> int:
 
 
 _EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 
 
 def _filtered(q: Any, t: sa.Table, by: Sequence[str], since: datetime | None, until: datetime | None,
@@ -1071,6 +1102,17 @@ def _sum(x: Any, name: str, split: bool) -> list[Any]:
         return [sa.func.coalesce(sa.func.sum(x), 0).label(name)]
     return [sa.func.coalesce(sa.func.sum(x // _HALF), 0).label(f"{name}_hi"),
             sa.func.coalesce(sa.func.sum(x % _HALF), 0).label(f"{name}_lo")]
+
+
+_HALVES = tuple((n, f"{n}_hi", f"{n}_lo") for n in _RSUMS)
+"""Each money and token sum of a rollup row: its name (the raw spans' one column) and its halves' columns."""
+
+
+def _dict_rows(result: Any) -> list[dict[str, Any]]:
+    """A result's rows as plain dicts, fetched at once (a row mapping's lookups cost more than the query's own work
+    on a rollup's few thousand rows)."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result.all()]
 
 
 def _summed(row: Mapping[str, Any], name: str) -> int:
@@ -1673,3 +1715,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         pass
     finally:
         cur.close()
+
+
+from . import _rollup_keys  # noqa: E402  (it reads this module's tables and helpers: imported once they exist)

@@ -93,7 +93,7 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
     with CostTracker(database_url, prices=PRICES) as tracker:  # no salt given: the stored one is used
         with tracker.store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
-                == HEAD_REVISION == "0003"
+                == HEAD_REVISION == "0006"
             spans_after = _rows(conn, "costobs_spans", "span_id")
             runs_after = _rows(conn, "costobs_runs", "run_id")
             assert conn.execute(sa.text("SELECT value FROM costobs_meta")).scalar_one() == "ab" * 32
