@@ -14,7 +14,8 @@ import os
 import tempfile
 
 from langchain_core.tools import tool
-from langgraph.prebuilt import create_react_agent
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
 
 from costobs_callbacks import CostTracker
 from costobs_callbacks.testing import FakeChatModel
@@ -41,10 +42,27 @@ def make_model():  # type: ignore[no-untyped-def]
                          tool_plan=[("get_weather", {"city": "Lisbon"}), ("get_time", {"city": "Lisbon"})])
 
 
+def build_agent():  # type: ignore[no-untyped-def]
+    """The classic tool-calling loop as a LangGraph graph: the model, then its tool calls, until it answers."""
+    tools = [get_weather, get_time]
+    model = make_model().bind_tools(tools)
+
+    def call_model(state: MessagesState) -> dict:  # type: ignore[type-arg]
+        return {"messages": [model.invoke(state["messages"])]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", call_model)
+    graph.add_node("tools", ToolNode(tools))
+    graph.add_edge(START, "agent")
+    graph.add_conditional_edges("agent", tools_condition)
+    graph.add_edge("tools", "agent")
+    return graph.compile()
+
+
 def main() -> None:
     db = os.path.join(tempfile.mkdtemp(), "costobs.db")
     with CostTracker(f"sqlite:///{db}", tool_prices={"get_weather": 0.002}) as tracker:
-        agent = create_react_agent(make_model(), [get_weather, get_time])
+        agent = build_agent()
         cfg = tracker.config(feature="travel-assistant", user_id="u-7", tenant_id="globex", route="/chat")
         result = agent.invoke({"messages": [("user", "Weather and time in Lisbon?")]}, config=cfg)
         print(result["messages"][-1].content[:80])

@@ -50,12 +50,12 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "llamaindex_rag.py": [
         "ingest    RUN_ID: $0.000001240 (62 tokens embedded)",
-        "answer    RUN_ID: $0.000840200 (2 calls: 90 in / 64 out, 2 estimated)",
-        "answer    RUN_ID: $0.000830120 (2 calls: 82 in / 64 out, 2 estimated)",
-        "streamed  RUN_ID: $0.000497600",
+        "answer    RUN_ID: $0.000887700 (2 calls: 109 in / 64 out, 2 estimated)",
+        "answer    RUN_ID: $0.000877620 (2 calls: 101 in / 64 out, 2 estimated)",
+        "streamed  RUN_ID: $0.000545100",
         "stopped   RUN_ID: max_cost_usd, spent $0.000000120",
-        "rag-answer: $0.001670440 over 5 model calls in 3 runs",
-        "rag-stream: $0.000497600 over 2 model calls in 1 runs",
+        "rag-answer: $0.001765440 over 5 model calls in 3 runs",
+        "rag-stream: $0.000545100 over 2 model calls in 1 runs",
         "    ingest: $0.000001240 over 1 model calls in 1 runs",
     ],
     "tool_costs.py": [
@@ -85,6 +85,7 @@ def test_example_runs_offline_and_prints_its_figures(name: str, tmp_path: Path) 
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
+    assert "Deprecat" not in p.stderr, p.stderr  # what a reader copies should not be on its way out
     lines = p.stdout.splitlines()
     at = 0
     for want in EXPECTED[name]:  # each expected line, in order
