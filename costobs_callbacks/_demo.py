@@ -8,6 +8,7 @@ the real price catalog, budgets, the loop guard and the SQLite store.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
@@ -169,6 +170,10 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
     runaway = DemoChatModel(model_name="o3-mini", reasoning_tokens=512, loop_forever=True,
                             tool_plan=[("web_search", {"query": "everything"})])
     runaway_id = uuid7()
+    # LangChain logs a warning "Error in CostCallbackHandler..." as it re-raises a handler's exception: here that is
+    # the stop the report prints, so it is not repeated on stderr as if something had gone wrong
+    lc_log = logging.getLogger("langchain_core.callbacks.manager")
+    lc_log.addFilter(_not_a_stop)
     try:
         make_agent(runaway).invoke(
             {"question": "research everything"},
@@ -177,10 +182,18 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
         )
     except RunAborted as exc:
         aborted.append(exc)
+    finally:
+        lc_log.removeFilter(_not_a_stop)
     tracker.flush()
     result = print_report(tracker, out=out, aborted=aborted, runaway_id=str(runaway_id))
     result["runaway_id"] = str(runaway_id)
     return result
+
+
+def _not_a_stop(record: logging.LogRecord) -> bool:
+    """False for LangChain's warning about a handler's exception when that exception is a stop (``RunAborted``)."""
+    return not any(isinstance(a, str) and a.startswith(("BudgetExceededError(", "LoopDetectedError("))
+                   for a in (record.args if isinstance(record.args, tuple) else ()))
 
 
 def print_report(tracker: CostTracker, *, out: Any = print, aborted: Sequence[RunAborted] = (),
