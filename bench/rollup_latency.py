@@ -344,13 +344,13 @@ def measure(url: str, q: dict[str, Any], *, table: bool, reps: int) -> dict[str,
 
 def _statement(store: Any, q: dict[str, Any], table: bool) -> Any:
     """The query ``Store._rollup`` runs for a question: the keyed rows', the hourly rows' or the raw spans'."""
-    from costobs_callbacks import _rollup_keys
-    from costobs_callbacks._store import _raw_rollup_query, _table_rollup_query
+    from costobs_callbacks._store import keyed
+    from costobs_callbacks._store.queries import _raw_rollup_query, _table_rollup_query
 
     args = (q["by"], q.get("since"), q.get("until"), q.get("bucket"), q.get("where"))
-    dim = _rollup_keys.dim_of(q["by"], q.get("where")) if table else None
+    dim = keyed.dim_of(q["by"], q.get("where")) if table else None
     if dim is not None:
-        return _rollup_keys.query(dim, *args)
+        return keyed.query(dim, *args)
     return _table_rollup_query(*args) if table else _raw_rollup_query(*args, False)
 
 
@@ -437,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         load = {b: {"seconds": 0.0, "spans": 0, "keyed_seconds": 0.0} for b in todo}
         if todo:
             # the keyed rollups' share of the load: their upsert timed where the store calls it (nothing else)
-            from costobs_callbacks import _rollup_keys
+            from costobs_callbacks._store import keyed
 
-            write_keyed = _rollup_keys.write
+            write_keyed = keyed.write
 
             def timed_keyed(store: Any, conn: Any, roll_rows: Any, sqlite_fast: bool) -> None:
                 t0 = time.perf_counter()
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     load[store.dialect]["keyed_seconds"] += time.perf_counter() - t0
 
-            _rollup_keys.write = timed_keyed  # type: ignore[assignment]
+            keyed.write = timed_keyed  # type: ignore[assignment]
             for b in todo:  # a half-loaded database from an interrupted run starts again
                 with stores[b].engine.begin() as c:
                     for t in ("costobs_rollups_keyed", "costobs_rollups_hourly", "costobs_spans", "costobs_runs"):

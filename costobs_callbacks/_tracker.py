@@ -21,13 +21,12 @@ from langchain_core.utils.uuid import uuid7
 
 from ._events import TokenUsage
 from ._exceptions import ConfigurationError
-from ._export import BatchExporter
+from ._export import BatchExporter, Spool, StoreSpool, Watchdog, default_spool_dir
 from ._ledger import BUDGET_META_KEY, LOOPS_META_KEY, Ledger, RunCost, run_text, salt_from
 from ._ledger.manual import record
 from ._policy import Budget, BudgetHook, LoopPolicy, coerce_budget, coerce_loops
 from ._pricing import MAX_TOKENS, PriceBook
 from ._scope import RunScope
-from ._spool import Spool, StoreSpool, Watchdog, default_spool_dir
 from ._store import ROLLUP_KEYS, RUN_KEYS, RollupRow, Store, run_matches
 
 if TYPE_CHECKING:

@@ -1,4 +1,6 @@
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,35 +46,45 @@ def cost_tracker_factory(tmp_path):
         tracker.close()
 
 
-# -- storage backends: SQLite always; PostgreSQL when the server binaries are on the machine ------------
+# -- storage backends: SQLite always; PostgreSQL on the machine's server (tests/pg.py) --------------------
 
 @pytest.fixture(scope="session")
-def postgres_admin_url():  # type: ignore[no-untyped-def]
-    import shutil
-    import tempfile
-    from pathlib import Path
+def postgres_admin_url() -> str:
+    """The machine's PostgreSQL server (``$COSTOBS_TEST_POSTGRES_URL``, see ``tests/pg.py``). Where it does not
+    answer, the PostgreSQL tests are skipped with the reason; with ``COSTOBS_REQUIRE_POSTGRES=1`` (CI) they fail."""
+    from tests.pg import server_url, unavailable
 
-    from tests.pg import postgres_cluster
+    url = server_url()
+    reason = unavailable(url)
+    if reason is not None:
+        if os.environ.get("COSTOBS_REQUIRE_POSTGRES", "") not in ("", "0"):
+            pytest.fail(f"PostgreSQL is required here (COSTOBS_REQUIRE_POSTGRES=1): {reason}", pytrace=False)
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    return url
 
-    # not under pytest's tmp dirs: those are private to root, and the server runs as "postgres"
-    base = Path(tempfile.mkdtemp(prefix="costobs-pg-"))
-    try:
-        cm = postgres_cluster(base)
-        url = cm.__enter__()
-    except Exception as exc:  # not installed here: the PostgreSQL half is skipped, with the reason
-        if os.environ.get("COSTOBS_REQUIRE_POSTGRES"):
-            raise
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    yield url
-    cm.__exit__(None, None, None)
-    shutil.rmtree(base, ignore_errors=True)
+
+@pytest.fixture
+def postgres_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
+    """Makes fresh, empty databases on the server (each call: a new one, its URL); every one is dropped when the
+    test ends, with the connections still open to it."""
+    from tests.pg import create_database, drop_database
+
+    made: list[str] = []
+
+    def make() -> str:
+        url = create_database(postgres_admin_url)
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database of each backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/costs.db"
-    from tests.pg import create_database
-
-    return create_database(request.getfixturevalue("postgres_admin_url"))
+    make: Callable[[], str] = request.getfixturevalue("postgres_database")
+    return make()

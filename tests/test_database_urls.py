@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,11 @@ def test_close_waits_for_everything_by_default() -> None:
     assert inspect.signature(CostTracker.flush).parameters["timeout"].default is None
 
 
-def test_close_without_a_timeout_ends_when_the_database_hangs(postgres_admin_url: str, tmp_path: Path) -> None:
+def test_close_without_a_timeout_ends_when_the_database_hangs(postgres_database: Callable[[], str],
+                                                              tmp_path: Path) -> None:
     """The database accepts connections and never answers: ``close()`` returns once every span is in the
     database or the spool (each write gives up after ``db_timeout``), and the next tracker replays the spool."""
-    from tests.pg import create_database
-
-    direct = create_database(postgres_admin_url)
+    direct = postgres_database()
     proxy = Proxy(int(sa.engine.make_url(direct).port or 5432))
     via = sa.engine.make_url(direct).set(port=proxy.port).render_as_string(hide_password=False)
     try:

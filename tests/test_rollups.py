@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -82,11 +82,9 @@ def _alembic(conn: sa.Connection, verb: str, revision: str) -> None:
 
 
 @pytest.fixture
-def stores(tmp_path: Path, postgres_admin_url: str) -> Iterator[list[Store]]:
-    from tests.pg import create_database
-
+def stores(tmp_path: Path, postgres_database: Callable[[], str]) -> Iterator[list[Store]]:
     made = [Store(f"sqlite:///{tmp_path}/fast.db"), Store(f"sqlite:///{tmp_path}/portable.db"),
-            Store(create_database(postgres_admin_url))]
+            Store(postgres_database())]
     made[1]._portable()
     for s in made:
         s.ensure_schema()

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from langchain_openai import ChatOpenAI
 
 from costobs_callbacks import CostTracker
-from costobs_callbacks._spool import Spool, encode, read_records
+from costobs_callbacks._export import Spool, encode, read_records
 
 try:
     from .stub_openai import StubReply, StubUsage
@@ -289,10 +289,8 @@ def test_sqlite_file_deleted_and_made_again_is_written_to(tmp_path, stub_openai)
 # -- PostgreSQL through a proxy ----------------------------------------------------------------------
 
 @pytest.fixture
-def pg(postgres_admin_url):
-    from tests.pg import create_database
-
-    url = create_database(postgres_admin_url)
+def pg(postgres_database):
+    url = postgres_database()
     port = sa.engine.make_url(url).port
     proxy = Proxy(int(port))
     yield url, proxy, str(sa.engine.make_url(url).set(port=proxy.port).render_as_string(False))
@@ -434,7 +432,7 @@ def test_flush_counts_what_is_found_spooled_at_start(tmp_path, stub_openai):
 
 # -- the spooled path writes what the direct one writes -------------------------------------------------
 
-def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_admin_url):
+def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_database):
     """The same random spans (malformed ones included: see ``test_store_paths``), written by ``write_batch``
     and, through the spool's JSON, by ``write_rows``, on each write path: the same rows, the same sanitising;
     two records replayed together as two batches written one after the other."""
@@ -442,11 +440,9 @@ def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_
     from hypothesis import strategies as st
 
     from costobs_callbacks import LoopPolicy, PriceBook
-    from costobs_callbacks._export import BatchExporter
+    from costobs_callbacks._export import BatchExporter, StoreSpool, dump_rows
     from costobs_callbacks._ledger import Ledger
-    from costobs_callbacks._spool import StoreSpool, dump_rows
     from costobs_callbacks._store import Store
-    from tests.pg import create_database
     from tests.test_store_paths import PRICES as PATH_PRICES
     from tests.test_store_paths import _make, _stored, call
 
@@ -454,7 +450,7 @@ def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_
     for kind in ("fast", "portable", "pg"):
         pair = []
         for side in ("direct", "spooled"):
-            url = create_database(postgres_admin_url) if kind == "pg" else f"sqlite:///{tmp_path}/{kind}-{side}.db"
+            url = postgres_database() if kind == "pg" else f"sqlite:///{tmp_path}/{kind}-{side}.db"
             s = Store(url)
             if kind == "portable":
                 s._portable()

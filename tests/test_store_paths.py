@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,9 @@ def _make(ledger: Ledger, c: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def stores(tmp_path: Path, postgres_admin_url: str) -> Iterator[list[Store]]:
-    from tests.pg import create_database
-
+def stores(tmp_path: Path, postgres_database: Callable[[], str]) -> Iterator[list[Store]]:
     made = [Store(f"sqlite:///{tmp_path}/fast.db"), Store(f"sqlite:///{tmp_path}/portable.db"),
-            Store(create_database(postgres_admin_url))]
+            Store(postgres_database())]
     made[1]._portable()
     assert (made[0]._fast, made[1]._fast, made[2]._fast, made[2].dialect) == (True, False, True, "postgresql")
     for s in made:

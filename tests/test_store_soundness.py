@@ -9,6 +9,7 @@ own API (figures past BIGINT are made here that way: ``Ledger.start`` / ``end_ll
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
@@ -172,12 +173,10 @@ def test_what_the_database_still_refuses_is_lost_alone(tmp_path: Any, stub_opena
         assert (row.key, row.cost_usd, row.llm_calls) == ({"feature": "good"}, GOOD * usd(10, 2), GOOD)
 
 
-def test_text_too_long_for_its_column_is_cut_on_postgresql(postgres_admin_url: str) -> None:
+def test_text_too_long_for_its_column_is_cut_on_postgresql(postgres_database: Callable[[], str]) -> None:
     """A value longer than its column (here a run id from the ledger's own API, which takes any text) is refused
     by PostgreSQL; it is stored cut to the column and flagged, and its batch-mates are stored as they are."""
-    from tests.pg import create_database
-
-    with CostTracker(create_database(postgres_admin_url), user_salt="s", prices=PRICES, export_delay=3600) as t:
+    with CostTracker(postgres_database(), user_salt="s", prices=PRICES, export_delay=3600) as t:
         ledger = t.ledger
         for rid in ("r" * 80, "fine"):
             ledger.start(f"s-{rid}", None, "llm", "ChatOpenAI", {"feature": "f"}, MODEL, "openai", root=True,

@@ -1,5 +1,5 @@
 """Rollups by one key (``costobs_rollups_keyed``): the hourly rollups summed per key value, by hour and by UTC day,
-so that a rollup by one key reads as many rows as its answer has (see ``costobs_callbacks._rollup_keys``).
+so that a rollup by one key reads as many rows as its answer has (see ``costobs_callbacks._store.keyed``).
 
 The table is filled from the hourly rollups already stored, so an upgraded database answers as before.
 
@@ -23,7 +23,7 @@ _COUNTS = ("llm_calls", "tool_calls", "runs", "calls", "unpriced_calls", "estima
 
 
 def upgrade() -> None:
-    from costobs_callbacks._rollup_keys import backfill
+    from costobs_callbacks._store.keyed import backfill
 
     op.create_table(
         "costobs_rollups_keyed",

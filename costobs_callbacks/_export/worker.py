@@ -6,7 +6,7 @@ emitted before it; ``shutdown`` runs once, with a deadline, also at interpreter 
 a fresh queue and thread. Failures of the sink are retried with backoff (nothing is lost while the store
 comes back); what still cannot be written, and what overflows a full queue, is counted and logged.
 
-With a ``Fallback`` (the tracker's spool, see ``_spool``), a batch the sink fails to take for any reason but
+With a ``Fallback`` (the tracker's spool, see ``fallback``), a batch the sink fails to take for any reason but
 its content is handed to it at once instead (the thread never sleeps on a database that is away), and every
 later batch follows it there while it holds a backlog, so that the database receives them in order; the
 fallback's ``tick`` replays the backlog on the worker's thread, between batches.
@@ -22,34 +22,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["BatchExporter", "ExportStats", "Fallback", "PoisonBatch"]
+from .sink import Fallback, PoisonBatch
+
+__all__ = ["BatchExporter", "ExportStats"]
 
 logger = logging.getLogger("costobs_callbacks")
-
-
-class PoisonBatch(Exception):
-    """Raised by a sink when a batch failed because of its *content* (a row the database refuses),
-    not because the database is unreachable: retrying the same batch cannot help, so the exporter
-    splits it to write every good item and count the bad ones."""
-
-
-class Fallback(Protocol):
-    """Where batches go while the sink cannot take them (called on the worker's thread only)."""
-
-    def divert(self) -> bool:
-        """True: send the next batch to ``keep`` without trying the sink (a backlog to keep order behind)."""
-
-    def keep(self, batch: Sequence[Any]) -> bool:
-        """Keep a batch for later; False if it could not be kept either."""
-
-    def tick(self, final: bool = False, budget: float = 1.0) -> bool:
-        """Move what is kept on to the database, when due (``final``: now, once, for up to ``budget`` s).
-        True: more is ready to move at once (the worker goes on without waiting)."""
-
-    def backlog(self) -> int:
-        """Items kept, not yet in the database."""
 
 
 class ExportStats:

@@ -24,17 +24,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ._store import (
-    _LLM_KINDS,
-    _MODEL_KEYS,
-    _ROLLUP_ADDS,
-    _ROLLUP_COLS,
-    _RSUMS,
-    _gkey,
-    _hour_index,
-    _match,
-    rollups_keyed,
-)
+from .rows import _gkey
+from .schema import _LLM_KINDS, _MODEL_KEYS, _ROLLUP_ADDS, _ROLLUP_COLS, _RSUMS, rollups, rollups_keyed
 
 __all__ = ["KEYED", "backfill", "dim_of", "query", "write"]
 
@@ -176,6 +167,8 @@ def query(dim: str, by: Sequence[str], since: datetime | None, until: datetime |
     """A rollup from the keyed rows of ``dim`` (see ``dim_of``) in a window of whole hours: the same columns as
     the store's other rollup queries. Whole days are read from the day rows (unless the bucket is an hour), the
     hours at the window's ends from the hour rows; each part is a range of the table's primary key."""
+    from .queries import _hour_index, _match  # (imported here: the queries read these rows through this module)
+
     t = rollups_keyed.c
     h0 = None if since is None else _hour_index(since)
     h1 = None if until is None else _hour_index(until)
@@ -233,8 +226,6 @@ def query(dim: str, by: Sequence[str], since: datetime | None, until: datetime |
 
 def backfill(conn: sa.Connection) -> int:
     """Fill the keyed rows from the hourly rollup table (migration 0006), key by key; returns how many it wrote."""
-    from ._store import rollups
-
     r = rollups.c
     hours: list[tuple[Any, ...]] = []
     for dim in KEYED:

@@ -1,0 +1,84 @@
+"""``Store``: one database. Its engine (per-dialect options: SQLite's pragmas, the JSON text), its schema
+(``migrate``), its write path (``writes``) and its queries (``queries``), and the user-id salt kept in it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .._exceptions import ConfigurationError
+from .migrate import Migrations
+from .queries import Queries
+from .schema import _json_text, meta_kv
+from .writes import Writes
+
+__all__ = ["Store"]
+
+
+class Store(Migrations, Writes, Queries):
+    """One database. Thread-safe (SQLAlchemy's pool); writes come from the exporter's thread."""
+
+    def __init__(self, url: str, *, engine_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        try:
+            u = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(f"invalid database_url {url!r}: {exc}") from None
+        kwargs: dict[str, Any] = {"future": True}
+        if u.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True
+        if u.get_backend_name() in ("sqlite", "postgresql", "mysql", "mariadb"):
+            # JSON with its characters as they are: text the driver cannot encode is refused as in any other
+            # column (and sanitised alike, see write_batch), not hidden in a \u escape PostgreSQL refuses
+            kwargs["json_serializer"] = _json_text
+        if engine_kwargs:
+            kwargs.update(engine_kwargs)
+        try:
+            self.engine: Engine = sa.create_engine(u, **kwargs)
+        except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise ConfigurationError(f"cannot use database_url {url!r}: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._prepare_writes()
+
+    def get_or_create_salt(self) -> bytes:
+        """The user-id salt kept in the database, so every process hashes ids alike."""
+        self.ensure_schema()
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).first()
+            if row is not None:
+                return bytes.fromhex(row[0])
+            salt = secrets.token_hex(32)
+            try:
+                conn.execute(sa.insert(meta_kv).values(key="user_salt", value=salt))
+            except sa.exc.IntegrityError:
+                pass
+        with self.engine.connect() as conn:
+            val = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).scalar_one()
+        return bytes.fromhex(val)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+    except Exception:  # a read-only or in-memory database
+        pass
+    finally:
+        cur.close()

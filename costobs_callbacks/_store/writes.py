@@ -1,0 +1,400 @@
+"""The write path: a batch in one transaction (its runs' rows upserted, its spans inserted, its hourly rollups
+upserted), on SQLite and PostgreSQL each through its fastest form, on any other dialect through SQLAlchemy Core.
+
+A batch the database refuses for its content is written again with every value made to fit (``fitting``); one
+refused even so raises ``PoisonBatch``, and the exporter bisects it so that only the refused rows are lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .._export import PoisonBatch
+from . import keyed
+from .fitting import _fit_rows, _fit_span_row, _is_data_error
+from .rows import (
+    _RKEY_OF,
+    _batch_invocations,
+    _batch_rows,
+    _from_neutral,
+    _neutral_run,
+    _neutral_span,
+    _rollup_groups,
+    _rollup_tuple,
+    _run_row,
+    _span_row,
+    _span_tuple,
+    _sqlite_dt,
+    _sqlite_run_tuple,
+    _utc,
+)
+from .schema import (
+    _BIG_MAX,
+    _BIG_SUMS,
+    _I_OPENS,
+    _RKEY_COLS,
+    _ROLLUP_ADDS,
+    _ROLLUP_COLS,
+    _RUN_COLS,
+    _RUN_SUMS,
+    _SPAN_COLS,
+    rollups,
+    runs,
+    spans,
+)
+
+__all__ = ["Writes"]
+
+logger = logging.getLogger("costobs_callbacks")
+
+_CHUNK_SIZES = (1024, 512, 256, 64, 16, 4, 1)
+
+_SQLITE_SPAN_HEAD = f"INSERT INTO costobs_spans ({', '.join(_SPAN_COLS)}) VALUES "
+_SQLITE_RUN_HEAD = f"INSERT INTO costobs_runs ({', '.join(_RUN_COLS)}) VALUES "
+
+
+def _sqlite_grow(k: str) -> str:
+    if k not in _BIG_SUMS:
+        return f"{k} = costobs_runs.{k} + excluded.{k}"
+    return (f"{k} = CASE WHEN excluded.{k} > 0 AND costobs_runs.{k} > {_BIG_MAX} - excluded.{k} THEN {_BIG_MAX} "
+            f"WHEN excluded.{k} < 0 AND costobs_runs.{k} < -{_BIG_MAX} - excluded.{k} THEN -{_BIG_MAX} "
+            f"ELSE costobs_runs.{k} + excluded.{k} END")
+
+
+_SQLITE_RUN_TAIL = (
+    " ON CONFLICT (run_id) DO UPDATE SET "
+    + ", ".join(_sqlite_grow(k) for k in _RUN_SUMS)
+    + ", status = excluded.status, reason = excluded.reason, ended_at = excluded.ended_at"
+    " RETURNING run_id, invocations"
+)
+
+
+def _grow(total: Any, delta: Any, k: str) -> Any:
+    """``total + delta`` for a run's stored total, saturating at BIGINT's bounds (``±(2^63 - 1)``) for money and
+    tokens: a run that reached one (a figure sanitised to it) stays there, instead of refusing every later span
+    of the run. (``_SQLITE_RUN_TAIL`` is the same in SQLite's text.)"""
+    if k not in _BIG_SUMS:
+        return total + delta
+    return sa.case((sa.and_(delta > 0, total > _BIG_MAX - delta), sa.literal(_BIG_MAX, sa.BigInteger())),
+                   (sa.and_(delta < 0, total < -_BIG_MAX - delta), sa.literal(-_BIG_MAX, sa.BigInteger())),
+                   else_=total + delta)
+
+
+_ROLLUP_HEAD = f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) VALUES "
+
+_T = "costobs_rollups_hourly"
+
+_ROLLUP_TAIL = (
+    " ON CONFLICT (hour, gkey) DO UPDATE SET "
+    + ", ".join(f"{k} = {_T}.{k} + excluded.{k}" for k in _ROLLUP_ADDS)
+    + f", latency_max_ms = CASE WHEN excluded.latency_max_ms IS NULL THEN {_T}.latency_max_ms"
+    f" WHEN {_T}.latency_max_ms IS NULL OR excluded.latency_max_ms > {_T}.latency_max_ms"
+    f" THEN excluded.latency_max_ms ELSE {_T}.latency_max_ms END"
+)
+"""The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
+
+_PG_ARRAY = {c: "bigint" for c in _ROLLUP_ADDS} | {c: "text" for c in ("gkey", *_RKEY_COLS)} \
+    | {"hour": "integer", "latency_max_ms": "float8"}
+
+
+class Writes:
+    """``Store``'s write path (a mixin: the engine, the dialect and ``ensure_schema`` are the store's)."""
+
+    engine: Engine
+    dialect: str
+
+    if TYPE_CHECKING:
+        def ensure_schema(self) -> None: ...
+
+    def _prepare_writes(self) -> None:
+        """The write path's state, for this store's dialect and driver (called once, by ``Store.__init__``)."""
+        self.sanitized = 0
+        """Spans stored with a value made to fit its column (flagged ``sanitized``)."""
+        # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
+        # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
+        self._span_insert_sql: str | None = None
+        self._span_row_fn: Any = _span_row
+        self._sql_cache: dict[tuple[str, int], str] = {}
+        self._sqlite_max_vars = 999  # SQLite's limit before 3.32; raised below when the library says so
+        if self.dialect == "sqlite":
+            try:
+                import sqlite3
+
+                probe = sqlite3.connect(":memory:")
+                self._sqlite_max_vars = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                probe.close()
+            except Exception:
+                pass
+        cols = ", ".join(_SPAN_COLS)
+        if self.dialect == "sqlite" and self.engine.dialect.paramstyle == "qmark":
+            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join('?' * len(_SPAN_COLS))})"
+            self._span_row_fn = lambda sp: _span_tuple(sp, _sqlite_dt, int)
+        elif self.dialect == "postgresql" and self.engine.dialect.paramstyle in ("format", "pyformat"):
+            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
+            self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
+        self._fast = self._span_insert_sql is not None
+        # PostgreSQL's rollup upsert takes a column per parameter (arrays, unnested): the driver adapts a few
+        # dozen lists, not a few dozen values per group
+        self._rollup_upsert_sql = (
+            f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) SELECT * FROM unnest("
+            + ", ".join(f"%s::{_PG_ARRAY[c]}[]" for c in _ROLLUP_COLS) + ")" + _ROLLUP_TAIL
+            if self.dialect == "postgresql" else "")
+
+    def _portable(self) -> None:
+        """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
+        self._fast = False
+        self._span_insert_sql = None
+        self._span_row_fn = _span_row
+
+    def write_batch(self, items: Sequence[Any]) -> None:
+        """Write a batch. A batch refused for its content (a figure past the column's range, text the driver
+        cannot encode, a value the database rejects) is written again with every value made to fit (see
+        ``_fit_row``), the spans so changed flagged ``sanitized``; if the database still refuses it,
+        ``PoisonBatch`` makes the exporter bisect it, so only the refused rows are lost. Anything else (the
+        database is down) propagates and is retried.
+
+        Values are made to fit only after a refusal: the common batch pays nothing for it, and the outcome
+        is the same, since the drivers refuse exactly what does not fit (ints past BIGINT, lone surrogates)."""
+        try:
+            self._write_batch(items, False)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            logger.info("costobs: a batch of %d was refused (%r); writing it sanitised", len(items), exc)
+            try:
+                self.sanitized += self._write_batch(items, True)
+            except Exception as exc2:
+                if not _is_data_error(exc2):
+                    raise
+                orig = getattr(exc2, "orig", None)
+                raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
+
+    def _write_batch(self, items: Sequence[Any], fit: bool) -> int:
+        """Write finished spans, the summaries of their runs and their hourly rollups in one transaction (all or
+        nothing: the exporter retries a failed batch whole). With ``fit``, every value is first made to fit its
+        column; returns how many spans that changed.
+
+        Items are finished ``Span`` objects and, for runs refused before any span, ``Run`` objects.
+        Each run touched by the batch gets one upsert: its totals grow by the batch's spans, and its
+        status, reason and end are read from the live run (the root span of a run ends it).
+        """
+        self.ensure_schema()
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        span_rows, run_rows, changed, first_root = _batch_rows(
+            items, self._span_row_fn, _sqlite_run_tuple if sqlite_fast else _run_row, fit)
+        if run_rows:
+            self._insert(span_rows, run_rows, sqlite_fast, first_root)
+        return changed
+
+    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool, first_root: dict[str, int]) -> None:
+        """One transaction: the run rows upserted (their totals grow by the batch's), the span rows inserted, the
+        batch's hourly rollups upserted (from the span rows as stored, fitted values included)."""
+        key_of = _RKEY_OF
+        groups = _rollup_groups(span_rows)
+        roots = _batch_invocations(run_rows)
+        with self.engine.begin() as conn:
+            # The runs first: their upsert tells which runs had no root span stored (``invocations`` was 0), and
+            # the batch's first root span of each of those opens its run (``opens_run``, the rollup's ``runs``).
+            # Read from the write itself, in the batch's transaction, so concurrent writers of one run and a
+            # batch written again after a rollback count it once.
+            stored: Sequence[Any]
+            if sqlite_fast:
+                # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
+                # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
+                # few hundred rows keeps the writer from starving behind the app.
+                stored = self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
+            elif self.dialect == "postgresql":
+                # (read after the upsert, whose row locks keep other writers of these runs waiting until commit;
+                # a RETURNING would make SQLAlchemy send one statement of every row, parsed afresh per batch)
+                conn.execute(self._upsert_runs(), run_rows)
+                ids = list(first_root)
+                if not ids:
+                    stored = ()
+                elif self._span_insert_sql is not None:
+                    stored = conn.exec_driver_sql(
+                        "SELECT run_id, invocations FROM costobs_runs WHERE run_id = ANY(%s)", (ids,)).all()
+                else:
+                    stored = list(self._existing_runs(conn, ids).items())
+            else:
+                stored = self._merge_runs_portable(conn, run_rows)
+            if not span_rows:
+                return
+            for rid, total in stored:
+                at = first_root.get(rid)
+                if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
+                    row = span_rows[at]
+                    if type(row) is tuple:
+                        # True on PostgreSQL (booleans), 1 on SQLite (ints); rows written again keep their type
+                        row = span_rows[at] = (*row[:_I_OPENS], True if type(row[_I_OPENS]) is bool else 1,
+                                               *row[_I_OPENS + 1:])
+                    else:
+                        row["opens_run"] = True
+                        row = tuple(row.values())
+                    groups[key_of(row)][9] += 1
+            roll_rows = [_rollup_tuple(k, g) for k, g in groups.items()]
+            if sqlite_fast:
+                self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
+                self._sqlite_many(conn, _ROLLUP_HEAD, len(_ROLLUP_COLS), roll_rows, _ROLLUP_TAIL)
+            else:
+                if self._span_insert_sql is not None:
+                    # the hot write: straight to the driver's executemany, rows prepared as tuples
+                    conn.exec_driver_sql(self._span_insert_sql, span_rows)
+                else:
+                    conn.execute(sa.insert(spans), span_rows)
+                if self.dialect == "postgresql" and self._span_insert_sql is not None:
+                    if roll_rows:
+                        conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
+                else:
+                    self._merge_rollups_portable(conn, roll_rows)
+            # last: every batch shares its keys' rows, and their locks are held from here to the commit
+            keyed.write(self, conn, roll_rows, sqlite_fast)
+
+    # -- spooled batches (``_export.fallback``): rows kept while the database is away, written when it is back --
+
+    def batch_rows(self, items: Sequence[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """A batch as the rows it would write, in a form any backend can write later and JSON keeps: span rows
+        in ``_SPAN_COLS`` order and run rows in ``_RUN_COLS`` order, times as epoch seconds, flags as booleans,
+        a run's attributes as a dict. Built now, from the live runs (their status as it is now). The first root
+        span of each run carries ``None`` for ``opens_run`` (``write_rows`` decides it when the rows are written)."""
+        span_rows, run_rows, _, first_root = _batch_rows(items, _neutral_span, _neutral_run, False)
+        for at in first_root.values():
+            row = span_rows[at]
+            span_rows[at] = (*row[:_I_OPENS], None, *row[_I_OPENS + 1:])
+        return span_rows, run_rows
+
+    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], *,
+                   fit: bool = True) -> None:
+        """Write rows from ``batch_rows`` in one transaction, as ``write_batch`` writes a batch: refused for their
+        content, written again made to fit (flagged ``sanitized``); refused still (or at once without ``fit``),
+        ``PoisonBatch``."""
+        self.ensure_schema()
+        sqlite_fast = self._fast and self.dialect == "sqlite"
+        first_root: dict[str, int] = {}
+        unmarked: list[Sequence[Any]] = []
+        rid_at = _SPAN_COLS.index("run_id")
+        for i, r in enumerate(span_rows):
+            if r[_I_OPENS] is None:
+                first_root.setdefault(r[rid_at], i)
+                r = (*r[:_I_OPENS], False, *r[_I_OPENS + 1:])
+            unmarked.append(r)
+        sp, rr = _from_neutral(unmarked, run_rows, self._fast, self.dialect)
+        try:
+            self._insert(sp, rr, sqlite_fast, first_root)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                raise
+            if not fit:
+                raise PoisonBatch(str(getattr(exc, "orig", None) or exc)) from exc
+            sp = [list(r) if isinstance(r, tuple) else r for r in sp]
+            hits = []
+            for i, r in enumerate(sp):
+                sp[i], hit = _fit_span_row(tuple(r) if isinstance(r, list) else r)
+                hits.append(hit)
+            rids = [r[rid_at] for r in unmarked]
+            changed = _fit_rows(sp, rr, rids, hits, [r[0] for r in run_rows])
+            try:
+                self._insert(sp, rr, sqlite_fast, first_root)
+            except Exception as exc2:
+                if not _is_data_error(exc2):
+                    raise
+                orig = getattr(exc2, "orig", None)
+                raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
+            self.sanitized += changed
+
+    # -- per dialect ----------------------------------------------------------------------------------
+
+    def _sqlite_many(self, conn: Connection, head: str, ncols: int, rows: Sequence[tuple[Any, ...]],
+                     tail: str) -> list[Any]:
+        """Insert ``rows``, many per statement; the rows a ``RETURNING`` tail returns."""
+        out: list[Any] = []
+        returning = "RETURNING" in tail
+        # Chunks come in a few fixed sizes (1024, 512, 256, 64, 16, 4, 1 rows): sqlite3 caches every distinct
+        # statement it prepares, and one per batch remainder would pile up large compiled programs.
+        group = "(" + ",".join("?" * ncols) + ")"
+        i, n = 0, len(rows)
+        while i < n:
+            size = next(z for z in _CHUNK_SIZES if z <= n - i and z * ncols <= self._sqlite_max_vars)
+            chunk = rows[i:i + size]
+            key = (head, size)
+            sql = self._sql_cache.get(key)
+            if sql is None:
+                sql = self._sql_cache[key] = head + ",".join([group] * size) + tail
+            res = conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+            if returning:
+                out.extend(res.all())
+            i += size
+        return out
+
+    def _upsert_runs(self) -> Any:
+        """PostgreSQL's run upsert (SQLite's is ``_SQLITE_RUN_TAIL``): totals grow by the batch's, saturating."""
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        ins = pg_insert(runs)
+        ex = ins.excluded
+        c = runs.c
+        add = {k: _grow(getattr(c, k), getattr(ex, k), k) for k in _RUN_SUMS}
+        return ins.on_conflict_do_update(
+            index_elements=[c.run_id],
+            set_={**add, "status": ex.status, "reason": ex.reason, "ended_at": ex.ended_at},
+        )
+
+    def _merge_runs_portable(self, conn: Connection, run_rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+        """The run upsert in SQLAlchemy Core alone; returns each run's id and its ``invocations`` now."""
+        existing = self._existing_runs(conn, [r["run_id"] for r in run_rows])
+        new = [r for r in run_rows if r["run_id"] not in existing]
+        old = [r for r in run_rows if r["run_id"] in existing]
+        if new:
+            conn.execute(sa.insert(runs), new)
+        if old:
+            c = runs.c
+            values: dict[str, Any] = {k: _grow(getattr(c, k), sa.bindparam(f"d_{k}", type_=sa.BigInteger()), k)
+                                      for k in _RUN_SUMS}
+            values.update(status=sa.bindparam("d_status"), reason=sa.bindparam("d_reason"),
+                          ended_at=sa.bindparam("d_ended_at"))
+            params = [{"rid": r["run_id"], **{f"d_{k}": r[k] for k in (*_RUN_SUMS, "status", "reason", "ended_at")}}
+                      for r in old]
+            conn.execute(sa.update(runs).where(c.run_id == sa.bindparam("rid")).values(values), params)
+        return [(r["run_id"], existing.get(r["run_id"], 0) + r["invocations"]) for r in run_rows]
+
+    def _merge_rollups_portable(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """The rollup upsert in SQLAlchemy Core alone: the groups already stored grow, the others are inserted."""
+        if not rows:
+            return
+        r = rollups.c
+        have: set[tuple[int, str]] = set()
+        for i in range(0, len(rows), 500):
+            hours = {row[0] for row in rows[i:i + 500]}
+            keys = [row[1] for row in rows[i:i + 500]]
+            have.update((int(h), g) for h, g in conn.execute(
+                sa.select(r.hour, r.gkey).where(r.hour.in_(hours), r.gkey.in_(keys))))
+        new = [dict(zip(_ROLLUP_COLS, row, strict=True)) for row in rows if (row[0], row[1]) not in have]
+        old = [row for row in rows if (row[0], row[1]) in have]
+        if new:
+            conn.execute(sa.insert(rollups), new)
+        if old:
+            values: dict[str, Any] = {k: getattr(r, k) + sa.bindparam(f"d_{k}", type_=sa.BigInteger())
+                                      for k in _ROLLUP_ADDS}
+            cur, new_max = r.latency_max_ms, sa.bindparam("d_latency_max_ms", type_=sa.Float())
+            values["latency_max_ms"] = sa.case((new_max.is_(None), cur),
+                                               (sa.or_(cur.is_(None), new_max > cur), new_max), else_=cur)
+            at = {k: i for i, k in enumerate(_ROLLUP_COLS)}
+            params = [{"p_hour": row[0], "p_gkey": row[1],
+                       **{f"d_{k}": row[at[k]] for k in (*_ROLLUP_ADDS, "latency_max_ms")}} for row in old]
+            conn.execute(sa.update(rollups).where(r.hour == sa.bindparam("p_hour"), r.gkey == sa.bindparam("p_gkey"))
+                         .values(values), params)
+
+    def _existing_runs(self, conn: Connection, run_ids: Iterable[str]) -> dict[str, int]:
+        """The runs stored among ``run_ids``, each with its ``invocations``."""
+        ids = list(run_ids)
+        found: dict[str, int] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            found.update((rid, int(n)) for rid, n in conn.execute(
+                sa.select(runs.c.run_id, runs.c.invocations).where(runs.c.run_id.in_(chunk))))
+        return found
