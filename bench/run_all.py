@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "llamaindex_overhead": ("LlamaIndex overhead", ["--rounds", "40", "--batch", "30", "--warmup", "50"]),
     "exporter_throughput": ("Exporter into SQLite", ["--runs", "5000", "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
+    "rollup_latency": ("Rollup latency", ["--spans", "200000", "--reps", "5", "--raw-reps", "2"]),
     "instructions": ("Instructions (callgrind)", ["--quick"]),
     "caps_overhead": ("Tenant spend caps", ["--rounds", "15", "--batch", "100", "--first-calls", "10"]),
 }

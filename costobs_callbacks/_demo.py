@@ -8,6 +8,7 @@ the real price catalog, budgets, the loop guard and the SQLite store.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
@@ -21,7 +22,9 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.uuid import uuid7
 
+from ._events import nanos_to_usd
 from ._exceptions import RunAborted
+from ._format import key_text, table, usd
 from ._policy import Budget
 from ._tracker import CostTracker
 
@@ -167,6 +170,10 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
     runaway = DemoChatModel(model_name="o3-mini", reasoning_tokens=512, loop_forever=True,
                             tool_plan=[("web_search", {"query": "everything"})])
     runaway_id = uuid7()
+    # LangChain logs a warning "Error in CostCallbackHandler..." as it re-raises a handler's exception: here that is
+    # the stop the report prints, so it is not repeated on stderr as if something had gone wrong
+    lc_log = logging.getLogger("langchain_core.callbacks.manager")
+    lc_log.addFilter(_not_a_stop)
     try:
         make_agent(runaway).invoke(
             {"question": "research everything"},
@@ -175,59 +182,71 @@ def run_demo(tracker: CostTracker, *, runs: int = 200, seed: int = 7, out: Any =
         )
     except RunAborted as exc:
         aborted.append(exc)
+    finally:
+        lc_log.removeFilter(_not_a_stop)
     tracker.flush()
     result = print_report(tracker, out=out, aborted=aborted, runaway_id=str(runaway_id))
     result["runaway_id"] = str(runaway_id)
     return result
 
 
-def _money(d: Any) -> str:
-    return f"${d:,.6f}"
+def _not_a_stop(record: logging.LogRecord) -> bool:
+    """False for LangChain's warning about a handler's exception when that exception is a stop (``RunAborted``)."""
+    return not any(isinstance(a, str) and a.startswith(("BudgetExceededError(", "LoopDetectedError("))
+                   for a in (record.args if isinstance(record.args, tuple) else ()))
 
 
 def print_report(tracker: CostTracker, *, out: Any = print, aborted: Sequence[RunAborted] = (),
                  runaway_id: str | None = None) -> dict[str, Any]:
+    """Print the demo's cost report; returns its total and each feature's cost (of priced calls)."""
     by_feature = tracker.rollup(by=["feature"])
-    total = sum((r.cost_usd for r in by_feature), start=type(by_feature[0].cost_usd)(0)) if by_feature else 0
+    total = sum((r.cost_usd for r in by_feature), Decimal(0))
+    unpriced = sum(r.unpriced_calls for r in by_feature)
     out("")
-    out(f"costobs demo: {sum(r.runs for r in by_feature)} runs, total {_money(total)}")
+    out(f"costobs demo: {sum(r.runs for r in by_feature)} runs, total "
+        f"{usd(total, unpriced, sum(r.llm_calls for r in by_feature))}")
     out("")
-    _table(out, "Cost by feature", ["feature", "runs", "llm calls", "tool calls", "cost", "avg latency ms", "unpriced"],
-           [[r.key["feature"], r.runs, r.llm_calls, r.tool_calls, _money(r.cost_usd),
-             f"{r.avg_latency_ms:.2f}" if r.avg_latency_ms is not None else "-", r.unpriced_calls]
-            for r in by_feature])
+    table(out, "Cost by feature", ["feature", "runs", "llm calls", "tool calls", "cost", "avg latency ms"],
+          [[key_text(r.key["feature"]), r.runs, r.llm_calls, r.tool_calls,
+            usd(r.cost_usd, r.unpriced_calls, r.llm_calls),
+            f"{r.avg_latency_ms:.2f}" if r.avg_latency_ms is not None else "-"]
+           for r in by_feature])
     by_tenant = tracker.rollup(by=["tenant_id"])
-    _table(out, "Cost by tenant", ["tenant", "runs", "cost"],
-           [[r.key["tenant_id"] or "-", r.runs, _money(r.cost_usd)] for r in by_tenant])
+    table(out, "Cost by tenant", ["tenant", "runs", "cost"],
+          [[key_text(r.key["tenant_id"]), r.runs, usd(r.cost_usd, r.unpriced_calls, r.llm_calls)] for r in by_tenant])
     by_model = tracker.rollup(by=["model"], where={"kind": "llm"})
-    _table(out, "Cost by model", ["model", "calls", "input", "cached", "output", "reasoning", "cost", "unpriced"],
-           [[r.key["model"], r.llm_calls, r.input_tokens, r.cache_read_tokens, r.output_tokens, r.reasoning_tokens,
-             _money(r.cost_usd), r.unpriced_calls] for r in by_model])
+    table(out, "Cost by model", ["model", "calls", "input", "cached", "output", "reasoning", "cost"],
+          [[key_text(r.key["model"]), r.llm_calls, r.input_tokens, r.cache_read_tokens, r.output_tokens,
+            r.reasoning_tokens, usd(r.cost_usd, r.unpriced_calls, r.llm_calls)] for r in by_model])
     tools = tracker.rollup(by=["name"], where={"kind": "tool"})
-    _table(out, "Tool costs", ["tool", "calls", "cost"],
-           [[r.key["name"], r.tool_calls, _money(r.cost_usd)] for r in tools])
+    free: list[str] = []
+    rows = []
+    for r in tools:
+        name = r.key["name"]
+        per_call = tracker.prices.tool_price_nanos(name) if name is not None else None
+        if per_call is not None:
+            price = f"{usd(nanos_to_usd(per_call) or 0)} a call"
+        elif r.cost_usd:
+            price = "reported by the tool"
+        else:
+            price = "none"
+            free.append(name)
+        rows.append([key_text(name), r.tool_calls, price, usd(r.cost_usd) if price != "none" else "-"])
+    table(out, "Tool costs", ["tool", "calls", "price", "cost"], rows)
     if runaway_id is not None:
         rc = tracker.run_cost(runaway_id)
         if rc is not None:
             out(f"Runaway agent {runaway_id}: status={rc.status} reason={rc.reason} "
-                f"llm_calls={rc.llm_calls} tool_calls={rc.tool_calls} cost={_money(rc.cost_usd)}")
+                f"llm_calls={rc.llm_calls} tool_calls={rc.tool_calls} "
+                f"cost={usd(rc.cost_usd, rc.unpriced_calls, rc.llm_calls)}")
     for exc in aborted:
         out(f"  stopped: {exc}")
-    unpriced = [r for r in by_model if r.unpriced_calls]
-    for r in unpriced:
-        out(f"  note: model {r.key['model']!r} has no price ({r.unpriced_calls} calls, tokens kept); "
-            "add it with CostTracker(prices={...})")
+    for r in by_model:
+        if r.unpriced_calls:
+            out(f"  note: model {r.key['model']!r} has no price ({r.unpriced_calls} calls, tokens kept, never counted "
+                "as $0); add it with CostTracker(prices={...})")
+    if free:
+        out(f"  note: {', '.join(repr(n) for n in free)} had no price: counted as tool calls, not costed; "
+            "price a paid tool with CostTracker(tool_prices={...}) or have it report its cost")
     out("")
-    return {"total": total, "features": {r.key["feature"]: r.cost_usd for r in by_feature}}
-
-
-def _table(out: Any, title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    out(title)
-    for j, row in enumerate(cells):
-        out("  " + "  ".join(c.rjust(w) if j and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                                    strict=True))))
-        if j == 0:
-            out("  " + "  ".join("-" * w for w in widths))
-    out("")
+    return {"total": total, "unpriced_calls": unpriced, "features": {r.key["feature"]: r.cost_usd for r in by_feature}}

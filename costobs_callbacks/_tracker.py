@@ -136,10 +136,11 @@ class CostTracker:
             raise
         except Exception as exc:
             if salt is None:
+                said = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
                 raise ConfigurationError(
-                    f"cannot open the cost database {self.store.engine.url!r} ({exc}); it keeps the salt that "
-                    "anonymises user ids: fix the URL, or pass user_salt= so tracking can start while "
-                    "the database is down"
+                    f"database_url {self.store.engine.url.render_as_string(hide_password=True)!r} cannot be opened "
+                    f"({said[0].strip()}); it keeps the salt that anonymises user ids: fix the URL, or pass "
+                    "user_salt= so that tracking starts while the database is down (batches are spooled)"
                 ) from exc
             logger.error("costobs: database unavailable at start (%r); spans are queued and retried", exc)
         self._spool = StoreSpool(self.store, spool, after=lambda: self.ledger.trim_recent(),
@@ -519,8 +520,14 @@ class CostTracker:
                                self._spool.spool.directory)
         return done
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Flush, stop the exporter and release the database. Idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, stop the exporter and release the database. Idempotent.
+
+        ``timeout=None`` waits until every span recorded before the call is in the database or in the spool: it
+        ends, since each database call is bounded (``db_timeout`` on PostgreSQL, a 30 s busy timeout on SQLite)
+        and a batch the database does not take is spooled at once; the spool's backlog then gets one last replay
+        of up to 5 s, and what it keeps is replayed by the next tracker on this database. A number of seconds
+        bounds the wait instead: what is still queued when it passes may be lost when the process exits."""
         if self._closed:
             return
         self._closed = True

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -239,7 +240,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ._demo import _table
+    from ._format import key_text, table, usd
 
     url = _url(args)
     store = _store(url, mode="read")
@@ -252,33 +253,52 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row_json(r) for r in rows], indent=2))
         return 0
-    header = [*args.by, *(["bucket"] if args.bucket else []), "runs", "llm", "tools", "input", "output",
-              "cost_usd", "avg_ms", "max_ms", "unpriced"]
-    table = []
+    header = [*args.by, *(["bucket"] if args.bucket else []), "runs", "llm", "tools", "input", "output", "cost",
+              "avg_ms", "max_ms"]
+    cells = []
     for r in rows:
-        table.append([
-            *(str(r.key[k]) for k in args.by),
+        cells.append([
+            *(key_text(r.key[k]) for k in args.by),
             *([r.bucket_start.isoformat() if r.bucket_start else "-"] if args.bucket else []),
-            r.runs, r.llm_calls, r.tool_calls, r.input_tokens, r.output_tokens, f"{r.cost_usd:.6f}",
+            r.runs, r.llm_calls, r.tool_calls, r.input_tokens, r.output_tokens,
+            usd(r.cost_usd, r.unpriced_calls, r.llm_calls),
             f"{r.avg_latency_ms:.1f}" if r.avg_latency_ms is not None else "-",
-            f"{r.max_latency_ms:.1f}" if r.max_latency_ms is not None else "-", r.unpriced_calls,
+            f"{r.max_latency_ms:.1f}" if r.max_latency_ms is not None else "-",
         ])
-    _table(print, f"Costs by {', '.join(args.by)}", header, table)
+    table(print, f"Costs by {', '.join(args.by)}", header, cells)
+    for note in _cost_notes(unpriced=any(r.unpriced_calls for r in rows), tools=any(r.tool_calls for r in rows)):
+        print(note)
     return 0
 
 
+def _cost_notes(*, unpriced: bool, tools: bool) -> list[str]:
+    """What a cost printed beside unpriced model calls or tool calls covers (a legend under the figures)."""
+    notes = []
+    if unpriced:
+        notes.append("unpriced: model calls without a price, never counted as $0 (tokens kept; price the model with "
+                     "CostTracker(prices=...)); a cost beside them is what the priced calls cost")
+    if tools:
+        notes.append("tools: a tool call without a price (CostTracker(tool_prices=...), or a cost the tool reports) "
+                     "is counted, not costed")
+    return notes
+
+
 def _row_json(r: Any) -> dict[str, Any]:
+    """A rollup row for ``--json``: ``cost_usd`` is what the priced calls cost, exactly (a decimal text);
+    ``unpriced_calls`` the model calls without a price it leaves out."""
     return {
         "key": r.key, "bucket_start": r.bucket_start.isoformat() if r.bucket_start else None,
         "cost_usd": str(r.cost_usd), "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
         "cache_read_tokens": r.cache_read_tokens, "cache_write_tokens": r.cache_write_tokens,
         "reasoning_tokens": r.reasoning_tokens, "llm_calls": r.llm_calls, "tool_calls": r.tool_calls,
         "runs": r.runs, "avg_latency_ms": r.avg_latency_ms, "max_latency_ms": r.max_latency_ms,
-        "unpriced_calls": r.unpriced_calls,
+        "unpriced_calls": r.unpriced_calls, "estimated_calls": r.estimated_calls, "cache_hits": r.cache_hits,
+        "saved_usd": str(r.saved_usd),
     }
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ._format import usd
     from ._ledger import run_text
 
     url = _url(args)
@@ -286,23 +306,63 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = _store(url, mode="read")
     try:
         rc = _db_call(url, lambda: store.run_cost(run_id))
-        spans = _db_call(url, lambda: store.spans_of(run_id)) if rc is not None and args.spans else []
+        # the spans always: one indexed read, and what tells the tool calls without a price
+        spans = _db_call(url, lambda: store.spans_of(run_id)) if rc is not None else []
     finally:
         store.close()
     if rc is None:
         print(f"costobs: no run {args.run_id} in {_shown(url)}", file=sys.stderr)
         return 1
-    print(f"run {rc.run_id}: {rc.status}{f' ({rc.reason})' if rc.reason else ''} cost ${rc.cost_usd}")
+    free = [s for s in spans if s["kind"] == "tool" and s["cost_nanos"] is None]
+    print(f"run {rc.run_id}: {rc.status}{f' ({rc.reason})' if rc.reason else ''} cost "
+          f"{usd(rc.cost_usd, rc.unpriced_calls, rc.llm_calls, places=None)}")
     print(f"  tokens: input {rc.input_tokens} (cached {rc.cache_read_tokens}), output {rc.output_tokens} "
-          f"(reasoning {rc.reasoning_tokens}); llm calls {rc.llm_calls}, tool calls {rc.tool_calls}, "
-          f"unpriced {rc.unpriced_calls}")
+          f"(reasoning {rc.reasoning_tokens}); llm calls {rc.llm_calls}"
+          f"{f' ({rc.unpriced_calls} unpriced)' if rc.unpriced_calls else ''}, tool calls {rc.tool_calls}"
+          f"{f' ({len(free)} without a price)' if free else ''}")
     print(f"  attributes: {rc.attributes}")
     for m, c in rc.by_model.items():
-        print(f"  {m}: ${c}")
-    for s in spans:
-        cost = "unpriced" if s["unpriced"] else f"${(s['cost_nanos'] or 0) / 1e9:.9f}"
-        print(f"  - {s['kind']:<9} {s['name'][:40]:<40} {s['status']:<7} {s['latency_ms']:8.1f} ms {cost}")
+        print(f"  {m}: {usd(c, places=None)}")
+    for m in rc.unpriced_models:
+        n = sum(1 for s in spans if s["unpriced"] and s["model"] == m)
+        print(f"  {m}: {usd(0, n)}")
+    if args.spans:
+        below = _unpriced_below(spans)
+        for s in spans:
+            print(f"  - {s['kind']:<9} {(s['name'] or '')[:40]:<40} {s['status']:<7} {s['latency_ms']:8.1f} ms "
+                  f"{_span_cost(s, *below.get(s['span_id'], (0, 0)))}")
     return 0
+
+
+def _unpriced_below(spans: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Span id -> (model calls, unpriced model calls) in the subtree under it (itself excluded)."""
+    parent = {s["span_id"]: s["parent_id"] for s in spans}
+    out: dict[str, list[int]] = {}
+    for s in spans:
+        if s["kind"] not in ("llm", "embedding"):
+            continue
+        p, seen = s["parent_id"], set()
+        while p is not None and p in parent and p not in seen:  # (a cycle cannot be stored, but never loop)
+            seen.add(p)
+            acc = out.setdefault(p, [0, 0])
+            acc[0] += 1
+            acc[1] += 1 if s["unpriced"] else 0
+            p = parent[p]
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _span_cost(s: dict[str, Any], calls_below: int, unpriced_below: int) -> str:
+    """A stored span's own cost as ``run --spans`` shows it; a chain's, retriever's or agent's is what its
+    subtree cost (its own is nothing), with the unpriced model calls under it."""
+    from ._format import usd
+
+    own = s["cost_nanos"]
+    if s["kind"] in ("llm", "embedding"):
+        return usd(Decimal(own or 0) / 10**9, 1 if s["unpriced"] else 0, 1, places=9)
+    if s["kind"] == "tool":
+        return "- (no price)" if own is None else usd(Decimal(own) / 10**9, places=9)
+    tree = Decimal(s["tree_cost_nanos"] or 0) / 10**9
+    return f"(subtree {usd(tree, unpriced_below, calls_below, places=9)})"
 
 
 def _cmd_price(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ Runs offline with no API key: the model is a local fake that behaves like a stuc
 calling its search tool) and reports token usage the way a real provider does. Everything else is real:
 LangChain's ``create_agent`` (a LangGraph graph), the tracker's callback handler, a SQLite database.
 
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/budget_guard.py
 
 On stderr, LangChain logs "Error in CostCallbackHandler... callback: BudgetExceededError(...)" as it

@@ -1,9 +1,10 @@
 """A LangChain chain whose cost is attributed to a feature, a tenant and an (anonymised) user.
 
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/chain.py
 
-Runs offline with a fake model that reports usage like OpenAI does. With OPENAI_API_KEY set and
-langchain-openai installed, it calls gpt-4o-mini for real.
+Runs offline with a fake model that reports usage like OpenAI does. With OPENAI_API_KEY set, it calls
+gpt-4o-mini for real (through langchain-openai, which the ``examples`` extra installs).
 """
 
 from __future__ import annotations

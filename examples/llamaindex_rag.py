@@ -1,6 +1,6 @@
 """A LlamaIndex RAG app: ingestion and answers costed, attributed, and stopped by a budget.
 
-    pip install "costobs-callbacks[llamaindex]"
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/llamaindex_rag.py
 
 Runs offline with no API key: LlamaIndex's own ``MockLLM`` (it echoes its prompt) and ``MockEmbedding``,
@@ -43,7 +43,9 @@ def main() -> None:
                                                     embed_model=MockEmbedding(embed_dim=16))
         print(f"ingest    {run.run_id}: ${run.cost.cost_usd:f} ({run.cost.input_tokens} tokens embedded)")
 
-        query_engine = index.as_query_engine(llm=MockLLM(max_tokens=64), similarity_top_k=2)
+        # MockEmbedding gives every text the same vector, so a top-2 would pick any two documents: all three are
+        # retrieved, and the figures below are the same on every run
+        query_engine = index.as_query_engine(llm=MockLLM(max_tokens=64), similarity_top_k=len(DOCS))
         for uid, question in (("u-42", "How long do I have to return an item?"),
                               ("u-7", "How much is express shipping?")):
             with tracker.run(feature="rag-answer", user_id=uid, tenant_id="acme",
@@ -54,7 +56,7 @@ def main() -> None:
                   f"{live.output_tokens} out, {live.estimated_calls} estimated)")
 
         # a streaming answer: its LLM call runs while the answer is read, so read it inside the run
-        streaming = index.as_query_engine(llm=MockLLM(max_tokens=32), streaming=True)
+        streaming = index.as_query_engine(llm=MockLLM(max_tokens=32), streaming=True, similarity_top_k=len(DOCS))
         with tracker.run(feature="rag-stream", user_id="u-42", tenant_id="acme") as run:
             "".join(streaming.query("When is support open?").response_gen)
         print(f"streamed  {run.run_id}: ${run.cost.cost_usd:f}")

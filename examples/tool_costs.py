@@ -1,5 +1,6 @@
 """Tool costs: a fixed price per call (``tool_prices``) or a price the tool reports at run time.
 
+    pip install "costobs-callbacks[examples]"     # from a checkout of the repository: pip install ".[examples]"
     python examples/tool_costs.py
 """
 

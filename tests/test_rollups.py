@@ -24,7 +24,17 @@ from costobs_callbacks import LoopPolicy, PriceBook
 from costobs_callbacks._events import TokenUsage
 from costobs_callbacks._export import BatchExporter, PoisonBatch
 from costobs_callbacks._ledger import Ledger
-from costobs_callbacks._store import _ROLLUP_COLS, ROLLUP_KEYS, RollupRow, Store, migrations_dir, rollups, runs, spans
+from costobs_callbacks._store import (
+    _ROLLUP_COLS,
+    ROLLUP_KEYS,
+    RollupRow,
+    Store,
+    migrations_dir,
+    rollups,
+    rollups_keyed,
+    runs,
+    spans,
+)
 from tests.test_store_paths import PRICES, _make, call, maybe_text
 
 H0 = 1_764_000_000 // 3600  # the first hour of the drawn start times (see tests.test_store_paths)
@@ -45,6 +55,22 @@ query = st.fixed_dictionaries({
     "where": st.dictionaries(st.sampled_from(sorted(ROLLUP_KEYS)),
                              st.one_of(where_value, st.lists(where_value, max_size=3)), max_size=2),
 })
+
+keyed_query = st.sampled_from(["feature", "tenant_id", "tier", "model"]).flatmap(lambda k: st.fixed_dictionaries({
+    "by": st.sampled_from([[k], []]),
+    "bucket": st.sampled_from([None, "hour", "day"]),
+    "since": hour,
+    "until": hour,
+    "where": st.one_of(st.just({}), st.fixed_dictionaries({k: st.one_of(where_value, st.lists(where_value,
+                                                                                               max_size=3))})),
+}))
+"""Queries the keyed rows answer (one key of theirs), windows across day boundaries (H0 + 8 starts a UTC day)."""
+_at = lambda h: datetime.fromtimestamp(h * 3600, UTC)  # noqa: E731
+every_keyed = [{"by": [k], "bucket": b, "since": since, "until": until, "where": {}}
+               for k in ("feature", "tenant_id", "tier", "model")
+               for b, since, until in ((None, _at(H0 + 3), _at(H0 + 35)), ("day", None, None))]
+"""Asked of every workload: each key of the keyed rows, on a window of a whole day with hours at both ends, and
+by day on the whole table."""
 
 
 def _alembic(conn: sa.Connection, verb: str, revision: str) -> None:
@@ -68,13 +94,22 @@ def stores(tmp_path: Path, postgres_database: Callable[[], str]) -> Iterator[lis
 
 
 def _both(store: Store, q: dict[str, Any]) -> tuple[list[RollupRow], list[RollupRow]]:
+    """A query's answer from the rollup tables (the keyed rows where they answer it: checked equal to the hourly
+    rows') and from the raw spans."""
     args = (q["by"], q["since"], q["until"], q["bucket"], q["where"])
-    return (sorted(store._rollup(*args, table=True), key=repr), sorted(store._rollup(*args, table=False), key=repr))
+    tables = sorted(store._rollup(*args, table=True), key=repr)
+    assert tables == sorted(store._rollup(*args, table=True, keyed=False), key=repr), q
+    return tables, sorted(store._rollup(*args, table=False), key=repr)
 
 
 def _table(store: Store) -> list[tuple[Any, ...]]:
     with store.engine.connect() as conn:
         return sorted(tuple(r) for r in conn.execute(sa.select(*(rollups.c[c] for c in _ROLLUP_COLS))))
+
+
+def _keyed_table(store: Store) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        return sorted(tuple(r) for r in conn.execute(sa.select(rollups_keyed)))
 
 
 def test_the_rollup_table_and_the_raw_spans_agree(stores: list[Store]) -> None:
@@ -85,7 +120,8 @@ def test_the_rollup_table_and_the_raw_spans_agree(stores: list[Store]) -> None:
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                     HealthCheck.function_scoped_fixture])
-    @given(st.lists(workload_call, min_size=1, max_size=8), st.lists(query, min_size=1, max_size=4))
+    @given(st.lists(workload_call, min_size=1, max_size=8),
+           st.lists(st.one_of(query, keyed_query), min_size=1, max_size=6))
     def check(calls: list[dict[str, Any]], queries: list[dict[str, Any]]) -> None:
         # two batches, the second one's groups partly the first's: the upsert adds to stored rows
         for part in (False, True):
@@ -102,7 +138,9 @@ def test_the_rollup_table_and_the_raw_spans_agree(stores: list[Store]) -> None:
         assert [e.stats.failed for e in sinks] == [0, 0, 0]
         tables = [_table(s) for s in stores]
         assert tables[0] == tables[1] == tables[2]
-        for q in (*queries, {"by": [], "bucket": None, "since": None, "until": None, "where": {}}):
+        keyed = [_keyed_table(s) for s in stores]
+        assert keyed[0] == keyed[1] == keyed[2]
+        for q in (*queries, *every_keyed, {"by": [], "bucket": None, "since": None, "until": None, "where": {}}):
             answers = [_both(s, q) for s in stores]
             for from_table, from_spans in answers:
                 assert from_table == from_spans, q
@@ -117,20 +155,49 @@ def test_the_rollup_table_and_the_raw_spans_agree(stores: list[Store]) -> None:
 
 
 def test_rollup_reads_the_table_when_it_can(tmp_path: Path) -> None:
-    """Seen from the outside: rows put in the rollup table alone show in the answers that read it, not in the
-    others (a window off the hour, a bucket the table cannot make)."""
+    """Seen from the outside: rows put in a rollup table alone show in the answers that read it, not in the
+    others (a window off the hour, a bucket the tables cannot make; the keyed rows for one key of theirs, the hourly
+    rows for the others; a window's whole days from the day rows, its ends from the hour rows)."""
     store = Store(f"sqlite:///{tmp_path}/r.db")
     store.ensure_schema()
+    d0 = -(-H0 // 24) * 24  # the first hour of the first whole day after H0
     with store.engine.begin() as conn:
         conn.execute(sa.insert(rollups), [{"hour": H0, "gkey": "x" * 32, "feature": "ghost", "kind": "llm",
                                            "status": "ok", "cost_hi": 0, "cost_lo": 5_000, "llm_calls": 1}])
+        # what the keyed rows alone hold: another ghost, on two days; its day rows differ from its hour rows, so
+        # that an answer tells which it read
+        conn.execute(sa.insert(rollups_keyed), [
+            {"dim": "feature", "grain": g, "bucket": b, "vkey": "y" * 32, "value": "keyed", "cost_hi": 0,
+             "cost_lo": c, "llm_calls": 1}
+            for g, b, c in ((1, d0 - 1, 7), (24, d0 // 24 - 1, 700), (1, d0 + 30, 11), (24, d0 // 24 + 1, 1100))])
     t0 = datetime.fromtimestamp(H0 * 3600, UTC)
-    (row,) = store.rollup(["feature"])
-    assert (row.key, row.cost_usd, row.llm_calls) == ({"feature": "ghost"}, Decimal("0.000005"), 1)
-    (day,) = store.rollup(["feature"], since=t0, until=t0 + timedelta(hours=1), bucket="day")
-    assert day.key == {"feature": "ghost"}
-    assert store.rollup(["feature"], since=t0 + timedelta(minutes=1)) == []
-    assert store.rollup(["feature"], until=t0 + timedelta(seconds=1)) == []
+    (row,) = store.rollup(["feature", "kind"])
+    assert (row.key, row.cost_usd, row.llm_calls) == ({"feature": "ghost", "kind": "llm"}, Decimal("0.000005"), 1)
+    (day,) = store.rollup(["feature", "status"], since=t0, until=t0 + timedelta(hours=1), bucket="day")
+    assert day.key == {"feature": "ghost", "status": "ok"}
+    assert store.rollup(["feature", "kind"], since=t0 + timedelta(minutes=1)) == []
+    assert store.rollup(["feature", "kind"], until=t0 + timedelta(seconds=1)) == []
+
+    def keyed(**kw: Any) -> list[tuple[Any, Decimal]]:
+        return [(r.key.get("feature"), r.cost_usd) for r in store.rollup(["feature"], **kw)]
+
+    at = lambda h: datetime.fromtimestamp(h * 3600, UTC)  # noqa: E731
+    assert keyed() == [("keyed", Decimal("0.0000018"))]  # the day rows
+    assert keyed(bucket="hour") == [("keyed", Decimal("0.000000011")), ("keyed", Decimal("0.000000007"))]
+    assert [(r.bucket_start, r.cost_usd) for r in store.rollup(["feature"], bucket="day")] == [
+        (at(d0 + 24), Decimal("0.0000011")), (at(d0 - 24), Decimal("0.0000007"))]
+    assert keyed(since=at(d0 - 1), until=at(d0 + 1)) == [("keyed", Decimal("0.000000007"))]  # two hour rows
+    assert keyed(since=at(d0 - 1), until=at(d0 + 48)) == [("keyed", Decimal("0.000001107"))]  # an hour, two days
+    assert [(r.bucket_start, r.cost_usd) for r in store.rollup(["feature"], since=at(d0 - 1), until=at(d0 + 48),
+                                                               bucket="day")] == [
+        (at(d0 + 24), Decimal("0.0000011")), (at(d0 - 24), Decimal("0.000000007"))]
+    assert keyed(since=at(d0), until=at(d0 + 24)) == []  # the empty day between
+    assert keyed(since=at(d0 + 24), until=at(d0 + 31)) == [("keyed", Decimal("0.000000011"))]
+    assert keyed(since=at(d0 + 24), until=at(d0 + 30)) == []
+    assert keyed(since=at(d0 + 24), until=at(d0 + 48)) == [("keyed", Decimal("0.0000011"))]
+    assert [r.cost_usd for r in store.rollup([])] == [Decimal("0.0000018")]  # the total: the feature rows
+    assert [r.cost_usd for r in store.rollup([], where={"kind": "llm"})] == [Decimal("0.000005")]
+    assert store.rollup(["feature"], since=t0 + timedelta(minutes=1)) == []  # the spans
     store.close()
 
 
@@ -222,7 +289,7 @@ def test_a_refused_batch_leaves_no_rollup_behind(tmp_path: Path) -> None:
 
 def test_an_upgraded_0002_database_gets_the_rollups_of_its_spans(database_url: str, tmp_path: Path) -> None:
     """Spans and runs written at the head (which keeps the rollups batch by batch) are copied, as 0002 holds
-    them, into a database at 0002; upgraded, its rollup table is the head's, row for row."""
+    them, into a database at 0002; upgraded, its rollup tables are the head's, row for row."""
     head = Store(f"sqlite:///{tmp_path}/head.db")
     ledger, exporter = _ledger_into(head)
     for i in range(4):
@@ -236,6 +303,7 @@ def test_an_upgraded_0002_database_gets_the_rollups_of_its_spans(database_url: s
     assert exporter.force_flush(30)
     expected = _table(head)
     assert len(expected) > 5
+    expected_keyed = _keyed_table(head)
     with head.engine.connect() as conn:
         span_rows = [{k: v for k, v in r.items() if k not in ("id", "tier", "variant", "opens_run")}
                      for r in conn.execute(sa.select(spans).order_by(spans.c.id)).mappings()]
@@ -254,6 +322,7 @@ def test_an_upgraded_0002_database_gets_the_rollups_of_its_spans(database_url: s
     upgraded = Store(database_url)
     upgraded.ensure_schema()
     assert _table(upgraded) == expected
+    assert _keyed_table(upgraded) == expected_keyed  # migration 0006's keyed rows: those the head keeps
     for by in ([], ["feature"], ["tier", "variant"], ["model"], ["provider", "tenant_id"], ["kind", "status"]):
         for bucket in (None, "hour"):
             assert upgraded._rollup(by, None, None, bucket, None, table=True) \

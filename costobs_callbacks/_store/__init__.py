@@ -8,18 +8,30 @@ one transaction: run and rollup upserts per dialect) -> ``queries`` (``run_cost`
 ``rollup``, ``spans_of``); ``migrate`` (Alembic, under a lock) and ``store`` (``Store``: one database, all of
 the above on its engine).
 
-Every batch adds its spans to the hourly rollup table (``costobs_rollups_hourly``) in the same transaction, so
-``rollup()`` reads hours, not spans.
+Every batch adds its spans to the hourly rollup table (``costobs_rollups_hourly``) and to the rollups by one key
+(``costobs_rollups_keyed``, ``keyed``: by hour and by day) in the same transaction, so ``rollup()`` reads hours or
+days, not spans.
 """
 
 from .migrate import _backfill_rollups, _sqlite_write_lock, migrations_dir
 from .queries import RollupRow, run_matches
 from .rows import _tier_variant
-from .schema import _ROLLUP_COLS, HEAD_REVISION, ROLLUP_KEYS, RUN_KEYS, meta_kv, metadata, rollups, runs, spans
+from .schema import (
+    _ROLLUP_COLS,
+    HEAD_REVISION,
+    ROLLUP_KEYS,
+    RUN_KEYS,
+    meta_kv,
+    metadata,
+    rollups,
+    rollups_keyed,
+    runs,
+    spans,
+)
 from .store import Store
 
 __all__ = [
     "HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "RollupRow", "Store", "_ROLLUP_COLS", "_backfill_rollups",
-    "_sqlite_write_lock", "_tier_variant", "meta_kv", "metadata", "migrations_dir", "rollups", "run_matches", "runs",
-    "spans",
+    "_sqlite_write_lock", "_tier_variant", "meta_kv", "metadata", "migrations_dir", "rollups", "rollups_keyed",
+    "run_matches", "runs", "spans",
 ]

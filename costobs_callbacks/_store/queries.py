@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -21,6 +20,7 @@ from sqlalchemy.ext.compiler import compiles
 from .._events import nanos_to_usd
 from .._exceptions import ConfigurationError
 from .._ledger import RunCost
+from . import keyed as by_key
 from .fitting import _fit_text, _txt
 from .schema import (
     _CALL_KINDS,
@@ -134,7 +134,7 @@ class Queries:
         self, *, since: datetime | None = None, until: datetime | None = None, where: Mapping[str, Any] | None = None,
     ) -> Decimal:
         """The total cost of the spans started in ``[since, until)`` matching ``where`` (as ``rollup`` takes them):
-        ``rollup(by=())``'s cost, so read from the hourly rollups whenever they hold the answer."""
+        ``rollup(by=())``'s cost, so read from the rollup tables whenever they hold the answer."""
         rows = self.rollup((), since=since, until=until, where=where)
         return rows[0].cost_usd if rows else Decimal(0)
 
@@ -214,9 +214,10 @@ class Queries:
     ) -> list[RollupRow]:
         """Costs, tokens and calls grouped by ``by`` (and by hour or day with ``bucket``), in ``[since, until)``.
 
-        Read from the hourly rollup table when it holds the answer (every key is one of its columns, the window
-        is whole hours, the bucket an hour, a day or none), from the raw spans otherwise: the figures are the
-        same either way. A run counts once (``runs``), in the group of the span that opened it (its first root
+        Read from the rollup tables when they hold the answer (every key is one of their columns, the window is
+        whole hours, the bucket an hour, a day or none: from the rows by one key when that is the only key named,
+        see ``keyed``, else from the hourly rows), from the raw spans otherwise: the figures are the same either
+        way. A run counts once (``runs``), in the group of the span that opened it (its first root
         span) and so in the window of that span's hour. A rollup by ``model`` or ``provider`` counts model calls
         only (a chain or tool span carries neither, and adds no ``None`` row)."""
         table = bucket in (None, "hour", "day") and _on_the_hour(since) and _on_the_hour(until) \
@@ -224,32 +225,39 @@ class Queries:
         return self._rollup(by, since, until, bucket, where, table)
 
     def _rollup(self, by: Sequence[str], since: datetime | None, until: datetime | None, bucket: str | None,
-                where: Mapping[str, Any] | None, table: bool) -> list[RollupRow]:
-        """``rollup`` from the rollup table (``table``) or from the raw spans (the tests compare the two)."""
+                where: Mapping[str, Any] | None, table: bool, keyed: bool = True) -> list[RollupRow]:
+        """``rollup`` from the rollup tables (``table``: the keyed rows of one key when they hold the answer and
+        ``keyed``, else the hourly rows) or from the raw spans (the tests compare the three)."""
         self.ensure_schema()
         out: list[RollupRow] = []
+        dim = by_key.dim_of(by, where) if table and keyed else None
         with self.engine.connect() as conn:
-            if table:
-                rows: list[Any] = list(conn.execute(_table_rollup_query(by, since, until, bucket, where)).mappings())
+            if dim is not None:
+                rows: list[Any] = _dict_rows(conn.execute(by_key.query(dim, by, since, until, bucket, where)))
+            elif table:
+                rows = _dict_rows(conn.execute(_table_rollup_query(by, since, until, bucket, where)))
             else:
                 rows = self._sums(conn, lambda split: _raw_rollup_query(by, since, until, bucket, where, split))
+            starts: dict[Any, datetime | None] = {None: None}  # a bucket's start, made once per bucket
+            keys = [(k, f"k_{k}") for k in by]
             for r in rows:
                 b = r.get("bucket")
-                if b is not None:
+                bstart = starts.get(b)
+                if bstart is None and b is not None:
                     hours = int(b) * (24 if bucket == "day" else 1)
-                    bstart: datetime | None = datetime.fromtimestamp(hours * 3600, UTC)
-                else:
-                    bstart = None
+                    bstart = starts[b] = datetime.fromtimestamp(hours * 3600, UTC)
                 n = int(r["lat_n"] or 0)
+                cost, inp, out_t, cr, cw, rsn, saved = [
+                    int(r[s]) if s in r else int(r[hi]) * _HALF + int(r[lo]) for s, hi, lo in _HALVES]
                 out.append(RollupRow(
-                    key={k: r[f"k_{k}"] for k in by},
+                    key={k: r[col] for k, col in keys},
                     bucket_start=bstart,
-                    cost_usd=nanos_to_usd(_summed(r, "cost")) or Decimal(0),
-                    input_tokens=_summed(r, "inp"),
-                    output_tokens=_summed(r, "out"),
-                    cache_read_tokens=_summed(r, "cr"),
-                    cache_write_tokens=_summed(r, "cw"),
-                    reasoning_tokens=_summed(r, "rsn"),
+                    cost_usd=nanos_to_usd(cost) or Decimal(0),
+                    input_tokens=inp,
+                    output_tokens=out_t,
+                    cache_read_tokens=cr,
+                    cache_write_tokens=cw,
+                    reasoning_tokens=rsn,
                     llm_calls=int(r["llm"]),
                     tool_calls=int(r["tool"]),
                     runs=int(r["runs"]),
@@ -258,9 +266,11 @@ class Queries:
                     unpriced_calls=int(r["unpriced"]),
                     estimated_calls=int(r["est"]),
                     cache_hits=int(r["hits"]),
-                    saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
+                    saved_usd=nanos_to_usd(saved) or Decimal(0),
                 ))
-        out.sort(key=attrgetter("cost_usd"), reverse=True)  # (stable: the database's order among equals)
+        # costliest first; among equal costs by key and bucket, so that every source gives one order
+        out.sort(key=lambda r: (-r.cost_usd, [(v is None, str(v)) for v in r.key.values()],
+                                r.bucket_start or _EPOCH_UTC))
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:
@@ -300,6 +310,7 @@ def _hour_index(dt: datetime) -> int:
 
 
 _EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 
 
 def _naive_utc(dt: datetime) -> datetime:
@@ -434,6 +445,17 @@ def _sum(x: Any, name: str, split: bool) -> list[Any]:
         return [sa.func.coalesce(sa.func.sum(x), 0).label(name)]
     return [sa.func.coalesce(sa.func.sum(x // _HALF), 0).label(f"{name}_hi"),
             sa.func.coalesce(sa.func.sum(x % _HALF), 0).label(f"{name}_lo")]
+
+
+_HALVES = tuple((n, f"{n}_hi", f"{n}_lo") for n in _RSUMS)
+"""Each money and token sum of a rollup row: its name (the raw spans' one column) and its halves' columns."""
+
+
+def _dict_rows(result: Any) -> list[dict[str, Any]]:
+    """A result's rows as plain dicts, fetched at once (a row mapping's lookups cost more than the query's own work
+    on a rollup's few thousand rows)."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result.all()]
 
 
 def _summed(row: Mapping[str, Any], name: str) -> int:

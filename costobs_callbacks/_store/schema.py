@@ -12,9 +12,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "meta_kv", "metadata", "rollups", "runs", "spans"]
+__all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "meta_kv", "metadata", "rollups", "rollups_keyed", "runs",
+           "spans"]
 
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 metadata = sa.MetaData()
 
@@ -144,6 +145,23 @@ rollups = sa.Table(
 Keys may be NULL, and a unique index does not match NULLs (on SQLite, nor on PostgreSQL before 15's ``NULLS NOT
 DISTINCT``): the conflict target is ``(hour, gkey)``, ``gkey`` a digest of the keys with NULL told apart from any
 text (``_gkey``). The key columns keep their values as the spans have them, NULLs included, for the queries."""
+
+rollups_keyed = sa.Table(
+    "costobs_rollups_keyed",
+    metadata,
+    sa.Column("dim", sa.String(16), nullable=False),
+    sa.Column("grain", sa.Integer(), nullable=False),
+    sa.Column("bucket", sa.Integer(), nullable=False),
+    sa.Column("vkey", sa.String(32), nullable=False),
+    sa.Column("value", sa.String(256)),
+    *(sa.Column(f"{n}_{h}", sa.BigInteger(), nullable=False, server_default="0") for n in _RSUMS for h in ("hi", "lo")),
+    *(sa.Column(n, sa.BigInteger(), nullable=False, server_default="0") for n in _RCOUNTS),
+    sa.Column("latency_max_ms", sa.Float()),
+    sa.PrimaryKeyConstraint("dim", "grain", "bucket", "vkey", name="pk_costobs_rollups_keyed"),
+)
+"""The hourly rollups summed by one key (``dim``, one of ``keyed.KEYED``) and its value, per hour (``grain`` 1,
+``bucket`` the hour) and per UTC day (``grain`` 24, ``bucket`` the day): see ``keyed``. ``vkey`` is the value's
+digest (``_gkey``), NULL told apart."""
 
 _RKEY_COLS = ("feature", "route", "tenant_id", "tier", "user_hash", "model", "provider", "kind", "name", "status",
               "prompt_version", "variant")

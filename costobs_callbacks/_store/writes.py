@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .._export import PoisonBatch
+from . import keyed
 from .fitting import _fit_rows, _fit_span_row, _is_data_error
 from .rows import (
     _RKEY_OF,
@@ -251,6 +252,8 @@ class Writes:
                         conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
                 else:
                     self._merge_rollups_portable(conn, roll_rows)
+            # last: every batch shares its keys' rows, and their locks are held from here to the commit
+            keyed.write(self, conn, roll_rows, sqlite_fast)
 
     # -- spooled batches (``_export.fallback``): rows kept while the database is away, written when it is back --
 
