@@ -187,7 +187,8 @@ def test_a_filled_0003_database_gains_the_cap_tables_and_caps_count_what_its_rol
     with CostTracker(database_url, user_salt="s", spool_dir=tmp_path / "sp", tenant_budgets=caps,
                      prices={"capm": {"input": "1000", "output": "1000"}}) as tracker:
         with tracker.store.engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() == HEAD_REVISION
+            version = conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one()
+            assert version == HEAD_REVISION
             kept = sa.Table("costobs_rollups_hourly", sa.MetaData(), autoload_with=conn)
             assert [(r.tenant_id, r.cost_lo, r.calls) for r in conn.execute(
                 sa.select(kept).order_by(kept.c.gkey))] == [("t1", 4 * call, 4), ("t2", 9 * call, 9)]
