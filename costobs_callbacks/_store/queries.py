@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -260,7 +259,7 @@ class Queries:
                     cache_hits=int(r["hits"]),
                     saved_usd=nanos_to_usd(_summed(r, "saved")) or Decimal(0),
                 ))
-        out.sort(key=attrgetter("cost_usd"), reverse=True)  # (stable: the database's order among equals)
+        out.sort(key=_rollup_order)
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:
@@ -286,6 +285,16 @@ class Queries:
 
 
 # -- windows, keys and sums ------------------------------------------------------------------------------
+
+def _rollup_order(row: RollupRow) -> tuple[Any, ...]:
+    """``rollup()``'s order: the most expensive first; among equal costs, by bucket, then by the key values (None
+    first), so that the rollup table and the raw spans (and any database's collation) give one order."""
+    return (-row.cost_usd, row.bucket_start is not None, row.bucket_start or _NO_TIME,
+            *((v is not None, str(v) if v is not None else "") for v in row.key.values()))
+
+
+_NO_TIME = datetime.fromtimestamp(0, UTC)
+
 
 def _on_the_hour(dt: datetime | None) -> bool:
     if dt is None:
