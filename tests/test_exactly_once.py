@@ -291,3 +291,29 @@ def test_records_already_applied_are_skipped_in_a_group_with_new_ones(away: _Awa
     second.close()
     assert (st["replayed"], st["in_spool"], st["failed"]) == (5 * per_record, 0, 0)
     assert_exact(away.direct, 5 * per_record, runs=1 + 5 * (per_record - 1))
+
+
+# -- retention -----------------------------------------------------------------------------------------------
+
+def test_prune_deletes_the_ids_of_batches_formed_before_its_cut(database_url: str, tmp_path: Path) -> None:
+    """``costobs db prune --older-than 30d`` deletes the applied-batch ids of batches formed before its cut with the
+    spans of that time, in batches, and keeps the newer ones (a spooled copy of those may still arrive)."""
+    from costobs_callbacks._export import new_batch_id
+    from costobs_callbacks._store import batches
+    from costobs_callbacks._store.applied import id_bound
+    from costobs_callbacks.cli import main
+
+    CostTracker(database_url, user_salt="s", spool_dir=tmp_path / "schema").close()
+    now = time.time()
+    old = [id_bound(now - 86400 * d)[:12] + f"{i:020x}" for i, d in enumerate(range(31, 61))]  # 31..60 days ago
+    recent = [id_bound(now - 86400 * d)[:12] + f"{i:020x}" for i, d in enumerate(range(0, 29))] + [new_batch_id()]
+    eng = sa.create_engine(database_url)
+    with eng.begin() as conn:
+        conn.execute(sa.insert(batches), [{"batch_id": b} for b in old + recent])
+    assert sorted(old + recent) == sorted(old) + sorted(recent)  # text order is time order
+    assert main(["db", "prune", "--older-than", "30d", "--yes", "--batch-size", "7", "--database-url",
+                 database_url]) == 0
+    with eng.connect() as conn:
+        kept = conn.execute(sa.select(batches.c.batch_id)).scalars().all()
+    eng.dispose()
+    assert sorted(kept) == sorted(recent)

@@ -15,7 +15,7 @@ __all__ = ["Batch", "Fallback", "PoisonBatch", "new_batch_id"]
 class Batch(list[Any]):
     """Items written together, and the batch's id: given when the exporter forms the batch, kept through every
     retry and into the spool's record, so that the store applies a batch once however often it arrives (a COMMIT
-    whose reply was lost, a replay after a crash; see ``_store.batches``). The halves of a bisected batch are
+    whose reply was lost, a replay after a crash; see ``_store.applied``). The halves of a bisected batch are
     batches of their own (the failed attempt rolled back)."""
 
     __slots__ = ("id",)

@@ -112,7 +112,7 @@ batches = sa.Table(
     metadata,
     sa.Column("batch_id", sa.String(32).with_variant(sa.String(32, collation="C"), "postgresql"), primary_key=True),
 )
-"""The ids of the batches applied (``batches``: exactly once), each inserted in its batch's transaction. An id is
+"""The ids of the batches applied (``applied``: exactly once), each inserted in its batch's transaction. An id is
 32 hex digits that begin with the time the batch was formed, so that text order is time order (bytewise: the
 ``C`` collation on PostgreSQL, SQLite's default) and pruning takes a range of the primary key."""
 

@@ -5,7 +5,7 @@ A batch the database refuses for its content is written again with every value m
 refused even so raises ``PoisonBatch``, and the exporter bisects it so that only the refused rows are lost.
 
 A batch with an id (``_export.Batch``, and the spool's records) is applied once: its transaction begins by
-recording the id (``batches``), and a batch whose id is there already is not written again.
+recording the id (``applied``), and a batch whose id is there already is not written again.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .._export import PoisonBatch
-from .batches import claim
+from .applied import claim
 from .fitting import _fit_rows, _fit_span_row, _is_data_error
 from .rows import (
     _RKEY_OF,
@@ -216,7 +216,7 @@ class Writes:
         roots = _batch_invocations(run_rows)
         with self.engine.begin() as conn:
             if batch_ids:
-                # first: a batch applied before is written no further (see ``batches``)
+                # first: a batch applied before is written no further (see ``applied``)
                 new = claim(conn, self.dialect, self._span_insert_sql is not None, batch_ids)
                 if len(new) < len(batch_ids):
                     if new:

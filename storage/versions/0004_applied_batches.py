@@ -1,4 +1,4 @@
-"""The ids of the batches applied, so that a batch is applied once (see ``costobs_callbacks/_store/batches.py``):
+"""The ids of the batches applied, so that a batch is applied once (see ``costobs_callbacks/_store/applied.py``):
 a retried or replayed batch whose first write committed unheard is not written again.
 
 Revision ID: 0004
