@@ -88,7 +88,7 @@ INSERT INTO costobs_spans (span_id, parent_id, run_id, kind, name, model, provid
 SELECT md5(i::text), NULL, 'run-' || (i / 5), 'llm', 'ChatOpenAI', 'gpt-4o', 'openai',
     to_timestamp(:t0 + i * :step) AT TIME ZONE 'UTC', to_timestamp(:t0 + i * :step + 0.8) AT TIME ZONE 'UTC',
     floor((:t0 + i * :step) / 3600)::int, 800.0, 'ok', 1200, 300, 6000000, 6000000, 'catalog', '2.5', '10',
-    'feature-' || (i % 50), '/r', 'tenant-' || (i % 20), md5((i % 1000)::text), i % 5 = 0
+    'feature-' || (i % 50), '/r', 'tenant-' || (i % 20), md5((i % 7)::text), i % 5 = 0
 FROM generate_series(:lo, :hi) AS i
 """
 

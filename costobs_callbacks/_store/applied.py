@@ -31,6 +31,7 @@ from .schema import batches
 
 __all__: list[str] = []
 
+_PG_CLAIM_ONE = "INSERT INTO costobs_batches (batch_id) VALUES (%s) ON CONFLICT DO NOTHING RETURNING batch_id"
 _PG_CLAIM = ("INSERT INTO costobs_batches (batch_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING "
              "RETURNING batch_id")
 
@@ -43,18 +44,28 @@ claims one id; a replay one per record of its group)."""
 
 def claim(conn: Connection, dialect: str, driver_sql: bool, ids: Sequence[str]) -> set[str]:
     """Insert ``ids`` in ``conn``'s transaction; the ones that were not there before. ``driver_sql``: this store
-    writes through the driver's own statements (SQLite's and PostgreSQL's fast paths)."""
-    if dialect == "postgresql" and driver_sql:
-        return {r[0] for r in conn.exec_driver_sql(_PG_CLAIM, (list(ids),))}
-    if dialect == "sqlite" and driver_sql:
-        new: set[str] = set()
-        i, n = 0, len(ids)
-        while i < n:
-            size = next(z for z in _SQLITE_SIZES if z <= n - i)
-            sql = _SQLITE_CLAIM.format(",".join(["(?)"] * size))
-            new.update(r[0] for r in conn.exec_driver_sql(sql, tuple(ids[i:i + size])))
-            i += size
-        return new
+    writes through the driver's own statements (SQLite's and PostgreSQL's fast paths): the statement goes to the
+    driver's cursor on the transaction's connection, without SQLAlchemy's result (half the CPU of this statement,
+    which every batch runs once, on the exporter's thread)."""
+    if driver_sql and dialect in ("postgresql", "sqlite"):
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if dialect == "postgresql":
+                if len(ids) == 1:
+                    cur.execute(_PG_CLAIM_ONE, (ids[0],))
+                else:
+                    cur.execute(_PG_CLAIM, (list(ids),))
+                return {r[0] for r in cur.fetchall()}
+            new: set[str] = set()
+            i, n = 0, len(ids)
+            while i < n:
+                size = next(z for z in _SQLITE_SIZES if z <= n - i)
+                cur.execute(_SQLITE_CLAIM.format(",".join(["(?)"] * size)), tuple(ids[i:i + size]))
+                new.update(r[0] for r in cur.fetchall())
+                i += size
+            return new
+        finally:
+            cur.close()
     return _claim_portable(conn, ids)
 
 
