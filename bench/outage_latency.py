@@ -1,7 +1,8 @@
 """App-thread latency per LangChain call while the database is down, against while it is up.
 
 Configurations, each a process of its own with one ``CostTracker`` and a ``ChatOpenAI`` talking to the local stub
-server (``tests/stub_openai.py``) over HTTP, the handler on every call, each call a run of its own:
+server (``tests/stub_openai.py``) over HTTP (``--model fake``: the benchmarks' in-process fake chat model, no I/O),
+the handler on every call, each call a run of its own:
 
   pg_up        PostgreSQL on the machine's server, through a TCP proxy that forwards
   pg_up_2      the same again: two processes in the same state, the noise floor of the comparison
@@ -14,12 +15,13 @@ server (``tests/stub_openai.py``) over HTTP, the handler on every call, each cal
 The proxies run in a process of their own (their threads would otherwise share a GIL with what is measured).
 A coordinator runs rounds: in each, every configuration runs one batch of calls in turn (the order rotating),
 the others idle. Per batch: the calling thread's CPU (``time.thread_time_ns``) and wall time per call, and the
-exporter thread's CPU per call (what competes with the app for the GIL). The figures are the median and p10..p90
-over rounds; the down configurations are compared with their backend's up one by the median of the paired
-per-round differences (a slow round cancels out).
+exporter thread's CPU per call (what competes with the app for the GIL), its last spans written before the next
+configuration runs (untimed), so that its work competes with the calls that made it. The figures are the median
+and p10..p90 over rounds; the down configurations are compared with their backend's up one by the median of the
+paired per-round differences (a slow round cancels out).
 
-Run: ``python -m bench.outage_latency [--rounds N] [--batch N]`` from the repository root (PostgreSQL at
-``$COSTOBS_TEST_POSTGRES_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``).
+Run: ``python -m bench.outage_latency [--rounds N] [--batch N] [--model stub|fake]`` from the repository root
+(PostgreSQL at ``$COSTOBS_TEST_POSTGRES_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``).
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ CHILD = textwrap.dedent("""
     from langchain_openai import ChatOpenAI
     from costobs_callbacks import CostTracker
 
-    url, spool, base, delay, timeout = sys.argv[1:6]
-    t = CostTracker(url, prices={"m-bench": {"input": "0.15", "output": "0.6"}}, user_salt="s", spool_dir=spool,
-                    export_delay=float(delay), db_timeout=float(timeout))
-    llm = ChatOpenAI(base_url=base, api_key="sk-test", model="m-bench", max_retries=0)
+    url, spool, base, delay, timeout, model = sys.argv[1:7]
+    if model == "fake":
+        from bench._common import PRICES, fixed_chat_model
+        llm = fixed_chat_model()
+    else:
+        PRICES = {"m-bench": {"input": "0.15", "output": "0.6"}}
+        llm = ChatOpenAI(base_url=base, api_key="sk-test", model="m-bench", max_retries=0)
+    t = CostTracker(url, prices=PRICES, user_salt="s", spool_dir=spool, export_delay=float(delay),
+                    db_timeout=float(timeout))
     handler = t.langchain_handler()
     calls = 0
 
@@ -83,22 +90,38 @@ CHILD = textwrap.dedent("""
     gc.collect()
     gc.freeze()
     print("ready", flush=True)
+    import threading
+    TASK = f"/proc/self/task/{threading.get_native_id()}"
+
+    def switches():
+        # the calling thread's context switches (voluntary: its waits, the GIL's among them) and the time it
+        # was runnable but waiting for a CPU (schedstat: on CPU, on a run queue, in ns)
+        with open(f"{TASK}/status") as f:
+            got = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+        with open(f"{TASK}/schedstat") as f:
+            runq = int(f.read().split()[1])
+        return int(got["voluntary_ctxt_switches"]), int(got["nonvoluntary_ctxt_switches"]), runq
+
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "run":
             n = int(cmd[1])
             exp = exporter_thread(t)
             e0 = thread_cpu_ns(exp) or 0
+            v0, i0, q0 = switches()
             c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
             for _ in range(n):
                 call()
             w1, c1 = time.perf_counter_ns(), time.thread_time_ns()
-            e1 = thread_cpu_ns(exp) or 0
+            v1, i1, q1 = switches()
             calls += n
-            # (the exporter's share of this batch: what it did while the batch ran; the queue is not flushed
-            # before reporting, so its work stays in the batch that caused it, as in an app)
+            # the batch's last spans written (or spooled) before the next configuration runs, untimed: the
+            # exporter's work then competes with the calls that made it, not with another process's
+            t.exporter._flush_queue(30)
+            e1 = thread_cpu_ns(exp) or 0
             print(json.dumps({"cpu": (c1 - c0) / n / 1000, "wall": (w1 - w0) / n / 1000,
-                              "exporter_cpu": (e1 - e0) / n / 1000}), flush=True)
+                              "exporter_cpu": (e1 - e0) / n / 1000, "waits": (v1 - v0) / n,
+                              "preempted": (i1 - i0) / n, "runq": (q1 - q0) / n / 1000}), flush=True)
         elif cmd[0] == "stats":
             t.exporter._flush_queue(60)
             print(json.dumps({"calls": calls, **t.stats}), flush=True)
@@ -149,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="the trackers' export_delay: shorter than a batch, so that the exporter's work (writing, or "
                          "spooling) competes with the calls it follows")
     ap.add_argument("--db-timeout", type=float, default=2.0, help="the trackers' db_timeout (hung: how long waits)")
+    ap.add_argument("--model", choices=("stub", "fake"), default="stub",
+                    help="stub: ChatOpenAI over HTTP to the stub server; fake: the benchmarks' in-process fake chat "
+                         "model (no I/O: the app thread is CPU-bound, and competes with the exporter for the GIL "
+                         "all the time)")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                    help="a subset of the configurations (each compared one needs its base)")
     args = ap.parse_args(argv)
+    configs = tuple(args.configs)
+    if any(k in BASE and BASE[k] not in configs for k in configs):
+        ap.error("a configuration needs its base: " + ", ".join(f"{k} -> {b}" for k, b in BASE.items()))
 
     import sqlalchemy as sa
 
@@ -170,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         CostTracker(pg_url, user_salt="s", spool_dir=tmp / "schema").close()
         pg_port = str(sa.engine.make_url(pg_url).port or 5432)
         urls: dict[str, str] = {}
-        for name in CONFIGS:
+        for name in configs:
             if name.startswith("pg"):
                 proxies[name] = _Proc([sys.executable, "-c", PROXY, pg_port], env)
                 port = int(proxies[name].read())
@@ -178,21 +210,27 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 (tmp / name).mkdir()
                 urls[name] = f"sqlite:///{tmp / name / 'costs.db'}"
-        for name in CONFIGS:
+        for name in configs:
             procs[name] = _Proc([sys.executable, "-c", CHILD, urls[name], str(tmp / f"spool-{name}"), stub.base_url,
-                                 str(args.export_delay), str(args.db_timeout)], env)
-        for name in CONFIGS:
+                                 str(args.export_delay), str(args.db_timeout), args.model], env)
+        for name in configs:
             assert procs[name].read() == "ready", name
         # the outages, after every tracker started against a database that answered
-        assert proxies["pg_refused"].ask("cut") == "ok"
-        assert proxies["pg_hung"].ask("hang") == "ok"
-        for p in (tmp / "sqlite_gone").iterdir():
-            p.unlink()
+        if "pg_refused" in proxies:
+            assert proxies["pg_refused"].ask("cut") == "ok"
+        if "pg_hung" in proxies:
+            assert proxies["pg_hung"].ask("hang") == "ok"
+        if "sqlite_gone" in configs:
+            for p in (tmp / "sqlite_gone").iterdir():
+                p.unlink()
 
-        cpu: dict[str, list[float]] = {k: [] for k in CONFIGS}
-        wall: dict[str, list[float]] = {k: [] for k in CONFIGS}
-        exp: dict[str, list[float]] = {k: [] for k in CONFIGS}
-        keys = list(CONFIGS)
+        cpu: dict[str, list[float]] = {k: [] for k in configs}
+        wall: dict[str, list[float]] = {k: [] for k in configs}
+        exp: dict[str, list[float]] = {k: [] for k in configs}
+        waits: dict[str, list[float]] = {k: [] for k in configs}
+        preempted: dict[str, list[float]] = {k: [] for k in configs}
+        blocked: dict[str, list[float]] = {k: [] for k in configs}
+        keys = list(configs)
         for r in range(args.rounds + 1):  # round 0: warm-up in the outage state, not counted
             i = r % len(keys)
             for k in keys[i:] + keys[:i]:
@@ -201,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[k].append(got["cpu"])
                     wall[k].append(got["wall"])
                     exp[k].append(got["exporter_cpu"])
-        stats = {k: json.loads(procs[k].ask("stats")) for k in CONFIGS}
+                    waits[k].append(got["waits"])
+                    preempted[k].append(got["preempted"])
+                    blocked[k].append(got["wall"] - got["cpu"] - got["runq"])
+        stats = {k: json.loads(procs[k].ask("stats")) for k in configs}
     finally:
         for p in procs.values():
             p.stop()
@@ -209,48 +250,61 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
         stub.stop()
     checks = []
-    for k in CONFIGS:
+    for k in configs:
         st = stats[k]
         lost = st["failed"] + st["dropped"]
         checks.append((k, st["calls"], st["exported"] + st["in_spool"], lost))
-    stored = {"postgresql": _stored(pg_url), "sqlite_up": _stored(urls["sqlite_up"])}
-    expected = {"postgresql": sum(stats[k]["exported"] for k in CONFIGS if k.startswith("pg")),
-                "sqlite_up": stats["sqlite_up"]["exported"]}
+    stored = {"postgresql": _stored(pg_url)}
+    expected = {"postgresql": sum(stats[k]["exported"] for k in configs if k.startswith("pg"))}
+    if "sqlite_up" in configs:
+        stored["sqlite_up"], expected["sqlite_up"] = _stored(urls["sqlite_up"]), stats["sqlite_up"]["exported"]
     drop_database(admin, pg_url)
 
     rows = []
     results: dict[str, Any] = {}
-    for k in CONFIGS:
+    for k in configs:
         c, w, e = summarize(cpu[k]), summarize(wall[k]), summarize(exp[k])
-        results[k] = {"cpu": c, "wall": w, "exporter_cpu": e}
+        sw, pr, bl = summarize(waits[k]), summarize(preempted[k]), summarize(blocked[k])
+        results[k] = {"cpu": c, "wall": w, "exporter_cpu": e, "waits": sw, "preempted": pr, "blocked": bl}
         rows.append([k, fmt(c["median"]), f"{fmt(c['p10'])}..{fmt(c['p90'])}", fmt(w["median"]),
-                     f"{fmt(w['p10'])}..{fmt(w['p90'])}", fmt(e["median"])])
-    print(f"\n## App-thread time per call ({args.rounds} rounds of {args.batch} calls, interleaved; µs)\n")
-    print(table(["configuration", "CPU median", "CPU p10..p90", "wall median", "wall p10..p90",
-                 "exporter CPU/call"], rows))
+                     f"{fmt(w['p10'])}..{fmt(w['p90'])}", fmt(bl["median"]), fmt(e["median"]),
+                     fmt(sw["median"], 3), fmt(pr["median"], 3)])
+    print(f"\n## App-thread time per call, model {args.model} ({args.rounds} rounds of {args.batch} calls, "
+          "interleaved; µs)\n")
+    print(table(["configuration", "CPU median", "CPU p10..p90", "wall median", "wall p10..p90", "blocked",
+                 "exporter CPU/call", "waits/call", "preempted/call"], rows))
+    print("\n(blocked: wall minus CPU minus the time the thread was runnable but waiting for a CPU (schedstat): its "
+          "waits, the GIL's among them (the fake model does no I/O); waits, preempted: its voluntary and involuntary "
+          "context switches per call)")
     rows = []
     summary = []
     for k, base in BASE.items():
+        if k not in configs:
+            continue
+        db = summarize([x - y for x, y in zip(blocked[k], blocked[base], strict=True)])
+        results[k]["blocked_diff"] = db
         dc = summarize([x - y for x, y in zip(cpu[k], cpu[base], strict=True)])
         dw = summarize([x - y for x, y in zip(wall[k], wall[base], strict=True)])
         rc = dc["median"] / results[base]["cpu"]["median"]
         rw = dw["median"] / results[base]["wall"]["median"]
         results[k]["vs"] = {"base": base, "cpu_diff": dc, "wall_diff": dw, "cpu_ratio": rc, "wall_ratio": rw}
         rows.append([f"{k} - {base}", fmt(dc["median"]), f"{fmt(dc['p10'])}..{fmt(dc['p90'])}", f"{rc:+.1%}",
-                     fmt(dw["median"]), f"{fmt(dw['p10'])}..{fmt(dw['p90'])}", f"{rw:+.1%}"])
+                     fmt(dw["median"]), f"{fmt(dw['p10'])}..{fmt(dw['p90'])}", f"{rw:+.1%}",
+                     f"{fmt(db['median'])} ({fmt(db['p10'])}..{fmt(db['p90'])})"])
         if k != "pg_up_2":
             summary.append(metric(f"{k}: app-thread CPU per call vs {base}", rc * 100, "%", "within ±10%",
                                   abs(rc) <= 0.10, f"wall {rw:+.1%}"))
     print("\n## Down against up: paired per-round differences (µs per call)\n")
     print(table(["pair", "CPU diff median", "CPU diff p10..p90", "CPU", "wall diff median", "wall diff p10..p90",
-                 "wall"], rows))
+                 "wall", "blocked diff (p10..p90)"], rows))
     print("\n## Every call accounted for\n")
     print(table(["configuration", "calls", "stored + in the spool", "lost"],
                 [[k, n, where, lost] for k, n, where, lost in checks]))
     print(f"\nspans in the databases: {stored} (exported: {expected})")
     ok = all(lost == 0 and where == n for _, n, where, lost in checks) and stored == expected
     print_summary(summary)
-    write_results(NAME, vars(args), {"configs": results, "checks": checks}, summary)
+    write_results(NAME if args.model == "stub" else f"{NAME}_{args.model}", vars(args),
+                  {"configs": results, "checks": checks}, summary)
     return 0 if ok else 1
 
 

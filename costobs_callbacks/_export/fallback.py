@@ -77,6 +77,8 @@ class StoreSpool:
             self._next_try = now + 1.0
             return False
         try:
+            if self._outage or self._backoff > 0.25:  # the database was away at the last write or attempt
+                self._probe()
             done = self.spool.replay(self._write, budget)
         except Exception as exc:
             self._next_try = time.monotonic() + self._backoff
@@ -113,6 +115,14 @@ class StoreSpool:
             n = len(span_rows) or len(run_rows)
             self.spool.skip(n)
             logger.error("costobs: the database refused a spooled batch of %d (%r); it is lost", n, exc)
+
+    def _probe(self) -> None:
+        """Raise unless the database answers: asked before a replay while the database has been away, so that a
+        failed attempt costs a connection attempt, not the spool's records read and decoded under the GIL the app
+        shares (tens of milliseconds per attempt once the spool holds tens of thousands of spans)."""
+        guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
+        with guard, self.store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
 
     def _write_rows(self, records: list[tuple[str | None, list[Any], list[Any]]], fit: bool) -> None:
         guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
