@@ -16,8 +16,9 @@ dead rows before and after (the space a DELETE leaves is reused by later inserts
 locks the writers need would show there.
 
 ``--partitioned`` measures the alternative the README weighs: the same spans in a copy of the table partitioned
-by day (``PARTITION BY RANGE (hour)``), pruned by ``DROP TABLE`` of the old partitions, and the cost of a query by
-run id (``run_cost``, ``spans``), which carries no partition key and probes every partition.
+by day (``PARTITION BY RANGE (hour)``), pruned by ``DROP TABLE`` of the old partitions, the cost of a query by
+run id (``run_cost``, ``spans``), which carries no partition key and probes every partition, and of a rollup the
+hourly table cannot answer (a window of raw spans, where partitions are pruned by the hour).
 
 Run: ``python -m bench.prune [--spans N] [--days D] [--partitioned]`` from the repository root (~5-10 min).
 """
@@ -194,6 +195,17 @@ def _partitioned(engine: Any, days: int, keep_days: int, now: float) -> dict[str
                                         "WHERE run_id = :r"), {"r": run}).scalar_one()
             out[f"run_query_{name}_buffers"] = plan[0]["Plan"].get("Shared Hit Blocks", 0) + \
                 plan[0]["Plan"].get("Shared Read Blocks", 0)
+            # a rollup the hourly table cannot answer (a window that is not whole hours): the last 36 hours' spans
+            # by model, read from the raw spans through their hour
+            since = int(now // 3600) - 36
+            q = sa.text(f"SELECT model, COUNT(*), SUM(cost_nanos) FROM {table_name} WHERE hour >= :h AND "
+                        "start_at >= to_timestamp(:t) AT TIME ZONE 'UTC' GROUP BY model")
+            args = {"h": since, "t": since * 3600 + 1800}
+            conn.execute(q, args).all()  # warm
+            t0 = time.perf_counter()
+            for _ in range(20):
+                conn.execute(q, args).all()
+            out[f"window_query_{name}_ms"] = (time.perf_counter() - t0) / 20 * 1000
     lsn0 = _lsn(engine)
     t0 = time.perf_counter()
     dropped = 0
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      f"({part['run_query_plain_buffers']} buffers)"],
             ["a run's spans by run_id: day partitions", f"{part['run_query_by_day_ms']:.3f} ms "
                                                         f"({part['run_query_by_day_buffers']} buffers)"],
+            ["the last 36 hours by model from raw spans: plain table", f"{part['window_query_plain_ms']:.1f} ms"],
+            ["the last 36 hours by model from raw spans: day partitions", f"{part['window_query_by_day_ms']:.1f} ms"],
         ]))
     summary = [
         metric("prune: spans deleted per second", deleted / prune_s, "spans/s"),
