@@ -317,3 +317,27 @@ def test_prune_deletes_the_ids_of_batches_formed_before_its_cut(database_url: st
         kept = conn.execute(sa.select(batches.c.batch_id)).scalars().all()
     eng.dispose()
     assert sorted(kept) == sorted(recent)
+
+
+def test_batch_ids_are_time_ordered_and_a_forked_child_does_not_repeat_its_parents() -> None:
+    """Batch ids begin with the time (text order is time order, which prune relies on); their random part comes
+    from a generator of ours, seeded by the OS and again in a forked child (an app's ``random.seed`` cannot make
+    two processes' ids alike, and a child does not repeat its parent's)."""
+    import random
+
+    from costobs_callbacks._export import new_batch_id
+
+    random.seed(7)  # the app's own seed: not ours
+    ids = [new_batch_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(b) == 32 for b in ids)
+    assert [b[:12] for b in ids] == sorted(b[:12] for b in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, new_batch_id()[12:].encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child != new_batch_id()[12:]

@@ -5,6 +5,7 @@ batches the sink cannot take (the spool)."""
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -26,10 +27,18 @@ class Batch(list[Any]):
 
 
 def new_batch_id() -> str:
-    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits (``os.urandom``: forked processes do
-    not share them). Unique across processes, and ordered by the time the batch was formed as text too, which is
-    how ``costobs db prune`` finds the ids of batches formed before its cut."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits. Unique across processes, and ordered
+    by the time the batch was formed as text too, which is how ``costobs db prune`` finds the ids of batches formed
+    before its cut."""
+    return f"{time.time_ns() // 1_000_000:012x}{_random_bits(80):020x}"
+
+
+_rng = random.Random()  # seeded from the OS: an app's own random.seed() cannot make two processes' ids alike
+_random_bits = _rng.getrandbits
+"""Random bits without a system call (``os.urandom`` would give the GIL up on the exporter's thread, and wait to
+get it back behind a busy app thread), reseeded in a forked child, which would otherwise repeat its parent's."""
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rng.seed)
 
 
 class PoisonBatch(Exception):
