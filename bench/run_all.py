@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "llamaindex_overhead": ("LlamaIndex overhead", ["--rounds", "40", "--batch", "30", "--warmup", "50"]),
     "exporter_throughput": ("Exporter into SQLite", ["--runs", "5000", "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
+    "outage_latency": ("App thread while the database is down", ["--rounds", "8", "--batch", "100"]),
     "instructions": ("Instructions (callgrind)", ["--quick"]),
 }
 PROFILE = ("profile_handler", ("Handler profile", ["--calls", "5000"]))
