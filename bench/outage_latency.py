@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["configuration", "CPU median", "CPU p10..p90", "wall median", "wall p10..p90", "blocked",
                  "exporter CPU/call", "waits/call", "preempted/call"], rows))
     print("\n(blocked: wall minus CPU minus the time the thread was runnable but waiting for a CPU (schedstat): its "
-          "waits, the GIL's among them (the fake model does no I/O); waits, preempted: its voluntary and involuntary "
-          "context switches per call)")
+          "waits, for the GIL and, with the stub model, for its HTTP replies (the fake model does no I/O); waits, "
+          "preempted: its voluntary and involuntary context switches per call)")
     rows = []
     summary = []
     for k, base in BASE.items():
