@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "exporter_throughput": ("Exporter into SQLite", ["--runs", "5000", "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
     "rollup_latency": ("Rollup latency", ["--spans", "200000", "--reps", "5", "--raw-reps", "2"]),
+    "outage_latency": ("App thread while the database is down", ["--rounds", "8", "--batch", "100"]),
     "instructions": ("Instructions (callgrind)", ["--quick"]),
     "caps_overhead": ("Tenant spend caps", ["--rounds", "15", "--batch", "100", "--first-calls", "10"]),
 }

@@ -484,7 +484,9 @@ class CostTracker:
         content, ``sanitized`` the spans stored with a value made to fit its column (flagged ``sanitized``).
         ``spooled`` counts the items sent to the spool (the database did not take them), ``replayed`` those
         written from it (this process's and those found from processes gone), ``in_spool`` those still only
-        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too).
+        there, ``spool_lost`` those of torn or corrupt spool records (counted in ``failed`` too). ``duplicates``
+        counts the items of batches that reached the database a second time (a retry or a replay of a batch whose
+        COMMIT went through while its reply was lost) and were left out: each batch is applied once.
 
         Spend caps (0 without them): ``caps_refused`` calls refused at a tenant's or user's cap; ``throttled`` calls
         that waited for a ``usd_per_minute`` rate, ``throttle_wait_ms`` how long in all, ``throttle_refused`` calls
@@ -501,6 +503,7 @@ class CostTracker:
         out["failed"] += sp.lost
         out["internal_errors"] = self.ledger.internal_errors
         out["sanitized"] = self.store.sanitized
+        out["duplicates"] = self.store.duplicates
         out["open_runs"] = len(self.ledger.runs)
         out.update(self._caps.stats() if self._caps is not None else _NO_CAPS_STATS)
         out["pending"] = self.exporter.pending()

@@ -441,6 +441,7 @@ def _cmd_db_prune(args: argparse.Namespace) -> int:
         n_spans, n_runs, has_rollups = _db_call(url, count)
         when = cut.strftime("%Y-%m-%d %H:%M UTC")
         if not n_spans and not n_runs:
+            _db_call(url, lambda: _prune_batches(store, cut.timestamp(), args.batch_size))
             print(f"nothing to prune: no spans or runs before {when} in {_shown(url)}")
             return 0
         if not args.yes:
@@ -456,10 +457,26 @@ def _cmd_db_prune(args: argparse.Namespace) -> int:
                 return 1
         done_spans, done_runs = _db_call(url, lambda: _prune(store, span_cond, run_cond, n_spans, n_runs,
                                                              args.batch_size))
+        _db_call(url, lambda: _prune_batches(store, cut.timestamp(), args.batch_size))
     finally:
         store.close()
     print(f"deleted {done_spans:,} spans and {done_runs:,} runs from before {when}")
     return 0
+
+
+def _prune_batches(store: Any, before: float, batch: int) -> int:
+    """Delete the applied-batch ids (``costobs_batches``) of batches formed before ``before`` (epoch seconds), in
+    short transactions: they go with the spans of their time (exactly once holds for a spooled batch replayed while
+    its spans are kept, see ``_store.applied``). Bookkeeping of ours: not asked about, not counted in the output."""
+    from ._store.applied import prune_statement
+
+    n = 0
+    while True:
+        with store.engine.begin() as conn:
+            deleted = conn.execute(prune_statement(before, batch)).rowcount
+        if not deleted:
+            return n
+        n += deleted
 
 
 def _prune(store: Any, span_cond: Any, run_cond: Any, n_spans: int, n_runs: int, batch: int) -> tuple[int, int]:

@@ -5,11 +5,10 @@ PostgreSQL 15 that the developers' and CI's machines run, trust authentication);
 test databases are created from. A test's database is named ``costobs_t_`` and a random suffix, so that suites
 running at the same time on one server never meet, and a database left behind is easy to find.
 
-A test database commits without waiting for its WAL to reach the disk (``synchronous_commit = off``): what the
-tests check does not include surviving a server crash, and a COMMIT that waits on the shared machine's fsync
-widens the moment in which an outage test's cut falls after the server committed a batch and before the client
-heard so (the batch is then in doubt, spooled, and written a second time: spans are not yet idempotent on their
-id).
+A test database commits as production databases do (``synchronous_commit`` left on): a cut that falls after the
+server committed a batch and before the client heard so is a case the outage tests must survive (each batch is
+applied once, see ``costobs_callbacks/_store/applied.py``), and ``tests/test_exactly_once.py`` makes that case
+happen on purpose.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ def create_database(admin_url: str) -> str:
     try:
         with eng.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     finally:
         eng.dispose()
     return sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)

@@ -1,9 +1,11 @@
 """Migrations on a database that holds data: a store at revision 0001, filled, is brought to the head by the
 first tracker that opens it; every row and figure survives, the new columns read as their defaults, and new
-spans fill them. SQLite and PostgreSQL."""
+spans fill them; spool records written before batches had ids are replayed into the upgraded schema. SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -101,7 +103,7 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
     with CostTracker(database_url, prices=PRICES) as tracker:  # no salt given: the stored one is used
         with tracker.store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
-                == HEAD_REVISION == "0006"
+                == HEAD_REVISION
             for table in CAP_TABLES:  # the spend caps' tables, empty until a capped call needs them
                 assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one() == 0
             spans_after = _rows(conn, "costobs_spans", "span_id")
@@ -157,6 +159,7 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
     with engine.connect() as conn:
         assert not NEW_COLUMNS & {c["name"] for c in sa.inspect(conn).get_columns("costobs_spans")}
         assert not set(CAP_TABLES) & set(sa.inspect(conn).get_table_names())
+        assert "costobs_batches" not in sa.inspect(conn).get_table_names()
         assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_spans")).scalar_one() == 5
         assert [r["span_id"] for r in _rows(conn, "costobs_spans", "span_id")][:3] == ["s-1", "s-2", "s-3"]
     engine.dispose()
@@ -207,4 +210,76 @@ def test_a_filled_0003_database_gains_the_cap_tables_and_caps_count_what_its_rol
     with engine.connect() as conn:
         assert not set(CAP_TABLES) & set(sa.inspect(conn).get_table_names())
         assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_rollups_hourly")).scalar_one() == 3
+def test_a_filled_0003_database_gains_the_batch_table_and_replays_spool_records_of_that_time(
+        database_url: str, tmp_path: Path) -> None:
+    """Revision 0003 filled (0001's rows, its rollups backfilled), and a spool record as the code of that time
+    wrote it (rows without a batch id): the first tracker upgrades the database to the head, finds every row and
+    figure, replays the record once, and from then on applies each batch once (its id recorded)."""
+    from costobs_callbacks._export import encode, load_batch, read_records
+
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        _alembic(conn, "upgrade", "0001")
+    with engine.begin() as conn:
+        md = sa.MetaData()
+        conn.execute(sa.insert(sa.Table("costobs_spans", md, autoload_with=conn)), OLD_SPANS)
+        conn.execute(sa.insert(sa.Table("costobs_runs", md, sa.Column("attributes", sa.JSON()), autoload_with=conn)),
+                     OLD_RUNS)
+    with engine.begin() as conn:
+        _alembic(conn, "upgrade", "0003")
+        assert "costobs_batches" not in sa.inspect(conn).get_table_names()
+
+    # a spool record of that time: made by a tracker whose database is gone, its batch id taken out
+    lost = tmp_path / "gone" / "costs.db"
+    lost.parent.mkdir()
+    spool_dir = tmp_path / "spool"
+    with CostTracker(f"sqlite:///{lost}", prices=PRICES, user_salt="s", spool_dir=spool_dir) as away:
+        for p in lost.parent.iterdir():
+            p.unlink()
+        away.record_usage(model="m-mig", input_tokens=1000, output_tokens=100, feature="chat", run_id="run-a")
+        away.record_usage(model="m-mig", input_tokens=10, output_tokens=2, feature="late")
+        assert not away.flush(0.5) and away.stats["in_spool"] == 2
+    (f,) = spool_dir.glob("*.spool")
+    (rec,) = list(read_records(f.read_bytes()))
+    assert rec.payload is not None
+    batch_id, span_rows, run_rows = load_batch(rec.payload)
+    assert batch_id is not None
+    old_payload = json.dumps({"s": span_rows, "r": run_rows}, separators=(",", ":")).encode()
+    f.write_bytes(encode(old_payload, rec.count))
+
+    with CostTracker(database_url, prices=PRICES, spool_dir=spool_dir) as tracker:
+        assert tracker.stats["spool_found"] == 2
+        assert tracker.flush(20)
+        assert (tracker.stats["replayed"], tracker.stats["duplicates"]) == (2, 0)
+        with tracker.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM costobs_alembic_version")).scalar_one() \
+                == HEAD_REVISION
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_batches")).scalar_one() == 0  # no id: none
+            old = [{k: v for k, v in r.items() if k != "id" and k not in NEW_COLUMNS | NEW_0003}
+                   for r in _rows(conn, "costobs_spans", "id")[:3]]
+        assert old == OLD_SPANS
+        rc = tracker.run_cost("run-a")
+        assert rc is not None
+        added = 1000 * 2_000 + 100 * 8_000  # the replayed call, at $2 / $8 per million tokens
+        assert (rc.cost_usd, rc.input_tokens, rc.llm_calls, rc.tool_calls) == \
+            (Decimal(5_690_000 + added).scaleb(-9), 2200, 2, 1)
+        by_feature = {r.key["feature"]: r for r in tracker.rollup(by=["feature"])}
+        assert (by_feature["chat"].cost_usd, by_feature["chat"].llm_calls, by_feature["chat"].runs) \
+            == (Decimal(5_690_000 + added).scaleb(-9), 2, 1)
+        assert (by_feature["late"].cost_usd, by_feature["late"].runs) == (Decimal(36_000).scaleb(-9), 1)
+        assert (by_feature["batch"].input_tokens, by_feature["batch"].unpriced_calls) == (2**62, 1)
+
+        # from now on every batch records its id, in its own transaction
+        tracker.record_usage(model="m-mig", input_tokens=10, output_tokens=2, feature="new")
+        assert tracker.flush(10)
+        with tracker.store.engine.connect() as conn:
+            (batch,) = conn.execute(sa.text("SELECT batch_id FROM costobs_batches")).scalars()
+        assert len(batch) == 32 and int(batch[:12], 16) <= time.time() * 1000  # begins with its time (ms)
+        assert tracker.stats["duplicates"] == 0
+
+    with engine.begin() as conn:
+        _alembic(conn, "downgrade", "0003")
+    with engine.connect() as conn:
+        assert "costobs_batches" not in sa.inspect(conn).get_table_names()
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_spans")).scalar_one() == 6
     engine.dispose()

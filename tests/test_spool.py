@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,112 +27,16 @@ from costobs_callbacks import CostTracker
 from costobs_callbacks._export import Spool, encode, read_records
 
 try:
+    from .proxy import Proxy
     from .stub_openai import StubReply, StubUsage
 except ImportError:
+    from proxy import Proxy  # type: ignore[no-redef]
     from stub_openai import StubReply, StubUsage
 
 MODEL = "m-spool"
 PRICES = {MODEL: {"input": "2", "output": "8"}}
 CALL_NANOS = 10 * 2_000 + 2 * 8_000  # 10 in, 2 out at $2 / $8 per million tokens: 36,000 nano-USD
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Proxy:
-    """A TCP proxy to ``127.0.0.1:port``: ``cut()`` refuses connections and closes the open ones, ``hang()``
-    accepts them and forwards nothing, ``restore()`` forwards again (on the same port)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.mode = "up"
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.port = 0
-        self._listen()
-
-    def _listen(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        self.port = s.getsockname()[1]
-        self._listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._socks.append(client)
-            if self.mode == "hang":
-                continue  # held open, never answered
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._socks.append(upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if self.mode == "hang":  # swallowed, never delivered: the peer waits until it gives up
-                    while self.mode == "hang":
-                        time.sleep(0.05)
-                    break
-                if self.mode != "up":
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def _close_all(self) -> None:
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def cut(self) -> None:
-        self.mode = "down"
-        assert self._listener is not None
-        self._listener.close()
-        self._listener = None
-        self._close_all()
-
-    def hang(self) -> None:
-        self.mode = "hang"
-
-    def restore(self) -> None:
-        was = self.mode
-        self.mode = "up"
-        if was == "hang":
-            self._close_all()  # what was swallowed is gone; the driver reconnects
-        if self._listener is None:
-            self._listen()
-
-    def close(self) -> None:
-        self.mode = "down"
-        if self._listener is not None:
-            self._listener.close()
-        self._close_all()
 
 
 def chat(stub: Any) -> ChatOpenAI:
@@ -435,12 +338,13 @@ def test_flush_counts_what_is_found_spooled_at_start(tmp_path, stub_openai):
 def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_database):
     """The same random spans (malformed ones included: see ``test_store_paths``), written by ``write_batch``
     and, through the spool's JSON, by ``write_rows``, on each write path: the same rows, the same sanitising;
-    two records replayed together as two batches written one after the other."""
+    two records replayed together as two batches written one after the other. Each batch written a second time
+    (the same ids: a retry, a replay) changes nothing on either side."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     from costobs_callbacks import LoopPolicy, PriceBook
-    from costobs_callbacks._export import BatchExporter, StoreSpool, dump_rows
+    from costobs_callbacks._export import Batch, BatchExporter, StoreSpool, dump_rows
     from costobs_callbacks._ledger import Ledger
     from costobs_callbacks._store import Store
     from tests.test_store_paths import PRICES as PATH_PRICES
@@ -473,13 +377,21 @@ def test_a_spooled_batch_stores_what_the_direct_write_stores(tmp_path, postgres_
         parts = [items[: len(items) // 2], items[len(items) // 2:]] if split and len(items) > 1 else [items]
         for direct, spooled in pairs:
             before = (direct.sanitized, spooled.sanitized)
-            payloads = [dump_rows(*spooled.batch_rows(p)) for p in parts]
-            for p in parts:
-                direct.write_batch(p)
+            batches = [Batch(p) for p in parts]
+            payloads = [dump_rows(*spooled.batch_rows(b), b.id) for b in batches]
+            for b in batches:
+                direct.write_batch(b)
             sp = StoreSpool(spooled, Spool(tmp_path / "unused"))
             sp._write(payloads)  # grouped (one transaction), or record by record where that is refused
-            assert _stored(direct, run_ids) == _stored(spooled, run_ids)
+            once = _stored(direct, run_ids)
+            assert once == _stored(spooled, run_ids)
             assert direct.sanitized - before[0] == spooled.sanitized - before[1]
+            dup = (direct.duplicates, spooled.duplicates)
+            for b in batches:
+                direct.write_batch(b)
+            sp._write(payloads)
+            assert _stored(direct, run_ids) == once == _stored(spooled, run_ids)
+            assert direct.duplicates - dup[0] == len(items)
 
     try:
         check()

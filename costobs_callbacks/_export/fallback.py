@@ -1,10 +1,12 @@
 """The exporter's fallback for a ``Store``: batches the database does not take are spooled as the rows the store
 would have written, and replayed in order when it answers again.
 
-A record's payload is the JSON (UTF-8, surrogates passed through) of those rows (``Store.batch_rows``): rows
-rather than spans, because rows are what the database receives (a replay writes exactly what the direct write
-would have), and a span's row needs none of the ledger's live objects. A SQLite file deleted, or its folder
-removed, under the tracker is noticed before each batch by the file's identity, and the batch spooled.
+A record's payload is the JSON (UTF-8, surrogates passed through) of those rows (``Store.batch_rows``) and of the
+batch's id: rows rather than spans, because rows are what the database receives (a replay writes exactly what the
+direct write would have), and a span's row needs none of the ledger's live objects; the id, because the database
+may hold the batch already (its COMMIT went through, the reply did not), and then the replay writes none of it.
+A SQLite file deleted, or its folder removed, under the tracker is noticed before each batch by the file's
+identity, and the batch spooled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .sink import PoisonBatch
 from .spool import Spool
 from .watchdog import Watchdog
 
-__all__ = ["StoreSpool", "dump_rows", "file_identity", "load_rows", "sqlite_path"]
+__all__ = ["StoreSpool", "dump_rows", "file_identity", "load_batch", "load_rows", "sqlite_path"]
 
 logger = logging.getLogger("costobs_callbacks")
 
@@ -54,7 +56,7 @@ class StoreSpool:
     def keep(self, batch: Sequence[Any]) -> bool:
         try:
             span_rows, run_rows = self.store.batch_rows(batch)
-            self.spool.append(dump_rows(span_rows, run_rows), len(batch))
+            self.spool.append(dump_rows(span_rows, run_rows, getattr(batch, "id", None)), len(batch))
         finally:
             if self._after is not None:
                 self._after()
@@ -75,6 +77,8 @@ class StoreSpool:
             self._next_try = now + 1.0
             return False
         try:
+            if self._outage or self._backoff > 0.25:  # the database was away at the last write or attempt
+                self._probe()
             done = self.spool.replay(self._write, budget)
         except Exception as exc:
             self._next_try = time.monotonic() + self._backoff
@@ -95,28 +99,35 @@ class StoreSpool:
     # -- helpers --------------------------------------------------------------------------------
 
     def _write(self, payloads: list[bytes]) -> None:
-        """Spooled records written in one transaction; if the database refuses it for its content, record by
-        record, each as its batch would have been written (made to fit, flagged ``sanitized``), so that the
-        rows stored are the direct write's and only a record refused even so is lost."""
+        """Spooled records written in one transaction, those the database holds already left out (see
+        ``Store.write_rows``); if the database refuses it for its content, record by record, each as its batch
+        would have been written (made to fit, flagged ``sanitized``), so that the rows stored are the direct
+        write's and only a record refused even so is lost."""
+        records = [load_batch(p) for p in payloads]
         try:
-            if len(payloads) > 1:
-                self._write_rows(*_merged([load_rows(p) for p in payloads]), fit=False)
-            else:
-                self._write_rows(*load_rows(payloads[0]))
+            self._write_rows(records, fit=len(records) == 1)
         except PoisonBatch as exc:
             if len(payloads) > 1:
                 for p in payloads:
                     self._write([p])
                 return
-            span_rows, run_rows = load_rows(payloads[0])
+            _, span_rows, run_rows = records[0]
             n = len(span_rows) or len(run_rows)
             self.spool.skip(n)
             logger.error("costobs: the database refused a spooled batch of %d (%r); it is lost", n, exc)
 
-    def _write_rows(self, span_rows: list[Any], run_rows: list[Any], fit: bool = True) -> None:
+    def _probe(self) -> None:
+        """Raise unless the database answers: asked before a replay while the database has been away, so that a
+        failed attempt costs a connection attempt, not the spool's records read and decoded under the GIL the app
+        shares (tens of milliseconds per attempt once the spool holds tens of thousands of spans)."""
+        guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
+        with guard, self.store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def _write_rows(self, records: list[tuple[str | None, list[Any], list[Any]]], fit: bool) -> None:
         guard = self._watchdog.guard() if self._watchdog is not None else contextlib.nullcontext()
         with guard:
-            self.store.write_rows(span_rows, run_rows, fit=fit)
+            self.store.write_rows(records, fit=fit)
 
     def file_ok(self) -> bool:
         """False while the SQLite file opened is gone from its path (deleted, its folder removed); a different
@@ -145,37 +156,26 @@ class StoreSpool:
 
 # -- payloads ---------------------------------------------------------------------------------------
 
-def _merged(parts: list[tuple[list[list[Any]], list[list[Any]]]]) -> tuple[list[Any], list[Any]]:
-    """Several batches' rows as one: span rows in order, one run row per run (a run upserted twice in one
-    statement is refused by PostgreSQL): its totals summed, its status, reason and end the latest batch's."""
-    if len(parts) == 1:
-        return parts[0]
-    spans: list[Any] = []
-    runs: dict[Any, list[Any]] = {}
-    for sp, rr in parts:
-        spans.extend(sp)
-        for r in rr:
-            old = runs.get(r[0])
-            if old is None:
-                runs[r[0]] = list(r)
-                continue
-            old[7:11] = r[7:9] + old[9:10] + r[10:11]  # status, reason, (started kept), ended: the latest
-            for i in range(11, len(r)):
-                old[i] += r[i]
-    return spans, list(runs.values())
+def dump_rows(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]],
+              batch_id: str | None = None) -> bytes:
+    """Rows and their batch's id as JSON, text as it is: UTF-8 with surrogates passed through (a ``\\u`` escape
+    of a surrogate pair would come back joined, a value the database then stores unflagged where the direct write
+    fits and flags it)."""
+    obj: dict[str, Any] = {"s": span_rows, "r": run_rows}
+    if batch_id is not None:
+        obj["b"] = batch_id
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-def dump_rows(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]]) -> bytes:
-    """Rows as JSON, text as it is: UTF-8 with surrogates passed through (a ``\\u`` escape of a surrogate pair
-    would come back joined, a value the database then stores unflagged where the direct write fits and flags
-    it)."""
-    text = json.dumps({"s": span_rows, "r": run_rows}, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8", "surrogatepass")
+def load_batch(payload: bytes) -> tuple[str | None, list[list[Any]], list[list[Any]]]:
+    """A record's batch id (``None`` in records spooled before batches had ids: written as new) and rows."""
+    obj = json.loads(payload.decode("utf-8", "surrogatepass"))
+    return obj.get("b"), obj["s"], obj["r"]
 
 
 def load_rows(payload: bytes) -> tuple[list[list[Any]], list[list[Any]]]:
-    obj = json.loads(payload.decode("utf-8", "surrogatepass"))
-    return obj["s"], obj["r"]
+    _, span_rows, run_rows = load_batch(payload)
+    return span_rows, run_rows
 
 
 # -- is the SQLite file still the one opened ---------------------------------------------------------

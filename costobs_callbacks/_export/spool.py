@@ -6,9 +6,9 @@ beside each a ``*.done`` file: the offset up to which its records are in the dat
 (and, every few seconds, a running one) takes the lock of every file nobody holds — its writer is gone — and
 replays it: one replayer per file, so a record is written once. A file fully replayed is removed.
 
-Exactly once: the ``.done`` offset is written after each record's transaction commits. A crash between the
-commit and that write (microseconds) would replay that one record again: a window accepted rather than a
-unique index on ``span_id`` (which would need a migration).
+Exactly once: the ``.done`` offset is written after each group's transaction commits. A crash between the commit
+and that write replays the group again, and the store leaves out every record of it already applied (each record
+carries its batch's id, recorded in the batch's transaction: ``_store.applied``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .sink import Fallback, PoisonBatch
+from .sink import Batch, Fallback, PoisonBatch
 
 __all__ = ["BatchExporter", "ExportStats"]
 
@@ -177,7 +177,7 @@ class BatchExporter:
         while q:
             n = min(len(q), self._max_batch)
             self.stats.taken += n  # first: emitted (taken + queued) may read high for a moment, never low
-            batch = [q.popleft() for _ in range(n)]
+            batch = Batch([q.popleft() for _ in range(n)])
             self._write(batch)
 
     def _tick(self, fb: Fallback, final: bool = False) -> None:
@@ -203,6 +203,8 @@ class BatchExporter:
         return kept
 
     def _write(self, batch: list[Any]) -> None:
+        if type(batch) is not Batch:
+            batch = Batch(batch)
         fb = self._fallback
         if fb is not None:
             try:
@@ -219,9 +221,9 @@ class BatchExporter:
                 self._sink(batch)
             except PoisonBatch as exc:
                 if len(batch) > 1:
-                    mid = len(batch) // 2
-                    self._write(batch[:mid])
-                    self._write(batch[mid:])
+                    mid = len(batch) // 2  # each half a batch of its own: the attempt rolled back
+                    self._write(Batch(batch[:mid]))
+                    self._write(Batch(batch[mid:]))
                     return
                 self.stats.failed += 1
                 self.stats.refused += 1

@@ -268,9 +268,7 @@ class Queries:
                     cache_hits=int(r["hits"]),
                     saved_usd=nanos_to_usd(saved) or Decimal(0),
                 ))
-        # costliest first; among equal costs by key and bucket, so that every source gives one order
-        out.sort(key=lambda r: (-r.cost_usd, [(v is None, str(v)) for v in r.key.values()],
-                                r.bucket_start or _EPOCH_UTC))
+        out.sort(key=_rollup_order)
         return out
 
     def _sums(self, conn: Connection, query: Any) -> list[Any]:
@@ -296,6 +294,16 @@ class Queries:
 
 
 # -- windows, keys and sums ------------------------------------------------------------------------------
+
+def _rollup_order(row: RollupRow) -> tuple[Any, ...]:
+    """``rollup()``'s order: the most expensive first; among equal costs, by bucket, then by the key values (None
+    first), so that the rollup table and the raw spans (and any database's collation) give one order."""
+    return (-row.cost_usd, row.bucket_start is not None, row.bucket_start or _NO_TIME,
+            *((v is not None, str(v) if v is not None else "") for v in row.key.values()))
+
+
+_NO_TIME = datetime.fromtimestamp(0, UTC)
+
 
 def _on_the_hour(dt: datetime | None) -> bool:
     if dt is None:

@@ -294,6 +294,26 @@ def _neutral_run(acc: list[Any]) -> tuple[Any, ...]:
     )
 
 
+def _merge_neutral(parts: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> tuple[list[Any], list[Any]]:
+    """Several batches' neutral rows as one: span rows in order, one run row per run (a run upserted twice in one
+    statement is refused by PostgreSQL): its totals summed, its status, reason and end the latest batch's."""
+    if len(parts) == 1:
+        return list(parts[0][0]), list(parts[0][1])
+    spans: list[Any] = []
+    runs: dict[Any, list[Any]] = {}
+    for sp, rr in parts:
+        spans.extend(sp)
+        for r in rr:
+            old = runs.get(r[0])
+            if old is None:
+                runs[r[0]] = list(r)
+                continue
+            old[7:11] = [*r[7:9], *old[9:10], *r[10:11]]  # status, reason, (started kept), ended: the latest
+            for i in range(11, len(r)):
+                old[i] += r[i]
+    return spans, list(runs.values())
+
+
 def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], fast: bool,
                   dialect: str) -> tuple[list[Any], list[Any]]:
     """Rows of ``Store.batch_rows`` as this store's write path takes them (``_span_tuple``/``_span_row`` and

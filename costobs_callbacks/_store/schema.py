@@ -12,8 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "meta_kv", "metadata", "rollups", "rollups_keyed", "runs",
-           "spans"]
+__all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "batches", "meta_kv", "metadata", "rollups", "rollups_keyed",
+           "runs", "spans"]
 
 HEAD_REVISION = "0006"
 
@@ -107,6 +107,15 @@ meta_kv = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(512), nullable=False),
 )
+
+batches = sa.Table(
+    "costobs_batches",
+    metadata,
+    sa.Column("batch_id", sa.String(32).with_variant(sa.String(32, collation="C"), "postgresql"), primary_key=True),
+)
+"""The ids of the batches applied (``applied``: exactly once), each inserted in its batch's transaction. An id is
+32 hex digits that begin with the time the batch was formed, so that text order is time order (bytewise: the
+``C`` collation on PostgreSQL, SQLite's default) and pruning takes a range of the primary key."""
 
 _RSUMS = ("cost", "inp", "out", "cr", "cw", "rsn", "saved")
 """The rollup's money and token sums, each kept in two BIGINT halves (``<name>_hi`` the sum of the figures'

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Engine
 
 from .._exceptions import ConfigurationError
@@ -53,23 +55,34 @@ class Store(Migrations, Writes, Queries):
         self._prepare_writes()
 
     def get_or_create_salt(self) -> bytes:
-        """The user-id salt kept in the database, so every process hashes ids alike."""
+        """The user-id salt kept in the database, so every process hashes ids alike: read, or made once. Processes
+        opening a new database together each offer a salt; the first one stored is the one every process reads
+        (``ON CONFLICT DO NOTHING``: no error, so no transaction left aborted to be committed)."""
         self.ensure_schema()
-        with self.engine.begin() as conn:
-            row = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).first()
-            if row is not None:
-                return bytes.fromhex(row[0])
-            salt = secrets.token_hex(32)
-            try:
-                conn.execute(sa.insert(meta_kv).values(key="user_salt", value=salt))
-            except sa.exc.IntegrityError:
-                pass
+        read = sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")
         with self.engine.connect() as conn:
-            val = conn.execute(sa.select(meta_kv.c.value).where(meta_kv.c.key == "user_salt")).scalar_one()
-        return bytes.fromhex(val)
+            found = conn.execute(read).scalar()
+        if found is None:
+            offer = {"key": "user_salt", "value": secrets.token_hex(32)}
+            with self.engine.begin() as conn:
+                if self.dialect in ("postgresql", "sqlite"):
+                    dialect_insert: Any = _INSERTS[self.dialect]
+                    conn.execute(dialect_insert(meta_kv).values(offer).on_conflict_do_nothing())
+                else:
+                    try:
+                        with conn.begin_nested():  # a savepoint: a conflict rolls back the insert alone
+                            conn.execute(sa.insert(meta_kv).values(offer))
+                    except sa.exc.IntegrityError:
+                        pass
+                # (a statement of its own: under READ COMMITTED it sees the salt of a writer that came first)
+                found = conn.execute(read).scalar_one()
+        return bytes.fromhex(found)
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_INSERTS = {"postgresql": sa.dialects.postgresql.insert, "sqlite": sa.dialects.sqlite.insert}
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

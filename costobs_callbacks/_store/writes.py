@@ -3,6 +3,9 @@ upserted), on SQLite and PostgreSQL each through its fastest form, on any other 
 
 A batch the database refuses for its content is written again with every value made to fit (``fitting``); one
 refused even so raises ``PoisonBatch``, and the exporter bisects it so that only the refused rows are lost.
+
+A batch with an id (``_export.Batch``, and the spool's records) is applied once: its transaction begins by
+recording the id (``applied``), and a batch whose id is there already is not written again.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from .._export import PoisonBatch
 from . import keyed
+from .applied import claim
 from .fitting import _fit_rows, _fit_span_row, _is_data_error
 from .rows import (
     _RKEY_OF,
     _batch_invocations,
     _batch_rows,
     _from_neutral,
+    _merge_neutral,
     _neutral_run,
     _neutral_span,
     _rollup_groups,
@@ -116,6 +121,9 @@ class Writes:
         """The write path's state, for this store's dialect and driver (called once, by ``Store.__init__``)."""
         self.sanitized = 0
         """Spans stored with a value made to fit its column (flagged ``sanitized``)."""
+        self.duplicates = 0
+        """Items of batches that arrived again after they were applied (a retry or a replay of a batch whose
+        COMMIT went through unheard), written once."""
         # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
         # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
         self._span_insert_sql: str | None = None
@@ -160,7 +168,10 @@ class Writes:
         database is down) propagates and is retried.
 
         Values are made to fit only after a refusal: the common batch pays nothing for it, and the outcome
-        is the same, since the drivers refuse exactly what does not fit (ints past BIGINT, lone surrogates)."""
+        is the same, since the drivers refuse exactly what does not fit (ints past BIGINT, lone surrogates).
+
+        A batch with an ``id`` (``_export.Batch``) is applied once: written again with the same id, it is left out
+        (counted in ``duplicates``). Without one, it is written as it comes."""
         try:
             self._write_batch(items, False)
         except Exception as exc:
@@ -188,17 +199,30 @@ class Writes:
         sqlite_fast = self._fast and self.dialect == "sqlite"
         span_rows, run_rows, changed, first_root = _batch_rows(
             items, self._span_row_fn, _sqlite_run_tuple if sqlite_fast else _run_row, fit)
-        if run_rows:
-            self._insert(span_rows, run_rows, sqlite_fast, first_root)
+        batch_id = getattr(items, "id", None)
+        if run_rows and self._insert(span_rows, run_rows, sqlite_fast, first_root,
+                                     (batch_id,) if batch_id else ()) is not None:
+            self.duplicates += len(items)
+            return 0
         return changed
 
-    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool, first_root: dict[str, int]) -> None:
-        """One transaction: the run rows upserted (their totals grow by the batch's), the span rows inserted, the
-        batch's hourly rollups upserted (from the span rows as stored, fitted values included)."""
+    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool, first_root: dict[str, int],
+                batch_ids: Sequence[str] = ()) -> set[str] | None:
+        """One transaction: the batch ids recorded, the run rows upserted (their totals grow by the batch's), the
+        span rows inserted, the batch's hourly rollups upserted (from the span rows as stored, fitted values
+        included). If any of ``batch_ids`` was recorded before, nothing is written and the new ones are returned
+        (the caller writes the rows of those alone); ``None``: written."""
         key_of = _RKEY_OF
         groups = _rollup_groups(span_rows)
         roots = _batch_invocations(run_rows)
         with self.engine.begin() as conn:
+            if batch_ids:
+                # first: a batch applied before is written no further (see ``applied``)
+                new = claim(conn, self.dialect, self._span_insert_sql is not None, batch_ids)
+                if len(new) < len(batch_ids):
+                    if new:
+                        raise _SomeApplied(new)  # rolled back: the caller writes the new ones alone
+                    return new
             # The runs first: their upsert tells which runs had no root span stored (``invocations`` was 0), and
             # the batch's first root span of each of those opens its run (``opens_run``, the rollup's ``runs``).
             # Read from the write itself, in the batch's transaction, so concurrent writers of one run and a
@@ -224,7 +248,7 @@ class Writes:
             else:
                 stored = self._merge_runs_portable(conn, run_rows)
             if not span_rows:
-                return
+                return None
             for rid, total in stored:
                 at = first_root.get(rid)
                 if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
@@ -254,6 +278,7 @@ class Writes:
                     self._merge_rollups_portable(conn, roll_rows)
             # last: every batch shares its keys' rows, and their locks are held from here to the commit
             keyed.write(self, conn, roll_rows, sqlite_fast)
+        return None
 
     # -- spooled batches (``_export.fallback``): rows kept while the database is away, written when it is back --
 
@@ -268,12 +293,35 @@ class Writes:
             span_rows[at] = (*row[:_I_OPENS], None, *row[_I_OPENS + 1:])
         return span_rows, run_rows
 
-    def write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], *,
+    def write_rows(self, records: Sequence[tuple[str | None, Sequence[Sequence[Any]], Sequence[Sequence[Any]]]], *,
                    fit: bool = True) -> None:
-        """Write rows from ``batch_rows`` in one transaction, as ``write_batch`` writes a batch: refused for their
-        content, written again made to fit (flagged ``sanitized``); refused still (or at once without ``fit``),
-        ``PoisonBatch``."""
+        """Write spooled batches, each ``(batch id or None, span rows, run rows)`` with rows from ``batch_rows``, in
+        one transaction, as ``write_batch`` writes a batch: refused for their content, written again made to fit
+        (flagged ``sanitized``); refused still (or at once without ``fit``), ``PoisonBatch``. The batches the
+        database holds already are left out (counted in ``duplicates``); those of the others are merged (a run
+        once, its totals summed) and written."""
         self.ensure_schema()
+        todo, seen = [], set()
+        for r in records:
+            if r[0] is not None and r[0] in seen:  # one batch twice in a group: once is enough
+                self.duplicates += len(r[1]) or len(r[2])
+                continue
+            seen.add(r[0])
+            todo.append(r)
+        while todo:
+            ids = [r[0] for r in todo if r[0] is not None]
+            try:
+                new = self._write_rows(*_merge_neutral([(r[1], r[2]) for r in todo]), ids, fit)
+            except _SomeApplied as some:  # a group replayed again after a crash: rolled back, the new ones next
+                new = some.new
+            if new is None:
+                return
+            self.duplicates += sum(len(r[1]) or len(r[2]) for r in todo if r[0] is not None and r[0] not in new)
+            todo = [r for r in todo if r[0] is None or r[0] in new]
+
+    def _write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]],
+                    batch_ids: Sequence[str], fit: bool) -> set[str] | None:
+        """Rows from ``batch_rows`` in one transaction (see ``write_rows``); as ``_insert`` returns."""
         sqlite_fast = self._fast and self.dialect == "sqlite"
         first_root: dict[str, int] = {}
         unmarked: list[Sequence[Any]] = []
@@ -285,7 +333,9 @@ class Writes:
             unmarked.append(r)
         sp, rr = _from_neutral(unmarked, run_rows, self._fast, self.dialect)
         try:
-            self._insert(sp, rr, sqlite_fast, first_root)
+            return self._insert(sp, rr, sqlite_fast, first_root, batch_ids)
+        except _SomeApplied:
+            raise
         except Exception as exc:
             if not _is_data_error(exc):
                 raise
@@ -299,13 +349,17 @@ class Writes:
             rids = [r[rid_at] for r in unmarked]
             changed = _fit_rows(sp, rr, rids, hits, [r[0] for r in run_rows])
             try:
-                self._insert(sp, rr, sqlite_fast, first_root)
+                new = self._insert(sp, rr, sqlite_fast, first_root, batch_ids)
+            except _SomeApplied:
+                raise
             except Exception as exc2:
                 if not _is_data_error(exc2):
                     raise
                 orig = getattr(exc2, "orig", None)
                 raise PoisonBatch(str(orig if orig is not None else exc2)) from exc2
-            self.sanitized += changed
+            if new is None:
+                self.sanitized += changed
+            return new
 
     # -- per dialect ----------------------------------------------------------------------------------
 
@@ -398,3 +452,12 @@ class Writes:
             found.update((rid, int(n)) for rid, n in conn.execute(
                 sa.select(runs.c.run_id, runs.c.invocations).where(runs.c.run_id.in_(chunk))))
         return found
+
+
+class _SomeApplied(Exception):
+    """Some of the batches of one transaction were applied before (and it was rolled back): ``new`` are the
+    others, to be written alone."""
+
+    def __init__(self, new: set[str]) -> None:
+        super().__init__(f"{len(new)} batches not applied before")
+        self.new = new

@@ -3,7 +3,7 @@ rate bucket per throttled tenant or user (see ``costobs_callbacks/_caps/accounts
 index by user, as by tenant: an account reads its period's spend from them.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-10
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
