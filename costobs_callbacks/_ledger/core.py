@@ -1,7 +1,8 @@
 """The ledger: the live state of every open run tree of one tracker, and the orchestration of its events.
 
-Adapters (``integrations/``) translate framework events into ``Ledger.start`` / ``Ledger.end`` calls (and their
-short forms). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
+Adapters (``integrations/``) translate framework events into calls of ``Ledger.start_llm`` (a paid model call) or
+``Ledger.start_span`` (any other step) and ``Ledger.end`` (or its short form ``end_llm``; ``record_llm`` for a lone
+call, whole). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
 finished spans are handed to the exporter's queue, and a run's lock (one of a shared pool) covers only the counter
 updates of that run, never held while another lock is taken.
 """
@@ -89,7 +90,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         # Their ends carry only that id: each closes the oldest open one, so no call and no cost is lost.
         self.same_id: dict[Any, deque[Span]] = {}
         self.runs: dict[Any, Run] = {}  # by Run.key
-        self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _end_root)
+        self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _close_run, trim_recent)
         # Held across dict operations only, never across work: a run moves between "none", ``runs`` and ``recent``
         # under it (so one id never has two Run objects: threads starting roots of one config at once all join
         # one run), and a root joining a run and the run's close cannot cross (see _close_run).

@@ -154,8 +154,8 @@ def span_key(span_id: Any) -> Any:
 class Run:
     """A root run: attribution, policy and live totals of its whole tree.
 
-    The defaults below are class attributes: a run stores only what differs from them (most runs are one call
-    with no policy hit), so opening one costs a few assignments instead of forty.
+    The defaults below are class attributes: a run stores only the totals every end adds to (set by ``new_run``)
+    and what differs from them (most runs are one call with no policy hit), a few assignments rather than forty.
     """
 
     feature: str = UNATTRIBUTED
@@ -265,7 +265,8 @@ class Run:
 class Span:
     """One open (then finished) span. Exported as is: the exporter's thread turns it into a row.
 
-    As for ``Run``, the defaults are class attributes and a span stores only what it sets."""
+    As for ``Run``, the defaults are class attributes, and a span stores only what every end reads (set by
+    ``new_span``) and what it sets."""
 
     end_wall = 0.0
     latency_ms = 0.0

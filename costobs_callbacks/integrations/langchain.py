@@ -61,8 +61,8 @@ class _MessagesOps(_RequestOps):
         parts: list[Any] = [model]
         append = parts.append
         for m in msgs:
-            # Fields are read from __dict__: on a pydantic message, getattr of a missing field (tool_calls
-            # of a HumanMessage) raises inside pydantic, which made this 3x slower on every call.
+            # Fields are read from __dict__: getattr of a field a pydantic message lacks (a HumanMessage's
+            # tool_calls) raises and catches an exception inside pydantic, message by message, call by call.
             d = getattr(m, "__dict__", None) or {}
             mid = d.get("id")
             if mid:
@@ -84,7 +84,7 @@ class _MessagesOps(_RequestOps):
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """The request's tokens (``chat_tokens``' accounting), its messages read by ``_message_parts``; a message
         with an id is counted once wherever it appears (fields are read from ``__dict__``: see ``signature``)."""
-        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        tools = _RequestOps.tools(extra)
         return chat_tokens(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt), _message_parts,
                            json.dumps(tools, default=str) if tools else "", "id")
 
@@ -92,7 +92,7 @@ class _MessagesOps(_RequestOps):
     def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
         (``chat_token_bound``: texts not counted before count one token per UTF-8 byte)."""
-        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        tools = _RequestOps.tools(extra)
         return chat_token_bound(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt),
                                 _message_parts, json.dumps(tools, default=str) if tools else "", "id")
 
