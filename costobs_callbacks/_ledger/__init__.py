@@ -16,6 +16,8 @@ from .model import (
     Span,
     Tokens,
     current_scope,
+    new_run,
+    new_span,
     run_text,
     span_key,
     tokens_of,
@@ -23,5 +25,5 @@ from .model import (
 
 __all__ = [
     "BUDGET_META_KEY", "LOOPS_META_KEY", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span", "Tokens", "_DEFERRED",
-    "_again", "current_scope", "run_text", "salt_from", "span_key", "tokens_of", "user_hash",
+    "_again", "current_scope", "new_run", "new_span", "run_text", "salt_from", "span_key", "tokens_of", "user_hash",
 ]

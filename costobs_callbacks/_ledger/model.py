@@ -361,7 +361,7 @@ def new_run(run_id: str | UUID | int, key: Any, started_wall: float, started_per
     run.started_wall = started_wall
     run.started_perf = started_perf
     run.cost_nanos = run.input = run.output = 0
-    run.by_model = run.aborted = run.tool_seq = run.model_reqs = run.loose_holds = None
+    run.by_model = run.aborted = run.tool_seq = run.model_reqs = run.loose_holds = run.caps = None
     return run
 
 
