@@ -85,28 +85,28 @@ def make_workload(n_runs: int) -> tuple[list[Any], int]:
             nonlocal k
             k += 1
             sid = new()
-            led.start(sid, parent, "llm", "ChatOpenAI", meta=meta, model=MODEL_NAME, provider="openai")
+            led.start_llm(sid, parent, "ChatOpenAI", meta, MODEL_NAME, "openai")
             led.end(sid, usage=TokenUsage(input=800 + (k * 7) % 900, output=50 + k % 400,
                                           cache_read=256 if k % 3 == 0 else 0), model=MODEL_NAME)
 
         def leaf(parent: Any, kind: str, name: str, meta: dict[str, Any], args: Any = None) -> None:
             sid = new()
-            led.start(sid, parent, kind, name, meta=meta, tool_args=args)
+            led.start_span(sid, parent, kind, name, meta, tool_args=args)
             led.end(sid)
 
         for r in range(n_runs):
             meta = {"feature": FEATURES[r % len(FEATURES)], "user_id": f"user-{r % 1000}",
                     "tenant_id": f"tenant-{r % 20}", "route": "/api/agent", "prompt_version": "v3"}
             root = new()
-            led.start(root, None, "chain", "LangGraph", meta=meta)
+            led.start_span(root, None, "chain", "LangGraph", meta)
             node = new()
-            led.start(node, root, "chain", "agent", meta=meta)
+            led.start_span(node, root, "chain", "agent", meta)
             llm(node, meta)
             leaf(node, "tool", "web_search", meta, {"q": f"query {r}"})
             llm(node, meta)
             led.end(node)
             node = new()
-            led.start(node, root, "chain", "tools", meta=meta)
+            led.start_span(node, root, "chain", "tools", meta)
             leaf(node, "retriever", "docs", meta)
             llm(node, meta)
             leaf(node, "tool", "calculator", meta, {"expr": f"{r} * 2"})

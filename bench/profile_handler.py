@@ -70,8 +70,11 @@ class Timers:
     def patch(self, obj: Any, attr: str, name: str | None = None) -> None:
         setattr(obj, attr, self.wrap(name or attr, getattr(obj, attr)))
 
-    def patch_class_init(self, cls: Any, name: str) -> None:
-        cls.__init__ = self.wrap(name, cls.__init__)
+    def patch_module(self, module: Any, attr: str, name: str) -> Callable[[], None]:
+        """Wrap a module function where it is looked up; returns the undo."""
+        orig = getattr(module, attr)
+        setattr(module, attr, self.wrap(name, orig))
+        return lambda: setattr(module, attr, orig)
 
     def clear(self) -> None:
         for v in self.samples.values():
@@ -80,7 +83,7 @@ class Timers:
 
 def instrument(tracker: Any, handler: Any, timers: Timers) -> Callable[[], None]:
     """Wrap the hot-path steps of one tracker; returns an undo function for the class-level wraps."""
-    from costobs_callbacks._ledger import Run, Span
+    from costobs_callbacks._ledger import core
     from costobs_callbacks.integrations import langchain as lc
 
     for hook in ("on_chat_model_start", "on_llm_end", "on_chain_start", "on_chain_end"):
@@ -88,23 +91,22 @@ def instrument(tracker: Any, handler: Any, timers: Timers) -> Callable[[], None]
     timers.patch(handler, "_model_start", "handler._model_start")
     timers.patch(handler, "_model_end", "handler._model_end")
     led = tracker.ledger
-    for m in ("start", "end", "open_run", "_attribute", "_guard_start", "_check_call_start", "_check_llm_estimate",
-              "_check_loops", "_end_root", "hash_user", "_check_after"):
+    for m in ("start_llm", "start_span", "_start", "_start_new_llm_run", "end", "end_llm", "_finish", "open_run",
+              "_attribute", "_guard_start", "_check_call_start", "_check_llm_estimate", "_check_loops", "_end_root",
+              "_end_child", "_close_run", "hash_user", "_check_after"):
         timers.patch(led, m, f"ledger.{m}")
-    for m in ("price", "estimate_nanos"):
+    for m in ("price_nanos", "estimate_nanos"):
         timers.patch(tracker.prices, m, f"prices.{m}")
     timers.patch(tracker.exporter, "emit", "exporter.emit")
     timers.patch(lc.MESSAGES, "signature", "loop guard: messages signature")
     timers.patch(lc.MESSAGES, "count_tokens", "budget: count prompt tokens")
     orig_usage = lc.usage_from_metadata
     lc.usage_from_metadata = timers.wrap("usage_from_metadata", orig_usage)  # type: ignore[assignment]
-    run_init, span_init = Run.__init__, Span.__init__
-    timers.patch_class_init(Run, "Run.__init__")
-    timers.patch_class_init(Span, "Span.__init__")
+    undos = [timers.patch_module(core, "new_run", "new_run"), timers.patch_module(core, "new_span", "new_span")]
 
     def undo() -> None:
-        Run.__init__ = run_init  # type: ignore[method-assign]
-        Span.__init__ = span_init  # type: ignore[method-assign]
+        for u in undos:
+            u()
         lc.usage_from_metadata = orig_usage  # type: ignore[assignment]
 
     return undo

@@ -43,9 +43,8 @@ class RunScope:
 
     def __enter__(self) -> RunScope:
         name = str(self._meta.get("feature") or "run")
-        self._span = self._tracker.ledger.start(
-            self._scope_key, None, "run", name, meta=self._meta, root=True, run_id=self._rid
-        )
+        self._span = self._tracker.ledger.start_span(self._scope_key, None, "run", name, self._meta, root=True,
+                                                     run_id=self._rid)
         self._token = current_scope.set(self._span)
         return self
 

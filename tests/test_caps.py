@@ -295,18 +295,18 @@ def test_the_fast_path_and_the_general_path_admit_alike(tmp_path_factory: Any, c
             meta = {"tenant_id": "acme"}
             try:
                 if path == "root":
-                    ledger.start(f"r{i}", None, "llm", "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
+                    ledger.start_llm(f"r{i}", None, "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
                     ledger.end_llm(f"r{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
                 elif path == "child":
-                    ledger.start(f"c{i}", None, "chain", "chain", meta)
+                    ledger.start_span(f"c{i}", None, "chain", "chain", meta)
                     try:
-                        ledger.start(f"k{i}", f"c{i}", "llm", "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
+                        ledger.start_llm(f"k{i}", f"c{i}", "m", meta, MODEL, "openai", prompt, MESSAGES, extra_req)
                         ledger.end_llm(f"k{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
                     finally:
                         ledger.end(f"c{i}")
                 else:
                     with tracker.run(tenant_id="acme"):
-                        ledger.start(f"s{i}", None, "llm", "m", None, MODEL, "openai", prompt, MESSAGES, extra_req)
+                        ledger.start_llm(f"s{i}", None, "m", None, MODEL, "openai", prompt, MESSAGES, extra_req)
                         ledger.end_llm(f"s{i}", (PROMPT_TOKENS, MAX_TOKENS, 0, 0, 0), MODEL)
                 admitted += 1
                 outcome.append(True)

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from costobs_callbacks import Budget, BudgetExceededError, LoopPolicy, RunAborted
-from costobs_callbacks._events import TokenUsage
+from costobs_callbacks._events import TokenUsage, UsageDetail
 from costobs_callbacks._ledger import _DEFERRED, Ledger, Run, Span
+from costobs_callbacks._ledger.attribution import _FIRST_CHECKED, _first_call
 from costobs_callbacks._pricing import PriceBook
 from costobs_callbacks.integrations.langchain import MESSAGES
 
@@ -91,15 +92,6 @@ def prompt_of(texts: list[str]) -> list[list[Any]]:
     return [[SystemMessage("be brief"), *(HumanMessage(t) for t in texts)]]
 
 
-def finish_general(lg: Ledger, key: Any, tokens: tuple[int, ...], model: str | None) -> None:
-    """``Ledger.end`` of an ok model call with usage, through its general path (``_finish``) whatever the price."""
-    span = lg.spans.pop(key)
-    span.end_wall = time.time()
-    span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
-    span.status = "ok"
-    lg._finish(span, "ok", None, tokens, model, False, False, _DEFERRED)  # type: ignore[arg-type]
-
-
 def start_call(lg: Ledger, rid: uuid.UUID, parent: uuid.UUID | None, model: str, provider: str | None,
                texts: list[str], max_tokens: int | None, meta: dict[str, Any] | None, general: bool) -> Any:
     ip: dict[str, Any] = {"model": model}
@@ -107,55 +99,79 @@ def start_call(lg: Ledger, rid: uuid.UUID, parent: uuid.UUID | None, model: str,
         ip["max_tokens"] = max_tokens
     extra = (ip, meta or {})
     try:
-        lg.start(rid, parent, "llm", "ChatX", meta, model, provider, prompt_of(texts), MESSAGES, extra,
-                 run_id=rid if general and parent is None else None)
+        lg.start_llm(rid, parent, "ChatX", meta, model, provider, prompt_of(texts), MESSAGES, extra,
+                     run_id=rid if general and parent is None else None)
     except RunAborted as exc:
         return (type(exc).__name__, exc.reason, exc.detail.get("estimate_usd") if exc.detail else None)
     return "started"
 
 
+details_st = st.none() | st.builds(UsageDetail, st.integers(0, 5_000), st.sampled_from([None, "flex", "priority"]),
+                                     st.integers(0, 3))
+flags_st = st.sampled_from([(), ("estimated",), ("malformed_usage", "estimated")])
+
+
+def reported_model(model: str, served: str | None) -> str | None:
+    return None if served is None else model if served == "same" else model + "-2024-01-01"
+
+
 @given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, served=st.sampled_from([None, "same", "other"]),
-       p_in=prices_st, p_out=prices_st, texts=messages_st, end_path=st.sampled_from(["end_llm", "end", "finish"]),
-       feature=st.sampled_from([None, "search", "x" * 300]))
-def test_a_model_end_gives_the_same_spans_and_totals_on_every_path(
+       p_in=prices_st, p_out=prices_st, texts=messages_st, feature=st.sampled_from([None, "search", "x" * 300]),
+       nested=st.booleans(), limit=st.sampled_from([None, "0.000001", "0.01", "5"]), estimated=st.booleans(),
+       flags=flags_st, detail=details_st)
+def test_a_model_end_gives_the_same_spans_and_totals_on_both_paths(
     model_i: int, tokens: tuple[int, int, int, int, int], served: str | None, p_in: Decimal, p_out: Decimal,
-    texts: list[str], end_path: str, feature: str | None,
+    texts: list[str], feature: str | None, nested: bool, limit: str | None, estimated: bool,
+    flags: tuple[str, ...], detail: UsageDetail | None,
 ) -> None:
+    """``end_llm`` (its short path for a priced call) and ``end`` (``_finish``, the general path) of one call: a root
+    call (its run ends with it) or a call inside a chain (the check after a call may stop its run), with or without
+    a budget, a provider's usage detail, flags, an estimate."""
     model, provider = MODELS[model_i]
-    reported = None if served is None else model if served == "same" else model + "-2024-01-01"
-    meta = {"feature": feature} if feature else None
+    reported = reported_model(model, served)
+    meta: dict[str, Any] = {"feature": feature} if feature else {}
+    if limit is not None:
+        meta["costobs_budget"] = {"max_cost_usd": limit}
     views = []
-    for path in ("end_llm", "end", "finish", end_path):
+    for path in ("end_llm", "end"):
         lg, out = ledger(book(p_in, p_out))
-        rid = uuid.UUID(int=12345)
-        assert start_call(lg, rid, None, model, provider, texts, None, meta, False) == "started"
-        if path == "end_llm":
-            lg.end_llm(rid.int, tokens, reported)
-        elif path == "end":
-            lg.end(rid, "ok", None, TokenUsage(*tokens), reported)
-        else:
-            finish_general(lg, rid.int, tokens, reported)
-        views.append(([item_view(i) for i in out.items], run_view(lg, rid), lg.largest_output))
-    assert views[0] == views[1] == views[2] == views[3]
+        rid, root = uuid.UUID(int=12345), uuid.UUID(int=54321)
+        if nested:
+            lg.start_span(root, None, "chain", "agent", meta or None)
+        started = start_call(lg, rid, root if nested else None, model, provider, texts, None, meta or None, False)
+        decision: Any = None
+        if started == "started":
+            try:
+                if path == "end_llm":
+                    lg.end_llm(rid.int, tokens, reported, estimated, flags, detail)
+                else:
+                    lg.end(rid, "ok", None, TokenUsage(*tokens), reported, estimated, False, flags, detail)
+            except RunAborted as exc:
+                decision = (type(exc).__name__, exc.reason)
+        if nested:
+            lg.end(root)
+        views.append((started, decision, [item_view(i) for i in out.items], run_view(lg, root if nested else rid),
+                      lg.largest_output))
+    assert views[0] == views[1]
 
 
 @given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, p_in=prices_st, p_out=prices_st,
-       texts=messages_st, served=st.booleans())
+       served=st.sampled_from([None, "same", "other"]), estimated=st.booleans(), flags=flags_st, detail=details_st)
 def test_a_lone_call_recorded_whole_equals_its_start_and_end(
-    model_i: int, tokens: tuple[int, int, int, int, int], p_in: Decimal, p_out: Decimal, texts: list[str],
-    served: bool,
+    model_i: int, tokens: tuple[int, int, int, int, int], p_in: Decimal, p_out: Decimal, served: str | None,
+    estimated: bool, flags: tuple[str, ...], detail: UsageDetail | None,
 ) -> None:
     model, provider = MODELS[model_i]
-    reported = model if served else None
+    reported = reported_model(model, served)
     prices = book(p_in, p_out)
     a, out_a = ledger(prices)
     assert a.lone_calls
     key = "lone-1"
     t0, p0 = time.time(), time.perf_counter()
-    a.record_llm(key, "ChatX", model, provider, t0, p0, tokens, reported)
+    a.record_llm(key, "ChatX", model, provider, t0, p0, tokens, reported, estimated, flags, detail)
     b, out_b = ledger(prices)
-    b.start(key, None, "llm", "ChatX", None, model, provider)
-    b.end_llm(key, tokens, reported)
+    b.start_llm(key, None, "ChatX", None, model, provider)
+    b.end_llm(key, tokens, reported, estimated, flags, detail)
 
     def view(lg: Ledger, out: Collect) -> Any:
         run = lg.recent.get(key) or lg.runs.get(key)
@@ -173,6 +189,22 @@ budget_st = st.one_of(
 )
 loops_st = st.sampled_from([None, {"max_identical_model_requests": 2}, {"max_steps": 1}, {"max_depth": 0},
                             {"max_identical_model_requests": 1}])
+
+
+def spy_on_shortcut(lg: Ledger, took: list[bool]) -> Any:
+    """``lg._start_new_llm_run``, noting in ``took`` whether each call of it opened the span (or refused it)."""
+    shortcut = lg._start_new_llm_run
+
+    def spy(*args: Any) -> Any:
+        try:
+            span = shortcut(*args)
+        except RunAborted:
+            took.append(True)
+            raise
+        took.append(span is not None)
+        return span
+
+    return spy
 
 
 @given(model_i=st.integers(0, len(MODELS) - 1), texts=messages_st, max_tokens=st.sampled_from([None, 1, 50, 4000]),
@@ -193,6 +225,8 @@ def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_
     views = []
     for general in (False, True):
         lg, out = ledger(book(Decimal("2"), Decimal("8")))
+        took: list[bool] = []  # per call that tried the shortcut: whether it opened the span
+        lg._start_new_llm_run = spy_on_shortcut(lg, took)  # type: ignore[method-assign]
         rid = uuid.UUID(int=777)
         decisions = []
         started = 0
@@ -211,6 +245,12 @@ def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_
         while rid.int in lg.spans:
             lg.end_llm(rid.int, tokens, None)
         views.append((decisions, [item_view(i) for i in out.items], run_view(lg, rid)))
+        run = lg.runs.get(rid.int) or lg.recent.get(rid.int)
+        if general:
+            assert not took  # an explicit run id: the general path only
+        elif run is not None:
+            # the first call opened the run on the shortcut whenever its policy allows it, and only then
+            assert took[0] == (_first_call(run.budget, run.loops) != _FIRST_CHECKED)
     assert views[0] == views[1]
 
 
@@ -248,7 +288,7 @@ def test_a_run_that_spends_exactly_its_budget_is_not_aborted(over: int) -> None:
     child = uuid.uuid4()
     # 1,000 + 1,000 tokens at $1/M: $0.002; the child's estimate (its prompt, max_tokens=1) fits below that.
     meta = {"costobs_budget": {"max_cost_usd": str(Decimal(2_000_000 - over).scaleb(-9))}}
-    lg.start(root, None, "chain", "agent", meta)
+    lg.start_span(root, None, "chain", "agent", meta)
     assert start_call(lg, child, root, OVERRIDE, None, ["hi"], 1, None, False) == "started"
     if over:
         with pytest.raises(BudgetExceededError) as err:
@@ -264,7 +304,7 @@ def test_the_live_by_model_adds_repeated_calls_of_one_model() -> None:
     prices = book(Decimal("1"), Decimal("2"))
     lg, _ = ledger(prices)
     root = uuid.uuid4()
-    lg.start(root, None, "chain", "agent")
+    lg.start_span(root, None, "chain", "agent")
     for i, end in enumerate(("end_llm", "end", "end_llm")):
         sid = uuid.uuid4()
         start_call(lg, sid, root, OVERRIDE, None, [f"q{i}"], None, None, False)

@@ -132,13 +132,13 @@ def test_a_filled_0001_database_is_upgraded_with_every_row_and_figure(database_u
         # new spans, on the upgraded schema, fill the new columns; one continues an old run
         ledger = tracker.ledger
         detail = UsageDetail(cache_write_1h=40, service_tier="priority", web_search_requests=2)
-        ledger.start("s-new", None, "llm", "ChatAnthropic", {"feature": "chat"}, "m-mig", "anthropic",
-                     root=True, run_id="run-a")
+        ledger.start_llm("s-new", None, "ChatAnthropic", {"feature": "chat"}, "m-mig", "anthropic", root=True,
+                         run_id="run-a")
         time.sleep(0.001)
         span = ledger.end("s-new", "ok", None, TokenUsage(1000, 100, 0, 60, 0), detail=detail)
         assert span is not None and span.cost_nanos is not None
-        ledger.start("s-plain", None, "llm", "ChatOpenAI", {"feature": "other"}, "m-mig", "openai", root=True,
-                     run_id="run-c")
+        ledger.start_llm("s-plain", None, "ChatOpenAI", {"feature": "other"}, "m-mig", "openai", root=True,
+                         run_id="run-c")
         plain = ledger.end("s-plain", "ok", None, TokenUsage(10, 2))
         assert plain is not None and plain.cost_nanos == 36_000
         stored = {s["span_id"]: s for s in tracker.spans("run-a")}

@@ -21,15 +21,13 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from costobs_callbacks import _pricing
 from costobs_callbacks._events import TokenUsage, UsageDetail, usd_to_nanos
 from costobs_callbacks._exceptions import ConfigurationError
-from costobs_callbacks._pricing import (
-    PriceBook,
-    PricedCall,
-    UnitPrices,
-    load_price_file,
-)
+from costobs_callbacks._pricing import PriceBook, PricedCall, UnitPrices, load_price_file
+from costobs_callbacks._pricing import book as p_book
+from costobs_callbacks._pricing import catalog as p_catalog
+from costobs_callbacks._pricing import names as p_names
+from costobs_callbacks._pricing import rates as p_rates
 
 CATALOG = f"genai-prices {genai_prices.__version__}"
 
@@ -544,23 +542,23 @@ def test_price_change_dates() -> None:
 def test_next_change() -> None:
     snap = data_snapshot.get_snapshot()
     _, deepseek = snap.find_provider_model("deepseek-chat", None, "deepseek", None)
-    assert _pricing._next_change(deepseek, datetime(2025, 3, 1, 16, 0, tzinfo=UTC)) == datetime(
+    assert p_catalog._next_change(deepseek, datetime(2025, 3, 1, 16, 0, tzinfo=UTC)) == datetime(
         2025, 3, 1, 16, 30, tzinfo=UTC
     )
-    assert _pricing._next_change(deepseek, datetime(2025, 3, 1, 17, 0, tzinfo=UTC)) == datetime(
+    assert p_catalog._next_change(deepseek, datetime(2025, 3, 1, 17, 0, tzinfo=UTC)) == datetime(
         2025, 3, 2, 0, 30, tzinfo=UTC
     )
     _, o3 = snap.find_provider_model("o3", None, "openai", None)
-    assert _pricing._next_change(o3, datetime(2025, 6, 1, 12, 0, tzinfo=UTC)) == datetime(2025, 6, 10, tzinfo=UTC)
+    assert p_catalog._next_change(o3, datetime(2025, 6, 1, 12, 0, tzinfo=UTC)) == datetime(2025, 6, 10, tzinfo=UTC)
     # then the start of its flex / priority tier prices (price_variants), then nothing
-    assert _pricing._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) == datetime(2026, 10, 12, tzinfo=UTC)
-    assert _pricing._next_change(o3, datetime(2026, 10, 20, tzinfo=UTC)) is None
+    assert p_catalog._next_change(o3, datetime(2025, 7, 1, tzinfo=UTC)) == datetime(2026, 10, 12, tzinfo=UTC)
+    assert p_catalog._next_change(o3, datetime(2026, 10, 20, tzinfo=UTC)) is None
 
 
 def test_cache_honours_the_next_price_change(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = {"now": datetime(2025, 3, 1, 16, 20, tzinfo=UTC), "mono": 1000.0}
-    monkeypatch.setattr(_pricing, "_utcnow", lambda: clock["now"])
-    monkeypatch.setattr(_pricing, "_monotonic", lambda: clock["mono"])
+    monkeypatch.setattr(p_book, "_utcnow", lambda: clock["now"])
+    monkeypatch.setattr(p_book, "_monotonic", lambda: clock["mono"])
     pb = PriceBook()
     usage = TokenUsage(input=1_000_000)
     peak = pb.price("deepseek-chat", "deepseek", usage)
@@ -579,15 +577,15 @@ def test_cache_honours_the_next_price_change(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_cache_entries_expire_after_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     mono = {"t": 0.0}
-    monkeypatch.setattr(_pricing, "_monotonic", lambda: mono["t"])
+    monkeypatch.setattr(p_book, "_monotonic", lambda: mono["t"])
     calls: list[str] = []
-    real = _pricing._find_in_catalog
+    real = p_catalog._find_in_catalog
 
     def counting(snapshot: Any, model: str, provider: str | None) -> Any:
         calls.append(model)
         return real(snapshot, model, provider)
 
-    monkeypatch.setattr(_pricing, "_find_in_catalog", counting)
+    monkeypatch.setattr(p_catalog, "_find_in_catalog", counting)
     pb = PriceBook(ttl=60)
     for _ in range(5):
         pb.price("gpt-4o", "openai", TokenUsage(input=1))
@@ -864,27 +862,27 @@ def test_override_one_hour_cache_write_price(tmp_path: Path) -> None:
 
 
 def test_the_dearest_call_stays_below_two_to_the_63() -> None:
-    top = str(_pricing._MAX_PRICE)
+    top = str(p_rates._MAX_PRICE)
     pb = book(m={"input": top, "output": top, "cache_read": top, "cache_write": top, "cache_write_1h": top})
     huge = 10**30
     for tokens in [(huge, huge, 0, 0, 0), (huge, huge, huge, huge, huge), (-huge, huge, huge, 0, 0)]:
         priced = pb.price_nanos("m", None, tokens, None)
-        assert priced is not None and priced[0] <= 2 * _pricing.MAX_TOKENS * 10**9 < 2**63
+        assert priced is not None and priced[0] <= 2 * p_rates.MAX_TOKENS * 10**9 < 2**63
         detail = pb.price_nanos("m", None, tokens, UsageDetail(huge, None, huge))
         assert detail is not None and detail[0] < 2**63
     # the proof's bound, with a per-request fee and web searches at the largest catalog prices allowed
-    unit = UnitPrices(_pricing._MAX_PRICE, _pricing._MAX_PRICE, _pricing._MAX_PRICE, _pricing._MAX_PRICE, "x",
-                      per_request=_pricing._MAX_PRICE / 1000, web_search=_pricing._MAX_PRICE / 1000,
-                      cache_write_1h=_pricing._MAX_PRICE, reasoning=_pricing._MAX_PRICE)
-    worst = _pricing._Rates(unit).nanos_detail(huge, huge, huge, huge, huge, huge, huge)
+    unit = UnitPrices(p_rates._MAX_PRICE, p_rates._MAX_PRICE, p_rates._MAX_PRICE, p_rates._MAX_PRICE, "x",
+                      per_request=p_rates._MAX_PRICE / 1000, web_search=p_rates._MAX_PRICE / 1000,
+                      cache_write_1h=p_rates._MAX_PRICE, reasoning=p_rates._MAX_PRICE)
+    worst = p_rates._Rates(unit).nanos_detail(huge, huge, huge, huge, huge, huge, huge)
     assert worst == 2 * 10**18 + 10**12 + 10**18 < 2**63
     with pytest.raises(ConfigurationError, match="implausibly large"):
-        book(m={"input": _pricing._MAX_PRICE + 1, "output": 1})
+        book(m={"input": p_rates._MAX_PRICE + 1, "output": 1})
 
 
 def test_catalog_price_out_of_bounds_is_unpriced(caplog: pytest.LogCaptureFixture) -> None:
     mp = gp_types.ModelPrice(input_mtok=Decimal(10**7), output_mtok=Decimal(1))
-    assert _pricing._catalog_unit_prices(mp, None, "src", "m", "p") is None
+    assert p_catalog._catalog_unit_prices(mp, None, "src", "m", "p") is None
     assert "implausible price" in caplog.text
 
 
@@ -912,13 +910,13 @@ def _oracle(unit: UnitPrices, tokens: tuple[int, int, int, int, int], detail: Us
 
     inp, out, cr, cw, rsn = tokens
     w1h, web = (detail.cache_write_1h, detail.web_search_requests) if detail is not None else (0, 0)
-    m = _pricing.MAX_TOKENS
+    m = p_rates.MAX_TOKENS
     inp, out = min(max(inp, 0), m), min(max(out, 0), m)
     cr = min(max(cr, 0), inp)
     cw = min(max(cw, 0), inp - cr)
     rsn = min(max(rsn, 0), out)
     w1h = min(max(w1h, 0), cw)
-    web = min(max(web, 0), _pricing.MAX_REQUESTS)
+    web = min(max(web, 0), p_rates.MAX_REQUESTS)
     with decimal.localcontext() as ctx:
         ctx.prec = 200
         one_h = unit.cache_write if unit.cache_write_1h is None else unit.cache_write_1h
@@ -929,6 +927,11 @@ def _oracle(unit: UnitPrices, tokens: tuple[int, int, int, int, int], detail: Us
         return int((usd * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
 
 
+def _decimals(unit: UnitPrices) -> list[Decimal]:
+    return [p for p in (unit.input, unit.output, unit.cache_read, unit.cache_write, unit.per_request, unit.reasoning,
+                        unit.cache_write_1h, unit.web_search) if p is not None]
+
+
 PRICE = st.builds(lambda n, p: Decimal(n).scaleb(-p), st.integers(0, 10**12), st.integers(0, 18)) | st.sampled_from(
     [Decimal(0), Decimal("0.15"), Decimal("2.5"), Decimal(15), Decimal("0.041666666666666664"), Decimal("0.0005")])
 COUNTS = st.integers(-10, 10**6) | st.integers(-(10**12), 10**12) | st.just(0)
@@ -936,29 +939,38 @@ TOKENS = st.tuples(COUNTS, COUNTS, COUNTS, COUNTS, COUNTS)
 DETAILS = st.none() | st.builds(UsageDetail, COUNTS, st.none(), COUNTS)
 
 
+# Prices in whole thousandths of a dollar (and fees in whole thousandths per request): no rounding, one rate per
+# entry without tiers, which is what the flat shortcut of _Entry.nanos takes.
+CENTS = st.builds(lambda n, p: Decimal(n).scaleb(-p), st.integers(0, 10**9), st.integers(0, 3))
+
+
 @st.composite
-def units(draw: st.DrawFn) -> UnitPrices:
-    inp = draw(PRICE)
+def units(draw: st.DrawFn, flat: bool = False) -> UnitPrices:
+    price = CENTS if flat else PRICE
+    fee = CENTS if flat else PRICE.map(lambda p: p / 1000)
     return UnitPrices(
-        inp, draw(PRICE), draw(PRICE), draw(PRICE), "override",
-        per_request=draw(st.just(Decimal(0)) | PRICE.map(lambda p: p / 1000)),
-        reasoning=draw(st.none() | PRICE),
-        cache_write_1h=draw(st.none() | PRICE),
-        web_search=draw(st.just(Decimal(0)) | PRICE.map(lambda p: p / 1000)),
+        draw(price), draw(price), draw(price), draw(price), "override",
+        per_request=draw(st.just(Decimal(0)) | fee),
+        reasoning=draw(st.none() | price),
+        cache_write_1h=draw(st.none() | price),
+        web_search=draw(st.just(Decimal(0)) | fee),
     )
 
 
 @hyp_settings(max_examples=400, deadline=None)
-@given(base=units(), tier=st.none() | st.tuples(st.integers(0, 10**6), units()), tokens=TOKENS, detail=DETAILS)
+@given(base=units() | units(flat=True), tier=st.none() | st.tuples(st.integers(0, 10**6), units()), tokens=TOKENS,
+       detail=DETAILS)
 def test_flat_shortcut_price_and_rates_agree(base: UnitPrices, tier: tuple[int, UnitPrices] | None,
                                              tokens: tuple[int, int, int, int, int],
                                              detail: UsageDetail | None) -> None:
-    """price_nanos (its flat shortcut where it applies), price, _Rates.nanos / nanos_detail and an exact Decimal
-    oracle: one answer for any prices (tiers, per-request fees, many decimal places) and any counts (malformed
-    ones too), with and without a detail; estimate_nanos' shortcut against its general path likewise."""
+    """_Entry.nanos (through price_nanos and price: its flat shortcut where it applies), _Rates.nanos /
+    nanos_detail and an exact Decimal oracle: one answer for any prices (tiers, per-request fees, many decimal
+    places) and any counts (malformed ones too), with and without a detail; the estimates likewise."""
     pb = PriceBook()
-    tiers = () if tier is None else ((tier[0], _pricing._Rates(tier[1])),)
-    entry = _pricing._Entry(_pricing._Rates(base), tiers, float("inf"))
+    tiers = () if tier is None else ((tier[0], p_rates._Rates(tier[1])),)
+    entry = p_rates._Entry(p_rates._Rates(base), tiers, float("inf"))
+    if tier is None and all(p_rates._places(p) <= 3 for p in _decimals(base)):
+        assert entry.flat is not None  # the shortcut is what is tested here
     pb._cache[("m", None)] = entry
     unit = tier[1] if tier is not None and tokens[0] > tier[0] else base
     rates = entry.rates(tokens[0])
@@ -975,6 +987,24 @@ def test_flat_shortcut_price_and_rates_agree(base: UnitPrices, tier: tuple[int, 
     assert est_unit is not None
     assert pb.estimate_nanos("m", None, inp, out) == est_unit.nanos(inp, out, 0, 0, 0) == _oracle(
         est_unit.unit, (inp, out, 0, 0, 0), None)
+    if tier is None:  # one rate: the upper bound of the estimate is the estimate
+        assert pb.estimate_upper_nanos("m", None, inp, out) == pb.estimate_nanos("m", None, inp, out)
+
+
+MOSTLY_ZERO = st.just(0) | st.just(0) | COUNTS
+EDGES = COUNTS | st.integers(p_rates.MAX_TOKENS - 2, p_rates.MAX_TOKENS + 2) | st.integers(-3, -1)
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(unit=units(flat=True), tokens=st.tuples(EDGES, EDGES, MOSTLY_ZERO, MOSTLY_ZERO, MOSTLY_ZERO))
+def test_the_flat_shortcut_equals_the_general_path(unit: UnitPrices, tokens: tuple[int, int, int, int, int]) -> None:
+    """An entry of one rate without rounding takes the shortcut of ``_Entry.nanos`` for calls without cache or
+    reasoning tokens: it gives ``_Rates.nanos`` and the exact Decimal figure, per-request fees, out-of-range counts
+    and separate reasoning prices included."""
+    entry = p_rates._Entry(p_rates._Rates(unit), (), float("inf"))
+    assert entry.flat is not None
+    assert entry.nanos(tokens) == (entry.rates(tokens[0]).nanos(*tokens), unit)  # type: ignore[union-attr]
+    assert entry.nanos(tokens) == (_oracle(unit, tokens, None), unit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -993,16 +1023,16 @@ def test_override_names_are_the_catalog_name_forms(model: str, provider: str | N
     forms: the two lookups cannot drift apart."""
     if not model:
         return
-    names = _pricing._override_names(model, provider)
-    refs = [ref for ref, _ in _pricing._model_refs(model)]
+    names = p_names._override_names(model, provider)
+    refs = [ref for ref, _ in p_names._model_refs(model)]
     extra = [] if not provider else [f"{provider}/{model}"]
-    if provider and _pricing._DATE_SUFFIX.sub("", f"{provider}/{model}") != f"{provider}/{model}":
-        extra.append(_pricing._DATE_SUFFIX.sub("", f"{provider}/{model}"))
+    if provider and p_names._DATE_SUFFIX.sub("", f"{provider}/{model}") != f"{provider}/{model}":
+        extra.append(p_names._DATE_SUFFIX.sub("", f"{provider}/{model}"))
     assert sorted(names) == sorted(extra + refs)
     if provider:
         assert names[0] == f"{provider}/{model}"
     # exact names before undated ones
-    exact, undated = _pricing._name_forms(model)
+    exact, undated = p_names._name_forms(model)
     positions = {n: i for i, n in reversed(list(enumerate(names)))}
     assert all(positions[e] < positions[u] for e, _ in exact for u, _ in undated if u not in dict(exact))
 
@@ -1018,9 +1048,9 @@ def test_override_names_are_the_catalog_name_forms(model: str, provider: str | N
     ],
 )
 def test_provider_names_have_one_home(name: str, provider: str | None) -> None:
-    assert _pricing.provider_from_name(name) == provider
+    assert p_names.provider_from_name(name) == provider
     if provider is not None:
-        assert _pricing.provider_id(provider) == provider  # already the catalog's id
+        assert p_names.provider_id(provider) == provider  # already the catalog's id
 
 
 def test_adapters_use_the_pricing_provider_names() -> None:

@@ -209,10 +209,10 @@ def _ledger_into(store: Store) -> tuple[Ledger, BatchExporter]:
 
 def _two_model_run(ledger: Ledger, meta: dict[str, Any]) -> str:
     rid, root = str(uuid.uuid4()), uuid.uuid4()
-    ledger.start(root, None, "chain", "agent", meta, root=True, run_id=rid)
+    ledger.start_span(root, None, "chain", "agent", meta, root=True, run_id=rid)
     for model, provider, tokens in (("m-a", "openai", TokenUsage(100, 10)), ("m-b", "anthropic", TokenUsage(50, 5))):
         sid = uuid.uuid4()
-        ledger.start(sid, root, "llm", "chat", None, model, provider)
+        ledger.start_llm(sid, root, "chat", None, model, provider)
         ledger.end(sid, "ok", None, tokens)
     ledger.end(root, "ok")
     return rid
@@ -243,7 +243,7 @@ def test_a_run_counts_once_in_the_hour_of_its_root(database_url: str) -> None:
     rid = str(uuid.uuid4())
     for _ in range(2):
         sid = uuid.uuid4()
-        ledger.start(sid, None, "llm", "chat", cfg, "m-a", "openai", root=True, run_id=rid)
+        ledger.start_llm(sid, None, "chat", cfg, "m-a", "openai", root=True, run_id=rid)
         ledger.end(sid, "ok", None, TokenUsage(10, 1))
     t = 1_764_000_000 + 3 * 3600 + 0.5
     for k in range(3):  # three lone calls in hours H0+3, H0+3 and H0+4
@@ -298,7 +298,7 @@ def test_an_upgraded_0002_database_gets_the_rollups_of_its_spans(database_url: s
     ledger.record_llm(str(uuid.uuid4()), "chat", "m-b", "openai", 1_764_000_000.25, time.perf_counter(),
                       (20, 2, 0, 0, 0), None)
     rid = str(uuid.uuid4())
-    ledger.start("tool-root", None, "tool", "search", {"feature": "f0"}, root=True, run_id=rid)
+    ledger.start_span("tool-root", None, "tool", "search", {"feature": "f0"}, root=True, run_id=rid)
     ledger.end("tool-root", "error", ValueError())
     assert exporter.force_flush(30)
     expected = _table(head)

@@ -77,10 +77,14 @@ def _make(ledger: Ledger, c: dict[str, Any]) -> str:
         return key
     rid, sid = str(uuid.uuid4()), uuid.uuid4()
     try:
-        ledger.start(sid, None, c["kind"], c["name"], c["meta"], c["model"], c["provider"], root=True, run_id=rid)
+        if c["kind"] in ("llm", "embedding"):
+            ledger.start_llm(sid, None, c["name"], c["meta"], c["model"], c["provider"], kind=c["kind"], root=True,
+                             run_id=rid)
+        else:
+            ledger.start_span(sid, None, c["kind"], c["name"], c["meta"], root=True, run_id=rid)
         if c["child"] is not None:
             cid = uuid.uuid4()
-            ledger.start(cid, sid, "tool", c["child"])
+            ledger.start_span(cid, sid, "tool", c["child"])
             ledger.end(cid, "ok")
         ledger.end(sid, "error" if c["error"] else "ok", ValueError() if c["error"] else None,
                    TokenUsage(*tokens) if c["tokens"] is not None else None, cache_hit=c["cache_hit"],

@@ -67,7 +67,7 @@ def test_one_bad_span_among_200_good_ones_costs_nothing_else(database_url: str, 
             if i == GOOD // 2:
                 bad_cfg = tracker.config(**attribution)
                 if case in DIRECT:
-                    tracker.ledger.start(bad_cfg["run_id"], None, "llm", "ChatOpenAI", bad_cfg["metadata"], MODEL)
+                    tracker.ledger.start_llm(bad_cfg["run_id"], None, "ChatOpenAI", bad_cfg["metadata"], MODEL, None)
                     if case == "cost-past-bigint":
                         tracker.ledger.add_cost(bad_cfg["run_id"], 10**19)
                     tracker.ledger.end_llm(bad_cfg["run_id"].int, DIRECT[case], MODEL)
@@ -131,7 +131,7 @@ def test_a_run_saturates_instead_of_overflowing(database_url: str, stub_openai: 
         for _ in range(2):
             with tracker.run(feature="huge", run_id=rid):  # figures given to the ledger as they are
                 key = uuid.uuid4()
-                tracker.ledger.start(key, None, "llm", "ChatOpenAI", None, MODEL)
+                tracker.ledger.start_llm(key, None, "ChatOpenAI", None, MODEL, None)
                 tracker.ledger.add_cost(key, 5 * 10**18)  # priced: 10^9 tokens at most, $2,000
                 tracker.ledger.end_llm(key.int, (5 * 10**15, 0, 0, 0, 0), MODEL)
             assert tracker.flush(10)
@@ -179,8 +179,8 @@ def test_text_too_long_for_its_column_is_cut_on_postgresql(postgres_database: Ca
     with CostTracker(postgres_database(), user_salt="s", prices=PRICES, export_delay=3600) as t:
         ledger = t.ledger
         for rid in ("r" * 80, "fine"):
-            ledger.start(f"s-{rid}", None, "llm", "ChatOpenAI", {"feature": "f"}, MODEL, "openai", root=True,
-                         run_id=rid)
+            ledger.start_llm(f"s-{rid}", None, "ChatOpenAI", {"feature": "f"}, MODEL, "openai", root=True,
+                             run_id=rid)
             ledger.end(f"s-{rid}", "ok", None, TokenUsage(10, 2))
         assert t.flush(10)
         assert (t.stats["exported"], t.stats["failed"], t.stats["sanitized"]) == (2, 0, 1)

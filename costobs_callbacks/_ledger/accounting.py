@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from .holds import _give_back
 from .model import _DEFERRED, Run, Span
 
 
-def _account(run: Run, span: Span, cost: int, sig: Any) -> None:
+def _account(run: Run, span: Span, cost: int, sig: Any) -> bool:
     """Add one ended span to its run's totals: every end path calls this, under ``run.lock`` (or on a run no other
     thread has seen). What the span held of the budget is given back; its cost goes to the run and to every span
     above it; its tokens to the run (a cache hit's are not spent); for a model call, its count by how it was
     priced, its model's cost (an unpriced model is listed apart, never a silent $0) and, given a signature
-    (``sig``), its request, for the loop guard."""
+    (``sig``), its request, for the loop guard. A root span is counted out of its run's open roots: returns whether
+    it was the last one open (``False`` for a span inside a run)."""
+    last = False
+    if span.is_root:
+        run.open_roots -= 1
+        last = run.open_roots <= 0
     if span.reserved:
-        run.reserved_nanos -= span.reserved
-        span.reserved = 0
-        if run.loose_holds:
-            run.loose_holds.discard(span)
+        _give_back(run, span)
     caps = run.caps  # spend caps hook: its holds given back, its cost spent from the tenant's and user's leases
     if caps is not None:
         caps.settle(span, cost)
@@ -38,7 +41,7 @@ def _account(run: Run, span: Span, cost: int, sig: Any) -> None:
             run.reasoning += rsn
     kind = span.kind
     if kind != "llm" and kind != "embedding":
-        return
+        return last
     if span.unpriced:
         run.unpriced_calls += 1
     if span.estimated:
@@ -59,4 +62,4 @@ def _account(run: Run, span: Span, cost: int, sig: Any) -> None:
         if reqs is None:
             reqs = run.model_reqs = {}
         reqs[sig] = reqs.get(sig, 0) + 1
-
+    return last

@@ -226,6 +226,7 @@ class AttributionMixin:
         _user_cache: dict[str, str]
         _attr_memo: dict[tuple[Any, ...], _Attribution]
         caps: SpendCaps | None
+        _bare_attribution: _Attribution | None
 
     def hash_user(self, user_id: Any) -> str:
         key = str(user_id)
@@ -247,25 +248,30 @@ class AttributionMixin:
         are attributed with one lookup. Other values (numbers, objects, policy dicts) take the full path.
 
         Returns what the run's policy asks of its first model call (see ``_first_call``)."""
-        if extra:
-            merged: Mapping[str, Any] = {**meta, **extra} if meta else dict(extra)
+        if not (meta or extra):
+            # No metadata at all (a model called on its own, a lone LlamaIndex call): one outcome, kept at hand.
+            hit = self._bare_attribution
+            if hit is None:
+                hit = self._bare_attribution = self._attribute_slow(run, _NO_META.get, (), _AttrPlan(()))
         else:
-            merged = meta or _NO_META
-        shape = tuple(merged)
-        plan = _ATTR_PLANS.get(shape)
-        if plan is None:
-            plan = _AttrPlan(shape)
-            if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
-                _ATTR_PLANS.clear()
-            _ATTR_PLANS[shape] = plan
-        get = merged.get
-        memo = self._attr_memo
-        try:
-            hit = memo.get((plan, *map(get, plan.deciding)))  # plain text values (the common case): one lookup
-        except TypeError:  # an unhashable value (a policy dict, a list)
-            hit = None
-        if hit is None:
-            hit = self._attribute_slow(run, get, shape, plan)
+            if extra:
+                merged: Mapping[str, Any] = {**meta, **extra} if meta else dict(extra)
+            else:
+                merged = meta or _NO_META
+            shape = tuple(merged)
+            plan = _ATTR_PLANS.get(shape)
+            if plan is None:
+                plan = _AttrPlan(shape)
+                if len(_ATTR_PLANS) >= _MAX_ATTR_PLANS:
+                    _ATTR_PLANS.clear()
+                _ATTR_PLANS[shape] = plan
+            get = merged.get
+            try:
+                hit = self._attr_memo.get((plan, *map(get, plan.deciding)))  # plain text values: one lookup
+            except TypeError:  # an unhashable value (a policy dict, a list)
+                hit = None
+            if hit is None:
+                hit = self._attribute_slow(run, get, shape, plan)
         (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
          run.max_cost_nanos, run.loops, first, flags) = hit
         if flags:

@@ -1,7 +1,8 @@
 """The ledger: the live state of every open run tree of one tracker, and the orchestration of its events.
 
-Adapters (``integrations/``) translate framework events into ``Ledger.start`` / ``Ledger.end`` calls (and their
-short forms). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
+Adapters (``integrations/``) translate framework events into calls of ``Ledger.start_llm`` (a paid model call) or
+``Ledger.start_span`` (any other step) and ``Ledger.end`` (or its short form ``end_llm``; ``record_llm`` for a lone
+call, whole). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
 finished spans are handed to the exporter's queue, and a run's lock (one of a shared pool) covers only the counter
 updates of that run, never held while another lock is taken.
 """
@@ -25,7 +26,6 @@ from .attribution import (
     _FIRST_CHECKED,
     _FIRST_DEFER,
     _FIRST_ESTIMATE,
-    _FIRST_FREE,
     _FIRST_GUARDED,
     AttributionMixin,
     _Attribution,
@@ -36,8 +36,6 @@ from .guards import GuardsMixin
 from .holds import HoldsMixin
 from .model import (
     _DEFERRED,
-    _RUN_LOCK_MASK,
-    _RUN_LOCKS,
     COST_KINDS,
     Exporter,
     PromptOps,
@@ -46,10 +44,10 @@ from .model import (
     Span,
     Tokens,
     _find,
-    _lock_turn,
-    _new_object,
     current_scope,
     logger,
+    new_run,
+    new_span,
     run_key,
     tokens_of,
 )
@@ -92,7 +90,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         # Their ends carry only that id: each closes the oldest open one, so no call and no cost is lost.
         self.same_id: dict[Any, deque[Span]] = {}
         self.runs: dict[Any, Run] = {}  # by Run.key
-        self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _end_root)
+        self.recent: dict[Any, Run] = {}  # ended runs by Run.key, oldest first (see _close_run, trim_recent)
         # Held across dict operations only, never across work: a run moves between "none", ``runs`` and ``recent``
         # under it (so one id never has two Run objects: threads starting roots of one config at once all join
         # one run), and a root joining a run and the run's close cannot cross (see _close_run).
@@ -105,6 +103,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         self.internal_errors = 0
         # attribution values -> what a run gets from them (see _attribute); bounded
         self._attr_memo: dict[tuple[Any, ...], _Attribution] = {}
+        self._bare_attribution: _Attribution | None = None  # of a run without metadata (see _attribute)
         # (budget, max_seconds, max_tool_calls, max_llm_calls, max_tokens): the last one seen
         self._budget_limits: tuple[Budget | None, float | None, int | None, int | None, int | None] = (
             None, None, None, None, None)
@@ -116,7 +115,6 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         first = _first_call(self.default_budget, self.default_loops if self.default_loops.enabled else None)
         self.lone_calls = (not self.require and first != _FIRST_CHECKED and not first & _FIRST_ESTIMATE
                            and caps is None)
-        self._lone_attr: _Attribution | None = None
 
     def open_run(
         self,
@@ -141,7 +139,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                             run.open_roots += 1
                     return run, True
         # Attribution is work: done on a run no other thread sees yet, outside the lock.
-        fresh = Run(run_id, key, time.time(), time.perf_counter())
+        fresh = new_run(run_id, key, time.time(), time.perf_counter())
         if count_root:
             fresh.open_roots = 1
         self._attribute(fresh, meta, extra)
@@ -165,64 +163,93 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             runs[key] = prev
             return prev, True
 
-    def start(
+    def start_llm(
+        self,
+        span_id: Any,
+        parent_id: Any,
+        name: str,
+        meta: Mapping[str, Any] | None,
+        model: str | None,
+        provider: str | None,
+        prompt: Any = None,
+        prompt_ops: PromptOps | None = None,
+        extra: Any = None,
+        max_tokens: int | None = None,
+        kind: str = "llm",
+        root: bool = False,
+        run_id: str | UUID | None = None,
+    ) -> Span:
+        """Open the span of a paid model call (``kind``: ``"llm"``, or ``"embedding"``) before it is sent; raises
+        ``RunAborted`` if a guard refuses it (its budget estimate, the loop guard).
+
+        ``span_id`` / ``parent_id``: the framework's ids of the call and of the span around it (a UUID or text);
+        ``meta``: the attribution and policy metadata of the run it may open; ``model`` / ``provider`` as
+        requested. What a budget estimate or the loop guard may read, only when one needs it: ``prompt``, the
+        framework's own prompt object, through ``prompt_ops`` (``PromptOps``), with ``extra``, the request beside
+        it (tools, ``max_tokens``); ``max_tokens``, the output limit if the adapter knows it. A span whose parent is
+        unknown opens a root run (or joins the ``tracker.run()`` scope around it); ``root=True`` forces a root run
+        named ``run_id`` (default: the span id).
+
+        Parameters are positional-or-keyword, none keyword-only: a keyword-only parameter stops CPython 3.11 from
+        specialising the call (about 280 instructions more per call, counted with callgrind), and adapters call this
+        on every model request. Adapters pass the request by position; what follows ``max_tokens``, by keyword."""
+        if run_id is None and kind == "llm" and (root or (parent_id is None and current_scope.get() is None)):
+            # A model invoked directly, the commonest start: most often the first call of a new run.
+            span = self._start_new_llm_run(span_id, name, meta, model, provider, prompt, prompt_ops, extra,
+                                           max_tokens)
+            if span is not None:
+                return span
+        return self._start(span_id, parent_id, kind, name, meta, root, run_id, None, True, model, provider, prompt,
+                           prompt_ops, extra, max_tokens)
+
+    def start_span(
         self,
         span_id: Any,
         parent_id: Any,
         kind: str,
         name: str,
         meta: Mapping[str, Any] | None = None,
-        model: str | None = None,
-        provider: str | None = None,
-        prompt: Any = None,
-        prompt_ops: PromptOps | None = None,
-        extra: Any = None,
-        max_tokens: int | None = None,
-        tool_args: Any = None,
         exported: bool = True,
+        tool_args: Any = None,
         root: bool = False,
         run_id: str | UUID | None = None,
     ) -> Span:
-        """Open a span; raises ``RunAborted`` if a guard refuses it (nothing has been sent yet). (The options may
-        be passed by position, in this order: adapters on the hot path do, keyword arguments cost more.)
+        """Open the span of a step that is not a model call: ``kind`` ``"chain"`` (a chain, a graph node),
+        ``"tool"`` (``tool_args``, its arguments, for the loop guard; a tool with a price holds it of a budget),
+        ``"retriever"``, or ``"run"`` (``tracker.run()``'s own); raises ``RunAborted`` if a guard refuses it.
+        ``exported=False``: kept out of the stored spans (LangSmith's hidden steps) while it still counts in its
+        run. The other arguments as for ``start_llm`` (and positional-or-keyword for the same reason)."""
+        return self._start(span_id, parent_id, kind, name, meta, root, run_id, tool_args, exported)
 
-        A span whose parent is unknown opens a root run (or joins the ``tracker.run()`` scope around
-        it); ``root=True`` forces a new root run named ``run_id`` (default: the span id).
-        """
+    def _start(
+        self, span_id: Any, parent_id: Any, kind: str, name: str, meta: Mapping[str, Any] | None, root: bool,
+        run_id: str | UUID | None, tool_args: Any, exported: bool, model: str | None = None,
+        provider: str | None = None, prompt: Any = None, prompt_ops: PromptOps | None = None, extra: Any = None,
+        max_tokens: int | None = None,
+    ) -> Span:
+        """Open a span of any kind, the general path of ``start_llm`` and ``start_span``."""
         parent = None
         if not root:
             if parent_id is not None:
                 parent = self.spans.get(parent_id.int if type(parent_id) is UUID else parent_id)
             if parent is None:
                 parent = current_scope.get()
-        # A UUID (LangChain's ids) is keyed by its integer and turned into text only when needed (see run_key).
-        # A UUID is kept as its integer (the UUID object, one more for the garbage collector to visit while the
-        # span waits for the exporter, is the framework's to free); ``span_id`` makes the text of either.
-        sid: str | int
-        key: Any
-        if type(span_id) is UUID:
-            sid = key = span_id.int
-        else:
-            sid = key = str(span_id)
+        # A UUID (LangChain's ids) is kept as its integer, which keys the span (and a root's run) and is turned into
+        # text only when needed (see Span.span_id); the UUID object is the framework's to free.
+        key: Any = span_id.int if type(span_id) is UUID else str(span_id)
         if parent is None:
             # A root's own id keys its run as it keys the span: a UUID by its integer, a text as is (a framework's
             # fresh id, not parsed on this path; _find looks up both forms).
-            span = None
-            if run_id is None and kind == "llm" and key not in self.runs and key not in self.recent:
-                span = self._start_new_llm_run(sid, key, name, meta, model, provider, prompt, prompt_ops, extra,
-                                               max_tokens, exported)
-                if span is not None:
-                    return span
             if run_id is None:  # counts this root in run.open_roots
-                run = self.open_run(sid, meta, None, True, key)[0]
+                run = self.open_run(key, meta, None, True, key)[0]
             else:
                 run = self.open_run(run_id, meta, None, True)[0]
         else:
             run = parent.run
         if kind in COST_KINDS:
-            span = Span(sid, parent, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
+            span = new_span(key, parent, run, kind, name, model, provider, prompt, prompt_ops, extra, max_tokens)
         else:
-            span = Span(sid, parent, run, kind, name)
+            span = new_span(key, parent, run, kind, name)
         if not exported:
             span.exported = False
         try:
@@ -230,7 +257,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         except RunAborted:
             if not run.graceful or kind in COST_KINDS:
                 if span.is_root:
-                    self._end_root(run, span, "aborted", None, refused=True)
+                    self._refuse_root(run, span)
                 raise
             # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
             # is still refused, but the graph's own steps go on, so that the agent can end with its message.
@@ -239,25 +266,26 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         return span
 
     def _start_new_llm_run(
-        self, sid: str | int, key: Any, name: str, meta: Mapping[str, Any] | None, model: str | None,
-        provider: str | None, prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
-        exported: bool,
+        self, span_id: Any, name: str, meta: Mapping[str, Any] | None, model: str | None, provider: str | None,
+        prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
     ) -> Span | None:
-        """``start`` of a model call that opens a new run (a model invoked directly: the commonest start), when
-        its policy lets at most its cost estimate refuse a first call (``_first_call``); ``None`` otherwise, or when
-        another thread opened a run under this id meanwhile: the caller then takes the general path.
+        """``_start`` of a root model call (no parent, no scope) that opens a new run, when its policy lets at most its
+        cost estimate refuse a first call (``_first_call``); ``None`` otherwise, or when a run is open or remembered
+        under its id, or another thread opened one meanwhile: the caller then takes the general path.
 
         The run and its span are made and counted privately, then published under ``_runs_lock`` only if the id is
         still free; the estimate is checked on the published run, as ``_guard_start`` would, so that concurrent
         first calls of one config share one run and one budget."""
+        key: Any = span_id.int if type(span_id) is UUID else str(span_id)  # as _start keys it
+        if key in self.runs or key in self.recent:
+            return None
         wall, perf = time.time(), time.perf_counter()
-        run = Run(sid, key, wall, perf)
+        run = new_run(key, key, wall, perf)
         first = self._attribute(run, meta, None)
         if not first:
             return None
-        span = Span(sid, None, run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens, wall, perf)
-        if not exported:
-            span.exported = False
+        span = new_span(key, None, run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens, wall,
+                        perf)
         run.open_roots = run.steps = run.llm_calls = 1
         if first & _FIRST_DEFER and prompt is not None and prompt_ops is not None:
             span.request_sig = _DEFERRED
@@ -274,12 +302,9 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                 if first & _FIRST_CAPS and self.caps is not None:  # spend caps hook (after every other guard)
                     self.caps.admit(run, span, self)
             except RunAborted:
-                with run.lock:  # a refused call was never made
-                    run.steps -= 1
-                    run.llm_calls -= 1
-                self._release_hold(run, span)
+                self._withdraw(run, span)
                 self._close_span(key, span)
-                self._end_root(run, span, "aborted", None, refused=True)
+                self._refuse_root(run, span)
                 raise
         return span
 
@@ -330,58 +355,57 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         detail: UsageDetail | None = None,
     ) -> Span | None:
         """Close a span, price it, update its run, export it; raises ``RunAborted`` if the run is now
-        past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)"""
-        key = span_id.int if type(span_id) is UUID else span_id
-        span = self.spans.pop(key, None)
+        past a limit (the call's cost is recorded first). (Options may be passed by position, in this order.)
+
+        ``usage``: a model call's token counts (``model``: the model that served it, as reported); ``estimated``:
+        counted by us; ``cache_hit``: a reply from an LLM cache (nothing spent); ``flags``: what the adapter found
+        (``malformed_usage``...); ``detail``: what the provider reported beside the counts that changes the price.
+        ``end_llm`` is the short form of a model call that ended ok with its counts."""
+        span = self._take(span_id.int if type(span_id) is UUID else span_id, flags, detail)
         if span is None:
             return None
-        if self.same_id and key in self.same_id:
-            self._next_same_id(key)
-        span.end_wall = time.time()
-        span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         if error is not None:
             span.error = type(error).__name__
             status = "aborted" if isinstance(error, RunAborted) else status
         span.status = status
-        if flags:
-            for f in flags:
-                span.flag(f)
-        if detail is not None:
-            span.detail = detail
-        kind = span.kind
-        priced: Any = _DEFERRED  # not looked up yet
-        tokens = None if usage is None else tokens_of(usage)
-        if (kind == "llm" and tokens is not None and status == "ok" and not cache_hit and span.cost_nanos is None
-                and (priced := self.prices.price_nanos(model or span.model, span.provider, tokens, detail))
-                is not None):
-            return self._end_priced(span, tokens, model, estimated, priced)
-        return self._finish(span, status, error, tokens, model, estimated, cache_hit, priced)
+        return self._finish(span, status, error, None if usage is None else tokens_of(usage), model, estimated,
+                            cache_hit, _DEFERRED)
 
     def end_llm(
-        self, key: Any, tokens: Tokens, model: str | None, estimated: bool = False, flags: Iterable[str] = (),
+        self, key: Any, tokens: Tokens, model: str | None, estimated: bool = False, flags: Iterable[str] | None = (),
         detail: UsageDetail | None = None,
     ) -> Span | None:
-        """``end(span_id, "ok", None, TokenUsage(*tokens), model, estimated, False, flags)``, the commonest end (a model
-        call that ended with its token counts), by the span's key (``span_key``), with what cannot apply left out."""
-        span = self.spans.pop(key, None)
+        """``end(span_id, "ok", None, TokenUsage(*tokens), model, estimated, False, flags, detail)``, the commonest
+        end (a model call that ended with its token counts), by the span's key (``span_key``).
+
+        A model call with its usage at a known price and no cost of its own is ended here, with what cannot apply
+        left out; any other span by ``_finish``, the general path. Both call the same helpers for every rule they
+        share (``_take``, ``_account``, ``_end_root``, ``_end_child``); tests/test_fast_paths.py feeds both the same
+        calls and compares what they export."""
+        span = self._take(key, flags, detail)
         if span is None:
             return None
-        if self.same_id and key in self.same_id:
-            self._next_same_id(key)
-        span.end_wall = time.time()
-        span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         span.status = "ok"
-        if flags:
-            for f in flags:
-                span.flag(f)
-        if detail is not None:
-            span.detail = detail
-        priced: Any = _DEFERRED
-        if span.kind == "llm" and span.cost_nanos is None:
-            priced = self.prices.price_nanos(model or span.model, span.provider, tokens, detail)
-            if priced is not None:
-                return self._end_priced(span, tokens, model, estimated, priced)
-        return self._finish(span, "ok", None, tokens, model, estimated, False, priced)
+        if span.kind != "llm" or span.cost_nanos is not None:
+            return self._finish(span, "ok", None, tokens, model, estimated, False, _DEFERRED)
+        requested = span.model  # the model as requested (a deferred signature's), not as reported
+        priced = self.prices.price_nanos(model or requested, span.provider, tokens, detail)
+        if priced is None:  # no price: flagged and listed apart, never a silent $0
+            return self._finish(span, "ok", None, tokens, model, estimated, False, None)
+        prompt = span.prompt
+        cost = self._set_cost(span, tokens, model, estimated, priced)
+        run = span.run
+        sig = span.request_sig
+        with run.lock:
+            last = _account(run, span, cost, sig)
+        if not span.is_root:
+            self._end_child(run, span)
+        elif sig is _DEFERRED:  # a root call: its request counts only if its run goes on after it
+            span.request_sig = None
+            self._end_root(run, span, "ok", last, (span.prompt_ops, requested, prompt))
+        else:
+            self._end_root(run, span, "ok", last, None)
+        return span
 
     def record_llm(
         self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
@@ -389,46 +413,20 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         detail: UsageDetail | None = None,
     ) -> Span:
         """Record a model call made on its own, whole, once it has ended ok with its token counts: its run opens and
-        ends here. For a call whose start ``lone_calls`` allowed to skip ``start`` (no parent span, no ``tracker.run()``
-        scope around it, no metadata): nothing could have refused it, and nothing can be refused by its end. The
-        adapter kept its start times meanwhile; the run is ``start`` + ``end_llm`` of such a call, in one step (a
-        model called directly pays for one ledger call instead of two, and nothing in flight to keep).
+        ends here. For a call whose start ``lone_calls`` allowed to skip ``start_llm`` (no parent span, no
+        ``tracker.run()`` scope around it, no metadata): nothing could have refused it, and nothing can be refused by
+        its end. The adapter kept its start times meanwhile.
+
+        It is ``start_llm`` + ``end_llm`` of such a call in one step (a lone LlamaIndex call pays for one ledger call
+        instead of two), made with their helpers (``new_run``, ``_attribute``, ``new_span``, ``_set_cost``,
+        ``_account``), leaving out what a run no other thread has seen does not need: publishing it, locks.
+        tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
 
         ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
-        attr = self._lone_attr
-        # Run(key, key, start_wall, start_perf) and Span(key, None, run, "llm", name, served or model, provider,
-        # start_wall=start_wall, start_perf=start_perf), inline: the fields their __init__ would set, the rest being
-        # class defaults
-        run = _new_object(Run)
-        run._rid = run.key = key
-        run.lock = _RUN_LOCKS[next(_lock_turn) & _RUN_LOCK_MASK]
-        run.started_wall = start_wall
-        run.started_perf = start_perf
-        if attr is None:
-            self._attribute(run, None, None)
-            attr = self._lone_attr = (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
-                                      run.attributes, run.budget, run.max_cost_nanos, run.loops, _FIRST_FREE,
-                                      run.flags)
-        else:
-            (run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version, run.attributes, run.budget,
-             run.max_cost_nanos, run.loops, _, attr_flags) = attr
-            if attr_flags:
-                run.flags = attr_flags
-        run.steps = run.llm_calls = 1
-        if model is not None:
-            self._saw_output(model, tokens[1])
-        span = _new_object(Span)
-        span._sid = key
-        span.run = run
-        span.kind = "llm"
-        span.name = name
-        span.start_wall = start_wall
-        span.start_perf = start_perf
-        m = served or model
-        if m is not None:
-            span.model = m
-        if provider is not None:
-            span.provider = provider
+        run = new_run(key, key, start_wall, start_perf)
+        self._attribute(run, None, None)
+        run.open_roots = run.steps = run.llm_calls = 1
+        span = new_span(key, None, run, "llm", name, model, provider, None, None, None, None, start_wall, start_perf)
         end = span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
@@ -436,18 +434,12 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
         if detail is not None:
             span.detail = detail
-        priced = self.prices.price_nanos(m, provider, tokens, detail)
+        priced = self.prices.price_nanos(served or model, provider, tokens, detail)
         if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
-            run.open_roots = 1
-            self.runs[key] = run
-            return self._finish(span, "ok", None, tokens, None, estimated, False, None)
-        cost, span.prices = priced
-        span.tokens = tokens
-        span.cost_nanos = span.tree_cost = cost
-        if estimated:
-            span.estimated = True
+            return self._finish(span, "ok", None, tokens, served, estimated, False, None)
+        cost = self._set_cost(span, tokens, served, estimated, priced)
         _account(run, span, cost, None)  # no lock: no other thread has seen the run
-        # _close_run, for a run no other thread has seen
+        # The run ends with its only call (_close_run, for a run that was never published).
         run.ended_wall = end
         run.status = "ok"
         recent = self.recent
@@ -457,14 +449,31 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         self.exporter.emit(span)
         return span
 
-    def _end_priced(
+    def _take(self, key: Any, flags: Iterable[str] | None, detail: UsageDetail | None) -> Span | None:
+        """The open span under ``key`` as it ends (``None`` if there is none): out of the open spans (the oldest one
+        waiting under its id becomes the open one, see ``same_id``), its end time set, with the flags and the usage
+        detail its end reports."""
+        span = self.spans.pop(key, None)
+        if span is None:
+            return None
+        if self.same_id and key in self.same_id:
+            self._next_same_id(key)
+        span.end_wall = time.time()
+        span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
+        if flags:
+            for f in flags:
+                span.flag(f)
+        if detail is not None:
+            span.detail = detail
+        return span
+
+    def _set_cost(
         self, span: Span, tokens: Tokens, model: str | None, estimated: bool, priced: tuple[int, UnitPrices]
-    ) -> Span:
-        """``_finish`` for a model call that ended ok with its usage at a known price and no cost of its own so far
-        (the commonest end): what cannot apply is left out."""
-        sig = span.request_sig
-        requested = span.model  # the model as requested (a deferred signature's), not as reported
-        prompt = span.prompt
+    ) -> int:
+        """A model call that ended ok with ``tokens`` at a known price (``priced``, as ``price_nanos`` gives it) and no
+        cost of its own: its cost, prices and tokens set, its model as reported (``model``) in place of the one
+        requested (whose largest output is noted, see ``output_hold``), its request dropped. Returns its cost."""
+        requested = span.model
         if requested is not None:
             self._saw_output(requested, tokens[1])
         if model:
@@ -474,35 +483,11 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         span.cost_nanos = span.tree_cost = cost
         if estimated:
             span.estimated = True
-        if prompt is not None:
+        if span.prompt is not None:
             span.prompt = None  # drop the reference to the user's messages now
         if span.extra is not None:
             span.extra = None
-        run = span.run
-        is_root = span.is_root
-        last = False
-        with run.lock:
-            _account(run, span, cost, sig)
-            if is_root:
-                run.open_roots -= 1
-                last = run.open_roots <= 0
-        if sig is _DEFERRED:  # a root call: its request is counted only if its run goes on after it
-            span.request_sig = None
-            if not last and span.prompt_ops is not None:
-                self._count_request(run, span.prompt_ops, requested, prompt)
-        if is_root:
-            if last:
-                self._close_run(run, span.end_wall, "ok")
-            if span.exported:
-                self.exporter.emit(span)
-            elif run.status != "running":
-                self.exporter.emit(run)
-            return span
-        if span.exported:
-            self.exporter.emit(span)
-        if run.budget is not None and run.aborted is None:
-            self._check_after(run, span)
-        return span
+        return cost
 
     def _finish(
         self, span: Span, status: str, error: BaseException | None, tokens: Tokens | None, model: str | None,
@@ -561,29 +546,53 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             # A span that costs nothing, holds nothing and did not fail (a chain's, a retriever's) changes nothing
             # in its run: no lock then.
             track = bool(span.cost_nanos) or span.reserved != 0 or status == "error"
-        is_root = span.is_root
-        last = False
-        if track or is_root:
-            cost = span.cost_nanos or 0
-            span.tree_cost += cost
-            with run.lock:
-                if track:
+        if not span.is_root:
+            if track:
+                cost = span.cost_nanos or 0
+                span.tree_cost += cost
+                with run.lock:
                     _account(run, span, cost, span.request_sig if status == "ok" else None)
-                if is_root:
-                    run.open_roots -= 1
-                    last = run.open_roots <= 0
-        if is_root:
-            self._end_root(run, span, status, error, last, pending)
-            if span.exported:
-                self.exporter.emit(span)
-            elif run.status != "running":
-                self.exporter.emit(run)
+            self._end_child(run, span)
             return span
+        cost = span.cost_nanos or 0
+        span.tree_cost += cost
+        with run.lock:
+            last = _account(run, span, cost, span.request_sig if status == "ok" else None)
+        self._end_root(run, span, "error" if status == "error" or error is not None else "ok", last, pending)
+        return span
+
+    def _end_child(self, run: Run, span: Span) -> None:
+        """A span inside a run ended, its cost in its run: it goes to the exporter, and a paid call meets the check
+        after a call (``_check_after``: the run is stopped once it is past a limit)."""
         if span.exported:
             self.exporter.emit(span)
-        if run.budget is not None and (kind in COST_KINDS) and run.aborted is None:
+        if run.budget is not None and run.aborted is None and span.kind in COST_KINDS:
             self._check_after(run, span)
-        return span
+
+    def _end_root(self, run: Run, span: Span, status: str, last: bool, pending: tuple[Any, str | None, Any] | None,
+                  ) -> None:
+        """A root span ended, its cost in its run (``last``: it was the run's last open root). The run ends with it
+        (``status``: ``ok`` or ``error``), or goes on (other roots are open, or one joined meanwhile), and then the
+        root's deferred request (``pending``: its prompt operations, model and prompt) counts for the loop guard. The
+        span goes to the exporter after the run's end (the store reads the run's status from it); a hidden root's
+        ended run goes in its place."""
+        if not (last and self._close_run(run, span.end_wall, status)) and pending is not None:
+            self._count_request(run, *pending)
+        if span.exported:
+            self.exporter.emit(span)
+        elif run.status != "running":
+            self.exporter.emit(run)
+
+    def _refuse_root(self, run: Run, span: Span) -> None:
+        """A root span refused at its start (its call never made; see ``_withdraw``): out of its run's open roots. A
+        run it was the last open root of ends now (aborted), stored without it."""
+        with run.lock:
+            run.open_roots -= 1
+            last = run.open_roots <= 0
+        if last:
+            span.end_wall = time.time()
+            self.exporter.emit(run)
+            self._close_run(run, span.end_wall, "ok")
 
     def _next_same_id(self, key: Any) -> None:
         """The span under ``key`` ended: the oldest one waiting under it (see ``same_id``) becomes the open one."""
@@ -600,24 +609,6 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                 waiting.popleft()
                 if not waiting:
                     del self.same_id[key]
-
-    def _end_root(
-        self, run: Run, span: Span, status: str, error: BaseException | None, last: bool | None = None,
-        pending: tuple[Any, str | None, Any] | None = None, *, refused: bool = False,
-    ) -> None:
-        """A root span ended. ``last``: it was the run's last open root (``None``: count it here)."""
-        if last is None:
-            with run.lock:
-                run.open_roots -= 1
-                last = run.open_roots <= 0
-        if last:
-            if refused:
-                span.end_wall = time.time()
-                self.exporter.emit(run)
-            if self._close_run(run, span.end_wall, "error" if status == "error" or error is not None else "ok"):
-                return
-        if pending is not None:  # the run goes on after this root: its request counts
-            self._count_request(run, *pending)
 
     def _close_run(self, run: Run, ended_wall: float, status: str) -> bool:
         """The run's last root span ended: the run ends ``status`` (``aborted`` if it was), and is kept in

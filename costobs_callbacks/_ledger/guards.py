@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .._events import nanos_to_usd
 from .._exceptions import BudgetExceededError, LoopDetectedError, RunAborted
 from .._policy import Budget, BudgetHook, BudgetWarning, LoopPolicy
+from .holds import _give_back
 from .model import _DEFERRED, COST_KINDS, Run, Span, _usd, logger
 
 if TYPE_CHECKING:
@@ -63,9 +64,6 @@ class GuardsMixin:
         on_budget_warning: BudgetHook | None
         _budget_limits: tuple[Budget | None, float | None, int | None, int | None, int | None]
         _loops_memo: tuple[LoopPolicy | None, int | None, int | None, int | None]
-
-        @staticmethod
-        def _release_hold(run: Run, span: Span) -> None: ...
 
         def _check_llm_estimate(self, run: Run, span: Span, budget: Budget) -> None: ...
 
@@ -122,16 +120,23 @@ class GuardsMixin:
             try:
                 self._check_call_start(run, span, budget, loops, tool_args, nth, steps)
             except RunAborted:
-                with run.lock:  # a refused call was never made
-                    run.steps -= 1
-                    if kind == "tool":
-                        run.tool_calls -= 1
-                    else:
-                        run.llm_calls -= 1
-                self._release_hold(run, span)
+                self._withdraw(run, span)
                 raise
         elif budget is not None and budget.max_seconds is not None:
             self._check_seconds(run, budget)
+
+    @staticmethod
+    def _withdraw(run: Run, span: Span) -> None:
+        """A paid call refused at its start was never made: its counts and what it held of the budget are taken
+        back."""
+        with run.lock:
+            run.steps -= 1
+            if span.kind == "tool":
+                run.tool_calls -= 1
+            else:
+                run.llm_calls -= 1
+            if span.reserved:
+                _give_back(run, span)
 
     def _check_seconds(self, run: Run, budget: Budget) -> None:
         assert budget.max_seconds is not None

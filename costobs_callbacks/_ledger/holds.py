@@ -13,9 +13,6 @@ from .model import Run, Span, _usd, logger, max_output_tokens
 if TYPE_CHECKING:
     from .._pricing import PriceBook
 
-if TYPE_CHECKING:
-    pass
-
 
 _MAX_MODELS_SEEN = 1024
 
@@ -23,6 +20,14 @@ _MAX_MODELS_SEEN = 1024
 DEFAULT_OUTPUT_HOLD = 4096
 """Output tokens a budget holds for a call without ``max_tokens`` of a model with no known outputs and no known
 context window (see ``Ledger.output_hold``)."""
+
+
+def _give_back(run: Run, span: Span) -> None:
+    """Under ``run.lock``: what ``span`` held of its run's budget is given back (the call ended, or was refused)."""
+    run.reserved_nanos -= span.reserved
+    span.reserved = 0
+    if run.loose_holds:
+        run.loose_holds.discard(span)
 
 
 class HoldsMixin:
@@ -33,15 +38,6 @@ class HoldsMixin:
         largest_output: dict[str, int]
 
         def _abort(self, run: Run, err: RunAborted) -> None: ...
-
-    @staticmethod
-    def _release_hold(run: Run, span: Span) -> None:
-        """Give back what a refused call held of its run's budget."""
-        with run.lock:
-            run.reserved_nanos -= span.reserved
-            span.reserved = 0
-            if run.loose_holds:
-                run.loose_holds.discard(span)
 
     def _check_llm_estimate(self, run: Run, span: Span, budget: Budget) -> None:
         assert run.max_cost_nanos is not None

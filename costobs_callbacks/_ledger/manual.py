@@ -19,7 +19,7 @@ from langchain_core.utils.uuid import uuid7
 from .._exceptions import ConfigurationError, RunAborted
 from .accounting import _account
 from .attribution import _copy_attribution, _present
-from .model import Run, RunCost, Span, Tokens, run_key
+from .model import Run, RunCost, Tokens, new_run, new_span, run_key
 
 if TYPE_CHECKING:
     from .._pricing import UnitPrices
@@ -56,7 +56,8 @@ def record(
     key the tracker requires."""
     # New ids as UUIDv7 integers, turned into text on the exporter's thread (see Run.run_id, Span.span_id).
     run = _join(ledger, run_id if run_id is not None else uuid7().int, meta, wall)
-    span = Span(uuid7().int, None, run, kind, name, model, provider, start_wall=wall, start_perf=time.perf_counter())
+    span = new_span(uuid7().int, None, run, kind, name, model, provider, start_wall=wall,
+                    start_perf=time.perf_counter())
     span.end_wall = wall
     span.status = "ok"
     span.flags = _FLAGS
@@ -79,9 +80,7 @@ def record(
             run.tool_calls += 1
         else:
             run.llm_calls += 1
-        _account(run, span, cost, None)
-        run.open_roots -= 1
-        last = run.open_roots <= 0
+        last = _account(run, span, cost, None)
     if last:
         # a run continued after its end keeps its latest end (a backdated record does not move it back)
         ledger._close_run(run, max(wall, run.ended_wall), "ok")
@@ -116,7 +115,7 @@ def _join(ledger: Ledger, run_id: str | int, meta: Mapping[str, Any], wall: floa
         # one the record re-attributes (a run open here keeps its own).
         if fresh is None and held(ledger.runs) is None and (meta or held(ledger.recent) is None):
             _check_required(ledger, meta)
-            fresh = Run(run_id, key, wall, time.perf_counter())
+            fresh = new_run(run_id, key, wall, time.perf_counter())
             ledger._attribute(fresh, meta, None)
         with ledger._runs_lock:
             k = held(ledger.runs)

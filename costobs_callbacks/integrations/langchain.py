@@ -61,8 +61,8 @@ class _MessagesOps(_RequestOps):
         parts: list[Any] = [model]
         append = parts.append
         for m in msgs:
-            # Fields are read from __dict__: on a pydantic message, getattr of a missing field (tool_calls
-            # of a HumanMessage) raises inside pydantic, which made this 3x slower on every call.
+            # Fields are read from __dict__: getattr of a field a pydantic message lacks (a HumanMessage's
+            # tool_calls) raises and catches an exception inside pydantic, message by message, call by call.
             d = getattr(m, "__dict__", None) or {}
             mid = d.get("id")
             if mid:
@@ -84,7 +84,7 @@ class _MessagesOps(_RequestOps):
     def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """The request's tokens (``chat_tokens``' accounting), its messages read by ``_message_parts``; a message
         with an id is counted once wherever it appears (fields are read from ``__dict__``: see ``signature``)."""
-        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        tools = _RequestOps.tools(extra)
         return chat_tokens(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt), _message_parts,
                            json.dumps(tools, default=str) if tools else "", "id")
 
@@ -92,7 +92,7 @@ class _MessagesOps(_RequestOps):
     def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
         """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
         (``chat_token_bound``: texts not counted before count one token per UTF-8 byte)."""
-        tools = extra[0].get("tools") or extra[0].get("functions") if extra else None  # _RequestOps.tools
+        tools = _RequestOps.tools(extra)
         return chat_token_bound(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt),
                                 _message_parts, json.dumps(tools, default=str) if tools else "", "id")
 
@@ -214,7 +214,7 @@ class CostCallbackHandler(BaseCallbackHandler):
         try:
             name = kwargs.get("name") or _name(serialized) or "chain"
             hidden = bool(tags) and "langsmith:hidden" in tags  # type: ignore[operator]
-            self._ledger.start(run_id, parent_run_id, "chain", name, meta=metadata, exported=not hidden)
+            self._ledger.start_span(run_id, parent_run_id, "chain", name, metadata, exported=not hidden)
         except RunAborted:
             raise
         except Exception as exc:
@@ -267,10 +267,9 @@ class CostCallbackHandler(BaseCallbackHandler):
             name = kwargs.get("name") or (serialized.get("name") if serialized else None)
             if type(name) is not str:
                 name = _name(serialized) or "llm"
-            # start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra), by position:
-            # cheaper. extra, the request, is read only if needed (its max_tokens and tools, see _RequestOps).
-            self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, messages, MESSAGES,
-                               (ip, meta))
+            # The request (extra) is read only if needed: its max_tokens and tools, see _RequestOps.
+            self._ledger.start_llm(run_id, parent_run_id, name, metadata, model, provider, messages, MESSAGES,
+                                   (ip, meta))
         except RunAborted:
             raise
         except Exception as exc:
@@ -298,7 +297,7 @@ class CostCallbackHandler(BaseCallbackHandler):
         self, serialized: dict[str, Any] | None, prompt: Any, ops: Any, run_id: UUID, parent_run_id: UUID | None,
         metadata: dict[str, Any] | None, kwargs: dict[str, Any],
     ) -> None:
-        # (on_chat_model_start has its own copy of this, inlined: keep them in step.)
+        # on_chat_model_start inlines this (the hottest hook); tests/test_fast_paths.py feeds both the same events.
         ip = kwargs.get("invocation_params") or _EMPTY
         meta = metadata or _EMPTY
         model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
@@ -310,7 +309,7 @@ class CostCallbackHandler(BaseCallbackHandler):
         name = kwargs.get("name") or (serialized.get("name") if serialized else None)
         if type(name) is not str:
             name = _name(serialized) or "llm"
-        self._ledger.start(run_id, parent_run_id, "llm", name, metadata, model, provider, prompt, ops, (ip, meta))
+        self._ledger.start_llm(run_id, parent_run_id, name, metadata, model, provider, prompt, ops, (ip, meta))
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         try:
@@ -471,8 +470,8 @@ class CostCallbackHandler(BaseCallbackHandler):
     ) -> None:
         try:
             name = kwargs.get("name") or _name(serialized) or "tool"
-            self._ledger.start(run_id, parent_run_id, "tool", name, meta=metadata,
-                               tool_args=inputs if inputs is not None else input_str)
+            self._ledger.start_span(run_id, parent_run_id, "tool", name, metadata,
+                                    tool_args=inputs if inputs is not None else input_str)
         except RunAborted:
             raise
         except Exception as exc:
@@ -509,7 +508,7 @@ class CostCallbackHandler(BaseCallbackHandler):
     ) -> None:
         try:
             name = kwargs.get("name") or _name(serialized) or "retriever"
-            self._ledger.start(run_id, parent_run_id, "retriever", name, meta=metadata)
+            self._ledger.start_span(run_id, parent_run_id, "retriever", name, metadata)
         except RunAborted:
             raise
         except Exception as exc:

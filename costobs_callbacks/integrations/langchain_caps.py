@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from .._caps.throttle import entries_for, loop_aware, wait_async
-from .._ledger import Run, Span
+from .._ledger import new_run, new_span
 from .langchain import _EMPTY, MESSAGES, STRINGS, CostCallbackHandler
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CappedCallbackHandler"]
 
-_PROBE_RUN = Run("probe", "probe", 0.0, 0.0)
+_PROBE_RUN = new_run("probe", "probe", 0.0, 0.0)
 """The run of the spans an async start builds only to estimate its call (never opened, never stored)."""
 
 
@@ -37,7 +37,7 @@ class CappedCallbackHandler(CostCallbackHandler):
         meta = metadata or _EMPTY
         model = ip.get("model") or ip.get("model_name") or meta.get("ls_model_name")
         provider = meta.get("ls_provider") or ip.get("_type")
-        probe = Span(0, None, _PROBE_RUN, "llm", "probe", None if model is None else str(model),
+        probe = new_span(0, None, _PROBE_RUN, "llm", "probe", None if model is None else str(model),
                      None if provider is None else str(provider), prompt, ops, (ip, meta))
         return self._ledger.cap_estimate(probe)
 

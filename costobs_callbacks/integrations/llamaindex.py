@@ -672,7 +672,9 @@ class _Adapter:
 
     def open(self, key: str, parent: _Track | None, kind: str, name: str, node: _Node | None,
              **kw: Any) -> _Track:
-        span = self.ledger.start(key, parent.key if parent is not None else None, kind, name, **kw)
+        pk = parent.key if parent is not None else None
+        span = (self.ledger.start_llm(key, pk, name, None, kind=kind, **kw) if kind == "embedding"
+                else self.ledger.start_span(key, pk, kind, name, **kw))
         track = _Track(key, parent, kind, span, node)
         if parent is not None:
             with self.lock:
@@ -682,9 +684,9 @@ class _Adapter:
     def open_llm(self, key: str, parent: _Track | None, name: str, node: _Node | None, model: str | None,
                  provider: str | None, prompt: str | _Prompt, tools: _Tools | None, max_tokens: int | None) -> _Track:
         """``open`` for an LLM call (its hot path: no keyword packing), its request kept for the end estimate."""
-        # start(span_id, parent_id, kind, name, meta, model, provider, prompt, prompt_ops, extra, max_tokens)
-        span = self.ledger.start(key, parent.key if parent is not None else None, "llm", name, None, model, provider,
-                                 prompt, OPS, tools, max_tokens)
+        # start_llm(span_id, parent_id, name, meta, model, provider, prompt, prompt_ops, extra, max_tokens)
+        span = self.ledger.start_llm(key, parent.key if parent is not None else None, name, None, model, provider,
+                                     prompt, OPS, tools, max_tokens)
         track = _Track(key, parent, "llm", span, node)
         if parent is not None:
             with self.lock:
@@ -1205,9 +1207,9 @@ class _Adapter:
                 max_tokens = n if type(n) is int and n > 0 else None
             if up is None:  # open_llm for a call without a parent of ours (in a tracker.run() scope), inline
                 try:
-                    # ledger.start(key, parent, kind, name, meta, model, provider, prompt, ops, extra, max_tokens)
-                    span = self.ledger.start(key, None, "llm", name, None, model, provider, prompt, OPS, tools,
-                                             max_tokens)
+                    # start_llm(span_id, parent_id, name, meta, model, provider, prompt, prompt_ops, extra, max_tokens)
+                    span = self.ledger.start_llm(key, None, name, None, model, provider, prompt, OPS, tools,
+                                                 max_tokens)
                 except RunAborted as err:
                     node.refused = err
                     node.refused_raised = True
@@ -1234,8 +1236,8 @@ class _Adapter:
     def _open_lone(self, track: _Track) -> None:
         """Open a lone call's span after all, with its start times (an end that is not the short one). Its
         request is not needed: no budget estimate can apply to it (see ``Ledger.lone_calls``)."""
-        # start(span_id, parent_id, kind, name, meta, model, provider): a root
-        span = self.ledger.start(track.key, None, "llm", track.name, None, track.model, track.provider, root=True)
+        # start_llm(span_id, parent_id, name, meta, model, provider): a root
+        span = self.ledger.start_llm(track.key, None, track.name, None, track.model, track.provider, root=True)
         span.start_wall = span.run.started_wall = track.start_wall
         span.start_perf = span.run.started_perf = track.start_perf
         track.span = span
