@@ -49,7 +49,7 @@ def _spans(n: int) -> list[Any]:
     for k in range(n):
         sid = uuid.uuid4()
         meta = {"feature": f"f{k % 5}", "tenant_id": f"t{k % 20}", "user_id": f"u{k % 100}"}
-        led.start(sid, None, "llm", "ChatOpenAI", meta, MODEL_NAME, "openai", root=True)
+        led.start_llm(sid, None, "ChatOpenAI", meta, MODEL_NAME, "openai", root=True)
         led.end(sid, "ok", None, TokenUsage(800 + k % 300, 50 + k % 200))
     return cap.items
 

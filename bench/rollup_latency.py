@@ -177,7 +177,7 @@ class Workload:
 
         def llm(parent: Any, mdl: str = model, prov: str = provider) -> None:
             sid = new()
-            led.start(sid, parent, "llm", "ChatModel", meta=meta, model=mdl, provider=prov)
+            led.start_llm(sid, parent, "ChatModel", meta, mdl, prov)
             inp = int(rng.lognormvariate(7.0, 0.8)) + 50
             out = int(rng.lognormvariate(5.0, 0.8)) + 5
             cached = int(inp * rng.choice((0, 0, 0.5, 0.8))) if prov in ("openai", "anthropic") else 0
@@ -190,12 +190,12 @@ class Workload:
 
         def leaf(parent: Any, kind: str, name: str, ms: float, args: Any = None) -> None:
             sid = new()
-            led.start(sid, parent, kind, name, meta=meta, tool_args=args)
+            led.start_span(sid, parent, kind, name, meta, tool_args=args)
             made.append((led.end(sid), kind, ms))
 
         def chain(parent: Any, name: str, body: Callable[[Any], None]) -> None:
             sid = new()
-            led.start(sid, parent, "chain", name, meta=meta)
+            led.start_span(sid, parent, "chain", name, meta)
             body(sid)
             made.append((led.end(sid), "chain", 0.0))
 
