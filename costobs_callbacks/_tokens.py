@@ -44,6 +44,17 @@ _lock = threading.Lock()
 _encoders: dict[str, Callable[[str], int] | None] = {}
 
 
+def _reset_lock_in_child() -> None:
+    # A fork while another thread (the exporter's, warming the tokenizers) holds the lock would leave it held in
+    # the child for ever, and the child's first count would wait on it.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
 @functools.lru_cache(maxsize=1024)
 def encoding_for_model(model: str | None) -> str:
     """The tiktoken encoding a model uses; o200k_base for unknown models (the newest OpenAI one). Remembered: it is
