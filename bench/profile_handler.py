@@ -84,7 +84,7 @@ class Timers:
 def instrument(tracker: Any, handler: Any, timers: Timers) -> Callable[[], None]:
     """Wrap the hot-path steps of one tracker; returns an undo function for the class-level wraps."""
     from costobs_callbacks._ledger import core
-    from costobs_callbacks.integrations import langchain as lc
+    from costobs_callbacks.integrations.langchain import handler as lc
 
     for hook in ("on_chat_model_start", "on_llm_end", "on_chain_start", "on_chain_end"):
         timers.patch(handler, hook, f"handler.{hook}")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             for attr in list(vars(obj)):
                 if callable(vars(obj)[attr]) and getattr(vars(obj)[attr], "__name__", "") == "timed":
                     delattr(obj, attr)
-        from costobs_callbacks.integrations import langchain as lc
+        from costobs_callbacks.integrations.langchain import handler as lc
 
         for attr in ("signature", "count_tokens"):
             lc.MESSAGES.__dict__.pop(attr, None)

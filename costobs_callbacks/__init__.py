@@ -26,7 +26,7 @@ from ._store import RollupRow
 from ._tracker import CostTracker
 
 if TYPE_CHECKING:
-    from .integrations.langchain_agents import CostGuardMiddleware
+    from .integrations.langchain.agents import CostGuardMiddleware
 
 try:
     __version__ = _version("costobs-callbacks")
@@ -60,7 +60,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Imported on first use: it needs ``langchain`` (the ``langgraph`` extra), which plain users lack.
     if name == "CostGuardMiddleware":
-        from .integrations.langchain_agents import CostGuardMiddleware
+        from .integrations.langchain.agents import CostGuardMiddleware
 
         return CostGuardMiddleware
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

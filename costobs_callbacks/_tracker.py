@@ -189,7 +189,7 @@ class CostTracker:
             with self._handler_lock:
                 if self._handler is None:
                     if self._caps is not None:  # its model starts can await on an event loop (see _caps.throttle)
-                        from .integrations.langchain_caps import CappedCallbackHandler
+                        from .integrations.langchain.caps import CappedCallbackHandler
 
                         self._handler = CappedCallbackHandler(self.ledger, self._caps)
                     else:

@@ -18,137 +18,22 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
-from .. import _usage
-from .._errors import Faults
-from .._events import COST_EVENT, TokenUsage, UsageDetail, usd_to_nanos
-from .._exceptions import RunAborted
-from .._ledger import Tokens, tokens_of
-from .._tokens import chat_token_bound, chat_tokens, count_text, texts_token_bound, texts_tokens
+from ... import _usage
+from ..._errors import Faults
+from ..._events import COST_EVENT, TokenUsage, UsageDetail, usd_to_nanos
+from ..._exceptions import RunAborted
+from ..._ledger import Tokens, tokens_of
+from ..._tokens import count_text
+from .prompts import _EMPTY, MESSAGES, STRINGS
 
 if TYPE_CHECKING:
-    from .._ledger import Ledger
+    from ..._ledger import Ledger
 
 __all__ = ["COST_EVENT", "CostCallbackHandler"]
 
 logger = logging.getLogger("costobs_callbacks")
 
-_EMPTY: dict[str, Any] = {}  # read-only
 _BUBBLE_UP = frozenset({"GraphInterrupt", "NodeInterrupt", "ParentCommand", "GraphBubbleUp"})
-
-
-class _RequestOps:
-    """What a LangChain call's request says beside its prompt, read only when needed (a budget's estimate, a
-    count of the tokens of a call that reported none): ``extra`` is ``(invocation params, metadata)``."""
-
-    @staticmethod
-    def max_tokens(extra: Any) -> int | None:
-        ip, meta = extra
-        n = ip.get("max_tokens") or ip.get("max_completion_tokens") or meta.get("ls_max_tokens")
-        return n if type(n) is int and n > 0 else None
-
-    @staticmethod
-    def tools(extra: Any) -> Any:
-        """The tool (or function) schemas the request sends, counted as prompt tokens."""
-        return extra[0].get("tools") or extra[0].get("functions") if extra else None
-
-
-class _MessagesOps(_RequestOps):
-    """Prompt operations on LangChain message lists (``on_chat_model_start``'s payload)."""
-
-    @staticmethod
-    def signature(model: str | None, prompt: Any) -> int:
-        msgs = prompt[0] if prompt else ()
-        parts: list[Any] = [model]
-        append = parts.append
-        for m in msgs:
-            # Fields are read from __dict__: getattr of a field a pydantic message lacks (a HumanMessage's
-            # tool_calls) raises and catches an exception inside pydantic, message by message, call by call.
-            d = getattr(m, "__dict__", None) or {}
-            mid = d.get("id")
-            if mid:
-                # A message with an id (LangGraph gives every state message one) is the same message
-                # wherever it appears: an agent's history costs one lookup per message, not a repr.
-                append(mid)
-                continue
-            c = d.get("content", m)
-            if not isinstance(c, str):
-                c = repr(c)
-            tc = d.get("tool_calls")
-            if tc:
-                append((d.get("type"), c, repr([(t.get("name"), t.get("args")) for t in tc])))
-            else:
-                append((d.get("type"), c))
-        return hash(tuple(parts))
-
-    @staticmethod
-    def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        """The request's tokens (``chat_tokens``' accounting), its messages read by ``_message_parts``; a message
-        with an id is counted once wherever it appears (fields are read from ``__dict__``: see ``signature``)."""
-        tools = _RequestOps.tools(extra)
-        return chat_tokens(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt), _message_parts,
-                           json.dumps(tools, default=str) if tools else "", "id")
-
-    @staticmethod
-    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        """An upper bound of ``count_tokens`` without running a tokenizer, and whether it is that count
-        (``chat_token_bound``: texts not counted before count one token per UTF-8 byte)."""
-        tools = _RequestOps.tools(extra)
-        return chat_token_bound(model, prompt[0] if prompt and len(prompt) == 1 else _messages(prompt),
-                                _message_parts, json.dumps(tools, default=str) if tools else "", "id")
-
-
-def _messages(prompt: Any) -> Any:
-    """The messages of ``on_chat_model_start``'s payload (a list of message lists), in one pass."""
-    if not prompt:
-        return ()
-    if len(prompt) == 1:
-        return prompt[0]
-    return [m for msgs in prompt for m in msgs]
-
-
-def _message_parts(m: Any) -> tuple[str, str]:
-    """A message's text and its tool calls as ``[{"name", "args"}]`` JSON ("" without)."""
-    d = getattr(m, "__dict__", None) or _EMPTY
-    tc = d.get("tool_calls")
-    calls = json.dumps([{"name": t.get("name"), "args": t.get("args")} for t in tc], default=str) if tc else ""
-    c = d.get("content")
-    return (c if type(c) is str else _message_text(m)), calls
-
-
-class _StringsOps(_RequestOps):
-    """Prompt operations on plain prompt strings (``on_llm_start``'s payload)."""
-
-    @staticmethod
-    def signature(model: str | None, prompt: Any) -> int:
-        return hash((model, tuple(prompt or ())))
-
-    @staticmethod
-    def count_tokens(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        return texts_tokens(model, [p if isinstance(p, str) else str(p) for p in prompt or ()])
-
-    @staticmethod
-    def token_upper_bound(model: str | None, prompt: Any, extra: Any) -> tuple[int, bool]:
-        """See ``_MessagesOps.token_upper_bound``: one token per UTF-8 byte for a text not counted before."""
-        return texts_token_bound(model, [p if isinstance(p, str) else str(p) for p in prompt or ()])
-
-
-MESSAGES = _MessagesOps()
-STRINGS = _StringsOps()
-
-
-def _message_text(m: Any) -> str:
-    c = getattr(m, "content", m)
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):
-        out = []
-        for part in c:
-            if isinstance(part, str):
-                out.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                out.append(part["text"])
-        return "".join(out)
-    return str(c)
 
 
 # Usage is read by _usage (one parser for every adapter); by these names so that a profiler can wrap them.

@@ -21,16 +21,16 @@ from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables.config import var_child_runnable_config
 
-from .._exceptions import ConfigurationError, RunAborted
-from .._ledger import Run, _again, span_key
-from .._policy import Budget, LoopPolicy, coerce_budget, coerce_loops
-from .langchain import CostCallbackHandler
+from ..._exceptions import ConfigurationError, RunAborted
+from ..._ledger import Run, _again, span_key
+from ..._policy import Budget, LoopPolicy, coerce_budget, coerce_loops
+from .handler import CostCallbackHandler
 
 if TYPE_CHECKING:
     from langgraph.runtime import Runtime
     from langgraph.types import Command
 
-    from .._tracker import CostTracker
+    from ..._tracker import CostTracker
 
 __all__ = ["DEFAULT_LIMIT_MESSAGE", "CostGuardMiddleware"]
 

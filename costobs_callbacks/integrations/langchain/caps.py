@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .._caps.throttle import entries_for, loop_aware, wait_async
-from .._ledger import new_run, new_span
-from .langchain import _EMPTY, MESSAGES, STRINGS, CostCallbackHandler
+from ..._caps.throttle import entries_for, loop_aware, wait_async
+from ..._ledger import new_run, new_span
+from .handler import CostCallbackHandler
+from .prompts import _EMPTY, MESSAGES, STRINGS
 
 if TYPE_CHECKING:
-    from .._caps import SpendCaps
-    from .._ledger import Ledger
+    from ..._caps import SpendCaps
+    from ..._ledger import Ledger
 
 __all__ = ["CappedCallbackHandler"]
 
