@@ -55,7 +55,7 @@ NAME = "rollup_latency"
 TARGET_MS = 50.0
 DAYS = 30
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-PG_DATABASE = "wt_cli_rollup_bench"
+PG_DATABASE = "costobs_rollup_bench"
 BATCH_ITEMS = 4096
 START = datetime(2026, 10, 1, tzinfo=UTC)
 """The first hour of the 30 days (fixed, so that two runs store the same spans)."""
