@@ -550,7 +550,7 @@ def test_the_event_handler_is_on_the_dispatcher_only_while_needed(tr, stub_opena
     """LLM calls are costed from the legacy events; the instrumentation event handler, which LlamaIndex calls for
     every event of the process, is put on the dispatcher only while a stream is read, an embedding model works, or
     an LLM without the legacy handler on its manager runs."""
-    from costobs_callbacks.integrations.llamaindex import _adapter
+    from costobs_callbacks.integrations.llamaindex.instrument import adapter_of as _adapter
 
     handler = _adapter(tr).event_handler
     root = get_dispatcher()
@@ -1089,7 +1089,7 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
     """A call opened at its legacy start (the common case), at its instrumentation start event (an LLM whose manager
     has no legacy handler) and a lone call recorded whole at its end (``Ledger.record_llm``) give the same stored
     span and the same run totals, with or without provider usage, for chat and completion prompts alike."""
-    from costobs_callbacks.integrations.llamaindex import _adapter
+    from costobs_callbacks.integrations.llamaindex.instrument import adapter_of as _adapter
 
     adapter = _adapter(tr)
     root = get_dispatcher()
