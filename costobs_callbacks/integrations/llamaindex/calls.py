@@ -98,7 +98,7 @@ class Adapter:
             cm = getattr(instance, "callback_manager", None)
         except Exception:
             return False
-        if cm is None or not isinstance(cm, CallbackManager):
+        if type(cm) is not CallbackManager and not isinstance(cm, CallbackManager):
             return False
         if self.legacy not in cm.handlers:
             cm.add_handler(self.legacy)
@@ -184,8 +184,9 @@ class Adapter:
                 top.refused = err
                 return None
             assert track.span is not None
-            track.span.start_wall = top.start_wall
-            track.span.start_perf = top.start_perf
+            if top.start_wall:
+                track.span.start_wall = top.start_wall
+                track.span.start_perf = top.start_perf
             top.track = track
             return track
 
@@ -384,7 +385,7 @@ class Adapter:
             prompt, tools = track.inner_prompt
         else:
             prompt, tools = track.prompt, track.tools
-        inp, ok_in = OPS.count_tokens(m, prompt, tools)
+        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
         out, ok_out = count(response_text(resp), m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 

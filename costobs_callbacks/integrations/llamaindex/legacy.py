@@ -59,12 +59,11 @@ _CHAINS = frozenset({
 # -- instrumented: the span handler built the tree ------------------------------------------------------
 
 
-def start_instrumented(a: Adapter, event_type: CBEventType, payload: Any, event_id: str) -> None:
-    sid = active_span_id.get()
-    node = a.nodes.get(sid) if sid else None
-    if node is not None and node.legacy and event_type is _EV_LLM:
-        llm_start(a, node, sid, payload, event_id)  # type: ignore[arg-type]  # node: sid is set
-        return
+def start_instrumented(a: Adapter, node: Node | None, sid: str | None, event_type: CBEventType, payload: Any,
+                       event_id: str) -> None:
+    """Any start but that of an LLM call whose span has this handler (``llm_start``), in the span ``node``: raise
+    what a guard decided; tie an LLM call opened at its instrumentation start event, or an embedding call, to
+    this event."""
     a.raise_if_stopped(node)
     if event_type is _EV_LLM:
         if sid is None:
@@ -74,7 +73,7 @@ def start_instrumented(a: Adapter, event_type: CBEventType, payload: Any, event_
             return
         track.event_id = event_id
         a.events[event_id] = track
-        if node is not None and isinstance(payload, dict):
+        if a.request_stream_usage and node is not None and isinstance(payload, dict):
             _request_stream_usage(a, node, track, payload.get(P_KWARGS))
     elif event_type is _EV_EMBEDDING and node is not None and node.emb:
         for t in reversed(node.emb):
@@ -104,8 +103,8 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
             return
     name, model, provider = identify(node.cls, md, "llm")
     key = span_key(sid)
-    if a.may_be_lone(parent is not None):  # started when its span did (a top node's clock: see Node)
-        track = a.lone(key, node, name, model, provider, prompt, tools, node.start_wall, node.start_perf)
+    if a.may_be_lone(parent is not None):
+        track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
     else:
         up = a.anchor(node, include_self=False) if parent is not None else None
         try:
@@ -118,13 +117,14 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
     track.event_id = event_id
     node.track = track
     a.events[event_id] = track
-    _request_stream_usage(a, node, track, kw)
+    if a.request_stream_usage:
+        _request_stream_usage(a, node, track, kw)
 
 
 def _request_stream_usage(a: Adapter, node: Node, track: Track, kw: Any) -> None:
     """``request_stream_usage``: ask an OpenAI-compatible LLM's stream for its usage, in the very keyword
     arguments the call is made with."""
-    if a.request_stream_usage and node.stream_usage_ok and type(kw) is dict and "stream_options" not in kw:
+    if node.stream_usage_ok and type(kw) is dict and "stream_options" not in kw:
         kw["stream_options"] = {"include_usage": True}
         track.stream_usage_requested = True
 
@@ -252,7 +252,12 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
         a = self._adapter
         try:
             if a.instrumented:
-                start_instrumented(a, event_type, payload, event_id)
+                sid = active_span_id.get()
+                node = a.nodes.get(sid) if sid else None
+                if event_type is _EV_LLM and node is not None and node.legacy:
+                    llm_start(a, node, sid, payload, event_id)  # type: ignore[arg-type]  # sid is set: node is
+                else:
+                    start_instrumented(a, node, sid, event_type, payload, event_id)
             else:
                 start_alone(a, event_type, payload, event_id, parent_id)
         except RunAborted:

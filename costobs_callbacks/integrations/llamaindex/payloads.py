@@ -201,16 +201,21 @@ def _mapping(v: Any) -> Mapping[str, Any]:
 
 def request(payload: Any) -> Request:
     """What a legacy LLM start event's payload says of the request."""
-    p = _mapping(payload)
+    p = payload if type(payload) is dict else _mapping(payload)
     pr = p.get(P_PROMPT)
     if pr is not None:
         prompt: str | Prompt = pr if type(pr) is str else str(pr)
     else:
         msgs = p.get(P_MESSAGES)
         prompt = Prompt(list(msgs)) if msgs is not None else ""
-    kw = _mapping(p.get(P_KWARGS))
-    raw_tools = kw.get("tools")
-    return prompt, Tools(raw_tools) if raw_tools else None, kw, _mapping(p.get(P_SERIALIZED))
+    kw = p.get(P_KWARGS)
+    if type(kw) is not dict:
+        kw = _mapping(kw)
+    md = p.get(P_SERIALIZED)
+    if type(md) is not dict:
+        md = _mapping(md)
+    raw_tools = kw.get("tools") if kw else None
+    return prompt, Tools(raw_tools) if raw_tools else None, kw, md
 
 
 def max_tokens(kwargs: Mapping[str, Any], model_dict: Mapping[str, Any]) -> int | None:

@@ -74,10 +74,8 @@ _MAX_PLANS = 4096
 
 
 def plan_for(instance: Any, head: str) -> Plan:
-    """The plan of a span of ``instance`` named ``head`` (``Class.method``), remembered per name."""
-    plan = _PLANS.get(head)
-    if plan is not None and plan.cls is type(instance):
-        return plan
+    """Decide the plan of a span of ``instance`` named ``head`` (``Class.method``), remembered per name in
+    ``_PLANS`` (where the span handler looks first)."""
     cls: type = type(instance)
     plan = Plan(cls)
     if instance is not None:
@@ -119,11 +117,14 @@ def _hookable(cls: type) -> bool:
 def enter(a: Adapter, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
     """A span entered: its node, our legacy handler on its component's manager, the ledger span it opens."""
     head = id_[:-37] if len(id_) > 37 else id_  # "Class.method" (37: "-" and the uuid)
-    plan = plan_for(instance, head)
+    plan = _PLANS.get(head)
+    if plan is None or plan.cls is not type(instance):
+        plan = plan_for(instance, head)
     nodes = a.nodes
-    node = Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls)
-    nodes[id_] = node
     what = plan.what
+    # an LLM call's span needs no start of its own: the call starts at its start event
+    node = Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
+    nodes[id_] = node
     if plan.hookable:
         hooked = a.hook(instance)
         if what == SPAN_LLM:
@@ -229,8 +230,12 @@ class SpanHandler(BaseSpanHandler[Any]):
         a: Adapter = self.costobs_adapter
         try:
             node = a.nodes.pop(id_, None)
-            if node is not None:
-                exit_node(a, node, id_, "ok", None)
+            if node is None:
+                return
+            track = node.track
+            if track is not None and track.ended and not node.emb and not node.holds:
+                return  # an LLM call's span, the call ended at its end event (the common case): nothing left
+            exit_node(a, node, id_, "ok", None)
         except Exception as exc:
             a.fault("span_exit", exc)
 

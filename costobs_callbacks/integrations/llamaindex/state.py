@@ -71,15 +71,15 @@ class Node:
     stream_usage_ok = False  # an OpenAI-compatible LLM's streaming method, stream_options unset
     legacy = False  # an LLM's span whose callback manager has our legacy handler: the call opens at its legacy start
     holds = False  # it needs the instrumentation events while open (see Adapter.hold_events)
-    start_wall = 0.0
+    start_wall = 0.0  # a top node's start (0.0: not taken), the start of the chain it may be opened as (see anchor)
     start_perf = 0.0
 
-    def __init__(self, id_: str, parent: Node | None, name: str, cls: type | None) -> None:
+    def __init__(self, id_: str, parent: Node | None, name: str, cls: type | None, timed: bool) -> None:
         self.id = id_
         self.name = name
         self.cls = cls
         if parent is not None:
             self.parent = parent
-        else:  # a top node: the start of the chain it may be opened as (see Adapter.anchor)
+        elif timed:
             self.start_wall = time.time()
             self.start_perf = time.perf_counter()
