@@ -17,8 +17,8 @@ from ... import _usage
 from ..._events import TokenUsage
 from ..._tokens import chat_token_bound, chat_tokens, texts_token_bound, texts_tokens
 
-__all__ = ["EMPTY", "OPS", "Prompt", "Request", "Tools", "max_tokens", "request", "response_text", "served_model",
-           "tool_args", "tool_name", "usage_of"]
+__all__ = ["EMPTY", "OPS", "Prompt", "Request", "Tools", "chunks_tokens", "max_tokens", "message_parts", "request",
+           "response_text", "served_model", "tool_args", "tool_name", "usage_of"]
 
 EMPTY: Mapping[str, Any] = {}  # read-only
 
