@@ -33,6 +33,7 @@ from llama_index.core.tools import FunctionTool
 from llama_index.llms.openai import OpenAI
 
 from costobs_callbacks import Budget, BudgetExceededError, CostTracker, LoopDetectedError, RunAborted
+from costobs_callbacks.integrations.llamaindex.instrument import adapter_of
 
 pytestmark = pytest.mark.filterwarnings(  # llama-index-workflows inspects pydantic agents
     "ignore::pydantic.warnings.PydanticDeprecationWarning"
@@ -550,9 +551,7 @@ def test_the_event_handler_is_on_the_dispatcher_only_while_needed(tr, stub_opena
     """LLM calls are costed from the legacy events; the instrumentation event handler, which LlamaIndex calls for
     every event of the process, is put on the dispatcher only while a stream is read, an embedding model works, or
     an LLM without the legacy handler on its manager runs."""
-    from costobs_callbacks.integrations.llamaindex import _adapter
-
-    handler = _adapter(tr).event_handler
+    handler = adapter_of(tr).event_handler
     root = get_dispatcher()
     stub_openai.enqueue(StubReply("a", usage=StubUsage(5, 1)), StubReply("one two three", usage=StubUsage(9, 9)),
                         StubReply("b", usage=StubUsage(6, 2)))
@@ -1089,9 +1088,7 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
     """A call opened at its legacy start (the common case), at its instrumentation start event (an LLM whose manager
     has no legacy handler) and a lone call recorded whole at its end (``Ledger.record_llm``) give the same stored
     span and the same run totals, with or without provider usage, for chat and completion prompts alike."""
-    from costobs_callbacks.integrations.llamaindex import _adapter
-
-    adapter = _adapter(tr)
+    adapter = adapter_of(tr)
     root = get_dispatcher()
     fields = _SPAN_FIELDS
 
@@ -1139,12 +1136,202 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
         t = [totals(tr.run_cost(rid)) for rid in runs] + [totals(live), totals(tr.run_cost(lone))]
         assert t[0] == t[1] == t[2] == t[3]
         # and the figures are the ones the call had: the provider's, else the documented estimate
+        estimated_in = 3 + 4 + tok(prompt) if chat else tok(prompt)
         if usage is not None and usage != (0, 0):
             inp, out = usage
+            if inp == 0:  # an input of 0 beside output tokens is malformed: the input is estimated (see _usage)
+                inp = estimated_in
         else:
-            inp = 3 + 4 + tok(prompt) if chat else tok(prompt)
-            out = tok(reply)
+            inp, out = estimated_in, tok(reply)
         assert (rows[0][6], rows[0][7]) == (inp, out)
         assert t[0][0] == cost(inp, out, P_MOCK)
 
     check()
+
+
+# -- the four LLM starts, pinned to one another ------------------------------------------------------------
+
+
+class _PayloadLLM(llama_index.core.llms.CustomLLM):
+    """A custom LLM replying ``reply``, its ``raw`` response carrying ``usage`` as given: any value, a provider's
+    report or garbage (``None``: no ``raw`` at all, the call is estimated)."""
+
+    reply: str = "ok"
+    usage: Any = None
+
+    @property
+    def metadata(self) -> Any:
+        from llama_index.core.llms import LLMMetadata
+
+        return LLMMetadata(model_name="MockLLM")
+
+    def _raw(self) -> Any:
+        return None if self.usage is None else {"usage": self.usage}
+
+    @llama_index.core.llms.callbacks.llm_chat_callback()
+    def chat(self, messages: Any, **kwargs: Any) -> Any:
+        from llama_index.core.llms import ChatResponse
+
+        return ChatResponse(message=ChatMessage(role="assistant", content=self.reply), raw=self._raw())
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        from llama_index.core.llms import CompletionResponse
+
+        return CompletionResponse(text=self.reply, raw=self._raw())
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+_COUNT = st.one_of(st.integers(0, 3000), st.none(), st.sampled_from([-3, "12", "x", True, 10**15, 2.5, 10**9 + 1]))
+_USAGE = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({}, optional={"prompt_tokens": _COUNT, "completion_tokens": _COUNT,
+                                        "total_tokens": _COUNT,
+                                        "prompt_tokens_details": st.fixed_dictionaries(
+                                            {}, optional={"cached_tokens": _COUNT})}),
+    st.fixed_dictionaries({"input_tokens": _COUNT, "output_tokens": _COUNT},
+                          optional={"cache_read_input_tokens": _COUNT, "cache_creation_input_tokens": _COUNT}),
+    st.sampled_from(["garbage", [1, 2], 7]),
+)
+_ROLE = st.sampled_from(["system", "user", "assistant", "tool"])
+_TOOL_CALL = st.builds(lambda n, a: {"id": "c1", "type": "function", "function": {"name": n, "arguments": a}},
+                       st.sampled_from(["get_weather", "search"]), st.sampled_from(['{"city": "Paris"}', "{}", "oops"]))
+
+
+@st.composite
+def _messages(draw: Any) -> list[ChatMessage]:
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        calls = draw(st.lists(_TOOL_CALL, max_size=2))
+        out.append(ChatMessage(role=draw(_ROLE), content=draw(_TEXT),
+                               additional_kwargs={"tool_calls": calls} if calls else {}))
+    return out
+
+
+_PROMPT = st.one_of(_TEXT, _messages())
+"""A completion's prompt string, or a chat's messages."""
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        call()
+    except RunAborted as err:
+        return type(err).__name__, err.reason
+    return None
+
+
+def test_the_four_llm_starts_record_the_same_calls_and_take_the_same_decisions(tr, tmp_path):
+    """An LLM call opened at its legacy start after ``instrument()`` (the common case), at its instrumentation start
+    event (an LLM whose manager has no legacy handler), at the legacy start of the handler alone (no
+    ``instrument()``), and a lone call recorded whole at its end (``Ledger.record_llm``), under the instrumented and
+    the stand-alone handler alike: for the same random requests (completion prompts, chat messages with tool calls),
+    usage payloads (malformed ones included) and budgets at their boundaries, each stores the same spans, keeps the
+    same run totals and takes the same decisions (which call is refused, where the run stops)."""
+    (tmp_path / "alone").mkdir()
+    alone = _tracker(tmp_path / "alone")
+    root = get_dispatcher()
+    adapter = adapter_of(tr)
+
+    def totals(rc: Any) -> tuple[Any, ...]:
+        return (rc.cost_usd, rc.input_tokens, rc.output_tokens, rc.cache_read_tokens, rc.cache_write_tokens,
+                rc.llm_calls, rc.estimated_calls, rc.by_model, rc.status, rc.reason, rc.unpriced_calls)
+
+    def rows(tracker: CostTracker, run_id: str) -> list[tuple[Any, ...]]:
+        return [_row(s) for s in spans_by_kind(tracker, run_id).get("llm", [])]
+
+    def unnamed(rs: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return [r[:1] + r[2:] for r in rs]
+
+    def lone_rows(tracker: CostTracker, before: set[str]) -> list[tuple[Any, ...]]:
+        runs = [r for r in tracker.ledger.recent.values() if r.feature == "unattributed" and r.run_id not in before]
+        runs.sort(key=lambda r: r.started_perf)
+        return [_row(s) for r in runs for s in tracker.spans(r.run_id)]
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(prompts=st.tuples(_PROMPT, _PROMPT), reply=_TEXT, usage=_USAGE,
+           max_tokens=st.none() | st.integers(1, 500),
+           budget=st.none() | st.tuples(st.sampled_from(["first", "both", "any"]), st.integers(-1, 1),
+                                        st.integers(1, 10**7)))
+    def check(prompts: tuple[Any, Any], reply: str, usage: Any, max_tokens: int | None,
+              budget: tuple[str, int, int] | None) -> None:
+        if isinstance(prompts[0], str) == isinstance(prompts[1], str) and prompts[0] == prompts[1]:
+            prompts = (prompts[0], prompts[1] + "!" if isinstance(prompts[1], str) else
+                       [*prompts[1], ChatMessage(role="user", content="again")])
+        kw = {} if max_tokens is None else {"max_tokens": max_tokens}
+
+        def calls(make: Any) -> list[Any]:
+            """The two calls, each on an LLM of its own (LlamaIndex gives a bare LLM a manager at its first call)."""
+            return [(lambda p=p: make().complete(p, **kw) if isinstance(p, str) else make().chat(p, **kw))
+                    for p in prompts]
+
+        def llm() -> _PayloadLLM:
+            return _PayloadLLM(reply=reply, usage=usage)
+
+        tr.instrument_llamaindex()
+        with tr.run(feature="probe") as probe:  # what the two calls cost, unlimited
+            for c in calls(llm):
+                c()
+        spent = [Decimal(r[9]) for r in rows(tr, probe.run_id)]
+        limit: Budget | None = None
+        if budget is not None and max_tokens is not None:
+            which, delta, anything = budget
+            nanos = {"first": spent[0], "both": sum(spent), "any": Decimal(anything)}[which] + delta
+            limit = Budget(max_cost_usd=nanos / 10**9) if nanos > 0 else None
+
+        def scoped(tracker: CostTracker, make: Any) -> tuple[str, list[Any]]:
+            with tracker.run(feature="p", budget=limit) as run:
+                decisions = [_outcome(c) for c in calls(make)]
+            return run.run_id, decisions
+
+        run_a, decisions_a = scoped(tr, llm)  # the legacy start, instrumented
+        saved = Settings._callback_manager
+        Settings._callback_manager = None
+        try:  # the instrumentation start event: no legacy handler on the LLM's manager
+            run_b, decisions_b = scoped(tr, lambda: _bare(llm()))
+        finally:
+            Settings._callback_manager = saved
+        assert adapter.event_handler not in root.event_handlers
+        lone_a: list[Any] = []
+        if limit is None:  # a lone call
+            before = {r.run_id for r in tr.ledger.recent.values()}
+            for c in calls(llm):
+                c()
+            lone_a = lone_rows(tr, before)
+        tr.uninstrument_llamaindex()
+
+        def wired() -> _PayloadLLM:
+            return _PayloadLLM(reply=reply, usage=usage, callback_manager=CallbackManager([alone.llamaindex_handler()]))
+
+        run_c, decisions_c = scoped(alone, wired)  # the legacy start of the handler alone
+        lone_c: list[Any] = []
+        if limit is None:
+            before = {r.run_id for r in alone.ledger.recent.values()}
+            for c in calls(wired):
+                c()
+            lone_c = lone_rows(alone, before)
+
+        assert decisions_a == decisions_c
+        assert decisions_b == [None, None]  # nothing can reach the app without a legacy handler
+        recorded = rows(tr, run_a)
+        assert rows(tr, run_b) == recorded
+        assert unnamed(rows(alone, run_c)) == unnamed(recorded)  # alone, a call is named by its payload's class_name
+        assert totals(tr.run_cost(run_a)) == totals(tr.run_cost(run_b)) == totals(alone.run_cost(run_c))
+        if limit is None:
+            assert decisions_a == [None, None]
+            assert lone_a == recorded
+            assert unnamed(lone_c) == unnamed(recorded)
+        else:
+            cost_a = tr.run_cost(run_a).cost_usd
+            stopped = [d for d in decisions_a if d is not None]
+            assert all(d == ("BudgetExceededError", "max_cost_usd") for d in stopped)
+            # "at most" is inclusive: a run that spends exactly its limit is not stopped by its spending
+            if cost_a <= limit.max_cost_usd:
+                assert all(r[4] == "ok" for r in recorded)
+
+    try:
+        check()
+    finally:
+        alone.close()

@@ -1054,15 +1054,15 @@ def test_provider_names_have_one_home(name: str, provider: str | None) -> None:
 
 
 def test_adapters_use_the_pricing_provider_names() -> None:
-    from costobs_callbacks.integrations import llamaindex
+    from costobs_callbacks.integrations.llamaindex import identity
 
-    assert llamaindex._provider_from_class_name("azure_openai_llm") == "azure"
-    assert llamaindex._provider_from_class_name(3) is None
+    assert identity.provider_from_class_name("azure_openai_llm") == "azure"
+    assert identity.provider_from_class_name(3) is None
 
     class Fake:
         pass
 
     Fake.__module__ = "llama_index.llms.google_genai.base"
-    assert llamaindex._provider_of(Fake) == "google"
+    assert identity.provider_of(Fake) == "google"
     Fake.__module__ = "llama_index.llms.openai_like.base"
-    assert llamaindex._provider_of(Fake) is None
+    assert identity.provider_of(Fake) is None

@@ -21,7 +21,7 @@ from llama_index.core.base.llms.types import ChatMessage, TextBlock, ToolCallBlo
 from costobs_callbacks import _tokens
 from costobs_callbacks._tokens import count_text
 from costobs_callbacks.integrations.langchain import MESSAGES, STRINGS
-from costobs_callbacks.integrations.llamaindex import OPS, _Prompt, _Tools
+from costobs_callbacks.integrations.llamaindex.payloads import OPS, Prompt, Tools
 
 MODELS = ("gpt-4o-mini", "gpt-4", "some-local-model")
 _TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)  # lone surrogates: not text an LLM gets
@@ -150,21 +150,21 @@ def li_expected(model: str, messages: list[ChatMessage], tools: Any) -> int:
 @given(st.sampled_from(MODELS), st.lists(li_message(), max_size=5), _TOOLS, st.booleans())
 def test_llamaindex_bound_is_never_below_the_count_and_exact_where_it_says(model, messages, tools, warm):
     _tokens._COUNTS.clear()
-    extra = _Tools(tools) if tools else None
+    extra = Tools(tools) if tools else None
     if warm:
-        OPS.count_tokens(model, _Prompt(messages[: len(messages) // 2]), None)
-    bound, bound_exact = OPS.token_upper_bound(model, _Prompt(messages), extra)
-    n, exact = OPS.count_tokens(model, _Prompt(messages), extra)
+        OPS.count_tokens(model, Prompt(messages[: len(messages) // 2]), None)
+    bound, bound_exact = OPS.token_upper_bound(model, Prompt(messages), extra)
+    n, exact = OPS.count_tokens(model, Prompt(messages), extra)
     assert exact and n == li_expected(model, messages, tools)
     assert bound >= n and (not bound_exact or bound == n)
-    assert OPS.token_upper_bound(model, _Prompt(messages), extra) == (n, True)
+    assert OPS.token_upper_bound(model, Prompt(messages), extra) == (n, True)
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(MODELS), _TEXT, _TOOLS)
 def test_llamaindex_completion_prompt_bound(model, prompt, tools):
     _tokens._COUNTS.clear()
-    extra = _Tools(tools) if tools else None
+    extra = Tools(tools) if tools else None
     bound, bound_exact = OPS.token_upper_bound(model, prompt, extra)
     n, exact = OPS.count_tokens(model, prompt, extra)
     expected = (tok(prompt, model) if prompt else 0) + (tok(json.dumps(tools, default=str), model) if tools else 0)
@@ -184,7 +184,7 @@ def test_the_upper_bound_counts_utf8_bytes_not_characters(model):
     n = tok(RARE, model)
     assert len(RARE) < n <= len(RARE.encode("utf-8"))  # what makes this test able to fail
     bound_lc, exact_lc = MESSAGES.token_upper_bound(model, [[HumanMessage(RARE)]], ({}, {}))
-    bound_li, exact_li = OPS.token_upper_bound(model, _Prompt([ChatMessage(role="user", content=RARE)]), None)
+    bound_li, exact_li = OPS.token_upper_bound(model, Prompt([ChatMessage(role="user", content=RARE)]), None)
     assert (bound_lc, exact_lc) == (bound_li, exact_li) == (3 + 4 + len(RARE.encode("utf-8")), False)
     assert STRINGS.token_upper_bound(model, [RARE], None) == (len(RARE.encode("utf-8")), False)
     assert OPS.token_upper_bound(model, RARE + "é", None) == (len((RARE + "é").encode("utf-8")), False)
