@@ -163,6 +163,22 @@ def _sqlite_dt(ts: float) -> str:
     return f"{head}.{us:06d}"
 
 
+_PG_EPOCH = 946_684_800
+"""2000-01-01 in epoch seconds: PostgreSQL's binary timestamps count microseconds from it."""
+_FIRST_SECOND, _END_SECOND = -62_135_596_800, 253_402_300_800
+"""The seconds ``datetime`` can hold (years 1 to 9999)."""
+
+
+def _pg_micros(ts: float) -> int:
+    """A time as PostgreSQL's binary ``timestamp`` holds it (microseconds since 2000-01-01 UTC, an int64), for
+    binary COPY: the same microseconds as ``_utc`` (rounded as ``_sqlite_dt`` rounds them), without a ``datetime``
+    per value. A time ``datetime`` cannot hold is refused as ``_utc`` refuses it."""
+    sec = int(ts)
+    if not _FIRST_SECOND <= sec < _END_SECOND:
+        raise ValueError(f"timestamp {ts!r} out of range")
+    return (sec - _PG_EPOCH) * 1_000_000 + round((ts - sec) * 1_000_000)
+
+
 def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
     """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver."""
     run = sp.run
@@ -261,8 +277,8 @@ def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
 
 
 def _pg_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
-    """A run's summary row for PostgreSQL's COPY (``_run_tuple``, times as naive UTC datetimes)."""
-    return _run_tuple(acc, _utc)
+    """A run's summary row for PostgreSQL's binary COPY (``_run_tuple``, times as ``_pg_micros``)."""
+    return _run_tuple(acc, _pg_micros)
 
 
 def _run_row(acc: list[Any]) -> dict[str, Any]:
@@ -327,10 +343,10 @@ def _merge_neutral(parts: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> tupl
 def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]],
                   path: str) -> tuple[list[Any], list[Any]]:
     """Rows of ``Store.batch_rows`` as the store's write path ``path`` takes them: ``"sqlite"`` (``_span_tuple``
-    with SQLite's times and ``_sqlite_run_tuple``), ``"pg"`` (``_span_tuple`` with datetimes and ``_pg_run_tuple``)
-    or ``"core"`` (``_span_row`` and ``_run_row``)."""
+    with SQLite's times and ``_sqlite_run_tuple``), ``"pg"`` (``_span_tuple`` with ``_pg_micros`` and
+    ``_pg_run_tuple``) or ``"core"`` (``_span_row`` and ``_run_row``)."""
     sqlite = path == "sqlite"
-    dt: Any = _sqlite_dt if sqlite else _utc
+    dt: Any = _sqlite_dt if sqlite else _pg_micros if path == "pg" else _utc
     sp: list[Any] = []
     for r in span_rows:
         v = list(r)
@@ -363,8 +379,19 @@ _HALF_MASK = 2**32 - 1
 
 def _gkey(keys: Sequence[Any]) -> str:
     """The digest of a group's keys (without its hour), NULL told apart from every text: the rollup's conflict
-    target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change."""
-    return _blake2b(_json_ascii(keys).encode("ascii"), digest_size=16).hexdigest()
+    target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change.
+    Remembered for the groups seen lately (the same ones come back batch after batch)."""
+    k = keys if type(keys) is tuple else tuple(keys)
+    found = _gkeys.get(k)
+    if found is None:
+        found = _blake2b(_json_ascii(k).encode("ascii"), digest_size=16).hexdigest()
+        if len(_gkeys) >= 65_536:
+            _gkeys.clear()
+        _gkeys[k] = found
+    return found
+
+
+_gkeys: dict[tuple[Any, ...], str] = {}
 
 
 _json_ascii = json.JSONEncoder().encode  # (a tuple as a JSON array, every character outside ASCII escaped)

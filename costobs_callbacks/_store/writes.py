@@ -36,6 +36,7 @@ from .rows import (
     _merge_neutral,
     _neutral_run,
     _neutral_span,
+    _pg_micros,
     _pg_run_tuple,
     _rollup_groups,
     _rollup_tuple,
@@ -44,7 +45,6 @@ from .rows import (
     _span_tuple,
     _sqlite_dt,
     _sqlite_run_tuple,
-    _utc,
 )
 from .schema import (
     _BIG_MAX,
@@ -119,7 +119,7 @@ def _sqlite_span_tuple(sp: Any) -> tuple[Any, ...]:
 
 
 def _pg_span_tuple(sp: Any) -> tuple[Any, ...]:
-    return _span_tuple(sp, _utc, bool)
+    return _span_tuple(sp, _pg_micros, bool)
 
 
 _RUN_ROW = {"sqlite": _sqlite_run_tuple, "pg": _pg_run_tuple, "core": _run_row}
@@ -147,9 +147,10 @@ def _open_runs(stored: Iterable[Any], first_root: dict[str, int], roots: dict[st
 
 # -- PostgreSQL: binary COPY ------------------------------------------------------------------------------------
 
-_PG_TYPES = ((sa.BigInteger, "int8"), (sa.Integer, "int4"), (sa.Float, "float8"), (sa.DateTime, "timestamp"),
+_PG_TYPES = ((sa.BigInteger, "int8"), (sa.Integer, "int4"), (sa.Float, "float8"), (sa.DateTime, "int8"),
              (sa.Boolean, "bool"), (sa.String, "text"), (sa.JSON, "text"))
-"""A column's type as binary COPY takes it (JSON as its text: the rows carry it serialised)."""
+"""A column's type as binary COPY takes it. A time goes as the int64 of its binary form (``_pg_micros``); JSON
+as its text (the rows carry it serialised)."""
 
 
 class _PgCopy(NamedTuple):
