@@ -133,7 +133,7 @@ def _merge_portable(conn: sa.Connection, keyed: list[tuple[Any, ...]]) -> None:
         conn.execute(sa.insert(rollups_keyed), new)
     if old:
         values: dict[str, Any] = {k: t[k] + sa.bindparam(f"d_{k}", type_=sa.BigInteger()) for k in _ROLLUP_ADDS}
-        cur, new_max = t.latency_max_ms, sa.bindparam("d_latency_max_ms", type_=sa.Float())
+        cur, new_max = t.latency_max_ms, sa.cast(sa.bindparam("d_latency_max_ms", type_=sa.Float()), sa.Float())
         values["latency_max_ms"] = sa.case((new_max.is_(None), cur),
                                            (sa.or_(cur.is_(None), new_max > cur), new_max), else_=cur)
         at = {k: i for i, k in enumerate(COLS)}
