@@ -16,7 +16,9 @@ for each phase and dropped after), the phases, backends interleaved:
 1. flat out: every item is emitted into a ``BatchExporter`` (the tracker's defaults) writing with
    ``Store.write_batch``; spans/s from the first emit until ``force_flush`` returns. The producer only yields
    (sleeps 1 ms) while the queue is over 3/4 full, so this is the exporter's capacity. The exporter thread's CPU
-   (its own clock, read when the flush returns) per span is the figure the app pays under the GIL.
+   (its own clock, read when the flush returns) per span is the figure the app pays under the GIL; on PostgreSQL
+   the server's CPU per span is printed beside it (its backends' clocks, from ``/proc``: the server shares the
+   machine's cores with the process).
 2. paced: items emitted at ``--rate`` spans/s (default: the 20,000/s target) for the whole workload, as an app
    would; the queue's high-water mark and drops show whether the exporter keeps up.
 3. with ``--raw``: ``Store.write_batch`` called by this thread with chunks of ``--batch`` items, no exporter.
@@ -165,6 +167,34 @@ def database(backend: str, tmp: str, label: str) -> Iterator[Any]:
         drop()
 
 
+def _server_cpu(store: Any) -> dict[int, float] | None:
+    """CPU seconds used so far by each PostgreSQL backend connected to the store's database (``/proc``: the server
+    runs on this machine); ``None`` on SQLite or where it cannot be read."""
+    if store.dialect != "postgresql":
+        return None
+    import sqlalchemy as sa
+
+    tick = os.sysconf("SC_CLK_TCK")
+    with store.engine.connect() as c:
+        pids = [int(p) for p in c.execute(sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        )).scalars()]
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _server_us_per_span(before: dict[int, float] | None, after: dict[int, float] | None, n_spans: int) -> float | None:
+    if before is None or after is None:
+        return None
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items()) / n_spans * 1e6
+
+
 def _count(store: Any) -> dict[str, int]:
     import sqlalchemy as sa
 
@@ -181,6 +211,7 @@ def exporter_flat_out(items: list[Any], n_spans: int, store: Any) -> dict[str, A
     exp = BatchExporter(store.write_batch)
     limit = exp._max_queue * 3 // 4
     stalls = 0
+    server0 = _server_cpu(store)
     gc.collect()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -196,12 +227,14 @@ def exporter_flat_out(items: list[Any], n_spans: int, store: Any) -> dict[str, A
     t1 = time.perf_counter()
     thread_ns = thread_cpu_ns(exp._worker)
     cpu = time.process_time() - cpu0
+    server = _server_us_per_span(server0, _server_cpu(store), n_spans)
     stats = exp.stats.as_dict()
     exp.shutdown()
     el = t1 - t0
     return {"seconds": el, "emit_seconds": t_emitted - t0, "spans_per_s": n_spans / el,
             "items_per_s": len(items) / el, "process_cpu_s": cpu, "process_cpu_us_per_span": cpu / n_spans * 1e6,
             "exporter_thread_cpu_us_per_span": None if thread_ns is None else thread_ns / 1000 / n_spans,
+            "server_cpu_us_per_span": server,
             "producer_stalls": stalls, "stats": stats, "stored": _count(store)}
 
 
@@ -348,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             sps = med([o["spans_per_s"] for o in flat])
             cpu = med([o["exporter_thread_cpu_us_per_span"] for o in flat])
             pcpu = med([o["process_cpu_us_per_span"] for o in flat])
-            rows.append([w, b, "flat out", fmt(sps, 0), fmt(cpu), fmt(pcpu),
+            scpu = med([o["server_cpu_us_per_span"] for o in flat])
+            rows.append([w, b, "flat out", fmt(sps, 0), fmt(cpu), fmt(pcpu), fmt(scpu),
                          sum(o["stats"]["dropped"] for o in flat), sum(o["stats"]["failed"] for o in flat), "-",
                          f"{flat[-1]['stored']['spans']:,} spans, {flat[-1]['stored']['runs']:,} runs, "
                          f"{flat[-1]['stored']['rollups_hourly']:,} hourly, {flat[-1]['stored']['rollups_keyed']:,} "
@@ -363,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 high = max(o["queue_high_water"] for o in pc)
                 rows.append([w, b, f"paced at {args.rate:,.0f}/s",
                              fmt(med([o["achieved_emit_spans_per_s"] for o in pc]), 0),
-                             fmt(med([o["exporter_thread_cpu_us_per_span"] for o in pc])), "-",
+                             fmt(med([o["exporter_thread_cpu_us_per_span"] for o in pc])), "-", "-",
                              sum(o["stats"]["dropped"] for o in pc), sum(o["stats"]["failed"] for o in pc),
                              f"{high:,} / {pc[0]['queue_limit']:,}",
                              f"flush lag {med([o['flush_lag_s'] for o in pc]):.2f}s"])
@@ -372,11 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             if "raw" in r:
                 rw = r["raw"]
                 rows.append([w, b, f"raw write_batch ({args.batch}/batch)", fmt(med([o["spans_per_s"] for o in rw]), 0),
-                             fmt(med([o["cpu_us_per_span"] for o in rw])), "-", "-", "-", "-",
+                             fmt(med([o["cpu_us_per_span"] for o in rw])), "-", "-", "-", "-", "-",
                              f"{rw[-1]['batches']} batches"])
     print()
     print(table(["workload", "backend", "phase", "spans/s", "exporter thread CPU us/span", "process CPU us/span",
-                 "dropped", "failed", "queue high-water", "note"], rows))
+                 "server CPU us/span", "dropped", "failed", "queue high-water", "note"], rows))
     for t in prof_texts:
         print("\n" + t)
     summary.append(metric("spans dropped or failed (all phases)", lost_total, "", "0", lost_total == 0))
