@@ -214,3 +214,47 @@ def test_a_count_past_integer_is_fitted_alike_on_every_path(stores: list[Store],
     at, flags = cols.index("web_search_requests"), cols.index("flags")
     assert [(r[at], r[flags]) for r in got[0]] == [(searches, None)]
     assert [(r[at], r[flags]) for r in got[2]] == [(2**31 - 1 if searches > 0 else -(2**31 - 1), "sanitized")]
+
+
+def test_a_role_that_may_not_create_temporary_tables_is_written_through_core(
+        postgres_admin_url: str, postgres_database: Callable[[], str]) -> None:
+    """PostgreSQL grants TEMPORARY to every role by default; where a database revokes it, the first batch fails
+    once (retried by the exporter) and the store writes through SQLAlchemy Core from then on: nothing is lost."""
+    from tests.pg import _admin, drop_database
+
+    url = postgres_database()
+    db = sa.engine.make_url(url).database
+    role = f"costobs_no_temp_{uuid.uuid4().hex[:12]}"
+    admin = _admin(postgres_admin_url)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+            conn.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{db}" FROM PUBLIC')
+        in_db = _admin(url)
+        try:
+            with in_db.connect() as conn:
+                conn.exec_driver_sql(f'GRANT CREATE, USAGE ON SCHEMA public TO "{role}"')
+        finally:
+            in_db.dispose()
+        store = Store(sa.engine.make_url(url).set(username=role).render_as_string(hide_password=False))
+        made: list[Any] = []
+        ledger = Ledger(prices=PriceBook(PRICES), exporter=type("L", (), {"emit": staticmethod(made.append)})(),
+                        user_salt=b"salt", loops=LoopPolicy(enabled=False))
+        sid = uuid.uuid4()
+        ledger.start_llm(sid, None, "chat", {"feature": "f"}, "m-a", None, root=True, run_id="r")
+        ledger.end(sid, "ok", None, TokenUsage(1000, 10, 0, 0, 0))
+        sink = BatchExporter(store.write_batch, schedule_delay=3600, retry_deadline=5.0)
+        try:
+            assert store._path == "pg"
+            sink._write(Batch(made))
+            assert (sink.stats.exported, sink.stats.failed, sink.stats.retries, store._path) == (1, 0, 1, "core")
+            cost = store.run_cost("r")
+            assert cost is not None and cost.cost_usd == Decimal("0.00208")
+        finally:
+            sink.shutdown()
+            store.close()
+    finally:
+        drop_database(postgres_admin_url, url)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
+        admin.dispose()

@@ -486,6 +486,13 @@ class Writes:
             cur = self._pg_cursor(conn)
             try:
                 cur.execute(_PG_STAGE)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) == "42501":  # insufficient_privilege: no TEMPORARY here
+                    logger.warning("costobs: this role may not create temporary tables (%s); writing through "
+                                   "SQLAlchemy Core from now on", exc)
+                    self._portable()  # the batch fails this once: retried (or spooled, then replayed) that way
+                raise sa.exc.DBAPIError.instance(_PG_STAGE, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                                 dialect=self.engine.dialect) from exc
             finally:
                 cur.close()
         return self._pg_copy(conn, _PG_STAGED[table], rows, table == "runs")
