@@ -113,7 +113,6 @@ _ROLLUP_TAIL = (
 """The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
 
 
-
 def _sqlite_span_tuple(sp: Any) -> tuple[Any, ...]:
     return _span_tuple(sp, _sqlite_dt, int)
 
@@ -186,8 +185,8 @@ _PG_STAGED = {
 _PG_STAGE = "; ".join(
     f"CREATE TEMPORARY TABLE IF NOT EXISTS {spec.stage} (LIKE {t.name}) ON COMMIT DELETE ROWS"
     for spec, t in zip(_PG_STAGED.values(), (runs, rollups, rollups_keyed), strict=True))
-"""The temporary tables the upserted rows are COPYed to: made by the first batch of a session (in its
-transaction, so a batch rolled back takes them with it), emptied at every commit."""
+"""The temporary tables the upserted rows are COPYed to: made where missing by every batch's transaction (the first
+one of a session makes them; a batch rolled back takes them with it), emptied at every commit."""
 
 
 def _check_int4(rows: Sequence[Sequence[Any]], at: Sequence[int]) -> None:
