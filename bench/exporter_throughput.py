@@ -1,20 +1,31 @@
-"""Exporter throughput into SQLite: spans per second through ``BatchExporter`` into ``Store.write_batch``.
+"""Exporter throughput into SQLite and PostgreSQL: spans per second through ``BatchExporter`` into
+``Store.write_batch``, and the exporter thread's CPU per span.
 
-The workload is made first, untimed: ``--runs`` root runs (default 20,000)
-(10 spans each: the root chain, two node chains, four priced LLM calls, two tools and a retriever,
-with attribution and usage) go through a real tracker's ledger, whose exporter is swapped for a list, so the
-items are exactly what the ledger hands the exporter in production. Then, each on a fresh SQLite file:
+Two workloads are made first, untimed, through a real tracker's ledger whose exporter is swapped for a list, so
+the items are exactly what the ledger hands the exporter in production:
 
-1. exporter, flat out: every item is emitted into a ``BatchExporter`` (the tracker's defaults) writing
-   with ``Store.write_batch``; spans/s is measured from the first emit until ``force_flush`` returns.
-   The producer only yields (sleeps 1 ms) while the queue is over 3/4 full, so this is the exporter's
-   capacity; any drop is reported.
-2. exporter, paced: items are emitted at ``--rate`` spans/s (default: the 20,000/s target) for the
-   whole workload, as an app would; the queue's high-water mark and drops show whether it keeps up.
-3. raw ``Store.write_batch``: the same items in chunks of ``--batch`` (the exporter's batch size),
-   written by the calling thread, no exporter: the storage layer's own rate.
+* 10-span runs (``--runs``, default 20,000): the root chain, two node chains, four priced LLM calls, two tools
+  and a retriever, with attribution and usage;
+* 1-span runs (``--runs1``, default 100,000): one LLM call per run, the worst case for the run and rollup rows
+  each span brings.
 
-Run: ``python -m bench.exporter_throughput [--runs N] [--profile]``.
+Then, for each workload and each backend (``--backend``: a SQLite file, and a fresh PostgreSQL database on the
+machine's server, ``$COSTOBS_TEST_POSTGRES_URL`` or ``postgresql+psycopg://postgres@127.0.0.1:5432/test``, made
+for each phase and dropped after), the phases, backends interleaved:
+
+1. flat out: every item is emitted into a ``BatchExporter`` (the tracker's defaults) writing with
+   ``Store.write_batch``; spans/s from the first emit until ``force_flush`` returns. The producer only yields
+   (sleeps 1 ms) while the queue is over 3/4 full, so this is the exporter's capacity. The exporter thread's CPU
+   (its own clock, read when the flush returns) per span is the figure the app pays under the GIL; on PostgreSQL
+   the server's CPU per span is printed beside it (its backends' clocks, from ``/proc``: the server shares the
+   machine's cores with the process).
+2. paced: items emitted at ``--rate`` spans/s (default: the 20,000/s target) for the whole workload, as an app
+   would; the queue's high-water mark and drops show whether the exporter keeps up.
+3. with ``--raw``: ``Store.write_batch`` called by this thread with chunks of ``--batch`` items, no exporter.
+
+Every span, run, hourly rollup and keyed rollup row is counted afterwards and checked against the workload.
+
+Run: ``python -m bench.exporter_throughput [--runs N] [--runs1 N] [--backend sqlite postgresql] [--repeat K]``.
 """
 
 from __future__ import annotations
@@ -24,12 +35,16 @@ import cProfile
 import gc
 import io
 import logging
+import os
 import pstats
+import statistics
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +54,20 @@ if __package__ in (None, ""):  # run as `python bench/exporter_throughput.py`
 from bench._common import (
     MODEL_NAME,
     PRICES,
+    REPO_ROOT,
     fmt,
     metric,
     print_summary,
     table,
+    thread_cpu_ns,
     write_results,
 )
 
 NAME = "exporter_throughput"
 TARGET_SPANS_PER_S = 20_000
+TARGET_CPU_US = 25.0
 FEATURES = ("search", "chat", "summarize", "triage", "extract")
+BACKENDS = ("sqlite", "postgresql")
 
 
 class Capture:
@@ -61,12 +80,13 @@ class Capture:
         self.items.append(item)
 
 
-def make_workload(n_runs: int) -> tuple[list[Any], int]:
-    """Items as the ledger emits them for ``n_runs`` runs of 10 spans; returns (items, span count).
+def make_workload(n_runs: int, spans_per_run: int = 10) -> tuple[list[Any], int]:
+    """Items as the ledger emits them for ``n_runs`` runs of 10 spans (or of one LLM call: ``spans_per_run=1``);
+    returns (items, span count).
 
-    One run: the graph's root chain; node ``agent`` (LLM call, ``web_search`` tool priced per call,
-    LLM call); node ``tools`` (retriever, LLM call, ``calculator`` tool, LLM call). Token counts,
-    cache reads, features, users and tenants vary from run to run.
+    A 10-span run: the graph's root chain; node ``agent`` (LLM call, ``web_search`` tool priced per call,
+    LLM call); node ``tools`` (retriever, LLM call, ``calculator`` tool, LLM call). A 1-span run: one LLM call.
+    Token counts, cache reads, features, users and tenants vary from run to run.
     """
     from costobs_callbacks import CostTracker
     from costobs_callbacks._events import TokenUsage
@@ -97,6 +117,9 @@ def make_workload(n_runs: int) -> tuple[list[Any], int]:
         for r in range(n_runs):
             meta = {"feature": FEATURES[r % len(FEATURES)], "user_id": f"user-{r % 1000}",
                     "tenant_id": f"tenant-{r % 20}", "route": "/api/agent", "prompt_version": "v3"}
+            if spans_per_run == 1:
+                llm(None, meta)
+                continue
             root = new()
             led.start_span(root, None, "chain", "LangGraph", meta)
             node = new()
@@ -118,30 +141,77 @@ def make_workload(n_runs: int) -> tuple[list[Any], int]:
     return cap.items, n_spans
 
 
-def _store(path: str) -> Any:
+# -- the databases: a SQLite file, or a PostgreSQL database made for the phase and dropped after ----------------
+
+@contextmanager
+def database(backend: str, tmp: str, label: str) -> Iterator[Any]:
+    """A fresh ``Store`` on ``backend``, its schema made (untimed); closed, and on PostgreSQL dropped, after."""
     from costobs_callbacks._store import Store
 
-    s = Store(f"sqlite:///{path}")
-    s.ensure_schema()
-    return s
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp}/{label}-{uuid.uuid4().hex[:8]}.db"
+        drop: Callable[[], None] = lambda: None  # noqa: E731
+    else:
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.pg import create_database, drop_database, server_url
+
+        admin = server_url()
+        url = create_database(admin)
+        drop = lambda: drop_database(admin, url)  # noqa: E731
+    store = Store(url)
+    try:
+        store.ensure_schema()
+        yield store
+    finally:
+        store.close()
+        drop()
 
 
-def _count(store: Any) -> tuple[int, int]:
+def _server_cpu(store: Any) -> dict[int, float] | None:
+    """CPU seconds used so far by each PostgreSQL backend connected to the store's database (``/proc``: the server
+    runs on this machine); ``None`` on SQLite or where it cannot be read."""
+    if store.dialect != "postgresql":
+        return None
+    import sqlalchemy as sa
+
+    tick = os.sysconf("SC_CLK_TCK")
+    with store.engine.connect() as c:
+        pids = [int(p) for p in c.execute(sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        )).scalars()]
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _server_us_per_span(before: dict[int, float] | None, after: dict[int, float] | None, n_spans: int) -> float | None:
+    if before is None or after is None:
+        return None
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items()) / n_spans * 1e6
+
+
+def _count(store: Any) -> dict[str, int]:
     import sqlalchemy as sa
 
     with store.engine.connect() as c:
-        n_spans = c.execute(sa.text("SELECT count(*) FROM costobs_spans")).scalar_one()
-        n_runs = c.execute(sa.text("SELECT count(*) FROM costobs_runs")).scalar_one()
-    return int(n_spans), int(n_runs)
+        return {t: int(c.execute(sa.text(f"SELECT count(*) FROM costobs_{t}")).scalar_one())
+                for t in ("spans", "runs", "rollups_hourly", "rollups_keyed", "batches")}
 
 
-def exporter_flat_out(items: list[Any], n_spans: int, db: str) -> dict[str, Any]:
+# -- the phases ------------------------------------------------------------------------------------------------
+
+def exporter_flat_out(items: list[Any], n_spans: int, store: Any) -> dict[str, Any]:
     from costobs_callbacks._export import BatchExporter
 
-    store = _store(db)
     exp = BatchExporter(store.write_batch)
     limit = exp._max_queue * 3 // 4
     stalls = 0
+    server0 = _server_cpu(store)
     gc.collect()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -155,22 +225,23 @@ def exporter_flat_out(items: list[Any], n_spans: int, db: str) -> dict[str, Any]
     t_emitted = time.perf_counter()
     exp.force_flush()
     t1 = time.perf_counter()
+    thread_ns = thread_cpu_ns(exp._worker)
     cpu = time.process_time() - cpu0
+    server = _server_us_per_span(server0, _server_cpu(store), n_spans)
     stats = exp.stats.as_dict()
     exp.shutdown()
-    stored_spans, stored_runs = _count(store)
-    store.close()
     el = t1 - t0
-    return {"seconds": el, "emit_seconds": t_emitted - t0, "spans_per_s": n_spans / el, "items_per_s": len(items) / el,
-            "process_cpu_s": cpu, "cpu_us_per_span": cpu / n_spans * 1e6, "producer_stalls": stalls,
-            "stats": stats, "stored_spans": stored_spans, "stored_runs": stored_runs}
+    return {"seconds": el, "emit_seconds": t_emitted - t0, "spans_per_s": n_spans / el,
+            "items_per_s": len(items) / el, "process_cpu_s": cpu, "process_cpu_us_per_span": cpu / n_spans * 1e6,
+            "exporter_thread_cpu_us_per_span": None if thread_ns is None else thread_ns / 1000 / n_spans,
+            "server_cpu_us_per_span": server,
+            "producer_stalls": stalls, "stats": stats, "stored": _count(store)}
 
 
-def exporter_paced(items: list[Any], n_spans: int, db: str, rate: float) -> dict[str, Any]:
+def exporter_paced(items: list[Any], n_spans: int, store: Any, rate: float) -> dict[str, Any]:
     """Emit at ``rate`` spans/s (items spaced evenly), as a busy app would; watch the queue."""
     from costobs_callbacks._export import BatchExporter
 
-    store = _store(db)
     exp = BatchExporter(store.write_batch)
     item_rate = rate * len(items) / n_spans
     high = 0
@@ -196,121 +267,159 @@ def exporter_paced(items: list[Any], n_spans: int, db: str, rate: float) -> dict
     t_emitted = time.perf_counter()
     exp.force_flush()
     t1 = time.perf_counter()
+    thread_ns = thread_cpu_ns(exp._worker)
     stop.set()
     w.join()
     stats = exp.stats.as_dict()
     exp.shutdown()
-    stored_spans, _ = _count(store)
-    store.close()
     emit_s = t_emitted - t0
     return {"target_spans_per_s": rate, "achieved_emit_spans_per_s": n_spans / emit_s, "emit_seconds": emit_s,
             "flush_lag_s": t1 - t_emitted, "queue_high_water": high, "queue_limit": exp._max_queue,
-            "stats": stats, "stored_spans": stored_spans}
+            "exporter_thread_cpu_us_per_span": None if thread_ns is None else thread_ns / 1000 / n_spans,
+            "stats": stats, "stored": _count(store)}
 
 
-def raw_write_batch(items: list[Any], n_spans: int, db: str, batch: int,
+def raw_write_batch(items: list[Any], n_spans: int, store: Any, batch: int,
                     profile: bool) -> tuple[dict[str, Any], str | None]:
-    from costobs_callbacks._ledger import Span
+    from costobs_callbacks._export import Batch
 
-    store = _store(db)
-    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+    chunks = [Batch(items[i:i + batch]) for i in range(0, len(items), batch)]
     prof = cProfile.Profile() if profile else None
     gc.collect()
     t0 = time.perf_counter()
     c0 = time.thread_time()
     if prof is not None:
         prof.enable()
-    per_batch: list[float] = []
     for ch in chunks:
-        b0 = time.thread_time()
         store.write_batch(ch)
-        per_batch.append(time.thread_time() - b0)
     if prof is not None:
         prof.disable()
     el = time.perf_counter() - t0
     cpu = time.thread_time() - c0
-    tenth = max(1, len(chunks) // 10)
-    spans_of = [sum(1 for it in ch if isinstance(it, Span)) for ch in chunks]
-    first = sum(spans_of[:tenth]) / sum(per_batch[:tenth])
-    last = sum(spans_of[-tenth:]) / sum(per_batch[-tenth:])
-    stored_spans, stored_runs = _count(store)
-    store.close()
     text = None
     if prof is not None:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
         text = s.getvalue()
-    return {"seconds": el, "spans_per_s": n_spans / el, "items_per_s": len(items) / el,
-            "cpu_us_per_span": cpu / n_spans * 1e6, "batches": len(chunks), "stored_spans": stored_spans,
-            "stored_runs": stored_runs, "cpu_bound_spans_per_s_first_tenth": first,
-            "cpu_bound_spans_per_s_last_tenth": last}, text
+    return {"seconds": el, "spans_per_s": n_spans / el, "cpu_us_per_span": cpu / n_spans * 1e6,
+            "batches": len(chunks), "stored": _count(store)}, text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20_000)
+    ap.add_argument("--runs", type=int, default=20_000, help="10-span runs (0: none)")
+    ap.add_argument("--runs1", type=int, default=100_000, help="1-span runs (0: none)")
+    ap.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--rate", type=float, default=float(TARGET_SPANS_PER_S), help="spans/s of the paced phase")
-    ap.add_argument("--batch", type=int, default=2048, help="items per raw write_batch call")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase (medians reported)")
     ap.add_argument("--no-paced", action="store_true", help="skip the paced phase")
-    ap.add_argument("--profile", action="store_true", help="cProfile the raw write_batch phase")
+    ap.add_argument("--raw", action="store_true", help="also time Store.write_batch called directly")
+    ap.add_argument("--batch", type=int, default=4096, help="items per raw write_batch call")
+    ap.add_argument("--profile", action="store_true", help="cProfile the raw write_batch phase (with --raw)")
     args = ap.parse_args(argv)
     logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
 
-    t0 = time.perf_counter()
-    items, n_spans = make_workload(args.runs)
-    print(f"# {NAME}: {n_spans:,} spans in {args.runs:,} runs ({len(items):,} items), "
-          f"made in {time.perf_counter() - t0:.1f}s\n")
+    workloads: dict[str, tuple[list[Any], int]] = {}
+    for label, n, per in (("10-span runs", args.runs, 10), ("1-span runs", args.runs1, 1)):
+        if n > 0:
+            t0 = time.perf_counter()
+            workloads[label] = make_workload(n, per)
+            items, n_spans = workloads[label]
+            print(f"# {label}: {n_spans:,} spans in {n:,} runs ({len(items):,} items), "
+                  f"made in {time.perf_counter() - t0:.1f}s")
+    print(f"# backends: {', '.join(args.backend)}; {args.repeat} round(s), backends interleaved; "
+          f"{os.cpu_count()} CPUs\n")
+
+    phases = ["flat", *([] if args.no_paced else ["paced"]), *(["raw"] if args.raw else [])]
+    res: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {
+        w: {b: {p: [] for p in phases} for b in args.backend} for w in workloads}
+    prof_texts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="costobs-exp-") as d:
-        flat = exporter_flat_out(items, n_spans, f"{d}/flat.db")
-        paced = None if args.no_paced else exporter_paced(items, n_spans, f"{d}/paced.db", args.rate)
-        raw, prof_text = raw_write_batch(items, n_spans, f"{d}/raw.db", args.batch, args.profile)
+        for rnd in range(args.repeat):
+            for w, (items, n_spans) in workloads.items():
+                for p in phases:
+                    order = args.backend[rnd % len(args.backend):] + args.backend[:rnd % len(args.backend)]
+                    for b in order:
+                        with database(b, d, p) as store:
+                            if p == "flat":
+                                out = exporter_flat_out(items, n_spans, store)
+                            elif p == "paced":
+                                out = exporter_paced(items, n_spans, store, args.rate)
+                            else:
+                                out, text = raw_write_batch(items, n_spans, store, args.batch, args.profile)
+                                if text:
+                                    prof_texts.append(f"## cProfile of raw write_batch: {w}, {b}\n\n{text}")
+                        res[w][b][p].append(out)
+                        print(f"  round {rnd + 1} {w:>12} {b:>10} {p:>5}: "
+                              f"{out.get('spans_per_s') or out.get('achieved_emit_spans_per_s'):>9,.0f} spans/s "
+                              f"stored {out['stored']}", flush=True)
 
-    rows = [
-        ["exporter -> write_batch, flat out", fmt(flat["spans_per_s"], 0), fmt(flat["seconds"], 2),
-         fmt(flat["cpu_us_per_span"]), flat["stats"]["dropped"], flat["stats"]["failed"],
-         f"{flat['stored_spans']:,}", f"producer stalls: {flat['producer_stalls']}"],
-    ]
-    if paced is not None:
-        rows.append([f"exporter, paced at {args.rate:,.0f} spans/s", fmt(paced["achieved_emit_spans_per_s"], 0),
-                     fmt(paced["emit_seconds"] + paced["flush_lag_s"], 2), "-", paced["stats"]["dropped"],
-                     paced["stats"]["failed"], f"{paced['stored_spans']:,}",
-                     f"queue high-water {paced['queue_high_water']:,} / {paced['queue_limit']:,}; "
-                     f"flush lag {paced['flush_lag_s']:.2f}s"])
-    rows.append([f"raw Store.write_batch ({args.batch}/batch)", fmt(raw["spans_per_s"], 0), fmt(raw["seconds"], 2),
-                 fmt(raw["cpu_us_per_span"]), "-", "-", f"{raw['stored_spans']:,}",
-                 f"{raw['batches']} batches; CPU-bound rate, first tenth "
-                 f"{raw['cpu_bound_spans_per_s_first_tenth']:,.0f}/s, "
-                 f"last {raw['cpu_bound_spans_per_s_last_tenth']:,.0f}/s"])
-    print(table(["phase", "spans/s", "seconds", "CPU us/span", "dropped", "failed", "stored spans", "note"], rows))
-    if prof_text:
-        print("\n## cProfile of raw write_batch (by own time)\n")
-        print(prof_text)
+    def med(vals: list[float | None]) -> float | None:
+        xs = [v for v in vals if v is not None]
+        return statistics.median(xs) if xs else None
 
-    ok_flat = flat["spans_per_s"] >= TARGET_SPANS_PER_S
-    lost = flat["stats"]["dropped"] + flat["stats"]["failed"] + (
-        (paced["stats"]["dropped"] + paced["stats"]["failed"]) if paced else 0)
-    # Consistency: every span not counted as dropped or failed is in the database.
-    consistent = all(
-        ph["stored_spans"] == n_spans - ph["stats"]["dropped"] - ph["stats"]["failed"]
-        for ph in (flat, paced) if ph is not None
-    ) and raw["stored_spans"] == n_spans
-    summary = [
-        metric("exporter -> SQLite, sustained", flat["spans_per_s"], "spans/s", f">= {TARGET_SPANS_PER_S:,}",
-               ok_flat, note="10 spans/run, file DB"),
-        metric("raw Store.write_batch", raw["spans_per_s"], "spans/s"),
-        metric("raw write_batch CPU per span", raw["cpu_us_per_span"], "us",
-               note=f"1 core could do {1e6 / raw['cpu_us_per_span']:,.0f} spans/s"),
-        metric("exporter CPU per span (all threads)", flat["cpu_us_per_span"], "us"),
-    ]
-    if paced is not None:
-        summary.append(metric(f"paced at {args.rate:,.0f} spans/s: queue high-water", paced["queue_high_water"],
-                              "items", f"< {paced['queue_limit']:,}", paced["queue_high_water"] < paced["queue_limit"]))
-    summary.append(metric("spans dropped or failed", lost, "", "0", lost == 0))
-    summary.append(metric("stored = emitted - dropped - failed", None, "", "yes", consistent))
+    rows = []
+    summary = []
+    consistent = True
+    lost_total = 0
+    for w, (_, n_spans) in workloads.items():
+        for b in args.backend:
+            r = res[w][b]
+            all_phases = [o for p in phases for o in r[p]]
+            counts = [o["stored"] for o in all_phases if not o.get("stats") or
+                      (o["stats"]["dropped"] == 0 and o["stats"]["failed"] == 0)]
+            ref = counts[0] if counts else None
+            for o in all_phases:
+                lost = (o["stats"]["dropped"] + o["stats"]["failed"]) if "stats" in o else 0
+                lost_total += lost
+                stored_ok = o["stored"]["spans"] == n_spans - lost
+                if lost == 0 and ref is not None:
+                    stored_ok = stored_ok and {k: v for k, v in o["stored"].items() if k != "batches"} == \
+                        {k: v for k, v in ref.items() if k != "batches"}
+                consistent = consistent and stored_ok
+            flat = r["flat"]
+            sps = med([o["spans_per_s"] for o in flat])
+            cpu = med([o["exporter_thread_cpu_us_per_span"] for o in flat])
+            pcpu = med([o["process_cpu_us_per_span"] for o in flat])
+            scpu = med([o["server_cpu_us_per_span"] for o in flat])
+            rows.append([w, b, "flat out", fmt(sps, 0), fmt(cpu), fmt(pcpu), fmt(scpu),
+                         sum(o["stats"]["dropped"] for o in flat), sum(o["stats"]["failed"] for o in flat), "-",
+                         f"{flat[-1]['stored']['spans']:,} spans, {flat[-1]['stored']['runs']:,} runs, "
+                         f"{flat[-1]['stored']['rollups_hourly']:,} hourly, {flat[-1]['stored']['rollups_keyed']:,} "
+                         f"keyed; stalls {flat[-1]['producer_stalls']}"])
+            summary.append(metric(f"{b}, {w}: exporter flat out", sps, "spans/s", f">= {TARGET_SPANS_PER_S:,}",
+                                  sps is not None and sps >= TARGET_SPANS_PER_S))
+            summary.append(metric(f"{b}, {w}: exporter thread CPU per span", cpu, "us", f"<= {TARGET_CPU_US:g}",
+                                  cpu is not None and cpu <= TARGET_CPU_US))
+            if "paced" in r:
+                pc = r["paced"]
+                drops = sum(o["stats"]["dropped"] + o["stats"]["failed"] for o in pc)
+                high = max(o["queue_high_water"] for o in pc)
+                rows.append([w, b, f"paced at {args.rate:,.0f}/s",
+                             fmt(med([o["achieved_emit_spans_per_s"] for o in pc]), 0),
+                             fmt(med([o["exporter_thread_cpu_us_per_span"] for o in pc])), "-", "-",
+                             sum(o["stats"]["dropped"] for o in pc), sum(o["stats"]["failed"] for o in pc),
+                             f"{high:,} / {pc[0]['queue_limit']:,}",
+                             f"flush lag {med([o['flush_lag_s'] for o in pc]):.2f}s"])
+                summary.append(metric(f"{b}, {w}: paced at {args.rate:,.0f}/s, dropped", drops, "", "0",
+                                      drops == 0, note=f"queue high-water {high:,} / {pc[0]['queue_limit']:,}"))
+            if "raw" in r:
+                rw = r["raw"]
+                rows.append([w, b, f"raw write_batch ({args.batch}/batch)", fmt(med([o["spans_per_s"] for o in rw]), 0),
+                             fmt(med([o["cpu_us_per_span"] for o in rw])), "-", "-", "-", "-", "-",
+                             f"{rw[-1]['batches']} batches"])
+    print()
+    print(table(["workload", "backend", "phase", "spans/s", "exporter thread CPU us/span", "process CPU us/span",
+                 "server CPU us/span", "dropped", "failed", "queue high-water", "note"], rows))
+    for t in prof_texts:
+        print("\n" + t)
+    summary.append(metric("spans dropped or failed (all phases)", lost_total, "", "0", lost_total == 0))
+    summary.append(metric("stored = emitted - dropped - failed; same rows, runs and rollups on every phase", None,
+                          "", "yes", consistent))
     print()
     print_summary(summary)
-    path = write_results(NAME, vars(args), {"spans": n_spans, "items": len(items), "flat_out": flat,
-                                            "paced": paced, "raw_write_batch": raw}, summary)
+    path = write_results(NAME, vars(args), {"workloads": {w: {"spans": n, "items": len(i)}
+                                                         for w, (i, n) in workloads.items()}, "phases": res}, summary)
     print(f"\nresults: {path}")
     return 0 if consistent else 1
 

@@ -127,7 +127,7 @@ def _flag_sanitized(row: tuple[Any, ...] | dict[str, Any]) -> Any:
 
 
 def _fit_run_row(row: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, bool]:
-    """A run's row (``_sqlite_run_tuple`` or ``_run_row``) made to fit (``_fit_row``; JSON text as text, the
+    """A run's row (``_run_tuple``'s or ``_run_row``'s) made to fit (``_fit_row``; JSON text as text, the
     attributes of a Core row by value), and whether anything changed."""
     if isinstance(row, dict):
         attrs = row["attributes"]

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from .rows import _gkey
 from .schema import _LLM_KINDS, _MODEL_KEYS, _ROLLUP_ADDS, _ROLLUP_COLS, _RSUMS, rollups, rollups_keyed
 
-__all__ = ["KEYED", "backfill", "dim_of", "query", "write"]
+__all__ = ["COLS", "KEYED", "TAIL", "backfill", "dim_of", "query", "write"]
 
 KEYED = ("feature", "tenant_id", "tier", "model")
 """The keys with rows of their own: those of few values (a user's are as many as the runs)."""
@@ -40,16 +40,14 @@ _MAX_AT = _AT["latency_max_ms"]
 COLS: tuple[str, ...] = ("dim", "grain", "bucket", "vkey", "value", *_ROLLUP_ADDS, "latency_max_ms")
 _T = "costobs_rollups_keyed"
 _HEAD = f"INSERT INTO {_T} ({', '.join(COLS)}) VALUES "
-_TAIL = (
+TAIL = (
     " ON CONFLICT (dim, grain, bucket, vkey) DO UPDATE SET "
     + ", ".join(f"{k} = {_T}.{k} + excluded.{k}" for k in _ROLLUP_ADDS)
     + f", latency_max_ms = CASE WHEN excluded.latency_max_ms IS NULL THEN {_T}.latency_max_ms"
     f" WHEN {_T}.latency_max_ms IS NULL OR excluded.latency_max_ms > {_T}.latency_max_ms"
     f" THEN excluded.latency_max_ms ELSE {_T}.latency_max_ms END"
 )
-_PG_TYPES = ("text", "integer", "integer", "text", "text", *(["bigint"] * len(_ROLLUP_ADDS)), "float8")
-_PG_UPSERT = (f"INSERT INTO {_T} ({', '.join(COLS)}) SELECT * FROM unnest("
-              + ", ".join(f"%s::{t}[]" for t in _PG_TYPES) + ")" + _TAIL)
+"""The keyed upsert's conflict clause, the same text on SQLite and PostgreSQL."""
 
 
 def rows(roll_rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -112,9 +110,9 @@ def write(store: Any, conn: sa.Connection, roll_rows: Sequence[Sequence[Any]], s
     if not keyed:
         return
     if sqlite_fast:
-        store._sqlite_many(conn, _HEAD, len(COLS), keyed, _TAIL)
-    elif store.dialect == "postgresql" and store._span_insert_sql is not None:
-        conn.exec_driver_sql(_PG_UPSERT, tuple(map(list, zip(*keyed, strict=True))))
+        store._sqlite_many(conn, _HEAD, len(COLS), keyed, TAIL)
+    elif store._path == "pg":
+        store._pg_upsert(conn, "keyed", keyed)
     else:
         _merge_portable(conn, keyed)
 
@@ -135,7 +133,7 @@ def _merge_portable(conn: sa.Connection, keyed: list[tuple[Any, ...]]) -> None:
         conn.execute(sa.insert(rollups_keyed), new)
     if old:
         values: dict[str, Any] = {k: t[k] + sa.bindparam(f"d_{k}", type_=sa.BigInteger()) for k in _ROLLUP_ADDS}
-        cur, new_max = t.latency_max_ms, sa.bindparam("d_latency_max_ms", type_=sa.Float())
+        cur, new_max = t.latency_max_ms, sa.cast(sa.bindparam("d_latency_max_ms", type_=sa.Float()), sa.Float())
         values["latency_max_ms"] = sa.case((new_max.is_(None), cur),
                                            (sa.or_(cur.is_(None), new_max > cur), new_max), else_=cur)
         at = {k: i for i, k in enumerate(COLS)}

@@ -163,6 +163,22 @@ def _sqlite_dt(ts: float) -> str:
     return f"{head}.{us:06d}"
 
 
+_PG_EPOCH = 946_684_800
+"""2000-01-01 in epoch seconds: PostgreSQL's binary timestamps count microseconds from it."""
+_FIRST_SECOND, _END_SECOND = -62_135_596_800, 253_402_300_800
+"""The seconds ``datetime`` can hold (years 1 to 9999)."""
+
+
+def _pg_micros(ts: float) -> int:
+    """A time as PostgreSQL's binary ``timestamp`` holds it (microseconds since 2000-01-01 UTC, an int64), for
+    binary COPY: the same microseconds as ``_utc`` (rounded as ``_sqlite_dt`` rounds them), without a ``datetime``
+    per value. A time ``datetime`` cannot hold is refused as ``_utc`` refuses it."""
+    sec = int(ts)
+    if not _FIRST_SECOND <= sec < _END_SECOND:
+        raise ValueError(f"timestamp {ts!r} out of range")
+    return (sec - _PG_EPOCH) * 1_000_000 + round((ts - sec) * 1_000_000)
+
+
 def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
     """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver."""
     run = sp.run
@@ -239,10 +255,10 @@ def _span_row(sp: Span) -> dict[str, Any]:
 
 # -- run rows -------------------------------------------------------------------------------------------
 
-def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
-    """A run's summary row for SQLite, in ``_RUN_COLS`` order: ``acc`` is ``[run, *totals]`` (see
-    ``_batch_rows``); its status, reason and end as the run has them now; its attributes as JSON text as the
-    engine writes it (``_json_text``)."""
+def _run_tuple(acc: list[Any], dt: Any) -> tuple[Any, ...]:
+    """A run's summary row as a tuple of ``_RUN_COLS``: ``acc`` is ``[run, *totals]`` (see ``_batch_rows``); its
+    status, reason and end as the run has them now; its attributes as JSON text as the engine writes it
+    (``_json_text``); its times through ``dt``."""
     run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
@@ -251,12 +267,22 @@ def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
         run.run_id, run.feature, run.route, run.tenant_id, run.user_hash, run.prompt_version,
         _json_text(dict(attrs)) if attrs else None, status,
         run.aborted.reason if run.aborted is not None else None,
-        _sqlite_dt(run.started_wall), _sqlite_dt(ended) if ended else None, *acc[1:],
+        dt(run.started_wall), dt(ended) if ended else None, *acc[1:],
     )
 
 
+def _sqlite_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
+    """A run's summary row for SQLite (``_run_tuple``, times as SQLite's text)."""
+    return _run_tuple(acc, _sqlite_dt)
+
+
+def _pg_run_tuple(acc: list[Any]) -> tuple[Any, ...]:
+    """A run's summary row for PostgreSQL's binary COPY (``_run_tuple``, times as ``_pg_micros``)."""
+    return _run_tuple(acc, _pg_micros)
+
+
 def _run_row(acc: list[Any]) -> dict[str, Any]:
-    """A run's summary row as a Core parameter dict (the portable path); ``acc`` as for ``_sqlite_run_tuple``."""
+    """A run's summary row as a Core parameter dict (the portable path); ``acc`` as for ``_run_tuple``."""
     run = acc[0]
     status = run.status
     ended = run.ended_wall if status != "running" else 0.0
@@ -314,27 +340,28 @@ def _merge_neutral(parts: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> tupl
     return spans, list(runs.values())
 
 
-def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]], fast: bool,
-                  dialect: str) -> tuple[list[Any], list[Any]]:
-    """Rows of ``Store.batch_rows`` as this store's write path takes them (``_span_tuple``/``_span_row`` and
-    ``_sqlite_run_tuple``/``_run_row``)."""
-    sqlite_fast = fast and dialect == "sqlite"
-    dt: Any = _sqlite_dt if sqlite_fast else _utc
+def _from_neutral(span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]],
+                  path: str) -> tuple[list[Any], list[Any]]:
+    """Rows of ``Store.batch_rows`` as the store's write path ``path`` takes them: ``"sqlite"`` (``_span_tuple``
+    with SQLite's times and ``_sqlite_run_tuple``), ``"pg"`` (``_span_tuple`` with ``_pg_micros`` and
+    ``_pg_run_tuple``) or ``"core"`` (``_span_row`` and ``_run_row``)."""
+    sqlite = path == "sqlite"
+    dt: Any = _sqlite_dt if sqlite else _pg_micros if path == "pg" else _utc
     sp: list[Any] = []
     for r in span_rows:
         v = list(r)
         v[_START_AT], v[_END_AT] = dt(v[_START_AT]), dt(v[_END_AT])
-        if sqlite_fast:
+        if sqlite:
             for i in _BOOL_AT:
                 v[i] = int(v[i])
-        sp.append(tuple(v) if fast else dict(zip(_SPAN_COLS, v, strict=True)))
+        sp.append(tuple(v) if path != "core" else dict(zip(_SPAN_COLS, v, strict=True)))
     rr: list[Any] = []
     for r in run_rows:
         v = list(r)
         v[_RUN_START_AT] = dt(v[_RUN_START_AT])
         if v[_RUN_END_AT] is not None:
             v[_RUN_END_AT] = dt(v[_RUN_END_AT])
-        if sqlite_fast:
+        if path != "core":
             attrs = v[_ATTRS_AT]
             v[_ATTRS_AT] = _json_text(attrs) if attrs else None
             rr.append(tuple(v))
@@ -352,8 +379,19 @@ _HALF_MASK = 2**32 - 1
 
 def _gkey(keys: Sequence[Any]) -> str:
     """The digest of a group's keys (without its hour), NULL told apart from every text: the rollup's conflict
-    target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change."""
-    return _blake2b(_json_ascii(keys).encode("ascii"), digest_size=16).hexdigest()
+    target beside ``hour`` (see ``rollups``). Migration 0003 fills the table with it too: it must not change.
+    Remembered for the groups seen lately (the same ones come back batch after batch)."""
+    k = keys if type(keys) is tuple else tuple(keys)
+    found = _gkeys.get(k)
+    if found is None:
+        found = _blake2b(_json_ascii(k).encode("ascii"), digest_size=16).hexdigest()
+        if len(_gkeys) >= 65_536:
+            _gkeys.clear()
+        _gkeys[k] = found
+    return found
+
+
+_gkeys: dict[tuple[Any, ...], str] = {}
 
 
 _json_ascii = json.JSONEncoder().encode  # (a tuple as a JSON array, every character outside ASCII escaped)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 __all__ = ["HEAD_REVISION", "ROLLUP_KEYS", "RUN_KEYS", "batches", "meta_kv", "metadata", "rollups", "rollups_keyed",
            "runs", "spans"]
 
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 metadata = sa.MetaData()
 

@@ -1,6 +1,12 @@
 """The write path: a batch in one transaction (its runs' rows upserted, its spans inserted, its hourly rollups
 upserted), on SQLite and PostgreSQL each through its fastest form, on any other dialect through SQLAlchemy Core.
 
+SQLite: the rows go to sqlite3 as tuples, many per statement, with the upserts' own text. PostgreSQL (psycopg 3):
+binary ``COPY``, the spans straight into their table, the run and rollup rows into temporary tables (one per
+table, kept by the session, emptied at each commit) upserted from there by one ``INSERT ... SELECT ... ON CONFLICT
+DO UPDATE`` each. Any other dialect or driver: SQLAlchemy Core alone (``_portable``), which the tests run on
+SQLite and PostgreSQL beside the fast paths.
+
 A batch the database refuses for its content is written again with every value made to fit (``fitting``); one
 refused even so raises ``PoisonBatch``, and the exporter bisects it so that only the refused rows are lost.
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -30,6 +36,8 @@ from .rows import (
     _merge_neutral,
     _neutral_run,
     _neutral_span,
+    _pg_micros,
+    _pg_run_tuple,
     _rollup_groups,
     _rollup_tuple,
     _run_row,
@@ -37,19 +45,19 @@ from .rows import (
     _span_tuple,
     _sqlite_dt,
     _sqlite_run_tuple,
-    _utc,
 )
 from .schema import (
     _BIG_MAX,
     _BIG_SUMS,
     _I_OPENS,
-    _RKEY_COLS,
+    _INT_MAX,
     _ROLLUP_ADDS,
     _ROLLUP_COLS,
     _RUN_COLS,
     _RUN_SUMS,
     _SPAN_COLS,
     rollups,
+    rollups_keyed,
     runs,
     spans,
 )
@@ -72,7 +80,7 @@ def _sqlite_grow(k: str) -> str:
             f"ELSE costobs_runs.{k} + excluded.{k} END")
 
 
-_SQLITE_RUN_TAIL = (
+_RUN_UPSERT_TAIL = (
     " ON CONFLICT (run_id) DO UPDATE SET "
     + ", ".join(_sqlite_grow(k) for k in _RUN_SUMS)
     + ", status = excluded.status, reason = excluded.reason, ended_at = excluded.ended_at"
@@ -83,7 +91,7 @@ _SQLITE_RUN_TAIL = (
 def _grow(total: Any, delta: Any, k: str) -> Any:
     """``total + delta`` for a run's stored total, saturating at BIGINT's bounds (``±(2^63 - 1)``) for money and
     tokens: a run that reached one (a figure sanitised to it) stays there, instead of refusing every later span
-    of the run. (``_SQLITE_RUN_TAIL`` is the same in SQLite's text.)"""
+    of the run. (``_RUN_UPSERT_TAIL`` is the same as text, for SQLite and PostgreSQL.)"""
     if k not in _BIG_SUMS:
         return total + delta
     return sa.case((sa.and_(delta > 0, total > _BIG_MAX - delta), sa.literal(_BIG_MAX, sa.BigInteger())),
@@ -104,8 +112,89 @@ _ROLLUP_TAIL = (
 )
 """The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
 
-_PG_ARRAY = {c: "bigint" for c in _ROLLUP_ADDS} | {c: "text" for c in ("gkey", *_RKEY_COLS)} \
-    | {"hour": "integer", "latency_max_ms": "float8"}
+
+def _sqlite_span_tuple(sp: Any) -> tuple[Any, ...]:
+    return _span_tuple(sp, _sqlite_dt, int)
+
+
+def _pg_span_tuple(sp: Any) -> tuple[Any, ...]:
+    return _span_tuple(sp, _pg_micros, bool)
+
+
+_RUN_ROW = {"sqlite": _sqlite_run_tuple, "pg": _pg_run_tuple, "core": _run_row}
+"""A run's summary row, per write path."""
+
+
+def _open_runs(stored: Iterable[Any], first_root: dict[str, int], roots: dict[str, int], span_rows: list[Any],
+               groups: dict[tuple[Any, ...], list[Any]]) -> None:
+    """Mark the batch's first root span of each run that had none stored (its ``invocations`` after the upsert,
+    ``stored``, are the batch's own) as opening its run, and count it in its rollup group's ``runs``."""
+    key_of = _RKEY_OF
+    for rid, total in stored:
+        at = first_root.get(rid)
+        if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
+            row = span_rows[at]
+            if type(row) is tuple:
+                # True on PostgreSQL (booleans), 1 on SQLite (ints); rows written again keep their type
+                row = span_rows[at] = (*row[:_I_OPENS], True if type(row[_I_OPENS]) is bool else 1,
+                                       *row[_I_OPENS + 1:])
+            else:
+                row["opens_run"] = True
+                row = tuple(row.values())
+            groups[key_of(row)][9] += 1
+
+
+# -- PostgreSQL: binary COPY ------------------------------------------------------------------------------------
+
+_PG_TYPES = ((sa.BigInteger, "int8"), (sa.Integer, "int4"), (sa.Float, "float8"), (sa.DateTime, "int8"),
+             (sa.Boolean, "bool"), (sa.String, "text"), (sa.JSON, "text"))
+"""A column's type as binary COPY takes it. A time goes as the int64 of its binary form (``_pg_micros``); JSON
+as its text (the rows carry it serialised)."""
+
+
+class _PgCopy(NamedTuple):
+    """How rows of one table are COPYed: the statement, each column's binary type, the INTEGER columns (range
+    checked first: binary COPY would wrap an int past 32 bits, where an INSERT refuses it), and for the tables
+    that are upserted, the temporary table the rows go to and the upsert from it."""
+
+    copy: str
+    types: tuple[str, ...]
+    int4: tuple[int, ...]
+    stage: str = ""
+    upsert: str = ""
+
+
+def _pg_copy_spec(table: sa.Table, cols: Sequence[str], stage: str = "", order: str = "", tail: str = "") -> _PgCopy:
+    types = tuple(next(n for t, n in _PG_TYPES if isinstance(table.c[c].type, t)) for c in cols)
+    names = ", ".join(cols)
+    return _PgCopy(
+        f"COPY {stage or table.name} ({names}) FROM STDIN (FORMAT BINARY)", types,
+        tuple(i for i, t in enumerate(types) if t == "int4"), stage,
+        # (in the order of the key: concurrent writers lock the rows they share in one order)
+        f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {stage} ORDER BY {order}{tail}" if stage else "")
+
+
+_PG_SPANS = _pg_copy_spec(spans, _SPAN_COLS)
+_PG_STAGED = {
+    "runs": _pg_copy_spec(runs, _RUN_COLS, "costobs_stage_runs", 'run_id COLLATE "C"', _RUN_UPSERT_TAIL),
+    "rollups": _pg_copy_spec(rollups, _ROLLUP_COLS, "costobs_stage_rollups", 'hour, gkey COLLATE "C"',
+                             _ROLLUP_TAIL),
+    "keyed": _pg_copy_spec(rollups_keyed, keyed.COLS, "costobs_stage_keyed",
+                           'dim COLLATE "C", grain, bucket, vkey COLLATE "C"', keyed.TAIL),
+}
+_PG_STAGE = "; ".join(
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {spec.stage} (LIKE {t.name}) ON COMMIT DELETE ROWS"
+    for spec, t in zip(_PG_STAGED.values(), (runs, rollups, rollups_keyed), strict=True))
+"""The temporary tables the upserted rows are COPYed to: made where missing by every batch's transaction (the first
+one of a session makes them; a batch rolled back takes them with it), emptied at every commit."""
+
+
+def _check_int4(rows: Sequence[Sequence[Any]], at: Sequence[int]) -> None:
+    """Refuse (``OverflowError``, a data error: the batch is fitted) an INTEGER column's value past its range."""
+    for i in at:
+        col = [r[i] for r in rows]
+        if min(col) < -_INT_MAX - 1 or max(col) > _INT_MAX:
+            raise OverflowError(f"a value of {i}th column is out of INTEGER's range")
 
 
 class Writes:
@@ -124,10 +213,6 @@ class Writes:
         self.duplicates = 0
         """Items of batches that arrived again after they were applied (a retry or a replay of a batch whose
         COMMIT went through unheard), written once."""
-        # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
-        # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself).
-        self._span_insert_sql: str | None = None
-        self._span_row_fn: Any = _span_row
         self._sql_cache: dict[tuple[str, int], str] = {}
         self._sqlite_max_vars = 999  # SQLite's limit before 3.32; raised below when the library says so
         if self.dialect == "sqlite":
@@ -139,25 +224,25 @@ class Writes:
                 probe.close()
             except Exception:
                 pass
-        cols = ", ".join(_SPAN_COLS)
+        # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
+        # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself)
         if self.dialect == "sqlite" and self.engine.dialect.paramstyle == "qmark":
-            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join('?' * len(_SPAN_COLS))})"
-            self._span_row_fn = lambda sp: _span_tuple(sp, _sqlite_dt, int)
-        elif self.dialect == "postgresql" and self.engine.dialect.paramstyle in ("format", "pyformat"):
-            self._span_insert_sql = f"INSERT INTO costobs_spans ({cols}) VALUES ({', '.join(['%s'] * len(_SPAN_COLS))})"
-            self._span_row_fn = lambda sp: _span_tuple(sp, _utc, bool)
-        self._fast = self._span_insert_sql is not None
-        # PostgreSQL's rollup upsert takes a column per parameter (arrays, unnested): the driver adapts a few
-        # dozen lists, not a few dozen values per group
-        self._rollup_upsert_sql = (
-            f"INSERT INTO costobs_rollups_hourly ({', '.join(_ROLLUP_COLS)}) SELECT * FROM unnest("
-            + ", ".join(f"%s::{_PG_ARRAY[c]}[]" for c in _ROLLUP_COLS) + ")" + _ROLLUP_TAIL
-            if self.dialect == "postgresql" else "")
+            self._path = "sqlite"
+            self._span_row_fn: Any = _sqlite_span_tuple
+        elif self.dialect == "postgresql" and self.engine.dialect.driver == "psycopg":
+            self._path = "pg"
+            self._span_row_fn = _pg_span_tuple
+        else:
+            self._portable()
+            return
+        self._fast = True
 
     def _portable(self) -> None:
         """Write through SQLAlchemy Core alone, as for a dialect without a fast path (tests compare the two)."""
+        self._path = "core"
+        """The write path: ``"sqlite"`` (rows to sqlite3, many per statement), ``"pg"`` (binary COPY through
+        psycopg 3), ``"core"`` (SQLAlchemy Core alone, any dialect)."""
         self._fast = False
-        self._span_insert_sql = None
         self._span_row_fn = _span_row
 
     def write_batch(self, items: Sequence[Any]) -> None:
@@ -196,29 +281,32 @@ class Writes:
         status, reason and end are read from the live run (the root span of a run ends it).
         """
         self.ensure_schema()
-        sqlite_fast = self._fast and self.dialect == "sqlite"
-        span_rows, run_rows, changed, first_root = _batch_rows(
-            items, self._span_row_fn, _sqlite_run_tuple if sqlite_fast else _run_row, fit)
+        span_rows, run_rows, changed, first_root = _batch_rows(items, self._span_row_fn, _RUN_ROW[self._path], fit)
         batch_id = getattr(items, "id", None)
-        if run_rows and self._insert(span_rows, run_rows, sqlite_fast, first_root,
-                                     (batch_id,) if batch_id else ()) is not None:
+        if run_rows and self._insert(span_rows, run_rows, first_root, (batch_id,) if batch_id else ()) is not None:
             self.duplicates += len(items)
             return 0
         return changed
 
-    def _insert(self, span_rows: list[Any], run_rows: list[Any], sqlite_fast: bool, first_root: dict[str, int],
+    def _insert(self, span_rows: list[Any], run_rows: list[Any], first_root: dict[str, int],
                 batch_ids: Sequence[str] = ()) -> set[str] | None:
         """One transaction: the batch ids recorded, the run rows upserted (their totals grow by the batch's), the
         span rows inserted, the batch's hourly rollups upserted (from the span rows as stored, fitted values
-        included). If any of ``batch_ids`` was recorded before, nothing is written and the new ones are returned
-        (the caller writes the rows of those alone); ``None``: written."""
-        key_of = _RKEY_OF
+        included), then the keyed rollups. If any of ``batch_ids`` was recorded before, nothing is written and the
+        new ones are returned (the caller writes the rows of those alone); ``None``: written.
+
+        Per path: SQLite's rows go to sqlite3 many per statement with its own upsert text; PostgreSQL's are
+        COPYed in binary (``_pg_copy``): the spans straight into their table, the run and rollup rows into
+        temporary tables, upserted from there by one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` each; the
+        portable path writes through SQLAlchemy Core alone. The rows, and the rules that decide them (which span
+        opens its run, the rollups' sums), are the same on every path: ``tests/test_write_paths.py``."""
         groups = _rollup_groups(span_rows)
         roots = _batch_invocations(run_rows)
+        path = self._path
         with self.engine.begin() as conn:
             if batch_ids:
                 # first: a batch applied before is written no further (see ``applied``)
-                new = claim(conn, self.dialect, self._span_insert_sql is not None, batch_ids)
+                new = claim(conn, self.dialect, self._fast, batch_ids)
                 if len(new) < len(batch_ids):
                     if new:
                         raise _SomeApplied(new)  # rolled back: the caller writes the new ones alone
@@ -228,56 +316,31 @@ class Writes:
             # Read from the write itself, in the batch's transaction, so concurrent writers of one run and a
             # batch written again after a rollback count it once.
             stored: Sequence[Any]
-            if sqlite_fast:
+            if path == "sqlite":
                 # Many rows per statement: sqlite3 releases and retakes the GIL at every step, and a
                 # busy app thread makes each retake wait up to the switch interval (5 ms); one step per
                 # few hundred rows keeps the writer from starving behind the app.
-                stored = self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _SQLITE_RUN_TAIL)
-            elif self.dialect == "postgresql":
-                # (read after the upsert, whose row locks keep other writers of these runs waiting until commit;
-                # a RETURNING would make SQLAlchemy send one statement of every row, parsed afresh per batch)
-                conn.execute(self._upsert_runs(), run_rows)
-                ids = list(first_root)
-                if not ids:
-                    stored = ()
-                elif self._span_insert_sql is not None:
-                    stored = conn.exec_driver_sql(
-                        "SELECT run_id, invocations FROM costobs_runs WHERE run_id = ANY(%s)", (ids,)).all()
-                else:
-                    stored = list(self._existing_runs(conn, ids).items())
+                stored = self._sqlite_many(conn, _SQLITE_RUN_HEAD, len(_RUN_COLS), run_rows, _RUN_UPSERT_TAIL)
+            elif path == "pg":
+                # (the upsert's row locks keep other writers of these runs waiting until commit)
+                stored = self._pg_upsert(conn, "runs", run_rows)
             else:
                 stored = self._merge_runs_portable(conn, run_rows)
             if not span_rows:
                 return None
-            for rid, total in stored:
-                at = first_root.get(rid)
-                if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
-                    row = span_rows[at]
-                    if type(row) is tuple:
-                        # True on PostgreSQL (booleans), 1 on SQLite (ints); rows written again keep their type
-                        row = span_rows[at] = (*row[:_I_OPENS], True if type(row[_I_OPENS]) is bool else 1,
-                                               *row[_I_OPENS + 1:])
-                    else:
-                        row["opens_run"] = True
-                        row = tuple(row.values())
-                    groups[key_of(row)][9] += 1
+            _open_runs(stored, first_root, roots, span_rows, groups)
             roll_rows = [_rollup_tuple(k, g) for k, g in groups.items()]
-            if sqlite_fast:
+            if path == "sqlite":
                 self._sqlite_many(conn, _SQLITE_SPAN_HEAD, len(_SPAN_COLS), span_rows, "")
                 self._sqlite_many(conn, _ROLLUP_HEAD, len(_ROLLUP_COLS), roll_rows, _ROLLUP_TAIL)
+            elif path == "pg":
+                self._pg_copy(conn, _PG_SPANS, span_rows)
+                self._pg_upsert(conn, "rollups", roll_rows)
             else:
-                if self._span_insert_sql is not None:
-                    # the hot write: straight to the driver's executemany, rows prepared as tuples
-                    conn.exec_driver_sql(self._span_insert_sql, span_rows)
-                else:
-                    conn.execute(sa.insert(spans), span_rows)
-                if self.dialect == "postgresql" and self._span_insert_sql is not None:
-                    if roll_rows:
-                        conn.exec_driver_sql(self._rollup_upsert_sql, tuple(map(list, zip(*roll_rows, strict=True))))
-                else:
-                    self._merge_rollups_portable(conn, roll_rows)
+                conn.execute(sa.insert(spans), span_rows)
+                self._merge_rollups_portable(conn, roll_rows)
             # last: every batch shares its keys' rows, and their locks are held from here to the commit
-            keyed.write(self, conn, roll_rows, sqlite_fast)
+            keyed.write(self, conn, roll_rows, path == "sqlite")
         return None
 
     # -- spooled batches (``_export.fallback``): rows kept while the database is away, written when it is back --
@@ -322,7 +385,6 @@ class Writes:
     def _write_rows(self, span_rows: Sequence[Sequence[Any]], run_rows: Sequence[Sequence[Any]],
                     batch_ids: Sequence[str], fit: bool) -> set[str] | None:
         """Rows from ``batch_rows`` in one transaction (see ``write_rows``); as ``_insert`` returns."""
-        sqlite_fast = self._fast and self.dialect == "sqlite"
         first_root: dict[str, int] = {}
         unmarked: list[Sequence[Any]] = []
         rid_at = _SPAN_COLS.index("run_id")
@@ -331,9 +393,9 @@ class Writes:
                 first_root.setdefault(r[rid_at], i)
                 r = (*r[:_I_OPENS], False, *r[_I_OPENS + 1:])
             unmarked.append(r)
-        sp, rr = _from_neutral(unmarked, run_rows, self._fast, self.dialect)
+        sp, rr = _from_neutral(unmarked, run_rows, self._path)
         try:
-            return self._insert(sp, rr, sqlite_fast, first_root, batch_ids)
+            return self._insert(sp, rr, first_root, batch_ids)
         except _SomeApplied:
             raise
         except Exception as exc:
@@ -349,7 +411,7 @@ class Writes:
             rids = [r[rid_at] for r in unmarked]
             changed = _fit_rows(sp, rr, rids, hits, [r[0] for r in run_rows])
             try:
-                new = self._insert(sp, rr, sqlite_fast, first_root, batch_ids)
+                new = self._insert(sp, rr, first_root, batch_ids)
             except _SomeApplied:
                 raise
             except Exception as exc2:
@@ -385,18 +447,54 @@ class Writes:
             i += size
         return out
 
-    def _upsert_runs(self) -> Any:
-        """PostgreSQL's run upsert (SQLite's is ``_SQLITE_RUN_TAIL``): totals grow by the batch's, saturating."""
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    def _pg_cursor(self, conn: Connection) -> Any:
+        """A psycopg cursor on the transaction's connection (SQLAlchemy's result and parameter handling skipped)."""
+        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
-        ins = pg_insert(runs)
-        ex = ins.excluded
-        c = runs.c
-        add = {k: _grow(getattr(c, k), getattr(ex, k), k) for k in _RUN_SUMS}
-        return ins.on_conflict_do_update(
-            index_elements=[c.run_id],
-            set_={**add, "status": ex.status, "reason": ex.reason, "ended_at": ex.ended_at},
-        )
+    def _pg_copy(self, conn: Connection, spec: _PgCopy, rows: Sequence[Sequence[Any]],
+                 returning: bool = False) -> list[Any]:
+        """COPY ``rows`` as ``spec`` says; to its temporary table then upserted from it if it has one (the rows
+        the upsert returns, with ``returning``). Errors as SQLAlchemy raises them (a refused value is a
+        ``DataError``: the batch is fitted, as on the other paths)."""
+        if not rows:
+            return []
+        _check_int4(rows, spec.int4)
+        cur = self._pg_cursor(conn)
+        statement = spec.copy
+        try:
+            with cur.copy(statement) as cp:
+                cp.set_types(spec.types)
+                write = cp.write_row
+                for r in rows:
+                    write(r)
+            if not spec.upsert:
+                return []
+            statement = spec.upsert
+            cur.execute(statement)
+            return cur.fetchall() if returning else []
+        except Exception as exc:
+            raise sa.exc.DBAPIError.instance(statement, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                             dialect=self.engine.dialect) from exc
+        finally:
+            cur.close()
+
+    def _pg_upsert(self, conn: Connection, table: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """Upsert ``rows`` into ``table`` (a key of ``_PG_STAGED``) through its temporary table; for the runs, each
+        run's id and its ``invocations`` after the upsert."""
+        if table == "runs":  # the batch's first statement after its claim: the session's staging tables
+            cur = self._pg_cursor(conn)
+            try:
+                cur.execute(_PG_STAGE)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) == "42501":  # insufficient_privilege: no TEMPORARY here
+                    logger.warning("costobs: this role may not create temporary tables (%s); writing through "
+                                   "SQLAlchemy Core from now on", exc)
+                    self._portable()  # the batch fails this once: retried (or spooled, then replayed) that way
+                raise sa.exc.DBAPIError.instance(_PG_STAGE, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                                 dialect=self.engine.dialect) from exc
+            finally:
+                cur.close()
+        return self._pg_copy(conn, _PG_STAGED[table], rows, table == "runs")
 
     def _merge_runs_portable(self, conn: Connection, run_rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
         """The run upsert in SQLAlchemy Core alone; returns each run's id and its ``invocations`` now."""
@@ -434,7 +532,7 @@ class Writes:
         if old:
             values: dict[str, Any] = {k: getattr(r, k) + sa.bindparam(f"d_{k}", type_=sa.BigInteger())
                                       for k in _ROLLUP_ADDS}
-            cur, new_max = r.latency_max_ms, sa.bindparam("d_latency_max_ms", type_=sa.Float())
+            cur, new_max = r.latency_max_ms, sa.cast(sa.bindparam("d_latency_max_ms", type_=sa.Float()), sa.Float())
             values["latency_max_ms"] = sa.case((new_max.is_(None), cur),
                                                (sa.or_(cur.is_(None), new_max > cur), new_max), else_=cur)
             at = {k: i for i, k in enumerate(_ROLLUP_COLS)}
