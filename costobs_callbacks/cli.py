@@ -568,6 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.fn(args))
+    except BrokenPipeError:
+        # The reader went away (`costobs report ... | head`): what it wanted it has; no traceback, and nothing
+        # more written (stdout now points at /dev/null, so the interpreter's final flush cannot fail again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
     except CLIError as exc:
         print(f"costobs: {exc}", file=sys.stderr)
         return 2

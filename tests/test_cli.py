@@ -231,6 +231,23 @@ def test_errors_from_the_console_command_have_no_traceback(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(demo_db: tuple[str, str], tmp_path: Path) -> None:
+    """``costobs report ... | head -1``: the pipe closes under the table; the command stops quietly (status 141)."""
+    url, run_id = demo_db
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv in (["report", "--by", "tenant_id", "model"], ["run", run_id, "--spans"]):
+        p = subprocess.Popen([sys.executable, "-m", "costobs_callbacks.cli", *argv, "--database-url", url],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None and p.stderr is not None
+        first = p.stdout.readline()
+        p.stdout.close()  # the reader goes away with the rest of the output unread
+        err = p.stderr.read().decode()
+        rc = p.wait(timeout=600)
+        assert first, argv
+        assert "Traceback" not in err and "BrokenPipe" not in err, (argv, err)
+        assert rc in (0, 141), (argv, rc)
+
+
 def test_help_and_a_missing_run(capsys: pytest.CaptureFixture[str], demo_db: tuple[str, str]) -> None:
     rc, out, _ = run_main(capsys, "db", "prune", "--help")
     assert rc == 0 and "--older-than AGE" in out and "--database-url URL" in out
