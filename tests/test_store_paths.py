@@ -67,26 +67,26 @@ call = st.fixed_dictionaries({
 })
 
 
-def _make(ledger: Ledger, c: dict[str, Any]) -> str:
-    """One run made by the ledger from a drawn call; returns its run id."""
+def _make(ledger: Ledger, c: dict[str, Any], sid: uuid.UUID | None = None) -> str:
+    """One run made by the ledger from a drawn call, its root span's id ``sid`` if given; returns its run id."""
     tokens = c["tokens"] or (0, 0, 0, 0, 0)
-    if c["lone"]:
+    if c["lone"] and sid is None:
         key = str(uuid.uuid4())
         ledger.record_llm(key, c["name"], c["model"], c["provider"], c["start"], time.perf_counter(), tokens,
                           None, detail=c["detail"])
         return key
-    rid, sid = str(uuid.uuid4()), uuid.uuid4()
+    rid, root = str(uuid.uuid4()), sid or uuid.uuid4()
     try:
         if c["kind"] in ("llm", "embedding"):
-            ledger.start_llm(sid, None, c["name"], c["meta"], c["model"], c["provider"], kind=c["kind"], root=True,
+            ledger.start_llm(root, None, c["name"], c["meta"], c["model"], c["provider"], kind=c["kind"], root=True,
                              run_id=rid)
         else:
-            ledger.start_span(sid, None, c["kind"], c["name"], c["meta"], root=True, run_id=rid)
+            ledger.start_span(root, None, c["kind"], c["name"], c["meta"], root=True, run_id=rid)
         if c["child"] is not None:
             cid = uuid.uuid4()
-            ledger.start_span(cid, sid, "tool", c["child"])
+            ledger.start_span(cid, root, "tool", c["child"])
             ledger.end(cid, "ok")
-        ledger.end(sid, "error" if c["error"] else "ok", ValueError() if c["error"] else None,
+        ledger.end(root, "error" if c["error"] else "ok", ValueError() if c["error"] else None,
                    TokenUsage(*tokens) if c["tokens"] is not None else None, cache_hit=c["cache_hit"],
                    detail=c["detail"])
     except RunAborted:  # a policy refused it (stored as such): the paths must agree on that too

@@ -16,7 +16,6 @@ real ``BatchExporter`` per store, as in production.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -28,13 +27,13 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from costobs_callbacks import LoopPolicy, PriceBook, RunAborted
+from costobs_callbacks import LoopPolicy, PriceBook
 from costobs_callbacks._events import TokenUsage
 from costobs_callbacks._export import Batch, BatchExporter
 from costobs_callbacks._ledger import Ledger
 from costobs_callbacks._store import Store, rollups, rollups_keyed, runs, spans
 from costobs_callbacks._store.schema import _SPAN_COLS
-from tests.test_store_paths import PRICES, call
+from tests.test_store_paths import PRICES, _make, call
 
 SHARED_IDS = [uuid.UUID(int=i + 1) for i in range(3)]
 """Span ids that several runs' root spans take (one after the other, as a LangChain config's run id)."""
@@ -44,33 +43,6 @@ plan = st.tuples(
     st.lists(st.integers(1, 6), min_size=1, max_size=8),  # batch sizes, in items (the last one takes the rest)
     st.lists(st.integers(0, 20), max_size=4),  # batches that arrive again (index modulo the count), in that order
 )
-
-
-def _make(ledger: Ledger, c: dict[str, Any], sid: uuid.UUID | None) -> str:
-    """One run made by the ledger from a drawn call, its root span's id ``sid`` if given; returns its run id."""
-    tokens = c["tokens"] or (0, 0, 0, 0, 0)
-    if c["lone"] and sid is None:
-        key = str(uuid.uuid4())
-        ledger.record_llm(key, c["name"], c["model"], c["provider"], c["start"], time.perf_counter(), tokens,
-                          None, detail=c["detail"])
-        return key
-    rid, root = str(uuid.uuid4()), sid or uuid.uuid4()
-    try:
-        if c["kind"] in ("llm", "embedding"):
-            ledger.start_llm(root, None, c["name"], c["meta"], c["model"], c["provider"], kind=c["kind"], root=True,
-                             run_id=rid)
-        else:
-            ledger.start_span(root, None, c["kind"], c["name"], c["meta"], root=True, run_id=rid)
-        if c["child"] is not None:
-            cid = uuid.uuid4()
-            ledger.start_span(cid, root, "tool", c["child"])
-            ledger.end(cid, "ok")
-        ledger.end(root, "error" if c["error"] else "ok", ValueError() if c["error"] else None,
-                   TokenUsage(*tokens) if c["tokens"] is not None else None, cache_hit=c["cache_hit"],
-                   detail=c["detail"])
-    except RunAborted:  # a policy refused it (stored as such): the paths must agree on that too
-        pass
-    return rid
 
 
 @pytest.fixture
