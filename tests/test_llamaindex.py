@@ -1152,37 +1152,14 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
 # -- the four LLM starts, pinned to one another ------------------------------------------------------------
 
 
-class _PayloadLLM(llama_index.core.llms.CustomLLM):
-    """A custom LLM replying ``reply``, its ``raw`` response carrying ``usage`` as given: any value, a provider's
-    report or garbage (``None``: no ``raw`` at all, the call is estimated)."""
+class _PayloadLLM(_UsageLLM):
+    """``_UsageLLM`` whose ``raw`` response carries ``usage`` as given: any value, a provider's report or garbage
+    (``None``: no ``raw`` at all, the call is estimated)."""
 
-    reply: str = "ok"
     usage: Any = None
-
-    @property
-    def metadata(self) -> Any:
-        from llama_index.core.llms import LLMMetadata
-
-        return LLMMetadata(model_name="MockLLM")
 
     def _raw(self) -> Any:
         return None if self.usage is None else {"usage": self.usage}
-
-    @llama_index.core.llms.callbacks.llm_chat_callback()
-    def chat(self, messages: Any, **kwargs: Any) -> Any:
-        from llama_index.core.llms import ChatResponse
-
-        return ChatResponse(message=ChatMessage(role="assistant", content=self.reply), raw=self._raw())
-
-    @llama_index.core.llms.callbacks.llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
-        from llama_index.core.llms import CompletionResponse
-
-        return CompletionResponse(text=self.reply, raw=self._raw())
-
-    @llama_index.core.llms.callbacks.llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
-        raise NotImplementedError
 
 
 _COUNT = st.one_of(st.integers(0, 3000), st.none(), st.sampled_from([-3, "12", "x", True, 10**15, 2.5, 10**9 + 1]))
