@@ -106,25 +106,34 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._fault("on_chain_start", exc)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_span("on_chain_end", run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if type(error).__name__ in _BUBBLE_UP:  # LangGraph control flow (interrupts), not a failure
+            self._end_span("on_chain_error", run_id)
+        else:
+            self._fail_span("on_chain_error", run_id, error)
+
+    def _end_span(self, hook: str, run_id: UUID) -> None:
+        """A chain's, tool's or retriever's end: a deliberate abort goes up, anything else of ours is logged."""
         try:
             self._ledger.end(run_id)
         except RunAborted:
             raise
         except Exception as exc:
-            self._fault("on_chain_end", exc)
+            self._fault(hook, exc)
 
-    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def _fail_span(self, hook: str, run_id: UUID, error: BaseException) -> None:
+        """A chain's, tool's or retriever's error: the span ends failed; an abort already on its way up (``error``
+        is one) is not raised a second time."""
         try:
-            if type(error).__name__ in _BUBBLE_UP:  # LangGraph control flow (interrupts), not a failure
-                self._ledger.end(run_id)
-            else:
-                self._ledger.end(run_id, status="error", error=error)
+            self._ledger.end(run_id, status="error", error=error)
         except RunAborted:
             if isinstance(error, RunAborted):
-                return  # already on its way up
+                return
             raise
         except Exception as exc:
-            self._fault("on_chain_error", exc)
+            self._fault(hook, exc)
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -363,22 +372,10 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._fault("on_tool_start", exc)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._ledger.end(run_id)
-        except RunAborted:
-            raise
-        except Exception as exc:
-            self._fault("on_tool_end", exc)
+        self._end_span("on_tool_end", run_id)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._ledger.end(run_id, status="error", error=error)
-        except RunAborted:
-            if isinstance(error, RunAborted):
-                return
-            raise
-        except Exception as exc:
-            self._fault("on_tool_error", exc)
+        self._fail_span("on_tool_error", run_id, error)
 
     def on_retriever_start(
         self,
@@ -400,22 +397,10 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._fault("on_retriever_start", exc)
 
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._ledger.end(run_id)
-        except RunAborted:
-            raise
-        except Exception as exc:
-            self._fault("on_retriever_end", exc)
+        self._end_span("on_retriever_end", run_id)
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            self._ledger.end(run_id, status="error", error=error)
-        except RunAborted:
-            if isinstance(error, RunAborted):
-                return
-            raise
-        except Exception as exc:
-            self._fault("on_retriever_error", exc)
+        self._fail_span("on_retriever_error", run_id, error)
 
     # -- costs reported at run time ----------------------------------------------------------------
 
