@@ -9,6 +9,11 @@ the items are exactly what the ledger hands the exporter in production:
 * 1-span runs (``--runs1``, default 100,000): one LLM call per run, the worst case for the run and rollup rows
   each span brings.
 
+Span and run ids are made as LangChain makes them (``--ids uuid7``, the default: its callback manager's run ids
+since langchain-core 1.1.1, and ``tracker.run()``'s), or at random (``--ids uuid4``: LlamaIndex's span ids, and
+LangChain's before 1.1.1). It matters to SQLite: ids in time order are appended to the id indexes, random ones
+land all over them, so every span dirties pages of its own (a WAL write each), more so as the file grows.
+
 Then, for each workload and each backend (``--backend``: a SQLite file, and a fresh PostgreSQL database on the
 machine's server, ``$COSTOBS_TEST_POSTGRES_URL`` or ``postgresql+psycopg://postgres@127.0.0.1:5432/test``, made
 for each phase and dropped after), the phases, backends interleaved:
@@ -80,14 +85,16 @@ class Capture:
         self.items.append(item)
 
 
-def make_workload(n_runs: int, spans_per_run: int = 10) -> tuple[list[Any], int]:
-    """Items as the ledger emits them for ``n_runs`` runs of 10 spans (or of one LLM call: ``spans_per_run=1``);
-    returns (items, span count).
+def make_workload(n_runs: int, spans_per_run: int = 10, ids: str = "uuid7") -> tuple[list[Any], int]:
+    """Items as the ledger emits them for ``n_runs`` runs of 10 spans (or of one LLM call: ``spans_per_run=1``),
+    span ids made by ``ids`` (``uuid7``, LangChain's, or ``uuid4``); returns (items, span count).
 
     A 10-span run: the graph's root chain; node ``agent`` (LLM call, ``web_search`` tool priced per call,
     LLM call); node ``tools`` (retriever, LLM call, ``calculator`` tool, LLM call). A 1-span run: one LLM call.
     Token counts, cache reads, features, users and tenants vary from run to run.
     """
+    from langchain_core.utils.uuid import uuid7
+
     from costobs_callbacks import CostTracker
     from costobs_callbacks._events import TokenUsage
     from costobs_callbacks._ledger import Span
@@ -98,7 +105,7 @@ def make_workload(n_runs: int, spans_per_run: int = 10) -> tuple[list[Any], int]
                               tool_prices={"web_search": "0.005"})
         led = tracker.ledger
         led.exporter = cap
-        new = uuid.uuid4
+        new = uuid7 if ids == "uuid7" else uuid.uuid4
         k = 0
 
         def llm(parent: Any, meta: dict[str, Any]) -> None:
@@ -313,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=float(TARGET_SPANS_PER_S), help="spans/s of the paced phase")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase (medians reported)")
     ap.add_argument("--no-paced", action="store_true", help="skip the paced phase")
+    ap.add_argument("--ids", choices=("uuid7", "uuid4"), default="uuid7",
+                    help="span and run ids: in time order as LangChain makes them, or random as LlamaIndex's")
     ap.add_argument("--raw", action="store_true", help="also time Store.write_batch called directly")
     ap.add_argument("--batch", type=int, default=4096, help="items per raw write_batch call")
     ap.add_argument("--profile", action="store_true", help="cProfile the raw write_batch phase (with --raw)")
@@ -323,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, n, per in (("10-span runs", args.runs, 10), ("1-span runs", args.runs1, 1)):
         if n > 0:
             t0 = time.perf_counter()
-            workloads[label] = make_workload(n, per)
+            workloads[label] = make_workload(n, per, args.ids)
             items, n_spans = workloads[label]
-            print(f"# {label}: {n_spans:,} spans in {n:,} runs ({len(items):,} items), "
+            print(f"# {label}: {n_spans:,} spans in {n:,} runs ({len(items):,} items, {args.ids} ids), "
                   f"made in {time.perf_counter() - t0:.1f}s")
     print(f"# backends: {', '.join(args.backend)}; {args.repeat} round(s), backends interleaved; "
           f"{os.cpu_count()} CPUs\n")

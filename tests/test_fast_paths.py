@@ -25,6 +25,7 @@ from costobs_callbacks import Budget, BudgetExceededError, LoopPolicy, RunAborte
 from costobs_callbacks._events import TokenUsage, UsageDetail
 from costobs_callbacks._ledger import _DEFERRED, Ledger, Run, Span
 from costobs_callbacks._ledger.attribution import _FIRST_CHECKED, _first_call
+from costobs_callbacks._ledger.model import uuid_text
 from costobs_callbacks._pricing import PriceBook
 from costobs_callbacks.integrations.langchain import MESSAGES
 
@@ -381,3 +382,9 @@ def test_the_chat_model_start_reads_a_call_as_the_general_model_start_does(
         assert handler.internal_errors == 0
         views.append([item_view(i) for i in out.items])
     assert views[0] == views[1]
+
+
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_an_ids_text_is_the_uuid_modules(n: int) -> None:
+    """``uuid_text``, the exporter's way of writing an id, gives ``str(UUID(int=n))`` for every 128-bit integer."""
+    assert uuid_text(n) == str(uuid.UUID(int=n))

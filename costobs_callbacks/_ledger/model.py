@@ -140,6 +140,13 @@ def _find(runs: Mapping[Any, Run], run_id: Any) -> Run | None:
     return run
 
 
+def uuid_text(n: int) -> str:
+    """``str(UUID(int=n))`` for ``0 <= n < 2**128``, a third of its time: the exporter's thread turns every id it
+    writes into text (``tests/test_fast_paths.py`` holds the two to the same text)."""
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def run_text(run_id: Any) -> str:
     """A run id as stored: a ``UUID`` or its text (any case) in the canonical form, any other id as text."""
     key = run_key(run_id)
@@ -224,7 +231,7 @@ class Run:
         text = self._text
         if text is None:
             rid = self._rid
-            text = self._text = rid if type(rid) is str else str(UUID(int=rid)) if type(rid) is int else str(rid)
+            text = self._text = rid if type(rid) is str else uuid_text(rid) if type(rid) is int else str(rid)
         return text
 
     def snapshot(self) -> RunCost:
@@ -319,7 +326,7 @@ class Span:
         if type(sid) is not str:
             run = self.run
             # a root's id is its run's (made once); an integer is a UUID's (see Ledger.start)
-            sid = self._sid = run.run_id if run._rid is sid else str(UUID(int=sid)) if type(sid) is int else str(sid)
+            sid = self._sid = run.run_id if run._rid is sid else uuid_text(sid) if type(sid) is int else str(sid)
         return sid
 
     @property

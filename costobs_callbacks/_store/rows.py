@@ -31,6 +31,7 @@ from .schema import (
     _I_HIT,
     _I_KIND,
     _I_LAT,
+    _I_OPENS,
     _I_SAVED,
     _I_TOK,
     _I_UNPRICED,
@@ -71,25 +72,40 @@ def _dec(d: Decimal | None) -> str | None:
 def _batch_rows(items: Sequence[Any], make_row: Any, make_run: Any,
                 fit: bool) -> tuple[list[Any], list[Any], int, dict[str, int]]:
     """A batch's span rows (``make_row`` per span) and its runs' summary rows (``make_run`` per run), values
-    made to fit with ``fit``, how many spans that changed, and the row of each run's first root span."""
+    made to fit with ``fit``, how many spans that changed, and the row of each run's first root span.
+
+    That first root span is presumed to open its run (``opens_run``): it does unless the store holds a root span
+    of the run already, which only the run's upsert tells (``writes._open_runs`` corrects the few it does not)."""
     span_rows: list[Any] = []
     first_root: dict[str, int] = {}  # run id -> the row of its first root span in the batch
     fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
     # run id -> [run, *the batch's totals in _RUN_SUMS order]
     runs_seen: dict[str, list[Any]] = {}
+    cols_of: dict[int, tuple[Any, ...]] = {}  # id(run) -> _run_cols(run), each run object read once per batch
+    last_run: Run | None = None
+    rid = ""
+    acc: list[Any] = []
+    cols: tuple[Any, ...] = ()
     for it in items:
         if isinstance(it, Span):
             run = it.run
-            rid = run.run_id
-            acc = runs_seen.get(rid)
-            if acc is None:
-                acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-            row = make_row(it)
+            if run is not last_run:  # (a run's spans come in a row, but runs in flight interleave)
+                last_run = run
+                found = cols_of.get(id(run))
+                if found is None:
+                    found = cols_of[id(run)] = _run_cols(run)
+                cols = found
+                rid = cols[0]
+                acc = runs_seen.get(rid)  # type: ignore[assignment]
+                if acc is None:
+                    acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            opens = it.is_root and rid not in first_root
+            if opens:
+                first_root[rid] = len(span_rows)
+            row = make_row(it, cols, opens)
             if fit:
                 row, hit = _fit_span_row(row)
                 fitted.append((rid, hit))
-            if it.is_root and rid not in first_root:
-                first_root[rid] = len(span_rows)
             span_rows.append(row)
             if it.cost_nanos:
                 acc[1] += it.cost_nanos
@@ -179,9 +195,17 @@ def _pg_micros(ts: float) -> int:
     return (sec - _PG_EPOCH) * 1_000_000 + round((ts - sec) * 1_000_000)
 
 
-def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
-    """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver."""
-    run = sp.run
+def _run_cols(run: Run) -> tuple[Any, ...]:
+    """What every span row of ``run`` holds of it: its id, its flags, its attribution and its tier and variant."""
+    attrs = run.attributes
+    return run.run_id, run.flags, _RUN_ATTRIBUTION(run), _tier_variant(attrs) if attrs else _NO_TIER
+
+
+def _span_tuple(sp: Span, dt: Any, flag: Any, cols: tuple[Any, ...] | None = None,
+                opens: bool = False) -> tuple[Any, ...]:
+    """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver; ``cols`` are
+    its run's (``_run_cols``: read once per run by ``_batch_rows``); ``opens``, whether it opens its run."""
+    rid, run_flags, attribution, tier_variant = cols if cols is not None else _run_cols(sp.run)
     t = sp.tokens
     name = sp.name
     if name and (len(name) > 256 or "\x00" in name):
@@ -197,15 +221,13 @@ def _span_tuple(sp: Span, dt: Any, flag: Any) -> tuple[Any, ...]:
     # (attrgetter reads several attributes in one C call: this runs for every span, on the exporter's thread)
     return (
         sp.span_id, parent.span_id if parent is not None and parent.exported else sp.export_parent_id,
-        run.run_id, sp.kind, name or "", model or None, provider or None,
+        rid, sp.kind, name or "", model or None, provider or None,
         dt(start), dt(sp.end_wall), int(start // 3600), sp.latency_ms, sp.status,
         _txt(sp.error, 128) if sp.error else None,
         *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
-        _flags_of(sp, run.flags),
-        *_RUN_ATTRIBUTION(run), *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
-        *(_tier_variant(attrs) if (attrs := run.attributes) else _NO_TIER),
-        flag(False),  # opens_run: set by Store._insert, which learns it from the run's upsert
+        _flags_of(sp, run_flags), *attribution, *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
+        *tier_variant, flag(opens),
     )
 
 
@@ -248,9 +270,9 @@ def _detail_cols(d: UsageDetail) -> tuple[Any, ...]:
 _RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "prompt_version")
 
 
-def _span_row(sp: Span) -> dict[str, Any]:
+def _span_row(sp: Span, cols: tuple[Any, ...] | None = None, opens: bool = False) -> dict[str, Any]:
     """One span as a Core parameter dict (the portable path, for dialects without a fast path)."""
-    return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, bool), strict=True))
+    return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, bool, cols, opens), strict=True))
 
 
 # -- run rows -------------------------------------------------------------------------------------------
@@ -305,8 +327,8 @@ def _run_row(acc: list[Any]) -> dict[str, Any]:
 
 # -- the neutral form (the spool's) ---------------------------------------------------------------------
 
-def _neutral_span(sp: Span) -> tuple[Any, ...]:
-    return _span_tuple(sp, float, bool)
+def _neutral_span(sp: Span, cols: tuple[Any, ...] | None = None, opens: bool = False) -> tuple[Any, ...]:
+    return _span_tuple(sp, float, bool, cols, opens)
 
 
 def _neutral_run(acc: list[Any]) -> tuple[Any, ...]:
@@ -400,7 +422,7 @@ _blake2b = hashlib.blake2b
 
 def _rollup_groups(span_rows: Sequence[Any]) -> dict[tuple[Any, ...], list[Any]]:
     """A batch's hourly rollups from its span rows as stored: (hour, *rollup keys) -> sums in ``_rollup_tuple``'s
-    order (``runs``, index 9, is added by ``Store._insert`` once it knows which spans open their run)."""
+    order (``runs``, index 9, counts the rows that open their run: ``writes._open_runs`` keeps it so)."""
     key_of = _RKEY_OF
     lat_us = int  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
     groups: dict[tuple[Any, ...], list[Any]] = {}
@@ -435,6 +457,8 @@ def _rollup_groups(span_rows: Sequence[Any]) -> dict[tuple[Any, ...], list[Any]]
                 g[7] += 1
             elif kind == "tool":
                 g[8] += 1
+        if r[_I_OPENS]:
+            g[9] += 1
         if r[_I_UNPRICED]:
             g[11] += 1
         if r[_I_EST]:

@@ -113,12 +113,30 @@ _ROLLUP_TAIL = (
 """The rollup upsert, the same text on SQLite and PostgreSQL (``ON CONFLICT DO UPDATE``)."""
 
 
-def _sqlite_span_tuple(sp: Any) -> tuple[Any, ...]:
-    return _span_tuple(sp, _sqlite_dt, int)
+def _sqlite_bind_none() -> None:
+    """Have sqlite3 bind ``None`` (SQL NULL) without searching for an adapter first.
+
+    sqlite3 binds ints, floats and text at once; any other value, ``None`` among them, goes through its adapter
+    lookup, which for ``None`` ends in an ``AttributeError`` raised and cleared inside the module: about 2,400
+    instructions per NULL, a sixth of the exporter thread's work on a batch (a span row has a dozen NULLs). An
+    adapter registered for ``NoneType`` is found at the lookup's first step; it returns ``None``, which sqlite3
+    binds as NULL, as before. It is process-wide (sqlite3's adapters are) and changes nothing a NULL binds to:
+    ``{}.get`` is a C function, so the call costs no Python frame."""
+    import sqlite3
+
+    sqlite3.register_adapter(type(None), _NULL.get)
 
 
-def _pg_span_tuple(sp: Any) -> tuple[Any, ...]:
-    return _span_tuple(sp, _pg_micros, bool)
+_NULL: dict[Any, None] = {}
+"""Empty: ``_NULL.get(None)`` is ``None`` (see ``_sqlite_bind_none``)."""
+
+
+def _sqlite_span_tuple(sp: Any, cols: tuple[Any, ...], opens: bool) -> tuple[Any, ...]:
+    return _span_tuple(sp, _sqlite_dt, int, cols, opens)
+
+
+def _pg_span_tuple(sp: Any, cols: tuple[Any, ...], opens: bool) -> tuple[Any, ...]:
+    return _span_tuple(sp, _pg_micros, bool, cols, opens)
 
 
 _RUN_ROW = {"sqlite": _sqlite_run_tuple, "pg": _pg_run_tuple, "core": _run_row}
@@ -127,21 +145,28 @@ _RUN_ROW = {"sqlite": _sqlite_run_tuple, "pg": _pg_run_tuple, "core": _run_row}
 
 def _open_runs(stored: Iterable[Any], first_root: dict[str, int], roots: dict[str, int], span_rows: list[Any],
                groups: dict[tuple[Any, ...], list[Any]]) -> None:
-    """Mark the batch's first root span of each run that had none stored (its ``invocations`` after the upsert,
-    ``stored``, are the batch's own) as opening its run, and count it in its rollup group's ``runs``."""
+    """The batch's first root span of each run opens the run if the run had none stored (its ``invocations`` after
+    the upsert, ``stored``, are the batch's own): set each one's ``opens_run`` so where it says otherwise (rows are
+    made presuming it does), and its rollup group's ``runs`` with it."""
     key_of = _RKEY_OF
     for rid, total in stored:
         at = first_root.get(rid)
-        if at is not None and int(total) == roots[rid]:  # (a run's batch invocations: its roots)
-            row = span_rows[at]
-            if type(row) is tuple:
-                # True on PostgreSQL (booleans), 1 on SQLite (ints); rows written again keep their type
-                row = span_rows[at] = (*row[:_I_OPENS], True if type(row[_I_OPENS]) is bool else 1,
-                                       *row[_I_OPENS + 1:])
-            else:
-                row["opens_run"] = True
-                row = tuple(row.values())
-            groups[key_of(row)][9] += 1
+        if at is None:
+            continue
+        opens = int(total) == roots[rid]  # (a run's batch invocations: its roots)
+        row = span_rows[at]
+        if type(row) is tuple:
+            if bool(row[_I_OPENS]) == opens:
+                continue
+            # a bool on PostgreSQL and the portable path, an int on SQLite; rows written again keep their type
+            row = span_rows[at] = (*row[:_I_OPENS], opens if type(row[_I_OPENS]) is bool else int(opens),
+                                   *row[_I_OPENS + 1:])
+        else:
+            if bool(row["opens_run"]) == opens:
+                continue
+            row["opens_run"] = opens
+            row = tuple(row.values())
+        groups[key_of(row)][9] += 1 if opens else -1
 
 
 # -- PostgreSQL: binary COPY ------------------------------------------------------------------------------------
@@ -227,6 +252,7 @@ class Writes:
         # Spans are the bulk of every write: for the dialects we test, rows go to the driver as tuples
         # (SQLAlchemy Core's per-row parameter processing cost more than the insert itself)
         if self.dialect == "sqlite" and self.engine.dialect.paramstyle == "qmark":
+            _sqlite_bind_none()
             self._path = "sqlite"
             self._span_row_fn: Any = _sqlite_span_tuple
         elif self.dialect == "postgresql" and self.engine.dialect.driver == "psycopg":
@@ -390,8 +416,9 @@ class Writes:
         rid_at = _SPAN_COLS.index("run_id")
         for i, r in enumerate(span_rows):
             if r[_I_OPENS] is None:
-                first_root.setdefault(r[rid_at], i)
-                r = (*r[:_I_OPENS], False, *r[_I_OPENS + 1:])
+                # the first of a run's is presumed to open it, as ``_batch_rows`` presumes (see ``_open_runs``)
+                first = first_root.setdefault(r[rid_at], i) == i
+                r = (*r[:_I_OPENS], first, *r[_I_OPENS + 1:])
             unmarked.append(r)
         sp, rr = _from_neutral(unmarked, run_rows, self._path)
         try:
