@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -27,6 +28,7 @@ from costobs_callbacks._ledger import _DEFERRED, Ledger, Run, Span
 from costobs_callbacks._ledger.attribution import _FIRST_CHECKED, _first_call
 from costobs_callbacks._ledger.model import uuid_text
 from costobs_callbacks._pricing import PriceBook
+from costobs_callbacks._store.rows import _pg_micros, _sqlite_dt, _utc
 from costobs_callbacks.integrations.langchain import MESSAGES
 
 OVERRIDE = "m-fast"
@@ -388,3 +390,15 @@ def test_the_chat_model_start_reads_a_call_as_the_general_model_start_does(
 def test_an_ids_text_is_the_uuid_modules(n: int) -> None:
     """``uuid_text``, the exporter's way of writing an id, gives ``str(UUID(int=n))`` for every 128-bit integer."""
     assert uuid_text(n) == str(uuid.UUID(int=n))
+
+
+@given(st.floats(min_value=-62_135_596_800.0, max_value=253_402_300_799.0, allow_nan=False))
+def test_a_times_sqlite_text_and_postgresql_micros_are_its_datetimes(ts: float) -> None:
+    """The write paths' own forms of a time (SQLite's text, PostgreSQL's binary microseconds) hold the time
+    ``datetime.fromtimestamp`` makes of it, rounding included, as SQLAlchemy Core writes it on the portable path."""
+    try:
+        dt = _utc(ts)
+    except (ValueError, OverflowError, OSError):
+        return  # a time datetime cannot hold: the fast paths need not either
+    assert _sqlite_dt(ts) == dt.strftime("%Y-%m-%d %H:%M:%S.%f")
+    assert _pg_micros(ts) == (dt - datetime(2000, 1, 1)) // timedelta(microseconds=1)

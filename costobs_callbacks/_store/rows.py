@@ -170,13 +170,18 @@ def _sqlite_dt(ts: float) -> str:
     us = round((ts - sec) * 1_000_000)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
+    elif us < 0:  # (before 1970)
+        sec, us = sec - 1, us + 1_000_000
     head = _second_text.get(sec)
     if head is None:
-        head = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
+        head = time.strftime("%Y-%m-%d %H:%M:%S.", time.gmtime(sec))
         if len(_second_text) > 4096:
             _second_text.clear()
         _second_text[sec] = head
-    return f"{head}.{us:06d}"
+    return head + _DIGITS3[us // 1000] + _DIGITS3[us % 1000]  # (a third faster than formatting ``us``)
+
+
+_DIGITS3 = [f"{i:03d}" for i in range(1000)]
 
 
 _PG_EPOCH = 946_684_800
@@ -218,7 +223,6 @@ def _span_tuple(sp: Span, dt: Any, flag: Any, cols: tuple[Any, ...] | None = Non
         provider = _txt(provider, 64)
     start = sp.start_wall
     parent = sp.parent
-    # (attrgetter reads several attributes in one C call: this runs for every span, on the exporter's thread)
     return (
         sp.span_id, parent.span_id if parent is not None and parent.exported else sp.export_parent_id,
         rid, sp.kind, name or "", model or None, provider or None,
@@ -226,8 +230,8 @@ def _span_tuple(sp: Span, dt: Any, flag: Any, cols: tuple[Any, ...] | None = Non
         _txt(sp.error, 128) if sp.error else None,
         *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
         flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
-        _flags_of(sp, run_flags), *attribution, *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)),
-        *tier_variant, flag(opens),
+        _flags_of(sp, run_flags) if run_flags or sp.flags else None, *attribution,
+        *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)), *tier_variant, flag(opens),
     )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import sqlalchemy as sa
@@ -473,7 +472,11 @@ class Writes:
                 sql = self._sql_cache.get(key) or ""
                 if not sql:
                     sql = self._sql_cache[key] = head + ",".join([group] * size) + tail
-                cur.execute(sql, tuple(chain.from_iterable(chunk)))
+                params: list[Any] = []
+                add = params.extend  # (a row at a time, copied in C: faster than chaining its values)
+                for r in chunk:
+                    add(r)
+                cur.execute(sql, params)
                 if returning:
                     out.extend(cur.fetchall())
                 i += size
