@@ -9,8 +9,9 @@ Shapes read:
 
 * LangChain's ``AIMessage.usage_metadata`` (:func:`from_langchain`), with langchain-anthropic's cache
   lifetimes (``input_token_details.ephemeral_5m_input_tokens`` / ``ephemeral_1h_input_tokens``, beside a
-  ``cache_creation`` it sets to 0 then), langchain-openai's service-tier keys (``flex_cache_read``...) and
-  the message's ``response_metadata`` (``service_tier``; Anthropic's raw ``usage``, for its web searches);
+  ``cache_creation`` that recent releases set to 0 then and earlier ones to their total), langchain-openai's
+  service-tier keys (``flex_cache_read``...) and the message's ``response_metadata`` (``service_tier``;
+  Anthropic's raw ``usage``, for its web searches);
 * an OpenAI-style usage mapping (``llm_output["token_usage"]``, a raw ``ChatCompletion.usage``), the
   Responses API's, and Anthropic's raw ``usage`` (``input_tokens`` *without* its cache reads and writes,
   ``cache_creation.{ephemeral_5m_input_tokens,ephemeral_1h_input_tokens}``,
@@ -215,11 +216,14 @@ def from_langchain(um: Any, rm: Any = None) -> Parsed | None:
         if v is not None:
             cr = v if type(v) is int and v >= 0 else _count(v)
         if "ephemeral_1h_input_tokens" in itd or "ephemeral_5m_input_tokens" in itd:
-            # langchain-anthropic reports writes by lifetime, its cache_creation then 0: writes are all three
+            # langchain-anthropic reports writes by lifetime too; their sum is the writes, as it counts them:
+            # recent releases set cache_creation to 0 beside them, earlier ones (1.2) keep the total there too
             w1h = itd.get("ephemeral_1h_input_tokens")
             w5 = itd.get("ephemeral_5m_input_tokens")
             cw1h = 0 if w1h is None else _count(w1h)
-            cw += (0 if w5 is None else _count(w5)) + cw1h
+            by_lifetime = (0 if w5 is None else _count(w5)) + cw1h
+            if by_lifetime:
+                cw = by_lifetime
     if otd and tier is None:
         r = otd.get("reasoning")
         if r is not None:

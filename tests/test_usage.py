@@ -177,6 +177,13 @@ def test_langchain_usage_metadata_shapes():
           "input_token_details": {"cache_read": 2000, "cache_creation": 0, "ephemeral_5m_input_tokens": 1000,
                                   "ephemeral_1h_input_tokens": 5000}}
     assert _usage.from_langchain(um) == _usage.Parsed((10_000, 1000, 2000, 6000, 0), (), UsageDetail(5000))
+    # langchain-anthropic 1.2: the same, its cache_creation the total of the two (was counted twice: 12,000 writes)
+    um12 = {**um, "input_token_details": {**um["input_token_details"], "cache_creation": 6000}}
+    assert _usage.from_langchain(um12) == _usage.Parsed((10_000, 1000, 2000, 6000, 0), (), UsageDetail(5000))
+    # no write of either lifetime: cache_creation is the writes
+    none = {**um, "input_token_details": {"cache_read": 2000, "cache_creation": 6000, "ephemeral_5m_input_tokens": 0,
+                                          "ephemeral_1h_input_tokens": 0}}
+    assert _usage.from_langchain(none) == _usage.Parsed((10_000, 1000, 2000, 6000, 0))
     # langchain-openai in the flex tier names its counts after the tier
     flex = {"input_tokens": 100, "output_tokens": 50, "input_token_details": {"flex_cache_read": 40, "flex": 60},
             "output_token_details": {"flex_reasoning": 10, "flex": 40}}
