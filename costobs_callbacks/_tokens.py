@@ -41,7 +41,8 @@ _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "c
 _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding", "davinci", "babbage")
 
 _lock = threading.Lock()
-_encoders: dict[str, Callable[[str], int] | None] = {}
+_encoders: dict[str, Callable[[str], list[int]] | None] = {}
+"""Encoding name -> its ``encode_ordinary`` (``None``: not available offline)."""
 
 
 def _reset_lock_in_child() -> None:
@@ -112,20 +113,20 @@ def _ensure_cached(name: str) -> bool:
     return True
 
 
-def _load(name: str) -> Callable[[str], int] | None:
+def _load(name: str) -> Callable[[str], list[int]] | None:
     with _lock:
         if name in _encoders:
             return _encoders[name]
-        fn: Callable[[str], int] | None = None
+        fn: Callable[[str], list[int]] | None = None
         try:
             if _ensure_cached(name):
                 import tiktoken
 
                 enc = tiktoken.get_encoding(name)
-                encode = enc.encode_ordinary
-
-                def fn(text: str, _e: Any = encode) -> int:
-                    return len(_e(text))
+                # tiktoken's Encoding.encode_ordinary is a Python frame around its native CoreBPE.encode_ordinary:
+                # the native one is called directly (see count_text), the public one if its layout differs
+                core = getattr(enc, "_core_bpe", None)
+                fn = getattr(core, "encode_ordinary", None) or enc.encode_ordinary
         except Exception as exc:  # a broken cache file, an old tiktoken
             logger.warning("tiktoken encoding %s unavailable (%r); estimating 4 characters a token", name, exc)
             fn = None
@@ -152,7 +153,10 @@ def count_text(text: str, model: str | None = None) -> tuple[int, bool]:
         fn = _load(name)
     if fn is None:
         return (len(text) + 3) // 4, False
-    return fn(text), True  # type: ignore[operator]
+    try:
+        return len(fn(text)), True  # type: ignore[operator]
+    except UnicodeEncodeError:  # lone surrogates, which the native encoder refuses: replaced, as tiktoken does
+        return len(fn(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))), True  # type: ignore[operator]
 
 
 def warm(*names: str) -> None:
