@@ -509,7 +509,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         if flags:
             if span.flags is None and type(flags) is tuple and len(flags) == 1:
-                span.flags = [flags[0]]  # span.flag(flags[0]) on a span without flags
+                span.flags = flags  # kept as given, as record_llm keeps them (often a constant: no object)
             else:
                 for f in flags:
                     span.flag(f)

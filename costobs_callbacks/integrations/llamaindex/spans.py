@@ -232,7 +232,11 @@ class SpanHandler(BaseSpanHandler[Any]):
                 return
             track = node.track
             if track is not None and track.ended and not node.emb and not node.holds:
-                return  # an LLM call's span, the call ended at its end event (the common case): nothing left
+                # An LLM call's span, the call ended at its end event (the common case): nothing left. Its track
+                # refers to this node and the node to it: the cycle is broken here, so that both are freed now
+                # rather than by the garbage collector (whose collections every surviving object brings nearer).
+                node.track = None
+                return
             exit_node(a, node, id_, "ok", None)
         except Exception as exc:
             a.fault("span_exit", exc)
