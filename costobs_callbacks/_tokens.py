@@ -167,9 +167,11 @@ def warm(*names: str) -> None:
 
 # -- the count cache -----------------------------------------------------------------------------------
 
-_COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
-"""``(hash(text), len(text), model)`` -> ``count_text``; also ``(message key, 0, model)`` -> a whole message's count
-for adapters whose messages carry an id (see ``chat_tokens``). No text is kept; a hash collision could only misstate
+_COUNTS: dict[Any, Any] = {}
+"""A text's ``hash((text, len(text), model))`` -> its ``count_text`` as ``2 * count + exact``; also ``(message key, 0,
+model)`` -> a whole message's ``(count, exact)`` for adapters whose messages carry an id (see ``chat_tokens``). A
+text's entry is two integers, which the garbage collector does not track (a tuple would be one more object for it to
+visit, per text counted, bringing its next collection nearer). No text is kept; a hash collision could only misstate
 an estimate."""
 _MAX_COUNTS = 16_384
 
@@ -179,14 +181,15 @@ def count(text: str, model: str | None) -> tuple[int, bool]:
     for a budget's estimate before it is sent and again at its end when the provider reports no usage."""
     if not text:
         return 0, True
-    key = (hash(text), len(text), model)
+    key = hash((text, len(text), model))
     hit = _COUNTS.get(key)
     if hit is None:
-        hit = count_text(text, model)
+        n, exact = count_text(text, model)
         if len(_COUNTS) >= _MAX_COUNTS:
             _COUNTS.clear()
-        _COUNTS[key] = hit
-    return hit
+        _COUNTS[key] = 2 * n + exact
+        return n, exact
+    return hit >> 1, bool(hit & 1)
 
 
 def utf8_len(text: str) -> int:
@@ -199,8 +202,8 @@ def known_or_bytes(text: str, model: str | None) -> tuple[int, bool]:
     """A text's remembered token count, else its UTF-8 length (an upper bound): ``(n, n_is_the_count)``."""
     if not text:
         return 0, True
-    hit = _COUNTS.get((hash(text), len(text), model))
-    return (hit[0], True) if hit is not None else (utf8_len(text), False)
+    hit = _COUNTS.get(hash((text, len(text), model)))
+    return (hit >> 1, True) if hit is not None else (utf8_len(text), False)
 
 
 # -- a chat request ------------------------------------------------------------------------------------
@@ -268,12 +271,12 @@ def chat_token_bound(model: str | None, messages: Iterable[Any], parts: Callable
         text, calls = parts(m)
         total += PER_MESSAGE
         if text:  # known_or_bytes(text, model), inline
-            hit = counts.get((hash(text), len(text), model))
+            hit = counts.get(hash((text, len(text), model)))
             if hit is None:
                 total += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
                 exact = False
             else:
-                total += hit[0]
+                total += hit >> 1
         if calls:
             n, ok = known_or_bytes(calls, model)
             total += n
