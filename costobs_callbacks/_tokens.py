@@ -41,7 +41,8 @@ _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "c
 _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding", "davinci", "babbage")
 
 _lock = threading.Lock()
-_encoders: dict[str, Callable[[str], int] | None] = {}
+_encoders: dict[str, Callable[[str], list[int]] | None] = {}
+"""Encoding name -> its ``encode_ordinary`` (``None``: not available offline)."""
 
 
 def _reset_lock_in_child() -> None:
@@ -112,20 +113,20 @@ def _ensure_cached(name: str) -> bool:
     return True
 
 
-def _load(name: str) -> Callable[[str], int] | None:
+def _load(name: str) -> Callable[[str], list[int]] | None:
     with _lock:
         if name in _encoders:
             return _encoders[name]
-        fn: Callable[[str], int] | None = None
+        fn: Callable[[str], list[int]] | None = None
         try:
             if _ensure_cached(name):
                 import tiktoken
 
                 enc = tiktoken.get_encoding(name)
-                encode = enc.encode_ordinary
-
-                def fn(text: str, _e: Any = encode) -> int:
-                    return len(_e(text))
+                # tiktoken's Encoding.encode_ordinary is a Python frame around its native CoreBPE.encode_ordinary:
+                # the native one is called directly (see count_text), the public one if its layout differs
+                core = getattr(enc, "_core_bpe", None)
+                fn = getattr(core, "encode_ordinary", None) or enc.encode_ordinary
         except Exception as exc:  # a broken cache file, an old tiktoken
             logger.warning("tiktoken encoding %s unavailable (%r); estimating 4 characters a token", name, exc)
             fn = None
@@ -152,7 +153,10 @@ def count_text(text: str, model: str | None = None) -> tuple[int, bool]:
         fn = _load(name)
     if fn is None:
         return (len(text) + 3) // 4, False
-    return fn(text), True  # type: ignore[operator]
+    try:
+        return len(fn(text)), True  # type: ignore[operator]
+    except UnicodeEncodeError:  # lone surrogates, which the native encoder refuses: replaced, as tiktoken does
+        return len(fn(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))), True  # type: ignore[operator]
 
 
 def warm(*names: str) -> None:
@@ -163,9 +167,11 @@ def warm(*names: str) -> None:
 
 # -- the count cache -----------------------------------------------------------------------------------
 
-_COUNTS: dict[tuple[Any, int, str | None], tuple[int, bool]] = {}
-"""``(hash(text), len(text), model)`` -> ``count_text``; also ``(message key, 0, model)`` -> a whole message's count
-for adapters whose messages carry an id (see ``chat_tokens``). No text is kept; a hash collision could only misstate
+_COUNTS: dict[Any, Any] = {}
+"""A text's ``hash((text, len(text), model))`` -> its ``count_text`` as ``2 * count + exact``; also ``(message key, 0,
+model)`` -> a whole message's ``(count, exact)`` for adapters whose messages carry an id (see ``chat_tokens``). A
+text's entry is two integers, which the garbage collector does not track (a tuple would be one more object for it to
+visit, per text counted, bringing its next collection nearer). No text is kept; a hash collision could only misstate
 an estimate."""
 _MAX_COUNTS = 16_384
 
@@ -175,14 +181,15 @@ def count(text: str, model: str | None) -> tuple[int, bool]:
     for a budget's estimate before it is sent and again at its end when the provider reports no usage."""
     if not text:
         return 0, True
-    key = (hash(text), len(text), model)
+    key = hash((text, len(text), model))
     hit = _COUNTS.get(key)
     if hit is None:
-        hit = count_text(text, model)
+        n, exact = count_text(text, model)
         if len(_COUNTS) >= _MAX_COUNTS:
             _COUNTS.clear()
-        _COUNTS[key] = hit
-    return hit
+        _COUNTS[key] = 2 * n + exact
+        return n, exact
+    return hit >> 1, bool(hit & 1)
 
 
 def utf8_len(text: str) -> int:
@@ -195,8 +202,8 @@ def known_or_bytes(text: str, model: str | None) -> tuple[int, bool]:
     """A text's remembered token count, else its UTF-8 length (an upper bound): ``(n, n_is_the_count)``."""
     if not text:
         return 0, True
-    hit = _COUNTS.get((hash(text), len(text), model))
-    return (hit[0], True) if hit is not None else (utf8_len(text), False)
+    hit = _COUNTS.get(hash((text, len(text), model)))
+    return (hit >> 1, True) if hit is not None else (utf8_len(text), False)
 
 
 # -- a chat request ------------------------------------------------------------------------------------
@@ -264,12 +271,12 @@ def chat_token_bound(model: str | None, messages: Iterable[Any], parts: Callable
         text, calls = parts(m)
         total += PER_MESSAGE
         if text:  # known_or_bytes(text, model), inline
-            hit = counts.get((hash(text), len(text), model))
+            hit = counts.get(hash((text, len(text), model)))
             if hit is None:
                 total += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
                 exact = False
             else:
-                total += hit[0]
+                total += hit >> 1
         if calls:
             n, ok = known_or_bytes(calls, model)
             total += n

@@ -257,6 +257,91 @@ def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_
     assert views[0] == views[1]
 
 
+scoped_loops_st = st.sampled_from([None, {"enabled": False}, {"max_identical_model_requests": 2},
+                                   {"max_identical_model_requests": 3}, {"max_identical_model_requests": None},
+                                   {"max_steps": 1}, {"max_steps": 3}, {"max_depth": 1}, {"max_depth": 2}])
+
+
+@given(model_i=st.integers(0, len(MODELS) - 1), requests=st.lists(st.sampled_from(["a", "b", "c"]), max_size=7),
+       budget=budget_st, loops=scoped_loops_st, tokens=tokens_st, depth=st.integers(0, 1),
+       ends=st.lists(st.booleans(), min_size=7, max_size=7), same_id=st.booleans())
+def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
+    model_i: int, requests: list[str], budget: dict[str, Any] | None, loops: dict[str, Any] | None,
+    tokens: tuple[int, int, int, int, int], depth: int, ends: list[bool], same_id: bool,
+) -> None:
+    """A model call with no parent span inside a ``tracker.run()`` scope opens through ``_start_scoped_llm`` when only
+    the loop guard applies and lets it through (spend caps, like a budget, make it decline: tests/test_caps.py
+    checks capped calls in a scope); ``_start`` (the general path, what ``start_llm`` takes when the
+    shortcut declines) is fed the same calls. Requests repeat (the identical-request rule), the scope sits at a
+    depth (the depth limit), calls end or stay in flight (the step limit counts both), an id may be reused while
+    its first call is in flight; the spans, run totals and decisions must be the same."""
+    from costobs_callbacks._ledger import current_scope
+
+    model, provider = MODELS[model_i]
+    meta: dict[str, Any] = {"feature": "f"}
+    if budget is not None:
+        meta["costobs_budget"] = {k: v for k, v in budget.items() if v is not None} or {"max_cost_usd": "5"}
+    if loops is not None:
+        meta["costobs_loops"] = loops
+    views = []
+    for general in (False, True):
+        lg, out = ledger(book(Decimal("2"), Decimal("8")))
+        took: list[bool] = []
+        shortcut = lg._start_scoped_llm
+
+        def spy(*args: Any, _shortcut: Any = shortcut, _took: list[bool] = took) -> Any:
+            span = _shortcut(*args)
+            _took.append(span is not None)
+            return span
+
+        lg._start_scoped_llm = spy  # type: ignore[method-assign]
+        root = uuid.UUID(int=5)
+        scope = lg.start_span(root, None, "run", "run", meta, root=True)
+        parent = root
+        for i in range(depth):  # the scope as a chain's child: deeper in its tree
+            scope = lg.start_span(uuid.UUID(int=10 + i), parent, "chain", "c")
+            parent = uuid.UUID(int=10 + i)
+        token = current_scope.set(scope)
+        decisions: list[Any] = []
+        in_flight: list[Any] = []
+        try:
+            for i, text in enumerate(requests):
+                sid = f"call-{0 if same_id else i}"
+                prompt = prompt_of([text])
+                try:
+                    if general:
+                        lg._start(sid, None, "llm", "ChatX", None, False, None, None, True, model, provider, prompt,
+                                  MESSAGES, ({"model": model}, {}), None)
+                    else:
+                        lg.start_llm(sid, None, "ChatX", None, model, provider, prompt, MESSAGES,
+                                     ({"model": model}, {}), None)
+                except RunAborted as exc:
+                    decisions.append((type(exc).__name__, exc.reason))
+                    continue
+                decisions.append("started")
+                if ends[i]:
+                    try:
+                        lg.end_llm(sid, tokens, None)
+                    except RunAborted as exc:
+                        decisions.append(("after", type(exc).__name__, exc.reason))
+                else:
+                    in_flight.append(sid)
+            for sid in in_flight:
+                try:
+                    lg.end_llm(sid, tokens, None)
+                except RunAborted:
+                    pass
+        finally:
+            current_scope.reset(token)
+        views.append((decisions, [item_view(i) for i in out.items], run_view(lg, root), lg.runs.get(root.int) and
+                      dict(lg.runs[root.int].model_reqs or {})))
+        if general:
+            assert not took
+        elif budget is not None:
+            assert not any(took)  # a budget: always the general path
+    assert views[0] == views[1]
+
+
 @given(texts=messages_st, max_tokens=st.sampled_from([1, 50, 4000]), delta=st.sampled_from([-1, 0, 1]),
        general=st.booleans(), model_i=st.sampled_from([0, 1, 2, 3]))
 def test_a_call_whose_estimate_exactly_fills_what_is_left_is_let_through(

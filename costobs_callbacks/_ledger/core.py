@@ -193,12 +193,19 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         Parameters are positional-or-keyword, none keyword-only: a keyword-only parameter stops CPython 3.11 from
         specialising the call (about 280 instructions more per call, counted with callgrind), and adapters call this
         on every model request. Adapters pass the request by position; what follows ``max_tokens``, by keyword."""
-        if run_id is None and kind == "llm" and (root or (parent_id is None and current_scope.get() is None)):
-            # A model invoked directly, the commonest start: most often the first call of a new run.
-            span = self._start_new_llm_run(span_id, name, meta, model, provider, prompt, prompt_ops, extra,
-                                           max_tokens)
-            if span is not None:
-                return span
+        if run_id is None and kind == "llm":
+            scope = None if root or parent_id is not None else current_scope.get()
+            if scope is not None:  # a model call made inside a tracker.run() scope, as an app attributes a request
+                span = self._start_scoped_llm(scope, span_id, name, model, provider, prompt, prompt_ops, extra,
+                                              max_tokens)
+                if span is not None:
+                    return span
+            elif root or parent_id is None:
+                # A model invoked directly, the commonest start: most often the first call of a new run.
+                span = self._start_new_llm_run(span_id, name, meta, model, provider, prompt, prompt_ops, extra,
+                                               max_tokens)
+                if span is not None:
+                    return span
         return self._start(span_id, parent_id, kind, name, meta, root, run_id, None, True, model, provider, prompt,
                            prompt_ops, extra, max_tokens)
 
@@ -261,6 +268,46 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                 raise
             # A graceful run (CostGuardMiddleware(on_limit="end")): the abort stays recorded and every paid call
             # is still refused, but the graph's own steps go on, so that the agent can end with its message.
+        if self.spans.setdefault(key, span) is not span:
+            self._open_span(key, span)
+        return span
+
+    def _start_scoped_llm(
+        self, scope: Span, span_id: Any, name: str, model: str | None, provider: str | None, prompt: Any,
+        prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
+    ) -> Span | None:
+        """``_start`` of a model call with no parent span of its own inside a ``tracker.run()`` scope (a child of
+        the scope's span), when its run has no budget and no spend caps and the loop guard lets it through (within
+        the guard's depth and step limits, a request repeated fewer times than it allows): the span opened and
+        counted. ``None`` otherwise, with nothing changed: the caller then takes the general path, which refuses
+        the call or applies its budget. tests/test_fast_paths.py holds it to ``_start``."""
+        run = scope.run
+        if run.budget is not None or self.caps is not None or run.aborted is not None:
+            return None
+        loops = run.loops
+        sig = max_steps = None
+        if loops is not None:
+            lm = self._loops_memo  # as _guard_start reads it
+            if lm[0] is not loops:
+                lm = self._loops_memo = (loops, loops.max_depth, loops.max_steps, loops.max_identical_model_requests)
+            if lm[1] is not None and scope.depth + 1 > lm[1]:
+                return None
+            max_steps, max_reqs = lm[2], lm[3]
+            if max_reqs is not None and prompt is not None and prompt_ops is not None:
+                sig = prompt_ops.signature(model, prompt)
+                reqs = run.model_reqs
+                if reqs is not None and reqs.get(sig, 0) + 1 >= max_reqs:
+                    return None
+        with run.lock:
+            steps = run.steps + 1
+            if max_steps is not None and steps > max_steps:
+                return None
+            run.steps = steps
+            run.llm_calls += 1
+        key: Any = span_id.int if type(span_id) is UUID else str(span_id)  # as _start keys it
+        span = new_span(key, scope, run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens)
+        if sig is not None:
+            span.request_sig = sig
         if self.spans.setdefault(key, span) is not span:
             self._open_span(key, span)
         return span
@@ -461,8 +508,11 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - span.start_perf) * 1000.0
         if flags:
-            for f in flags:
-                span.flag(f)
+            if span.flags is None and type(flags) is tuple and len(flags) == 1:
+                span.flags = flags  # kept as given, as record_llm keeps them (often a constant: no object)
+            else:
+                for f in flags:
+                    span.flag(f)
         if detail is not None:
             span.detail = detail
         return span
@@ -474,7 +524,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         cost of its own: its cost, prices and tokens set, its model as reported (``model``) in place of the one
         requested (whose largest output is noted, see ``output_hold``), its request dropped. Returns its cost."""
         requested = span.model
-        if requested is not None:
+        if requested is not None and tokens[1] > self.largest_output.get(requested, 0):
             self._saw_output(requested, tokens[1])
         if model:
             span.model = model

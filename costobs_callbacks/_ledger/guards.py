@@ -117,6 +117,13 @@ class GuardsMixin:
                     if span.is_root and max_reqs > 1 and not run.model_reqs:
                         span.request_sig = _DEFERRED
                         return
+                    # _check_loops's identical-request rule, inline: a request seen fewer than max_reqs - 1 times
+                    # passes with its signature; one that would be refused takes the full checks, which refuse it.
+                    sig = span.prompt_ops.signature(span.model, span.prompt)
+                    reqs = run.model_reqs
+                    if reqs is None or reqs.get(sig, 0) + 1 < max_reqs:
+                        span.request_sig = sig
+                        return
             try:
                 self._check_call_start(run, span, budget, loops, tool_args, nth, steps)
             except RunAborted:

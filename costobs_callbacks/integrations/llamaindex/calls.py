@@ -283,9 +283,11 @@ class Adapter:
         finally:
             self.release(track.parent)
 
-    def finish_llm(self, track: Track, response: Any, error: BaseException | None, *, quiet: bool) -> None:
+    def finish_llm(self, track: Track, response: Any, error: BaseException | None, quiet: bool) -> None:
         """Cost an LLM call from its response (or what streamed before an error) and end it. Raises
-        the ledger's ``RunAborted`` (the run is past its budget now) unless ``quiet``."""
+        the ledger's ``RunAborted`` (the run is past its budget now) unless ``quiet``. (``quiet`` is not
+        keyword-only: the legacy end calls this on every LLM call, and a keyword stops CPython 3.11 from
+        specialising the call.)"""
         if track.span_id is not None and self.llm_tracks:
             self.llm_tracks.pop(track.span_id, None)
         if track.event_id is not None:

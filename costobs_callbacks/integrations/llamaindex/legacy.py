@@ -24,6 +24,7 @@ from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.instrumentation.span import active_span_id
 
 from ..._exceptions import RunAborted
+from ..._ledger import current_scope
 from .calls import Adapter
 from .identity import identify, model_of, provider_from_class_name
 from .payloads import (
@@ -103,7 +104,8 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
             return
     name, model, provider = identify(node.cls, md, "llm")
     key = span_key(sid)
-    if a.may_be_lone(parent is not None):
+    ledger = a.ledger
+    if parent is None and ledger.lone_calls and current_scope.get() is None:  # a.may_be_lone(False), inline
         track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
     else:
         up = a.anchor(node, include_self=False) if parent is not None else None
@@ -208,7 +210,7 @@ def end(a: Adapter, payload: Any, event_id: str) -> None:
         resp = p.get(P_RESPONSE)
         if resp is None:
             resp = p.get(P_COMPLETION)
-        a.finish_llm(track, resp, error, quiet=False)
+        a.finish_llm(track, resp, error, False)
     elif kind == "embedding":
         if error is not None:
             a.finish(track, status="error", error=error)

@@ -114,46 +114,6 @@ def _hookable(cls: type) -> bool:
         return True
 
 
-def enter(a: Adapter, id_: str, bound_args: Any, instance: Any, parent_id: str | None) -> None:
-    """A span entered: its node, our legacy handler on its component's manager, the ledger span it opens."""
-    head = id_[:-37] if len(id_) > 37 else id_  # "Class.method" (37: "-" and the uuid)
-    plan = _PLANS.get(head)
-    if plan is None or plan.cls is not type(instance):
-        plan = plan_for(instance, head)
-    nodes = a.nodes
-    what = plan.what
-    # an LLM call's span needs no start of its own: the call starts at its start event
-    node = Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
-    nodes[id_] = node
-    if plan.hookable:
-        hooked = a.hook(instance)
-        if what == SPAN_LLM:
-            node.legacy = hooked
-    if plan.embedding or (what == SPAN_LLM and not node.legacy):  # costed from instrumentation events
-        node.holds = True
-        a.hold_events()
-    if what == SPAN_LLM:
-        if plan.stream_check:
-            ak = getattr(instance, "additional_kwargs", None)
-            node.stream_usage_ok = not (isinstance(ak, Mapping) and "stream_options" in ak)
-        return  # the call opens at its (legacy, else instrumentation) start event, which carries the request
-    if what == SPAN_TOOL:
-        label = tool_name(instance) or plan.label
-        up = a.anchor(node, include_self=False)
-        if up is not None and up.kind == "tool" and up.span is not None and up.span.name == label:
-            return  # FunctionTool.__call__ -> call: one call
-        try:
-            node.track = a.open(span_key(id_), up, "tool", label, node, tool_args=tool_args(instance, bound_args))
-        except RunAborted as err:  # the tool runs anyway; the run stops at its next LLM call
-            node.refused = err
-    elif what == SPAN_TRACED:
-        up = a.anchor(node, include_self=False)
-        try:
-            node.track = a.open(span_key(id_), up, plan.kind, plan.label, node)
-        except RunAborted as err:
-            node.refused = err
-
-
 def exit_node(a: Adapter, node: Node, id_: str, status: str, error: BaseException | None) -> None:
     """A span exited (its node out of ``nodes``): end what it opened, give back its hold on the events."""
     try:
@@ -219,9 +179,47 @@ class SpanHandler(BaseSpanHandler[Any]):
 
     def span_enter(self, id_: str, bound_args: Any, instance: Any = None, parent_id: str | None = None,
                    tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """A span entered: its node, our legacy handler on its component's manager, the ledger span it opens
+        (in this one frame: LlamaIndex calls it for every span of the process)."""
         a: Adapter = self.costobs_adapter
         try:
-            enter(a, id_, bound_args, instance, parent_id)
+            head = id_[:-37] if len(id_) > 37 else id_  # "Class.method" (37: "-" and the uuid)
+            plan = _PLANS.get(head)
+            if plan is None or plan.cls is not type(instance):
+                plan = plan_for(instance, head)
+            nodes = a.nodes
+            what = plan.what
+            # an LLM call's span needs no start of its own: the call starts at its start event
+            node = Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
+            nodes[id_] = node
+            if plan.hookable:
+                hooked = a.hook(instance)
+                if what == SPAN_LLM:
+                    node.legacy = hooked
+            if plan.embedding or (what == SPAN_LLM and not node.legacy):  # costed from instrumentation events
+                node.holds = True
+                a.hold_events()
+            if what == SPAN_LLM:
+                if plan.stream_check:
+                    ak = getattr(instance, "additional_kwargs", None)
+                    node.stream_usage_ok = not (isinstance(ak, Mapping) and "stream_options" in ak)
+                return  # the call opens at its (legacy, else instrumentation) start event, which carries the request
+            if what == SPAN_TOOL:
+                label = tool_name(instance) or plan.label
+                up = a.anchor(node, include_self=False)
+                if up is not None and up.kind == "tool" and up.span is not None and up.span.name == label:
+                    return  # FunctionTool.__call__ -> call: one call
+                try:
+                    node.track = a.open(span_key(id_), up, "tool", label, node,
+                                        tool_args=tool_args(instance, bound_args))
+                except RunAborted as err:  # the tool runs anyway; the run stops at its next LLM call
+                    node.refused = err
+            elif what == SPAN_TRACED:
+                up = a.anchor(node, include_self=False)
+                try:
+                    node.track = a.open(span_key(id_), up, plan.kind, plan.label, node)
+                except RunAborted as err:
+                    node.refused = err
         except Exception as exc:
             a.fault("span_enter", exc)
 
@@ -234,7 +232,11 @@ class SpanHandler(BaseSpanHandler[Any]):
                 return
             track = node.track
             if track is not None and track.ended and not node.emb and not node.holds:
-                return  # an LLM call's span, the call ended at its end event (the common case): nothing left
+                # An LLM call's span, the call ended at its end event (the common case): nothing left. Its track
+                # refers to this node and the node to it: the cycle is broken here, so that both are freed now
+                # rather than by the garbage collector (whose collections every surviving object brings nearer).
+                node.track = None
+                return
             exit_node(a, node, id_, "ok", None)
         except Exception as exc:
             a.fault("span_exit", exc)
