@@ -491,7 +491,8 @@ class CostTracker:
         Spend caps (0 without them): ``caps_refused`` calls refused at a tenant's or user's cap; ``throttled`` calls
         that waited for a ``usd_per_minute`` rate, ``throttle_wait_ms`` how long in all, ``throttle_refused`` calls
         refused past ``max_wait_s``; ``caps_lease_waits`` / ``caps_lease_wait_ms`` calls that waited for a lease this
-        replica did not have yet; ``caps_store_errors`` rounds of the caps' thread the database failed;
+        replica did not have yet, ``caps_lease_timeouts`` those the store did not answer in time (decided as while it is
+        down); ``caps_store_errors`` rounds of the caps' thread the database failed;
         ``caps_offline`` 1 while it cannot be reached; ``caps_leases_lost`` leases found given back after they
         expired (this replica was away too long)."""
         out = self.exporter.stats.as_dict()
@@ -557,8 +558,8 @@ class CostTracker:
 
 
 _NO_CAPS_STATS = {"caps_refused": 0, "throttled": 0, "throttle_wait_ms": 0, "throttle_refused": 0,
-                  "caps_lease_waits": 0, "caps_lease_wait_ms": 0, "caps_store_errors": 0, "caps_offline": 0,
-                  "caps_leases_lost": 0}
+                  "caps_lease_waits": 0, "caps_lease_wait_ms": 0, "caps_lease_timeouts": 0, "caps_store_errors": 0,
+                  "caps_offline": 0, "caps_leases_lost": 0}
 
 
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:

@@ -465,15 +465,19 @@ def test_a_burst_of_4_processes_x_8_threads_at_one_tenants_cap(database_url: str
               f"of ${usd(CALL_NANOS)}): {calls} calls sent (by replica {per_replica}), ${usd(spent)} spent = "
               f"{spent / cap:.3f} x the cap; overshoot {calls - cap // CALL_NANOS} calls; lease waits "
               f"{[r['stats']['caps_lease_waits'] for r in results]}, "
-              f"{[r['stats']['caps_lease_wait_ms'] for r in results]} ms; {max(r['elapsed'] for r in results):.2f} s")
+              f"{[r['stats']['caps_lease_wait_ms'] for r in results]} ms, timed out "
+              f"{[r['stats']['caps_lease_timeouts'] for r in results]}; {max(r['elapsed'] for r in results):.2f} s")
         for r in results:
             for t in r["threads"]:
                 assert t["errors"] == [] and t["refused"] == "daily_usd"  # every thread of every replica refused
             assert r["final_stats"]["failed"] == 0 and r["final_stats"]["in_spool"] == 0
         assert stub.count() == calls == books  # what the provider received is what is on the books
         assert cost == spent
-        assert spent <= 2 * cap  # the bound the README states
-        assert cap <= spent <= cap + 4 * CALL_NANOS  # what the leases allow: each replica past its lease by one call
+        assert cap <= spent <= 2 * cap  # the cap reached; the bound the README states
+        if not any(r["stats"]["caps_lease_timeouts"] for r in results):
+            # every lease answered within LEASE_WAIT_S: each replica past its lease by one call at most (a machine so
+            # busy that a lease takes longer decides as while the store is down, a bound of its own: see the README)
+            assert spent <= cap + 4 * CALL_NANOS
         # a replica started before and let go after the cap was spent refuses at once
         late.go()
         (r,) = late.results()
@@ -725,6 +729,8 @@ def test_with_the_database_down_no_exception_reaches_the_app_and_the_last_figure
         assert slowest < 1.5  # at most one bounded wait for a lease while the store hangs, never its timeout
         st = tracker.stats
         assert st["caps_offline"] == 1 and st["caps_store_errors"] + (mode == "hang") >= 1
+        if mode == "hang":  # the lease the call waited for never came: decided as while the store is down, counted
+            assert st["caps_lease_timeouts"] >= 1
         assert st["internal_errors"] == 0
         proxy.restore()
         deadline = time.monotonic() + 15

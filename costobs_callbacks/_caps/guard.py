@@ -118,6 +118,9 @@ class SpendCaps:
         self.throttle_refused = 0
         self.lease_waits = 0
         self.lease_wait_ms = 0.0
+        self.lease_timeouts = 0
+        """Lease waits that ended with the store taken for down (past ``LEASE_WAIT_S``, or unreachable): those calls
+        were decided by the last figures read, where the bound is that of a store that is down."""
         self.store_errors = 0
         self.leases_lost = 0
         self._prewaited: dict[Any, float] = {}
@@ -266,19 +269,24 @@ class SpendCaps:
         deadline = t0 + LEASE_WAIT_S
         self.lease_waits += 1
         r = WAIT
+        down = False
         a.wanted += est
         try:
             while r == WAIT:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.unreachable():  # a store this slow is taken for down
+                    down = True
                     r = a.try_hold(est, True)
                     break
                 self.worker.wake.set()
                 self.cond.wait(left)
-                r = a.try_hold(est, self.unreachable())
+                down = self.unreachable()
+                r = a.try_hold(est, down)
         finally:
             a.wanted -= est
         self.lease_wait_ms += (time.monotonic() - t0) * 1000.0
+        if down:
+            self.lease_timeouts += 1
         return r
 
     def _refusal(self, run: Run, a: LocalAccount, est: int) -> BudgetExceededError:
@@ -467,7 +475,8 @@ class SpendCaps:
             "caps_refused": self.refused, "throttled": self.throttled,
             "throttle_wait_ms": round(self.throttle_wait_ms), "throttle_refused": self.throttle_refused,
             "caps_lease_waits": self.lease_waits, "caps_lease_wait_ms": round(self.lease_wait_ms),
-            "caps_store_errors": self.store_errors, "caps_offline": int(self.unreachable()),
+            "caps_lease_timeouts": self.lease_timeouts, "caps_store_errors": self.store_errors,
+            "caps_offline": int(self.unreachable()),
             "caps_leases_lost": self.leases_lost,
         }
 
