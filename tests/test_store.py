@@ -141,3 +141,31 @@ def test_migrations_run_once_and_the_salt_is_shared(database_url: str) -> None:
                 == HEAD_REVISION
             assert conn.execute(sa.text("SELECT COUNT(*) FROM costobs_meta")).scalar_one() == 1
     assert h1 == h2 and "alice" not in h1 and len(h1) == 64
+
+
+def test_sqlite_binds_nulls_through_our_adapter_and_leaves_an_apps_own_alone(tmp_path):
+    """The store gives sqlite3 an adapter for ``None`` (its adapter search raises and clears an AttributeError per
+    NULL otherwise); one the app registered first is kept, and NULLs are stored as NULL either way."""
+    import sqlite3
+
+    key = (type(None), sqlite3.PrepareProtocol)
+    before = sqlite3.adapters.pop(key, None)
+    try:
+        def apps_own(value: None) -> None:
+            return None
+
+        sqlite3.register_adapter(type(None), apps_own)
+        CostTracker(f"sqlite:///{tmp_path}/a.db").close()
+        assert sqlite3.adapters[key] is apps_own
+        del sqlite3.adapters[key]
+        tracker = CostTracker(f"sqlite:///{tmp_path}/b.db")
+        assert sqlite3.adapters[key] is not apps_own and sqlite3.adapters[key](None) is None
+        FakeChatModel().invoke("hi", config=tracker.config(feature="nulls"))
+        tracker.flush()
+        (span,) = tracker.spans(tracker.top_runs(n=1)[0].run_id)
+        assert span["route"] is None and span["tenant_id"] is None and span["error"] is None
+        tracker.close()
+    finally:
+        sqlite3.adapters.pop(key, None)
+        if before is not None:
+            sqlite3.adapters[key] = before

@@ -120,10 +120,11 @@ def _sqlite_bind_none() -> None:
     instructions per NULL, a sixth of the exporter thread's work on a batch (a span row has a dozen NULLs). An
     adapter registered for ``NoneType`` is found at the lookup's first step; it returns ``None``, which sqlite3
     binds as NULL, as before. It is process-wide (sqlite3's adapters are) and changes nothing a NULL binds to:
-    ``{}.get`` is a C function, so the call costs no Python frame."""
+    ``{}.get`` is a C function, so the call costs no Python frame. An adapter the app registered is left alone."""
     import sqlite3
 
-    sqlite3.register_adapter(type(None), _NULL.get)
+    if (type(None), sqlite3.PrepareProtocol) not in sqlite3.adapters:
+        sqlite3.register_adapter(type(None), _NULL.get)
 
 
 _NULL: dict[Any, None] = {}
