@@ -210,6 +210,16 @@ def spy_on_shortcut(lg: Ledger, took: list[bool]) -> Any:
     return spy
 
 
+def policy_meta(budget: dict[str, Any] | None, loops: dict[str, Any] | None) -> dict[str, Any]:
+    """A config's metadata with a drawn budget (its set fields, else a $5 cap) and loop policy."""
+    meta: dict[str, Any] = {"feature": "f"}
+    if budget is not None:
+        meta["costobs_budget"] = {k: v for k, v in budget.items() if v is not None} or {"max_cost_usd": "5"}
+    if loops is not None:
+        meta["costobs_loops"] = loops
+    return meta
+
+
 @given(model_i=st.integers(0, len(MODELS) - 1), texts=messages_st, max_tokens=st.sampled_from([None, 1, 50, 4000]),
        budget=budget_st, loops=loops_st, tokens=tokens_st, calls=st.integers(1, 4), overlap=st.booleans())
 def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
@@ -220,11 +230,7 @@ def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_
     checks; the general path (``open_run`` and ``_guard_start``) is what a root with an explicit run id takes.
     ``overlap``: the invocations of the config overlap (all start, then all end), as threads sharing it do."""
     model, provider = MODELS[model_i]
-    meta: dict[str, Any] = {"feature": "f"}
-    if budget is not None:
-        meta["costobs_budget"] = {k: v for k, v in budget.items() if v is not None} or {"max_cost_usd": "5"}
-    if loops is not None:
-        meta["costobs_loops"] = loops
+    meta = policy_meta(budget, loops)
     views = []
     for general in (False, True):
         lg, out = ledger(book(Decimal("2"), Decimal("8")))
@@ -278,11 +284,7 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
     from costobs_callbacks._ledger import current_scope
 
     model, provider = MODELS[model_i]
-    meta: dict[str, Any] = {"feature": "f"}
-    if budget is not None:
-        meta["costobs_budget"] = {k: v for k, v in budget.items() if v is not None} or {"max_cost_usd": "5"}
-    if loops is not None:
-        meta["costobs_loops"] = loops
+    meta = policy_meta(budget, loops)
     views = []
     for general in (False, True):
         lg, out = ledger(book(Decimal("2"), Decimal("8")))
