@@ -163,6 +163,37 @@ def test_a_span_id_stored_before_is_a_span_of_its_own_and_a_replayed_batch_is_ap
         assert s.duplicates == 1
 
 
+def test_a_runs_second_invocation_in_a_later_batch_does_not_open_it_again(stores: list[Store]) -> None:
+    """Rows are made presuming a batch's first root span of a run opens it; the run's upsert corrects a root whose
+    run the store held already (a second invocation of one run id, in a later batch): on every path, written as a
+    batch and as spooled rows, that span is stored with ``opens_run`` false and the run counted once."""
+    made: list[Any] = []
+    ledger = Ledger(prices=PriceBook(PRICES), exporter=type("L", (), {"emit": staticmethod(made.append)})(),
+                    user_salt=b"salt", loops=LoopPolicy(enabled=False))
+    for n in (1, 2, 3):  # three invocations of one run: each its own root span, each in its own batch
+        sid = uuid.UUID(int=100 + n)
+        ledger.start_llm(sid, None, "chat", {"feature": "f"}, "m-a", None, root=True, run_id="run-x")
+        ledger.end(sid, "ok", None, TokenUsage(1000, 10, 0, 0, 0))
+    assert len(made) == 3
+    for s in stores:
+        s.write_batch(Batch(made[:1]))
+        s.write_batch(Batch(made[1:2]))
+        s.write_rows([("spooled-3", *s.batch_rows(made[2:]))])  # a spooled batch, replayed
+        with s.engine.connect() as conn:
+            opens = sorted(tuple(r) for r in conn.execute(sa.select(spans.c.span_id, spans.c.opens_run)))
+        assert opens == [(str(uuid.UUID(int=101)), True), (str(uuid.UUID(int=102)), False),
+                         (str(uuid.UUID(int=103)), False)], (s.dialect, s._path)
+        (row,) = s.rollup(("feature",))
+        assert (row.runs, row.llm_calls, row.input_tokens) == (1, 3, 3000), (s.dialect, s._path)
+        rc = s.run_cost("run-x")
+        assert rc is not None and (rc.cost_usd, rc.llm_calls) == (Decimal("0.00624"), 3)
+    general = stores[3]
+    for table, skip in ((spans, ("id",)), (runs, ()), (rollups, ()), (rollups_keyed, ())):
+        want = _table(general, table, skip)
+        for s in stores[:3]:
+            assert _table(s, table, skip) == want, (s.dialect, s._path, table.name)
+
+
 @pytest.mark.parametrize("searches", [2**31, -(2**31) - 1, -(2**40)])
 def test_a_count_past_integer_is_fitted_alike_on_every_path(stores: list[Store], searches: int) -> None:
     """Binary COPY would store an int past INTEGER wrapped around: PostgreSQL's fast path refuses it and stores it
