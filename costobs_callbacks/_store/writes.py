@@ -158,7 +158,7 @@ def _open_runs(stored: Iterable[Any], first_root: dict[str, int], roots: dict[st
         if type(row) is tuple:
             if bool(row[_I_OPENS]) == opens:
                 continue
-            # a bool on PostgreSQL and the portable path, an int on SQLite; rows written again keep their type
+            # a bool on PostgreSQL, an int on SQLite (the portable path's rows are dicts); rows written again keep it
             row = span_rows[at] = (*row[:_I_OPENS], opens if type(row[_I_OPENS]) is bool else int(opens),
                                    *row[_I_OPENS + 1:])
         else:
