@@ -60,6 +60,24 @@ def test_worker_wakes_on_a_full_batch_without_waiting_for_the_delay() -> None:
     exp.shutdown()
 
 
+def test_a_steady_load_is_written_in_full_batches_not_chased_in_smaller_ones() -> None:
+    """Items arrive while a batch is being written: the worker writes the next batch when it is full (or the delay
+    passes), not whatever few arrived meanwhile. Each batch costs the store fixed work (a transaction, the rollup
+    upserts), so chasing the queue in ever smaller batches costs more per span under a steady load."""
+    sink = Sink(delay=0.03)  # a write takes 30 ms
+    exp = BatchExporter(sink, max_batch_size=100, schedule_delay=5.0)
+    t0 = time.monotonic()
+    for i in range(1_000):  # 2,000 items/s: a full batch every 50 ms, 60 items arrive during each write
+        exp.emit(i)
+        if i % 10 == 9:
+            time.sleep(max(0.0, t0 + (i + 1) / 2_000 - time.monotonic()))
+    assert exp.force_flush(timeout=10)
+    assert sink.items == list(range(1_000))
+    # every batch but the one the flush wrote is full (the delay, 5 s, never passed)
+    assert sink.batches[:-1] == [100] * (len(sink.batches) - 1), sink.batches
+    exp.shutdown()
+
+
 def test_full_queue_drops_newest_counts_and_logs_without_blocking(caplog: pytest.LogCaptureFixture) -> None:
     sink = Sink()
     sink.gate.clear()  # the store hangs: nothing drains

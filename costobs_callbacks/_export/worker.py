@@ -153,13 +153,15 @@ class BatchExporter:
                 logger.exception("costobs: exporter start hook failed")
         fb = self._fallback
         while True:
-            self._wake.wait(self._delay)
+            woken = self._wake.wait(self._delay)
             self._wake.clear()
             with self._cond:
                 target = self._requested
             if fb is not None:
                 self._tick(fb)
-            self._drain()
+            # a full batch's wake (it may have been written meanwhile) writes full batches; the delay, a flush
+            # and the stop write everything
+            self._drain(not woken or target > self._done or self._stop)
             with self._cond:
                 if target > self._done:
                     self._done = target
@@ -172,10 +174,18 @@ class BatchExporter:
                     self._cond.notify_all()
                 return
 
-    def _drain(self) -> None:
+    def _drain(self, everything: bool = True) -> None:
+        """Write the full batches (``max_batch_size`` items) the queue holds, and with ``everything`` what it holds
+        now; of what arrives meanwhile, only full batches. The rest waits for the next round (a full batch's wake,
+        a flush, or ``schedule_delay``), as in OpenTelemetry's processor: a steady load is written in full batches,
+        each with its fixed work (a transaction, the rollup upserts) spread over many spans, instead of chased in
+        ever smaller ones."""
         q = self._queue
-        while q:
-            n = min(len(q), self._max_batch)
+        due = len(q) if everything else 0
+        full = self._max_batch
+        while q and (due > 0 or len(q) >= full):
+            n = min(len(q), full)
+            due -= n
             self.stats.taken += n  # first: emitted (taken + queued) may read high for a moment, never low
             batch = Batch([q.popleft() for _ in range(n)])
             self._write(batch)
