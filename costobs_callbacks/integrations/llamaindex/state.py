@@ -45,8 +45,12 @@ class Track:
     ctx_token: Any = None
     stream_usage_requested = False
     holds = False  # a stream being read: it needs its progress events (see Adapter.hold_events)
-    # A lone LLM call (see Ledger.lone_calls): no ledger span until it ends (``span`` is None meanwhile).
+    # A lone LLM call (see Ledger.lone_calls), or a call in a ``tracker.run()`` scope admitted at its start
+    # (``scope``, its request signature ``sig``; see Ledger.admit_scoped_llm): no ledger span until it ends, or until
+    # a span opens inside it (``span`` is None meanwhile).
     lone = False
+    scope: Span | None = None
+    sig: Any = None
     name = ""
     provider: str | None = None
     start_wall = 0.0
