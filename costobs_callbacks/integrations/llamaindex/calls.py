@@ -24,7 +24,7 @@ from ..._exceptions import RunAborted
 from ..._ledger import Tokens, _again, current_scope
 from ..._tokens import count
 from .payloads import OPS, Prompt, Tools, chunks_tokens, response_text, served_model, usage_of
-from .state import Node, Track, span_key
+from .state import Node, Track, new_track, span_key
 
 if TYPE_CHECKING:
     from ..._ledger import Ledger
@@ -116,7 +116,7 @@ class Adapter:
             pk = parent.key
         span = (self.ledger.start_llm(key, pk, name, None, kind=kind, **kw) if kind == "embedding"
                 else self.ledger.start_span(key, pk, kind, name, **kw))
-        track = Track(key, parent, kind, span, node)
+        track = new_track(key, parent, kind, span, node)
         if parent is not None:
             with self.lock:
                 parent.open_children += 1
@@ -132,7 +132,7 @@ class Adapter:
                 self.materialize(parent)
             pk = parent.key
         span = self.ledger.start_llm(key, pk, name, None, model, provider, prompt, OPS, tools, max_tokens)
-        track = Track(key, parent, "llm", span, node)
+        track = new_track(key, parent, "llm", span, node)
         if parent is not None:
             with self.lock:
                 parent.open_children += 1
@@ -152,7 +152,7 @@ class Adapter:
         """The track of a lone LLM call (see ``may_be_lone``), or of a call in a ``tracker.run()`` scope that
         ``Ledger.admit_scoped_llm`` admitted (the caller then sets ``scope`` and ``sig``): nothing more in the ledger
         until it ends, its start kept."""
-        track = Track(key, None, "llm", None, node)
+        track = new_track(key, None, "llm", None, node)
         track.lone = True
         track.name = name
         track.provider = provider
