@@ -2,7 +2,8 @@
 
 Adapters (``integrations/``) translate framework events into calls of ``Ledger.start_llm`` (a paid model call) or
 ``Ledger.start_span`` (any other step) and ``Ledger.end`` (or its short form ``end_llm``; ``record_llm`` for a lone
-call, whole). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
+call, whole; ``admit_scoped_llm`` then ``record_scoped_llm`` for a call in a ``tracker.run()`` scope that only the loop
+guard could refuse). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
 finished spans are handed to the exporter's queue, and a run's lock (one of a shared pool) covers only the counter
 updates of that run, never held while another lock is taken.
 """

@@ -1,8 +1,9 @@
 """The adapter's state and its calls on the ledger: opening a ledger span for a LlamaIndex step (``Ledger.start_span``)
 or for an LLM or embedding call (``Ledger.start_llm``), and ending it, an LLM call costed from the usage its response
 reports (read by ``payloads.usage_of``) or else estimated (``_tokens``), a lone call recorded whole at its end
-(``Ledger.record_llm``). Every rule (pricing, guards, budgets, token accounting) is the ledger's; this module only
-says which span is which and what its end carries.
+(``Ledger.record_llm``), as is a call admitted at its start in a ``tracker.run()`` scope (``Ledger.admit_scoped_llm``,
+``Ledger.record_scoped_llm``). Every rule (pricing, guards, budgets, token accounting) is the ledger's; this module
+only says which span is which and what its end carries.
 
 The three ways LlamaIndex reports a call each feed these methods: ``spans`` (the span handler: the tree), ``events``
 (the instrumentation event handler) and ``legacy`` (the ``CallbackManager`` handler)."""

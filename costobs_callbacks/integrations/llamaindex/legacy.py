@@ -11,7 +11,9 @@ It also works alone (``tracker.llamaindex_handler()`` in a manager the app wires
 it then builds the tree from the legacy events' parent ids and costs and guards from them alone.
 
 A call made on its own (no tracked span above it, no ``tracker.run()`` around it) under a tracker policy that
-cannot refuse it opens nothing at its start and is recorded whole at its end (``Ledger.record_llm``)."""
+cannot refuse it opens nothing at its start and is recorded whole at its end (``Ledger.record_llm``); so is a call
+with no tracked span above it in a ``tracker.run()`` scope whose run only the loop guard could refuse it, once
+admitted and counted at its start (``Ledger.admit_scoped_llm``, ``Ledger.record_scoped_llm``)."""
 
 from __future__ import annotations
 
