@@ -309,12 +309,15 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
             parent = uuid.UUID(int=10 + i)
         token = current_scope.set(scope)
         decisions: list[Any] = []
-        in_flight: list[Any] = []
-        admitted: list[Any] = []  # per call: (sig, start_wall, start_perf) if admitted and not opened, else None
+        in_flight: list[str] = []
+        # per id, its calls in flight, oldest first: (sig, start_wall, start_perf) if admitted and not opened, else
+        # None. An end under an id ends its oldest call, as end_llm does with the spans open under one id.
+        admitted: dict[str, list[Any]] = {}
 
-        def end(i: int, sid: str, _lg: Ledger = lg, _scope: Span = scope, _admitted: list[Any] = admitted) -> None:
-            if _admitted[i] is not None:
-                sig, t0, p0 = _admitted[i]
+        def end(sid: str, _lg: Ledger = lg, _scope: Span = scope, _admitted: dict[str, list[Any]] = admitted) -> None:
+            oldest = _admitted[sid].pop(0)
+            if oldest is not None:
+                sig, t0, p0 = oldest
                 _lg.record_scoped_llm(_scope, sid, "ChatX", model, provider, t0, p0, sig, tokens, None)
             else:
                 _lg.end_llm(sid, tokens, None)
@@ -323,7 +326,7 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
             for i, text in enumerate(requests):
                 sid = f"call-{0 if same_id else i}"
                 prompt = prompt_of([text])
-                admitted.append(None)
+                record: Any = None
                 try:
                     if path == "general":
                         lg._start(sid, None, "llm", "ChatX", None, False, None, None, True, model, provider, prompt,
@@ -337,7 +340,7 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
                             lg.open_admitted(scope, sid, "ChatX", model, provider, time.time(), time.perf_counter(),
                                              sig)
                         else:
-                            admitted[i] = (sig, time.time(), time.perf_counter())
+                            record = (sig, time.time(), time.perf_counter())
                     else:
                         lg.start_llm(sid, None, "ChatX", None, model, provider, prompt, MESSAGES,
                                      ({"model": model}, {}), None)
@@ -345,16 +348,17 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
                     decisions.append((type(exc).__name__, exc.reason))
                     continue
                 decisions.append("started")
+                admitted.setdefault(sid, []).append(record)
                 if ends[i]:
                     try:
-                        end(i, sid)
+                        end(sid)
                     except RunAborted as exc:
                         decisions.append(("after", type(exc).__name__, exc.reason))
                 else:
-                    in_flight.append((i, sid))
-            for i, sid in in_flight:
+                    in_flight.append(sid)
+            for sid in in_flight:
                 try:
-                    end(i, sid)
+                    end(sid)
                 except RunAborted:
                     pass
         finally:
