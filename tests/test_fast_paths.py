@@ -270,23 +270,27 @@ scoped_loops_st = st.sampled_from([None, {"enabled": False}, {"max_identical_mod
 
 @given(model_i=st.integers(0, len(MODELS) - 1), requests=st.lists(st.sampled_from(["a", "b", "c"]), max_size=7),
        budget=budget_st, loops=scoped_loops_st, tokens=tokens_st, depth=st.integers(0, 1),
-       ends=st.lists(st.booleans(), min_size=7, max_size=7), same_id=st.booleans())
+       ends=st.lists(st.booleans(), min_size=7, max_size=7), same_id=st.booleans(),
+       opened=st.lists(st.booleans(), min_size=7, max_size=7))
 def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
     model_i: int, requests: list[str], budget: dict[str, Any] | None, loops: dict[str, Any] | None,
-    tokens: tuple[int, int, int, int, int], depth: int, ends: list[bool], same_id: bool,
+    tokens: tuple[int, int, int, int, int], depth: int, ends: list[bool], same_id: bool, opened: list[bool],
 ) -> None:
-    """A model call with no parent span inside a ``tracker.run()`` scope opens through ``_start_scoped_llm`` when only
-    the loop guard applies and lets it through (spend caps, like a budget, make it decline: tests/test_caps.py
-    checks capped calls in a scope); ``_start`` (the general path, what ``start_llm`` takes when the
-    shortcut declines) is fed the same calls. Requests repeat (the identical-request rule), the scope sits at a
-    depth (the depth limit), calls end or stay in flight (the step limit counts both), an id may be reused while
-    its first call is in flight; the spans, run totals and decisions must be the same."""
-    from costobs_callbacks._ledger import current_scope
+    """A model call with no parent span inside a ``tracker.run()`` scope opens through ``_start_scoped_llm`` when
+    ``admit_scoped_llm`` admits it (only the loop guard applies and lets it through; spend caps, like a budget, make
+    it decline: tests/test_caps.py checks capped calls in a scope); ``_start`` (the general path, what ``start_llm``
+    takes when the shortcut declines) is fed the same calls, and so is the LlamaIndex adapter's way: admitted at its
+    start, then recorded whole at its end (``record_scoped_llm``), or its span opened in flight (``open_admitted``:
+    a span opened inside it, an end that is not ``record_scoped_llm``'s) and ended (``end_llm``); a declined call
+    opens by ``start_llm``. Requests repeat (the identical-request rule), the scope sits at a depth (the depth
+    limit), calls end or stay in flight (the step limit counts both), an id may be reused while its first call is in
+    flight; the spans, run totals and decisions must be the same."""
+    from costobs_callbacks._ledger import DECLINED, current_scope
 
     model, provider = MODELS[model_i]
     meta = policy_meta(budget, loops)
     views = []
-    for general in (False, True):
+    for path in ("shortcut", "general", "admitted"):
         lg, out = ledger(book(Decimal("2"), Decimal("8")))
         took: list[bool] = []
         shortcut = lg._start_scoped_llm
@@ -305,15 +309,38 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
             parent = uuid.UUID(int=10 + i)
         token = current_scope.set(scope)
         decisions: list[Any] = []
-        in_flight: list[Any] = []
+        in_flight: list[str] = []
+        # per id, its calls in flight, oldest first: (sig, start_wall, start_perf) if admitted and not opened, else
+        # None. An end under an id ends its oldest call, as end_llm does with the spans open under one id.
+        admitted: dict[str, list[Any]] = {}
+
+        def end(sid: str, _lg: Ledger = lg, _scope: Span = scope, _admitted: dict[str, list[Any]] = admitted) -> None:
+            oldest = _admitted[sid].pop(0)
+            if oldest is not None:
+                sig, t0, p0 = oldest
+                _lg.record_scoped_llm(_scope, sid, "ChatX", model, provider, t0, p0, sig, tokens, None)
+            else:
+                _lg.end_llm(sid, tokens, None)
+
         try:
             for i, text in enumerate(requests):
                 sid = f"call-{0 if same_id else i}"
                 prompt = prompt_of([text])
+                record: Any = None
                 try:
-                    if general:
+                    if path == "general":
                         lg._start(sid, None, "llm", "ChatX", None, False, None, None, True, model, provider, prompt,
                                   MESSAGES, ({"model": model}, {}), None)
+                    elif path == "admitted":
+                        sig = lg.admit_scoped_llm(scope, model, prompt, MESSAGES)
+                        if sig is DECLINED:
+                            lg.start_llm(sid, None, "ChatX", None, model, provider, prompt, MESSAGES,
+                                         ({"model": model}, {}), None)
+                        elif opened[i]:
+                            lg.open_admitted(scope, sid, "ChatX", model, provider, time.time(), time.perf_counter(),
+                                             sig)
+                        else:
+                            record = (sig, time.time(), time.perf_counter())
                     else:
                         lg.start_llm(sid, None, "ChatX", None, model, provider, prompt, MESSAGES,
                                      ({"model": model}, {}), None)
@@ -321,27 +348,28 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
                     decisions.append((type(exc).__name__, exc.reason))
                     continue
                 decisions.append("started")
+                admitted.setdefault(sid, []).append(record)
                 if ends[i]:
                     try:
-                        lg.end_llm(sid, tokens, None)
+                        end(sid)
                     except RunAborted as exc:
                         decisions.append(("after", type(exc).__name__, exc.reason))
                 else:
                     in_flight.append(sid)
             for sid in in_flight:
                 try:
-                    lg.end_llm(sid, tokens, None)
+                    end(sid)
                 except RunAborted:
                     pass
         finally:
             current_scope.reset(token)
         views.append((decisions, [item_view(i) for i in out.items], run_view(lg, root), lg.runs.get(root.int) and
-                      dict(lg.runs[root.int].model_reqs or {})))
-        if general:
-            assert not took
+                      dict(lg.runs[root.int].model_reqs or {}), lg.largest_output, len(lg.spans)))
+        if path != "shortcut":
+            assert not took or path == "admitted"
         elif budget is not None:
             assert not any(took)  # a budget: always the general path
-    assert views[0] == views[1]
+    assert views[0] == views[1] == views[2]
 
 
 @given(texts=messages_st, max_tokens=st.sampled_from([1, 50, 4000]), delta=st.sampled_from([-1, 0, 1]),

@@ -1312,3 +1312,39 @@ def test_the_four_llm_starts_record_the_same_calls_and_take_the_same_decisions(t
         check()
     finally:
         alone.close()
+
+
+# -- a step inside an LLM call opened on its own -----------------------------------------------------------
+
+
+class _ToolInsideLLM(_UsageLLM):
+    """A custom LLM that calls a tool while its call is in flight (an LLM wrapping an agent, a router)."""
+
+    @llama_index.core.llms.callbacks.llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        from llama_index.core.llms import CompletionResponse
+
+        weather_tool().call(city="Paris")
+        return CompletionResponse(text=self.reply, raw=self._raw())
+
+
+@pytest.mark.parametrize("scoped", [True, False])
+def test_a_tool_called_inside_an_llm_call_is_its_child_in_its_run(tr, scoped):
+    """The tool's span is the LLM call's child, in the call's run, whether the call was opened at its start or, in a
+    ``tracker.run()`` scope or on its own, is recorded whole at its end (its span then opens when the tool's does)."""
+    llm = _ToolInsideLLM(usage=(30, 5))
+    if scoped:
+        with tr.run(feature="tool-inside") as run:
+            llm.complete("weather?")
+        rid = run.run_id
+    else:
+        before = set(_lone_runs(tr))
+        llm.complete("weather?")
+        (rid,) = set(_lone_runs(tr)) - before
+    by_kind = spans_by_kind(tr, rid)
+    (call,) = by_kind["llm"]
+    (tool,) = by_kind["tool"]
+    assert tool["parent_id"] == call["span_id"]
+    assert (call["input_tokens"], call["output_tokens"]) == (30, 5)
+    rc = tr.run_cost(rid)
+    assert (rc.llm_calls, rc.tool_calls, rc.cost_usd) == (1, 1, cost(30, 5, P_MOCK) + TOOL_PRICE)

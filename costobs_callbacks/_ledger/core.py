@@ -2,7 +2,8 @@
 
 Adapters (``integrations/``) translate framework events into calls of ``Ledger.start_llm`` (a paid model call) or
 ``Ledger.start_span`` (any other step) and ``Ledger.end`` (or its short form ``end_llm``; ``record_llm`` for a lone
-call, whole). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
+call, whole; ``admit_scoped_llm`` then ``record_scoped_llm`` for a call in a ``tracker.run()`` scope that only the loop
+guard could refuse). Everything here runs on the application's thread, so it does no I/O and takes no lock across work:
 finished spans are handed to the exporter's queue, and a run's lock (one of a shared pool) covers only the counter
 updates of that run, never held while another lock is taken.
 """
@@ -37,6 +38,7 @@ from .holds import HoldsMixin
 from .model import (
     _DEFERRED,
     COST_KINDS,
+    DECLINED,
     Exporter,
     PromptOps,
     Run,
@@ -277,13 +279,35 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
     ) -> Span | None:
         """``_start`` of a model call with no parent span of its own inside a ``tracker.run()`` scope (a child of
-        the scope's span), when its run has no budget and no spend caps and the loop guard lets it through (within
-        the guard's depth and step limits, a request repeated fewer times than it allows): the span opened and
-        counted. ``None`` otherwise, with nothing changed: the caller then takes the general path, which refuses
-        the call or applies its budget. tests/test_fast_paths.py holds it to ``_start``."""
+        the scope's span), when ``admit_scoped_llm`` admits it: the span opened. ``None`` otherwise, with nothing
+        changed: the caller then takes the general path, which refuses the call or applies its budget.
+        tests/test_fast_paths.py holds it to ``_start``."""
+        sig = self.admit_scoped_llm(scope, model, prompt, prompt_ops)
+        if sig is DECLINED:
+            return None
+        key: Any = span_id.int if type(span_id) is UUID else str(span_id)  # as _start keys it
+        span = new_span(key, scope, scope.run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens)
+        if sig is not None:
+            span.request_sig = sig
+        if self.spans.setdefault(key, span) is not span:
+            self._open_span(key, span)
+        return span
+
+    def admit_scoped_llm(self, scope: Span, model: str | None, prompt: Any, prompt_ops: PromptOps | None) -> Any:
+        """The start of a model call with no parent span inside a ``tracker.run()`` scope (``scope``), when nothing
+        at its start can refuse it but the loop guard: its run has no budget and no spend caps (whose checks need the
+        call's estimate and hold part of a limit while it is in flight) and is not aborted, and the loop guard lets
+        it through (within the depth and step limits, a request repeated fewer times than allowed). The call is then
+        counted in its run (a step and a model call: what the step limit and a live ``run_cost`` read), and its
+        request signature is returned (``None`` when the loop guard needs none), for its end. ``DECLINED``
+        otherwise, with nothing changed: the call must open by ``start_llm``, which refuses it or applies its budget.
+
+        Nothing else is needed of such a call while it is in flight, so an adapter may open nothing more now and
+        record it whole at its end (``record_scoped_llm``), or open its span when something must find it
+        (``open_admitted``): a call made inside it, an end that is not ``record_scoped_llm``'s."""
         run = scope.run
         if run.budget is not None or self.caps is not None or run.aborted is not None:
-            return None
+            return DECLINED
         loops = run.loops
         sig = max_steps = None
         if loops is not None:
@@ -291,25 +315,66 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             if lm[0] is not loops:
                 lm = self._loops_memo = (loops, loops.max_depth, loops.max_steps, loops.max_identical_model_requests)
             if lm[1] is not None and scope.depth + 1 > lm[1]:
-                return None
+                return DECLINED
             max_steps, max_reqs = lm[2], lm[3]
             if max_reqs is not None and prompt is not None and prompt_ops is not None:
                 sig = prompt_ops.signature(model, prompt)
                 reqs = run.model_reqs
                 if reqs is not None and reqs.get(sig, 0) + 1 >= max_reqs:
-                    return None
+                    return DECLINED
         with run.lock:
             steps = run.steps + 1
             if max_steps is not None and steps > max_steps:
-                return None
+                return DECLINED
             run.steps = steps
             run.llm_calls += 1
-        key: Any = span_id.int if type(span_id) is UUID else str(span_id)  # as _start keys it
-        span = new_span(key, scope, run, "llm", name, model, provider, prompt, prompt_ops, extra, max_tokens)
+        return sig
+
+    def open_admitted(
+        self, scope: Span, key: Any, name: str, model: str | None, provider: str | None, start_wall: float,
+        start_perf: float, sig: Any,
+    ) -> Span:
+        """Open the span of a call ``admit_scoped_llm`` admitted (``sig``: what it returned), started at
+        ``start_wall`` / ``start_perf``, under ``key`` (a ``span_key``): the span ``_start_scoped_llm`` would have
+        opened at its start, but for its request, which nothing reads when its run has no budget. Then any end."""
+        span = new_span(key, scope, scope.run, "llm", name, model, provider, None, None, None, None, start_wall,
+                        start_perf)
         if sig is not None:
             span.request_sig = sig
         if self.spans.setdefault(key, span) is not span:
             self._open_span(key, span)
+        return span
+
+    def record_scoped_llm(
+        self, scope: Span, key: Any, name: str, model: str | None, provider: str | None, start_wall: float,
+        start_perf: float, sig: Any, tokens: Tokens, served: str | None, estimated: bool = False,
+        flags: tuple[str, ...] = (), detail: UsageDetail | None = None,
+    ) -> Span:
+        """Record a call ``admit_scoped_llm`` admitted (``sig``: what it returned), whole, once it has ended ok with
+        its token counts: ``open_admitted`` + ``end_llm`` in one step, with their helpers (``new_span``, ``_set_cost``,
+        ``_account`` under the run's lock, ``_end_child``), leaving out the open spans' table, which nothing read
+        meanwhile. Raises ``RunAborted`` as ``end_llm`` does (a budget the run was given meanwhile).
+        tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
+
+        ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
+        run = scope.run
+        span = new_span(key, scope, run, "llm", name, model, provider, None, None, None, None, start_wall, start_perf)
+        if sig is not None:
+            span.request_sig = sig
+        span.end_wall = time.time()
+        span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
+        span.status = "ok"
+        if flags:
+            span.flags = flags  # distinct, as the adapter makes them; kept as given (see record_llm)
+        if detail is not None:
+            span.detail = detail
+        priced = self.prices.price_nanos(served or model, provider, tokens, detail)
+        if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
+            return self._finish(span, "ok", None, tokens, served, estimated, False, None)
+        cost = self._set_cost(span, tokens, served, estimated, priced)
+        with run.lock:
+            _account(run, span, cost, sig)
+        self._end_child(run, span)
         return span
 
     def _start_new_llm_run(

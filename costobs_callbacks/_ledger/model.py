@@ -423,6 +423,10 @@ _DEFERRED: Any = object()
 """``Span.request_sig`` of a call whose request signature is computed at its end, if it is needed then."""
 
 
+DECLINED: Any = object()
+"""What ``Ledger.admit_scoped_llm`` returns for a call it does not admit (a request signature may be ``None``)."""
+
+
 _NO_META: Mapping[str, Any] = {}  # read-only
 
 

@@ -13,7 +13,7 @@ LlamaIndex reports a call three ways, each used for what it can do; the modules,
   the ledger; ``identity``: the model and provider of a component; ``state``: the span tree's nodes and the ledger
   spans we opened;
 - ``calls``: the adapter's state and its calls on the ledger (``start_llm`` / ``start_span`` / ``end_llm`` /
-  ``record_llm``), where every rule lives;
+  ``record_llm``; ``admit_scoped_llm`` / ``record_scoped_llm``), where every rule lives;
 - ``instrument``: ``instrument`` / ``uninstrument`` / ``legacy_handler``, called by ``CostTracker``.
 """
 

@@ -1,8 +1,9 @@
 """The adapter's state and its calls on the ledger: opening a ledger span for a LlamaIndex step (``Ledger.start_span``)
 or for an LLM or embedding call (``Ledger.start_llm``), and ending it, an LLM call costed from the usage its response
 reports (read by ``payloads.usage_of``) or else estimated (``_tokens``), a lone call recorded whole at its end
-(``Ledger.record_llm``). Every rule (pricing, guards, budgets, token accounting) is the ledger's; this module only
-says which span is which and what its end carries.
+(``Ledger.record_llm``), as is a call admitted at its start in a ``tracker.run()`` scope (``Ledger.admit_scoped_llm``,
+``Ledger.record_scoped_llm``). Every rule (pricing, guards, budgets, token accounting) is the ledger's; this module
+only says which span is which and what its end carries.
 
 The three ways LlamaIndex reports a call each feed these methods: ``spans`` (the span handler: the tree), ``events``
 (the instrumentation event handler) and ``legacy`` (the ``CallbackManager`` handler)."""
@@ -24,7 +25,7 @@ from ..._exceptions import RunAborted
 from ..._ledger import Tokens, _again, current_scope
 from ..._tokens import count
 from .payloads import OPS, Prompt, Tools, chunks_tokens, response_text, served_model, usage_of
-from .state import Node, Track, span_key
+from .state import Node, Track, new_track, span_key
 
 if TYPE_CHECKING:
     from ..._ledger import Ledger
@@ -109,10 +110,14 @@ class Adapter:
 
     def open(self, key: str, parent: Track | None, kind: str, name: str, node: Node | None, **kw: Any) -> Track:
         """Open a ledger span for a step that is not an LLM call (an embedding call's too)."""
-        pk = parent.key if parent is not None else None
+        pk = None
+        if parent is not None:
+            if parent.span is None:
+                self.materialize(parent)
+            pk = parent.key
         span = (self.ledger.start_llm(key, pk, name, None, kind=kind, **kw) if kind == "embedding"
                 else self.ledger.start_span(key, pk, kind, name, **kw))
-        track = Track(key, parent, kind, span, node)
+        track = new_track(key, parent, kind, span, node)
         if parent is not None:
             with self.lock:
                 parent.open_children += 1
@@ -122,9 +127,13 @@ class Adapter:
                  provider: str | None, prompt: str | Prompt, tools: Tools | None, max_tokens: int | None) -> Track:
         """Open an LLM call before it is sent (a guard's refusal raises ``RunAborted``), its request kept for the end
         estimate."""
-        span = self.ledger.start_llm(key, parent.key if parent is not None else None, name, None, model, provider,
-                                     prompt, OPS, tools, max_tokens)
-        track = Track(key, parent, "llm", span, node)
+        pk = None
+        if parent is not None:
+            if parent.span is None:
+                self.materialize(parent)
+            pk = parent.key
+        span = self.ledger.start_llm(key, pk, name, None, model, provider, prompt, OPS, tools, max_tokens)
+        track = new_track(key, parent, "llm", span, node)
         if parent is not None:
             with self.lock:
                 parent.open_children += 1
@@ -141,8 +150,10 @@ class Adapter:
     @staticmethod
     def lone(key: str, node: Node | None, name: str, model: str | None, provider: str | None, prompt: str | Prompt,
              tools: Tools | None, start_wall: float, start_perf: float) -> Track:
-        """The track of a lone LLM call (see ``may_be_lone``): nothing in the ledger until it ends, its start kept."""
-        track = Track(key, None, "llm", None, node)
+        """The track of a lone LLM call (see ``may_be_lone``), or of a call in a ``tracker.run()`` scope that
+        ``Ledger.admit_scoped_llm`` admitted (the caller then sets ``scope`` and ``sig``): nothing more in the ledger
+        until it ends, its start kept."""
+        track = new_track(key, None, "llm", None, node)
         track.lone = True
         track.name = name
         track.provider = provider
@@ -154,13 +165,28 @@ class Adapter:
         return track
 
     def _open_lone(self, track: Track) -> None:
-        """Open a lone call's span after all, with its start times (an end that is not ``record_llm``'s). Its
-        request is not needed: no budget estimate can apply to it (see ``Ledger.lone_calls``)."""
-        span = self.ledger.start_llm(track.key, None, track.name, None, track.model, track.provider, root=True)
-        span.start_wall = span.run.started_wall = track.start_wall
-        span.start_perf = span.run.started_perf = track.start_perf
-        track.span = span
+        """Open a lone (or admitted) call's span after all, with its start times: an end that is not ``record_llm``'s
+        (``record_scoped_llm``'s), or a span opened inside the call. Its request is not needed: no budget estimate can
+        apply to it (see ``Ledger.lone_calls``, ``Ledger.admit_scoped_llm``)."""
+        scope = track.scope
+        if scope is not None:
+            track.span = self.ledger.open_admitted(scope, track.key, track.name, track.model, track.provider,
+                                                   track.start_wall, track.start_perf, track.sig)
+        else:
+            span = self.ledger.start_llm(track.key, None, track.name, None, track.model, track.provider, root=True)
+            span.start_wall = span.run.started_wall = track.start_wall
+            span.start_perf = span.run.started_perf = track.start_perf
+            track.span = span
         track.lone = False
+
+    def materialize(self, track: Track) -> None:
+        """A span opens inside a lone (or admitted) LLM call still in flight: open the call's span first, so that the
+        new one finds its parent. Under the adapter's lock, against the call's end in another thread (``finish_llm``
+        marks the track ended under it, then reads ``lone``): rare (a component that works inside its LLM call), and
+        the ledger's part is a few dictionary operations."""
+        with self.lock:
+            if track.lone and not track.ended:
+                self._open_lone(track)
 
     def anchor(self, node: Node | None, include_self: bool) -> Track | None:
         """The nearest tracked ancestor of ``node``. Outside ``tracker.run()``, an untracked top-level
@@ -218,8 +244,10 @@ class Adapter:
                     n.refused_raised = True
                     raise err
                 raise _again(err)
-            if n.track is not None:
-                span = n.track.span  # None: a lone call, which nothing can stop
+            t = n.track
+            if t is not None:
+                # no span: a lone call, which nothing can stop, or an admitted call, stopped with its scope's run
+                span = t.span if t.span is not None else t.scope
                 if span is not None and span.run.aborted is not None:
                     raise _again(span.run.aborted)
                 return
@@ -316,15 +344,24 @@ class Adapter:
             if track.holds:
                 track.holds = False
                 self.release_events()
+        scope = None
         if track.lone:
-            if status == "ok" and usage is not None:
+            if status != "ok" or usage is None:
+                self._open_lone(track)
+            elif track.scope is None:
                 self.ledger.record_llm(track.key, track.name, track.model, track.provider, track.start_wall,
                                        track.start_perf, usage, model, estimated, flags, detail)
                 return
-            self._open_lone(track)
+            else:  # a call in a scope admitted at its start (see Ledger.admit_scoped_llm): recorded whole
+                scope = track.scope
         try:
             if status == "ok" and usage is not None:
-                self.ledger.end_llm(track.key, usage, model, estimated, flags, detail)
+                if scope is not None:
+                    self.ledger.record_scoped_llm(scope, track.key, track.name, track.model, track.provider,
+                                                  track.start_wall, track.start_perf, track.sig, usage, model,
+                                                  estimated, flags, detail)
+                else:
+                    self.ledger.end_llm(track.key, usage, model, estimated, flags, detail)
             else:
                 u = None if usage is None else TokenUsage(*usage)
                 self.ledger.end(track.key, status, error if status == "error" else None, u, model, estimated, False,

@@ -11,7 +11,9 @@ It also works alone (``tracker.llamaindex_handler()`` in a manager the app wires
 it then builds the tree from the legacy events' parent ids and costs and guards from them alone.
 
 A call made on its own (no tracked span above it, no ``tracker.run()`` around it) under a tracker policy that
-cannot refuse it opens nothing at its start and is recorded whole at its end (``Ledger.record_llm``)."""
+cannot refuse it opens nothing at its start and is recorded whole at its end (``Ledger.record_llm``); so is a call
+with no tracked span above it in a ``tracker.run()`` scope whose run only the loop guard could refuse it, once
+admitted and counted at its start (``Ledger.admit_scoped_llm``, ``Ledger.record_scoped_llm``)."""
 
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.instrumentation.span import active_span_id
 
 from ..._exceptions import RunAborted
-from ..._ledger import current_scope
+from ..._ledger import DECLINED, current_scope
 from .calls import Adapter
 from .identity import identify, model_of, provider_from_class_name
 from .payloads import (
     EMPTY,
+    OPS,
     P_CHUNKS,
     P_COMPLETION,
     P_EXCEPTION,
@@ -105,7 +108,15 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
     name, model, provider = identify(node.cls, md, "llm")
     key = span_key(sid)
     ledger = a.ledger
-    if parent is None and ledger.lone_calls and current_scope.get() is None:  # a.may_be_lone(False), inline
+    scope = current_scope.get() if parent is None else None
+    sig: Any = DECLINED
+    if scope is not None:  # a call in a tracker.run() scope: counted now, recorded whole at its end if admitted
+        sig = ledger.admit_scoped_llm(scope, model, prompt, OPS)
+    if sig is not DECLINED:
+        track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
+        track.scope = scope
+        track.sig = sig
+    elif parent is None and scope is None and ledger.lone_calls:  # a.may_be_lone(False), inline
         track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
     else:
         up = a.anchor(node, include_self=False) if parent is not None else None

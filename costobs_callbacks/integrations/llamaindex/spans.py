@@ -26,7 +26,7 @@ from ..._exceptions import RunAborted
 from .calls import Adapter
 from .identity import is_openai_compatible
 from .payloads import tool_args, tool_name
-from .state import Node, span_key
+from .state import Node, new_node, span_key
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
     import workflows as _workflows
@@ -190,7 +190,7 @@ class SpanHandler(BaseSpanHandler[Any]):
             nodes = a.nodes
             what = plan.what
             # an LLM call's span needs no start of its own: the call starts at its start event
-            node = Node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
+            node = new_node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
             nodes[id_] = node
             if plan.hookable:
                 hooked = a.hook(instance)

@@ -11,7 +11,7 @@ from ... import _usage
 from ..._exceptions import RunAborted
 from ..._ledger import Span
 
-__all__ = ["Node", "Track", "span_key"]
+__all__ = ["Node", "Track", "new_node", "new_track", "span_key"]
 
 _UUID_LEN = 36
 
@@ -45,19 +45,23 @@ class Track:
     ctx_token: Any = None
     stream_usage_requested = False
     holds = False  # a stream being read: it needs its progress events (see Adapter.hold_events)
-    # A lone LLM call (see Ledger.lone_calls): no ledger span until it ends (``span`` is None meanwhile).
+    # A lone LLM call (see Ledger.lone_calls), or a call in a ``tracker.run()`` scope admitted at its start
+    # (``scope``, its request signature ``sig``; see Ledger.admit_scoped_llm): no ledger span until it ends, or until
+    # a span opens inside it (``span`` is None meanwhile).
     lone = False
+    scope: Span | None = None
+    sig: Any = None
     name = ""
     provider: str | None = None
     start_wall = 0.0
     start_perf = 0.0
 
-    def __init__(self, key: str, parent: Track | None, kind: str, span: Span | None, node: Node | None) -> None:
-        self.key = key
-        self.parent = parent
-        self.node = node
-        self.kind = kind
-        self.span = span
+    # Set by new_track, the one way tracks are made:
+    key: str
+    parent: Track | None
+    node: Node | None
+    kind: str
+    span: Span | None
 
 
 class Node:
@@ -74,12 +78,40 @@ class Node:
     start_wall = 0.0  # a top node's start (0.0: not taken), the start of the chain it may be opened as (see anchor)
     start_perf = 0.0
 
-    def __init__(self, id_: str, parent: Node | None, name: str, cls: type | None, timed: bool) -> None:
-        self.id = id_
-        self.name = name
-        self.cls = cls
-        if parent is not None:
-            self.parent = parent
-        elif timed:
-            self.start_wall = time.time()
-            self.start_perf = time.perf_counter()
+    # Set by new_node, the one way nodes are made:
+    id: str
+    name: str
+    cls: type | None
+
+
+# Tracks and nodes are made by these functions, not by ``__init__``, as the ledger makes its runs and spans
+# (``_ledger.model.new_span``): calling a class costs CPython 3.11 ``type.__call__`` and a fresh frame on top of a
+# function call, and every LlamaIndex span makes a node, every call a track, on the app's thread.
+
+_new_object = object.__new__
+
+
+def new_track(key: str, parent: Track | None, kind: str, span: Span | None, node: Node | None) -> Track:
+    """A track of the ledger span ``span`` (``None``: not opened yet, see ``Track.lone``) under ``key``."""
+    track: Track = _new_object(Track)
+    track.key = key
+    track.parent = parent
+    track.node = node
+    track.kind = kind
+    track.span = span
+    return track
+
+
+def new_node(id_: str, parent: Node | None, name: str, cls: type | None, timed: bool) -> Node:
+    """The node of the span ``id_`` (``name``: ``Class.method``) under ``parent``; a top node's start is taken if
+    ``timed`` (the chain it may be opened as starts then, see ``Adapter.anchor``)."""
+    node: Node = _new_object(Node)
+    node.id = id_
+    node.name = name
+    node.cls = cls
+    if parent is not None:
+        node.parent = parent
+    elif timed:
+        node.start_wall = time.time()
+        node.start_perf = time.perf_counter()
+    return node
