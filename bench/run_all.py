@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "rollup_latency": ("Rollup latency", ["--spans", "200000", "--reps", "5", "--raw-reps", "2"]),
     "outage_latency": ("App thread while the database is down", ["--rounds", "8", "--batch", "100"]),
     "instructions": ("Instructions (callgrind)", ["--quick"]),
+    "exporter_instructions": ("Exporter instructions per span (callgrind)", ["--runs", "1000", "--runs1", "8000"]),
     "caps_overhead": ("Tenant spend caps", ["--rounds", "15", "--batch", "100", "--first-calls", "10"]),
 }
 PROFILE = ("profile_handler", ("Handler profile", ["--calls", "5000"]))
