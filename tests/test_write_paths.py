@@ -261,3 +261,41 @@ def test_a_role_that_may_not_create_temporary_tables_is_written_through_core(
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
         admin.dispose()
+
+
+def test_sqlites_fast_path_stores_every_null_as_null_wherever_it_sits_in_a_batch(tmp_path: Path) -> None:
+    """SQLite's fast path binds most NULLs as a float NaN (sqlite3's ``None`` goes through an adapter lookup), in the
+    columns where the batch's first rows hold ``None``; a ``None`` in another column binds through the adapter. Both
+    must store NULL, and every other value as it is: the batch's first 40 runs have a route and no error, the next
+    40 an error and no route (their NULL routes are past the rows read for the swap), and the stored tables must be
+    the general path's."""
+    made: list[Any] = []
+    source = BatchExporter(made.extend, schedule_delay=3600)
+    ledger = Ledger(prices=PriceBook(PRICES), exporter=source, user_salt=b"salt", loops=LoopPolicy(enabled=False))
+    for i in range(80):
+        sid = uuid.uuid4()
+        meta = {"feature": "f", **({"route": "/r", "tenant_id": f"t{i % 3}"} if i < 40 else {})}
+        ledger.start_llm(sid, None, "Chat", meta, "m-a", "prov")
+        ledger.end(sid, "ok" if i < 40 else "error", None if i < 40 else ValueError("bad"),
+                   TokenUsage(100 + i, 10, 0, 0, 0), model="m-a")
+    assert source.force_flush(10)
+    source.shutdown()
+    fast, core = Store(f"sqlite:///{tmp_path}/fast.db"), Store(f"sqlite:///{tmp_path}/core.db")
+    core._portable()
+    try:
+        for s in (fast, core):
+            s.write_batch(Batch(made))
+        assert fast._path == "sqlite"
+        for table, skip in ((spans, ("id",)), (runs, ()), (rollups, ()), (rollups_keyed, ())):
+            assert _table(fast, table, skip) == _table(core, table, skip), table.name
+        with fast.engine.connect() as conn:
+            got = conn.execute(sa.text(
+                "SELECT count(*), sum(route IS NULL), sum(error IS NULL), sum(parent_id IS NULL), "
+                "sum(flags IS NULL), sum(typeof(route) = 'real' OR typeof(error) = 'real' OR typeof(parent_id) = "
+                "'real' OR typeof(flags) = 'real' OR typeof(service_tier) = 'real') FROM costobs_spans")).one()
+            assert tuple(got) == (80, 40, 40, 80, 80, 0)
+            assert conn.execute(sa.text("SELECT count(*) FROM costobs_runs WHERE reason IS NULL AND route IS NULL "
+                                        "AND attributes IS NULL")).scalar() == 40
+    finally:
+        fast.close()
+        core.close()

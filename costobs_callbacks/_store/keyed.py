@@ -40,6 +40,8 @@ _MAX_AT = _AT["latency_max_ms"]
 COLS: tuple[str, ...] = ("dim", "grain", "bucket", "vkey", "value", *_ROLLUP_ADDS, "latency_max_ms")
 _T = "costobs_rollups_keyed"
 _HEAD = f"INSERT INTO {_T} ({', '.join(COLS)}) VALUES "
+_NULLS = tuple(i for i, c in enumerate(COLS) if rollups_keyed.c[c].nullable)
+"""Where a keyed row may hold ``None`` (bound as NULL: see ``Writes._sqlite_many``)."""
 TAIL = (
     " ON CONFLICT (dim, grain, bucket, vkey) DO UPDATE SET "
     + ", ".join(f"{k} = {_T}.{k} + excluded.{k}" for k in _ROLLUP_ADDS)
@@ -110,7 +112,7 @@ def write(store: Any, conn: sa.Connection, roll_rows: Sequence[Sequence[Any]], s
     if not keyed:
         return
     if sqlite_fast:
-        store._sqlite_many(conn, _HEAD, len(COLS), keyed, TAIL)
+        store._sqlite_many(conn, _HEAD, len(COLS), keyed, TAIL, _NULLS)
     elif store._path == "pg":
         store._pg_upsert(conn, "keyed", keyed)
     else:
