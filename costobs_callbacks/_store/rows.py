@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -168,7 +169,7 @@ def _sqlite_dt(ts: float) -> str:
     """SQLAlchemy's own SQLite DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), so Core reads it
     back; the date and time of a whole second are formatted once (spans come in bursts). Microseconds are
     rounded as ``datetime.fromtimestamp`` rounds them (half to even), so every path stores the same time."""
-    sec = int(ts)
+    sec = _trunc(ts)
     us = round((ts - sec) * 1_000_000)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
@@ -185,6 +186,15 @@ def _sqlite_dt(ts: float) -> str:
 
 _DIGITS3 = [f"{i:03d}" for i in range(1000)]
 
+_trunc = math.trunc
+"""``int(x)`` of a number (toward zero), in half its instructions: ``int`` is a type, called through its
+constructor. The exporter's thread truncates several times a span."""
+
+_AS_INT = (0, 1)
+"""A boolean as SQLite stores it, by indexing (``_AS_INT[flag]``: a tenth of ``int(flag)``'s instructions)."""
+_AS_BOOL = (False, True)
+"""A boolean as is, by indexing, for the paths whose drivers take booleans."""
+
 
 _PG_EPOCH = 946_684_800
 """2000-01-01 in epoch seconds: PostgreSQL's binary timestamps count microseconds from it."""
@@ -196,7 +206,7 @@ def _pg_micros(ts: float) -> int:
     """A time as PostgreSQL's binary ``timestamp`` holds it (microseconds since 2000-01-01 UTC, an int64), for
     binary COPY: the same microseconds as ``_utc`` (rounded as ``_sqlite_dt`` rounds them), without a ``datetime``
     per value. A time ``datetime`` cannot hold is refused as ``_utc`` refuses it."""
-    sec = int(ts)
+    sec = _trunc(ts)
     if not _FIRST_SECOND <= sec < _END_SECOND:
         raise ValueError(f"timestamp {ts!r} out of range")
     return (sec - _PG_EPOCH) * 1_000_000 + round((ts - sec) * 1_000_000)
@@ -208,9 +218,10 @@ def _run_cols(run: Run) -> tuple[Any, ...]:
     return run.run_id, run.flags, _RUN_ATTRIBUTION(run), _tier_variant(attrs) if attrs else _NO_TIER
 
 
-def _span_tuple(sp: Span, dt: Any, flag: Any, cols: tuple[Any, ...] | None = None,
+def _span_tuple(sp: Span, dt: Any, flag: tuple[Any, Any], cols: tuple[Any, ...] | None = None,
                 opens: bool = False) -> tuple[Any, ...]:
-    """One span as a row of ``_SPAN_COLS``; ``dt`` and ``flag`` adapt times and booleans to the driver; ``cols`` are
+    """One span as a row of ``_SPAN_COLS``; ``dt`` adapts times to the driver, and ``flag`` booleans (``_AS_INT`` or
+    ``_AS_BOOL``, indexed by the span's booleans); ``cols`` are
     its run's (``_run_cols``: read once per run by ``_batch_rows``); ``opens``, whether it opens its run."""
     rid, run_flags, attribution, tier_variant = cols if cols is not None else _run_cols(sp.run)
     t = sp.tokens
@@ -228,12 +239,12 @@ def _span_tuple(sp: Span, dt: Any, flag: Any, cols: tuple[Any, ...] | None = Non
     return (
         sp.span_id, parent.span_id if parent is not None and parent.exported else sp.export_parent_id,
         rid, sp.kind, name or "", model or None, provider or None,
-        dt(start), dt(sp.end_wall), int(start // 3600), sp.latency_ms, sp.status,
+        dt(start), dt(sp.end_wall), _trunc(start // 3600), sp.latency_ms, sp.status,
         _txt(sp.error, 128) if sp.error else None,
         *(t if t is not None else _NO_USAGE), sp.cost_nanos, sp.tree_cost,
-        flag(sp.unpriced), flag(sp.estimated), flag(sp.cache_hit), sp.saved_nanos, *_prices_of(sp.prices),
+        flag[sp.unpriced], flag[sp.estimated], flag[sp.cache_hit], sp.saved_nanos, *_prices_of(sp.prices),
         _flags_of(sp, run_flags) if run_flags or sp.flags else None, *attribution,
-        *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)), *tier_variant, flag(opens),
+        *(_NO_DETAIL if sp.detail is None else _detail_cols(sp.detail)), *tier_variant, flag[opens],
     )
 
 
@@ -278,7 +289,7 @@ _RUN_ATTRIBUTION = attrgetter("feature", "route", "tenant_id", "user_hash", "pro
 
 def _span_row(sp: Span, cols: tuple[Any, ...] | None = None, opens: bool = False) -> dict[str, Any]:
     """One span as a Core parameter dict (the portable path, for dialects without a fast path)."""
-    return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, bool, cols, opens), strict=True))
+    return dict(zip(_SPAN_COLS, _span_tuple(sp, _utc, _AS_BOOL, cols, opens), strict=True))
 
 
 # -- run rows -------------------------------------------------------------------------------------------
@@ -349,7 +360,7 @@ def _run_row(acc: list[Any]) -> dict[str, Any]:
 # -- the neutral form (the spool's) ---------------------------------------------------------------------
 
 def _neutral_span(sp: Span, cols: tuple[Any, ...] | None = None, opens: bool = False) -> tuple[Any, ...]:
-    return _span_tuple(sp, float, bool, cols, opens)
+    return _span_tuple(sp, float, _AS_BOOL, cols, opens)
 
 
 def _neutral_run(acc: list[Any]) -> tuple[Any, ...]:
@@ -445,7 +456,7 @@ def _rollup_groups(span_rows: Sequence[Any]) -> dict[tuple[Any, ...], list[Any]]
     """A batch's hourly rollups from its span rows as stored: (hour, *rollup keys) -> sums in ``_rollup_tuple``'s
     order (``runs``, index 9, counts the rows that open their run: ``writes._open_runs`` keeps it so)."""
     key_of = _RKEY_OF
-    lat_us = int  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
+    lat_us = _trunc  # a latency in whole microseconds, truncated as ``_micros`` has the raw spans read it
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for row in span_rows:
         r = row if type(row) is tuple else tuple(row.values())

@@ -28,6 +28,8 @@ from . import keyed
 from .applied import claim
 from .fitting import _fit_rows, _fit_span_row, _is_data_error
 from .rows import (
+    _AS_BOOL,
+    _AS_INT,
     _RKEY_OF,
     _batch_invocations,
     _batch_rows,
@@ -148,11 +150,11 @@ _ROLLUP_NULLS = _nullable(rollups, _ROLLUP_COLS)
 
 
 def _sqlite_span_tuple(sp: Any, cols: tuple[Any, ...], opens: bool) -> tuple[Any, ...]:
-    return _span_tuple(sp, _sqlite_dt, int, cols, opens)
+    return _span_tuple(sp, _sqlite_dt, _AS_INT, cols, opens)
 
 
 def _pg_span_tuple(sp: Any, cols: tuple[Any, ...], opens: bool) -> tuple[Any, ...]:
-    return _span_tuple(sp, _pg_micros, bool, cols, opens)
+    return _span_tuple(sp, _pg_micros, _AS_BOOL, cols, opens)
 
 
 _RUN_ROW = {"sqlite": _sqlite_run_tuple, "pg": _pg_run_tuple, "core": _run_row}
