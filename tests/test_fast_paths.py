@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import HumanMessage, SystemMessage
 
@@ -507,10 +507,14 @@ def test_an_ids_text_is_the_uuid_modules(n: int) -> None:
     assert uuid_text(n) == str(uuid.UUID(int=n))
 
 
-@given(st.floats(min_value=-62_135_596_800.0, max_value=253_402_300_799.0, allow_nan=False))
+@given(st.one_of(st.floats(min_value=-62_135_596_800.0, max_value=253_402_300_799.0, allow_nan=False),
+                 st.integers(min_value=-62_135_596_800, max_value=253_402_300_799)))
+@example(1_700_000_000.0078125)  # 7,812.5 µs: a tie, rounded to even
+@example(1_700_000_000.9999995)  # rounds up into the next second
 def test_a_times_sqlite_text_and_postgresql_micros_are_its_datetimes(ts: float) -> None:
     """The write paths' own forms of a time (SQLite's text, PostgreSQL's binary microseconds) hold the time
-    ``datetime.fromtimestamp`` makes of it, rounding included, as SQLAlchemy Core writes it on the portable path."""
+    ``datetime.fromtimestamp`` makes of it, rounding included, as SQLAlchemy Core writes it on the portable path.
+    (Times are floats from ``time.time()``, or whole seconds.)"""
     try:
         dt = _utc(ts)
     except (ValueError, OverflowError, OSError):

@@ -170,7 +170,7 @@ def _sqlite_dt(ts: float) -> str:
     back; the date and time of a whole second are formatted once (spans come in bursts). Microseconds are
     rounded as ``datetime.fromtimestamp`` rounds them (half to even), so every path stores the same time."""
     sec = _trunc(ts)
-    us = round((ts - sec) * 1_000_000)
+    us = _round((ts - sec) * 1e6)
     if us >= 1_000_000:
         sec, us = sec + 1, us - 1_000_000
     elif us < 0:  # (before 1970)
@@ -189,6 +189,10 @@ _DIGITS3 = [f"{i:03d}" for i in range(1000)]
 _trunc = math.trunc
 """``int(x)`` of a number (toward zero), in half its instructions: ``int`` is a type, called through its
 constructor. The exporter's thread truncates several times a span."""
+
+_round = float.__round__
+"""``round(x)`` of a float (half to even), in half its instructions: ``round`` looks its argument's ``__round__``
+up at every call."""
 
 _AS_INT = (0, 1)
 """A boolean as SQLite stores it, by indexing (``_AS_INT[flag]``: a tenth of ``int(flag)``'s instructions)."""
@@ -209,7 +213,7 @@ def _pg_micros(ts: float) -> int:
     sec = _trunc(ts)
     if not _FIRST_SECOND <= sec < _END_SECOND:
         raise ValueError(f"timestamp {ts!r} out of range")
-    return (sec - _PG_EPOCH) * 1_000_000 + round((ts - sec) * 1_000_000)
+    return (sec - _PG_EPOCH) * 1_000_000 + _round((ts - sec) * 1e6)
 
 
 def _run_cols(run: Run) -> tuple[Any, ...]:
