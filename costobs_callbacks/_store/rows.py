@@ -80,7 +80,7 @@ def _batch_rows(items: Sequence[Any], make_row: Any, make_run: Any,
     span_rows: list[Any] = []
     first_root: dict[str, int] = {}  # run id -> the row of its first root span in the batch
     fitted: list[tuple[str, bool]] = []  # with ``fit``: per span row, its run id and whether it was changed
-    # run id -> [run, *the batch's totals in _RUN_SUMS order, (its first root span, that span's row) or None]
+    # run id -> [run, *the batch's totals in _RUN_SUMS order, its first root span and that span's row (or None)]
     runs_seen: dict[str, list[Any]] = {}
     cols_of: dict[int, tuple[Any, ...]] = {}  # id(run) -> _run_cols(run), each run object read once per batch
     last_run: Run | None = None
@@ -99,7 +99,7 @@ def _batch_rows(items: Sequence[Any], make_row: Any, make_run: Any,
                 rid = cols[0]
                 acc = runs_seen.get(rid)  # type: ignore[assignment]
                 if acc is None:
-                    acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None]
+                    acc = runs_seen[rid] = [run, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None, None]
             opens = it.is_root and rid not in first_root
             if opens:
                 first_root[rid] = len(span_rows)
@@ -109,7 +109,8 @@ def _batch_rows(items: Sequence[Any], make_row: Any, make_run: Any,
                 fitted.append((rid, hit))
             span_rows.append(row)
             if opens:
-                acc[13] = (it, row)
+                acc[13] = it
+                acc[14] = row
             if it.cost_nanos:
                 acc[1] += it.cost_nanos
             t = it.tokens
@@ -132,7 +133,7 @@ def _batch_rows(items: Sequence[Any], make_row: Any, make_run: Any,
             if it.is_root:
                 acc[12] += 1
         elif isinstance(it, Run) and it.run_id not in runs_seen:
-            runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None]
+            runs_seen[it.run_id] = [it, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None, None]
     run_rows: list[Any] = [make_run(acc) for acc in runs_seen.values()]
     changed = 0
     if fit:
@@ -299,9 +300,9 @@ def _span_row(sp: Span, cols: tuple[Any, ...] | None = None, opens: bool = False
 # -- run rows -------------------------------------------------------------------------------------------
 
 def _run_tuple(acc: list[Any], dt: Any) -> tuple[Any, ...]:
-    """A run's summary row as a tuple of ``_RUN_COLS``: ``acc`` is ``[run, *totals, root]`` (see ``_batch_rows``);
-    its status, reason and end as the run has them now; its attributes as JSON text as the engine writes it
-    (``_json_text``); its times through ``dt``.
+    """A run's summary row as a tuple of ``_RUN_COLS``: ``acc`` is ``[run, *totals, root span, its row]`` (see
+    ``_batch_rows``); its status, reason and end as the run has them now; its attributes as JSON text as the engine
+    writes it (``_json_text``); its times through ``dt``.
 
     A time equal to its root span's (a run of one model call starts with it; a run ends with its root span) is
     taken from the root's row, where ``dt`` made it already: a time's text costs several thousand instructions, a
@@ -311,12 +312,12 @@ def _run_tuple(acc: list[Any], dt: Any) -> tuple[Any, ...]:
     ended = run.ended_wall if status != "running" else 0.0
     attrs = run.attributes
     started = run.started_wall
-    root = acc[13]
-    if root is None:
+    sp = acc[13]
+    if sp is None:
         start_at = dt(started)
         end_at = dt(ended) if ended else None
     else:
-        sp, row = root
+        row = acc[14]
         start_at = row[_I_START] if started == sp.start_wall else dt(started)
         end_at = None if not ended else row[_I_START + 1] if ended == sp.end_wall else dt(ended)
     return (
