@@ -16,6 +16,8 @@ real ``BatchExporter`` per store, as in production.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -299,3 +301,39 @@ def test_sqlites_fast_path_stores_every_null_as_null_wherever_it_sits_in_a_batch
     finally:
         fast.close()
         core.close()
+
+
+def test_an_apps_float_adapter_does_not_turn_the_stores_nulls_into_text(tmp_path: Path) -> None:
+    """sqlite3's adapters are process-wide. An app that adapts floats (to text, say) would get the NaN the fast path
+    binds for NULL, and store what it makes of it: with such an adapter the store binds ``None`` as it is. The
+    adapter here records what it sees. (A process of its own: registering an adapter for a built-in type makes
+    sqlite3 adapt every value, for good.)"""
+    script = f"""
+import sqlite3, uuid
+seen = []
+sqlite3.register_adapter(float, lambda f: seen.append(f) or f)
+from costobs_callbacks import LoopPolicy, PriceBook
+from costobs_callbacks._events import TokenUsage
+from costobs_callbacks._export import Batch, BatchExporter
+from costobs_callbacks._ledger import Ledger
+from costobs_callbacks._store import Store
+made = []
+source = BatchExporter(made.extend, schedule_delay=3600)
+ledger = Ledger(prices=PriceBook({{"m-a": {{"input": "2", "output": "8"}}}}), exporter=source, user_salt=b"s",
+                loops=LoopPolicy(enabled=False))
+for i in range(5):
+    sid = uuid.uuid4()
+    ledger.start_llm(sid, None, "Chat", {{"feature": "f"}}, "m-a", "prov")
+    ledger.end(sid, "ok", None, TokenUsage(100, 10, 0, 0, 0), model="m-a")
+source.force_flush(10)
+source.shutdown()
+store = Store("sqlite:///{tmp_path}/app.db")
+assert store._path == "sqlite"
+store.write_batch(Batch(made))
+con = sqlite3.connect("{tmp_path}/app.db")
+print(con.execute("SELECT count(*), sum(error IS NULL), sum(parent_id IS NULL), sum(route IS NULL) "
+                  "FROM costobs_spans").fetchone(), len(seen) > 0, any(f != f for f in seen))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(5, 5, 5, 5) True False"  # NULLs stored; the adapter saw floats, never a NaN

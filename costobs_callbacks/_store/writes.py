@@ -17,6 +17,7 @@ recording the id (``applied``), and a batch whose id is there already is not wri
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -123,8 +124,6 @@ def _sqlite_bind_none() -> None:
     adapter registered for ``NoneType`` is found at the lookup's first step; it returns ``None``, which sqlite3
     binds as NULL, as before. It is process-wide (sqlite3's adapters are) and changes nothing a NULL binds to:
     ``{}.get`` is a C function, so the call costs no Python frame. An adapter the app registered is left alone."""
-    import sqlite3
-
     if (type(None), sqlite3.PrepareProtocol) not in sqlite3.adapters:
         sqlite3.register_adapter(type(None), _NULL.get)
 
@@ -140,6 +139,10 @@ def _nullable(table: sa.Table, cols: Sequence[str]) -> tuple[int, ...]:
     """The positions of ``cols`` whose column takes NULL (where a row's ``None`` may be)."""
     return tuple(i for i, c in enumerate(cols) if table.c[c].nullable)
 
+
+_sqlite3_adapters: dict[Any, Any] = sqlite3.adapters
+_FLOAT_ADAPTED = (float, sqlite3.PrepareProtocol)
+"""sqlite3's adapter key for floats: with one registered, sqlite3 adapts every value it binds."""
 
 _PROBE_ROWS = 32
 """How many of a batch's first rows ``Writes._sqlite_many`` reads for the columns where NULLs are."""
@@ -260,8 +263,6 @@ class Writes:
         self._sqlite_max_vars = 999  # SQLite's limit before 3.32; raised below when the library says so
         if self.dialect == "sqlite":
             try:
-                import sqlite3
-
                 probe = sqlite3.connect(":memory:")
                 self._sqlite_max_vars = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
                 probe.close()
@@ -490,6 +491,8 @@ class Writes:
         # statement it prepares, and one per batch remainder would pile up large compiled programs.
         group = "(" + ",".join("?" * ncols) + ")"
         nan = _NAN
+        if _FLOAT_ADAPTED in _sqlite3_adapters:  # the app adapts floats: a NaN would reach its adapter, not SQLite
+            nulls = ()
         probe = rows[:_PROBE_ROWS]
         nulls = [p for p in nulls if any(r[p] is None for r in probe)]
         # sqlite3's own cursor, on the transaction's connection: SQLAlchemy's result rows cost ~5 µs a run on a
