@@ -15,6 +15,7 @@ import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from llama_index.core.base.llms.types import CompletionResponse
 from llama_index.core.callbacks import CallbackManager
 from llama_index_instrumentation import get_dispatcher
 
@@ -424,8 +425,14 @@ class Adapter:
             prompt, tools = track.inner_prompt
         else:
             prompt, tools = track.prompt, track.tools
-        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
-        out, ok_out = count(response_text(resp), m)
+        text = (resp.text or "") if type(resp) is CompletionResponse else response_text(resp)
+        if tools is None and type(prompt) is str:
+            inp, ok_in = count(prompt, m)
+            if text == prompt:  # a reply that repeats its prompt (MockLLM, echo servers): the same count
+                return (inp, inp, 0, 0, 0), ok_in
+        else:
+            inp, ok_in = OPS.count_tokens(m, prompt, tools)
+        out, ok_out = count(text, m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 
     def finish_embedding(self, track: Track, chunks: Any, *, quiet: bool) -> None:

@@ -46,6 +46,8 @@ from .payloads import (
 )
 from .state import Node, Track, span_key
 
+_new_object = object.__new__
+
 __all__ = ["CostLlamaIndexHandler"]
 
 _EV_LLM = CBEventType.LLM
@@ -106,14 +108,29 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
             a.nest(outer, prompt, tools)
             return
     name, model, provider = identify(node.cls, md, "llm")
-    key = span_key(sid)
+    # span_key(sid), inline for LlamaIndex's own ids ("Class.method-<uuid4>")
+    key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else span_key(sid)
     ledger = a.ledger
     scope = current_scope.get() if parent is None else None
     sig: Any = DECLINED
     if scope is not None:  # a call in a tracker.run() scope: counted now, recorded whole at its end if admitted
         sig = ledger.admit_scoped_llm(scope, model, prompt, OPS)
     if sig is not DECLINED:
-        track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
+        # Adapter.lone, inline (the app's thread makes one of these per call in a scope): no ledger span until it ends
+        track = _new_object(Track)
+        track.key = key
+        track.parent = None
+        track.node = node
+        track.kind = "llm"
+        track.span = None
+        track.lone = True
+        track.name = name
+        track.provider = provider
+        track.model = model
+        track.prompt = prompt
+        track.tools = tools
+        track.start_wall = time.time()
+        track.start_perf = time.perf_counter()
         track.scope = scope
         track.sig = sig
     elif parent is None and scope is None and ledger.lone_calls:  # a.may_be_lone(False), inline
