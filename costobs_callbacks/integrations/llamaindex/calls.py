@@ -411,7 +411,14 @@ class Adapter:
                 flags += ("tier_unpriced",)
             return usage, model, estimated, detail, flags
         if status == "ok" or resp is not None:
-            usage, exact = self._estimate(track, model, resp)
+            if (track.inner_prompt is None and track.tools is None and type(resp) is CompletionResponse
+                    and resp.text == track.prompt and type(track.prompt) is str):
+                # _estimate's answer for a completion whose reply repeats its prompt (MockLLM, an echo server),
+                # inline: one count for both
+                inp, exact = count(track.prompt, model or track.model)
+                usage = (inp, inp, 0, 0, 0)
+            else:
+                usage, exact = self._estimate(track, model, resp)
             flags += ("estimated",) if exact else ("estimated", "estimate:chars")
             if track.stream_usage_requested:
                 flags += ("no_stream_usage",)
