@@ -326,6 +326,9 @@ class Adapter:
             self.events.pop(track.event_id, None)
         status = "ok"
         flags: tuple[str, ...] = ()
+        usage: Tokens | None
+        model: str | None
+        detail: UsageDetail | None
         if error is not None:
             if isinstance(error, GeneratorExit):
                 flags = ("stream_closed",)  # the app stopped reading; what streamed is billed

@@ -37,6 +37,7 @@ from .payloads import (
     P_EXCEPTION,
     P_FUNCTION_CALL,
     P_KWARGS,
+    P_PROMPT,
     P_RESPONSE,
     P_SERIALIZED,
     P_TOOL,
@@ -98,7 +99,18 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
         # run stopped meanwhile (or a refused first call) stops it too.
         a.raise_if_stopped(node)
         return
-    prompt, tools, kw, md = request(payload)
+    kw: Any
+    md: Any
+    if type(payload) is dict:  # request(payload), inline for a completion's payload as LlamaIndex makes it
+        prompt = payload.get(P_PROMPT)
+        kw = payload.get(P_KWARGS)
+        md = payload.get(P_SERIALIZED)
+        if type(prompt) is str and type(kw) is dict and type(md) is dict and "tools" not in kw:
+            tools = None
+        else:
+            prompt, tools, kw, md = request(payload)
+    else:
+        prompt, tools, kw, md = request(payload)
     parent = node.parent
     if parent is not None:
         outer = a.enclosing_llm(node)
