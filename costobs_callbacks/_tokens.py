@@ -184,7 +184,16 @@ def count(text: str, model: str | None) -> tuple[int, bool]:
     key = hash((text, len(text), model))
     hit = _COUNTS.get(key)
     if hit is None:
-        n, exact = count_text(text, model)
+        # count_text(text, model), its common case (an encoder loaded, a text of ordinary length) inline: a prompt
+        # seen for the first time is counted on the app's thread, and a Python call costs about as much as the rest
+        fn = _encoders.get(encoding_for_model(model)) if len(text) <= MAX_EXACT_CHARS else None
+        if fn is not None:
+            try:
+                n, exact = len(fn(text)), True
+            except UnicodeEncodeError:
+                n, exact = count_text(text, model)
+        else:
+            n, exact = count_text(text, model)
         if len(_COUNTS) >= _MAX_COUNTS:
             _COUNTS.clear()
         _COUNTS[key] = 2 * n + exact

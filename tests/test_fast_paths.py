@@ -271,10 +271,12 @@ scoped_loops_st = st.sampled_from([None, {"enabled": False}, {"max_identical_mod
 @given(model_i=st.integers(0, len(MODELS) - 1), requests=st.lists(st.sampled_from(["a", "b", "c"]), max_size=7),
        budget=budget_st, loops=scoped_loops_st, tokens=tokens_st, depth=st.integers(0, 1),
        ends=st.lists(st.booleans(), min_size=7, max_size=7), same_id=st.booleans(),
-       opened=st.lists(st.booleans(), min_size=7, max_size=7))
+       opened=st.lists(st.booleans(), min_size=7, max_size=7), served=st.sampled_from([None, "same", "other"]),
+       estimated=st.booleans(), flags=flags_st, detail=details_st)
 def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
     model_i: int, requests: list[str], budget: dict[str, Any] | None, loops: dict[str, Any] | None,
     tokens: tuple[int, int, int, int, int], depth: int, ends: list[bool], same_id: bool, opened: list[bool],
+    served: str | None, estimated: bool, flags: tuple[str, ...], detail: UsageDetail | None,
 ) -> None:
     """A model call with no parent span inside a ``tracker.run()`` scope opens through ``_start_scoped_llm`` when
     ``admit_scoped_llm`` admits it (only the loop guard applies and lets it through; spend caps, like a budget, make
@@ -288,6 +290,7 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
     from costobs_callbacks._ledger import DECLINED, current_scope
 
     model, provider = MODELS[model_i]
+    reported = reported_model(model, served)
     meta = policy_meta(budget, loops)
     views = []
     for path in ("shortcut", "general", "admitted"):
@@ -318,9 +321,10 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
             oldest = _admitted[sid].pop(0)
             if oldest is not None:
                 sig, t0, p0 = oldest
-                _lg.record_scoped_llm(_scope, sid, "ChatX", model, provider, t0, p0, sig, tokens, None)
+                _lg.record_scoped_llm(_scope, sid, "ChatX", model, provider, t0, p0, sig, tokens, reported, estimated,
+                                      flags, detail)
             else:
-                _lg.end_llm(sid, tokens, None)
+                _lg.end_llm(sid, tokens, reported, estimated, flags, detail)
 
         try:
             for i, text in enumerate(requests):

@@ -1098,8 +1098,10 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(prompt=_TEXT, reply=_TEXT, chat=st.booleans(),
-           usage=st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)))
-    def check(prompt: str, reply: str, chat: bool, usage: tuple[int, int] | None) -> None:
+           usage=st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), echo=st.booleans())
+    def check(prompt: str, reply: str, chat: bool, usage: tuple[int, int] | None, echo: bool) -> None:
+        if echo:  # a reply that repeats its prompt (MockLLM's): counted once for both
+            reply = prompt
         def call(llm: Any) -> None:
             if chat:
                 llm.chat(msgs(prompt))
@@ -1231,9 +1233,10 @@ def test_the_four_llm_starts_record_the_same_calls_and_take_the_same_decisions(t
     @given(prompts=st.tuples(_PROMPT, _PROMPT), reply=_TEXT, usage=_USAGE,
            max_tokens=st.none() | st.integers(1, 500),
            budget=st.none() | st.tuples(st.sampled_from(["first", "both", "any"]), st.integers(-1, 1),
-                                        st.integers(1, 10**7)))
+                                        st.integers(1, 10**7)),
+           echo=st.booleans())
     def check(prompts: tuple[Any, Any], reply: str, usage: Any, max_tokens: int | None,
-              budget: tuple[str, int, int] | None) -> None:
+              budget: tuple[str, int, int] | None, echo: bool) -> None:
         if isinstance(prompts[0], str) == isinstance(prompts[1], str) and prompts[0] == prompts[1]:
             prompts = (prompts[0], prompts[1] + "!" if isinstance(prompts[1], str) else
                        [*prompts[1], ChatMessage(role="user", content="again")])
@@ -1243,6 +1246,9 @@ def test_the_four_llm_starts_record_the_same_calls_and_take_the_same_decisions(t
             """The two calls, each on an LLM of its own (LlamaIndex gives a bare LLM a manager at its first call)."""
             return [(lambda p=p: make().complete(p, **kw) if isinstance(p, str) else make().chat(p, **kw))
                     for p in prompts]
+
+        if echo and isinstance(prompts[0], str):  # a reply that repeats the first prompt (MockLLM's)
+            reply = prompts[0]
 
         def llm() -> _PayloadLLM:
             return _PayloadLLM(reply=reply, usage=usage)

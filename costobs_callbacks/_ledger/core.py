@@ -46,6 +46,7 @@ from .model import (
     Span,
     Tokens,
     _find,
+    _new_object,
     current_scope,
     logger,
     new_run,
@@ -351,16 +352,37 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         flags: tuple[str, ...] = (), detail: UsageDetail | None = None,
     ) -> Span:
         """Record a call ``admit_scoped_llm`` admitted (``sig``: what it returned), whole, once it has ended ok with
-        its token counts: ``open_admitted`` + ``end_llm`` in one step, with their helpers (``new_span``, ``_set_cost``,
-        ``_account`` under the run's lock, ``_end_child``), leaving out the open spans' table, which nothing read
-        meanwhile. Raises ``RunAborted`` as ``end_llm`` does (a budget the run was given meanwhile).
+        its token counts: ``open_admitted`` + ``end_llm`` in one step, leaving out the open spans' table, which nothing
+        read meanwhile. Raises ``RunAborted`` as ``end_llm`` does (a budget the run was given meanwhile).
         tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
+
+        What ``new_span``, ``_set_cost`` and ``_end_child`` do for such a span (a model call in ``scope``, no request
+        kept, not yet costed) is written out here rather than called: this runs on the app's thread once per call in a
+        scope, and each call of a Python function costs more than the few assignments it would save writing. The run's
+        totals are ``_account``'s, as on every end path.
 
         ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
         run = scope.run
-        span = new_span(key, scope, run, "llm", name, model, provider, None, None, None, None, start_wall, start_perf)
-        if sig is not None:
-            span.request_sig = sig
+        # new_span(key, scope, run, "llm", name, model, provider, start_wall=start_wall, start_perf=start_perf)
+        span: Span = _new_object(Span)
+        span._sid = key
+        span.run = run
+        span.kind = "llm"
+        span.name = name
+        span.start_wall = start_wall
+        span.start_perf = start_perf
+        span.parent = scope
+        span.is_root = False
+        span.depth = scope.depth + 1
+        span.cost_nanos = None
+        span.request_sig = sig
+        span.reserved = 0
+        span.cache_hit = span.unpriced = span.estimated = False
+        span.exported = True
+        if model is not None:
+            span.model = model
+        if provider is not None:
+            span.provider = provider
         span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
@@ -371,10 +393,23 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         priced = self.prices.price_nanos(served or model, provider, tokens, detail)
         if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
             return self._finish(span, "ok", None, tokens, served, estimated, False, None)
-        cost = self._set_cost(span, tokens, served, estimated, priced)
+        # _set_cost (the span holds no request)
+        out = tokens[1]
+        if model is not None and out > self.largest_output.get(model, 0):
+            self._saw_output(model, out)
+        if served:
+            span.model = served
+        cost, span.prices = priced
+        span.tokens = tokens
+        span.cost_nanos = span.tree_cost = cost
+        if estimated:
+            span.estimated = True
         with run.lock:
             _account(run, span, cost, sig)
-        self._end_child(run, span)
+        # _end_child
+        self.exporter.emit(span)
+        if run.budget is not None and run.aborted is None:
+            self._check_after(run, span)
         return span
 
     def _start_new_llm_run(

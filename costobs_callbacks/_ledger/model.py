@@ -310,7 +310,7 @@ class Span:
     cap_holds: Any = None
     """Spend caps hook: what this call holds of its tenant's and user's caps while in flight (``SpendCaps.admit``)."""
 
-    # Set by new_span, the one way spans are made:
+    # Set by new_span (and, written out, by Ledger.record_scoped_llm):
     _sid: str | UUID | int
     run: Run
     kind: str

@@ -37,6 +37,7 @@ from .payloads import (
     P_EXCEPTION,
     P_FUNCTION_CALL,
     P_KWARGS,
+    P_PROMPT,
     P_RESPONSE,
     P_SERIALIZED,
     P_TOOL,
@@ -45,6 +46,8 @@ from .payloads import (
     usage_of,
 )
 from .state import Node, Track, span_key
+
+_new_object = object.__new__
 
 __all__ = ["CostLlamaIndexHandler"]
 
@@ -96,7 +99,18 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
         # run stopped meanwhile (or a refused first call) stops it too.
         a.raise_if_stopped(node)
         return
-    prompt, tools, kw, md = request(payload)
+    kw: Any
+    md: Any
+    if type(payload) is dict:  # request(payload), inline for a completion's payload as LlamaIndex makes it
+        prompt = payload.get(P_PROMPT)
+        kw = payload.get(P_KWARGS)
+        md = payload.get(P_SERIALIZED)
+        if type(prompt) is str and type(kw) is dict and type(md) is dict and "tools" not in kw:
+            tools = None
+        else:
+            prompt, tools, kw, md = request(payload)
+    else:
+        prompt, tools, kw, md = request(payload)
     parent = node.parent
     if parent is not None:
         outer = a.enclosing_llm(node)
@@ -106,14 +120,29 @@ def llm_start(a: Adapter, node: Node, sid: str, payload: Any, event_id: str) -> 
             a.nest(outer, prompt, tools)
             return
     name, model, provider = identify(node.cls, md, "llm")
-    key = span_key(sid)
+    # span_key(sid), inline for LlamaIndex's own ids ("Class.method-<uuid4>")
+    key = sid[-36:] if len(sid) > 37 and sid[-37] == "-" else span_key(sid)
     ledger = a.ledger
     scope = current_scope.get() if parent is None else None
     sig: Any = DECLINED
     if scope is not None:  # a call in a tracker.run() scope: counted now, recorded whole at its end if admitted
         sig = ledger.admit_scoped_llm(scope, model, prompt, OPS)
     if sig is not DECLINED:
-        track = a.lone(key, node, name, model, provider, prompt, tools, time.time(), time.perf_counter())
+        # Adapter.lone, inline (the app's thread makes one of these per call in a scope): no ledger span until it ends
+        track = _new_object(Track)
+        track.key = key
+        track.parent = None
+        track.node = node
+        track.kind = "llm"
+        track.span = None
+        track.lone = True
+        track.name = name
+        track.provider = provider
+        track.model = model
+        track.prompt = prompt
+        track.tools = tools
+        track.start_wall = time.time()
+        track.start_perf = time.perf_counter()
         track.scope = scope
         track.sig = sig
     elif parent is None and scope is None and ledger.lone_calls:  # a.may_be_lone(False), inline

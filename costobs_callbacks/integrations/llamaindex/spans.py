@@ -16,6 +16,7 @@ from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
+from llama_index.core.callbacks import CallbackManager
 from llama_index.core.chat_engine.types import BaseChatEngine
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
@@ -27,6 +28,8 @@ from .calls import Adapter
 from .identity import is_openai_compatible
 from .payloads import tool_args, tool_name
 from .state import Node, new_node, span_key
+
+_new_object = object.__new__
 
 try:  # llama-index-workflows: FunctionAgent / AgentWorkflow runs
     import workflows as _workflows
@@ -189,21 +192,36 @@ class SpanHandler(BaseSpanHandler[Any]):
                 plan = plan_for(instance, head)
             nodes = a.nodes
             what = plan.what
-            # an LLM call's span needs no start of its own: the call starts at its start event
-            node = new_node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, what != SPAN_LLM)
-            nodes[id_] = node
-            if plan.hookable:
-                hooked = a.hook(instance)
-                if what == SPAN_LLM:
-                    node.legacy = hooked
-            if plan.embedding or (what == SPAN_LLM and not node.legacy):  # costed from instrumentation events
-                node.holds = True
-                a.hold_events()
             if what == SPAN_LLM:
+                # An LLM call's span (one per call, the app's thread): its node as new_node makes it (untimed: the
+                # call starts at its start event), and, when its manager has our legacy handler already, what
+                # Adapter.hook would find, both inline.
+                node = _new_object(Node)
+                node.id = id_
+                node.name = head
+                node.cls = plan.node_cls
+                if parent_id:
+                    parent = nodes.get(parent_id)
+                    if parent is not None:
+                        node.parent = parent
+                nodes[id_] = node
+                if plan.hookable:
+                    cm = getattr(instance, "callback_manager", None)
+                    node.legacy = True if type(cm) is CallbackManager and a.legacy in cm.handlers else a.hook(instance)
+                if not node.legacy:  # costed from instrumentation events
+                    node.holds = True
+                    a.hold_events()
                 if plan.stream_check:
                     ak = getattr(instance, "additional_kwargs", None)
                     node.stream_usage_ok = not (isinstance(ak, Mapping) and "stream_options" in ak)
                 return  # the call opens at its (legacy, else instrumentation) start event, which carries the request
+            node = new_node(id_, nodes.get(parent_id) if parent_id else None, head, plan.node_cls, True)
+            nodes[id_] = node
+            if plan.hookable:
+                a.hook(instance)
+            if plan.embedding:  # costed from instrumentation events
+                node.holds = True
+                a.hold_events()
             if what == SPAN_TOOL:
                 label = tool_name(instance) or plan.label
                 up = a.anchor(node, include_self=False)

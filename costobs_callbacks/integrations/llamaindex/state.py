@@ -56,7 +56,7 @@ class Track:
     start_wall = 0.0
     start_perf = 0.0
 
-    # Set by new_track, the one way tracks are made:
+    # Set by new_track (and, written out, where a call admitted in a scope starts: legacy.llm_start):
     key: str
     parent: Track | None
     node: Node | None
@@ -78,7 +78,7 @@ class Node:
     start_wall = 0.0  # a top node's start (0.0: not taken), the start of the chain it may be opened as (see anchor)
     start_perf = 0.0
 
-    # Set by new_node, the one way nodes are made:
+    # Set by new_node (and, written out, for an LLM call's span: spans.SpanHandler.span_enter):
     id: str
     name: str
     cls: type | None
@@ -86,7 +86,9 @@ class Node:
 
 # Tracks and nodes are made by these functions, not by ``__init__``, as the ledger makes its runs and spans
 # (``_ledger.model.new_span``): calling a class costs CPython 3.11 ``type.__call__`` and a fresh frame on top of a
-# function call, and every LlamaIndex span makes a node, every call a track, on the app's thread.
+# function call, and every LlamaIndex span makes a node, every call a track, on the app's thread. For the same
+# reason the two that every LLM call makes (its span's node, the track of a call admitted in a scope) are written
+# out where they are made; a field added here must be added there too.
 
 _new_object = object.__new__
 
