@@ -1100,7 +1100,7 @@ def test_the_three_llm_starts_record_the_same_calls(tr):
     @given(prompt=_TEXT, reply=_TEXT, chat=st.booleans(),
            usage=st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), echo=st.booleans())
     def check(prompt: str, reply: str, chat: bool, usage: tuple[int, int] | None, echo: bool) -> None:
-        if echo:  # a reply that repeats its prompt (MockLLM's): counted once for both
+        if echo:  # a reply that repeats its prompt (MockLLM's): the count cache answers the second count
             reply = prompt
         def call(llm: Any) -> None:
             if chat:

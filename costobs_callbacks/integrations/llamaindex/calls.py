@@ -335,17 +335,7 @@ class Adapter:
             else:
                 status = "error"
         try:
-            if (error is None and type(response) is CompletionResponse and track.inner_prompt is None
-                    and track.tools is None and response.raw is None and not response.additional_kwargs
-                    and track.inner_usage is None and not track.stream_usage_requested
-                    and response.text == track.prompt and type(track.prompt) is str):
-                # _read_end's answer for a completion without usage whose reply repeats its prompt (MockLLM, an echo
-                # server), inline: one count for both (tests/test_llamaindex.py pins the LLM starts to one another)
-                inp, exact = count(track.prompt, track.model)
-                usage, model, estimated, detail = (inp, inp, 0, 0, 0), None, True, None
-                flags = _ESTIMATED if exact else _ESTIMATED_CHARS
-            else:
-                usage, model, estimated, detail, flags = self._read_end(track, response, status, flags)
+            usage, model, estimated, detail, flags = self._read_end(track, response, status, flags)
         except Exception as exc:  # a payload we could not read: end the span anyway
             self.fault("llm end", exc)
             usage, model, estimated, detail = None, None, False, None
@@ -442,12 +432,7 @@ class Adapter:
         else:
             prompt, tools = track.prompt, track.tools
         text = (resp.text or "") if type(resp) is CompletionResponse else response_text(resp)
-        if tools is None and type(prompt) is str:
-            inp, ok_in = count(prompt, m)
-            if text == prompt:  # a reply that repeats its prompt (MockLLM, echo servers): the same count
-                return (inp, inp, 0, 0, 0), ok_in
-        else:
-            inp, ok_in = OPS.count_tokens(m, prompt, tools)
+        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
         out, ok_out = count(text, m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 
