@@ -11,8 +11,8 @@ Configurations (each gets its own handler instance; all use the same model, prom
   langfuse      (f) Langfuse's CallbackHandler, only when ``langfuse`` is importable (see README)
 
 The measure is the calling thread's CPU time (``time.thread_time_ns``): what the application's thread
-pays, steadier than wall time. Each round runs one batch of every configuration (the order rotates
-every round), so drift hits all of them equally; the figures are the median (p10, p90) over rounds of
+pays, steadier than wall time. Each round runs one batch of every configuration (in an order
+shuffled every round), so drift hits all of them equally; the figures are the median (p10, p90) over rounds of
 the batch means, and the overhead of a configuration is the median of its per-round difference to (a)
 or (b). A second section does the same with the model inside ``ChatPromptTemplate | model`` (so two
 chain spans per call are included).

@@ -73,7 +73,7 @@ against a bare ``BaseCallbackHandler`` (b'), whose fallback ``UsageMetadataCallb
 
 **LlamaIndex, timed.** The same LlamaIndex configurations also run in this process, without valgrind:
 calling-thread CPU time (``time.thread_time_ns``), ``--rounds`` rounds of one batch of ``--batch`` calls
-of every configuration, the order rotating by one each round, the median over rounds of the batch means,
+of every configuration, in an order shuffled each round, the median over rounds of the batch means,
 and the median of paired per-round differences (as ``handler_overhead.py``). ``instrument_llamaindex()``
 is process-wide, so each configuration of ours (one tracker each) has it switched on only around its own
 batches, and ``ours_scoped`` its run opened and closed around each batch (both untimed); the handler lists

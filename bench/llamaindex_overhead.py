@@ -20,8 +20,8 @@ tokenise the prompt and the reply, as they would for any provider that reports n
   ours_legacy  ``MockLLM(callback_manager=CallbackManager([tracker.llamaindex_handler()]))``: our
                legacy handler alone, wired like TokenCountingHandler (when the integration has it)
 
-As in ``handler_overhead.py``: calling-thread CPU time, rounds of one batch per configuration with
-the order rotating, median (p10, p90) of batch means, overhead = median of per-round differences.
+As in ``handler_overhead.py``: calling-thread CPU time, rounds of one batch per configuration in
+an order shuffled each round, median (p10, p90) of batch means, overhead = median of per-round differences.
 Two sections: ``llm.complete(prompt)`` and ``llm.chat([ChatMessage])``.
 
 ``--unique-prompts``: every call sends a prompt of its own (built before timing, distinct per
