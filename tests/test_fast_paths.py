@@ -68,7 +68,30 @@ def ledger(prices: PriceBook, **kw: Any) -> tuple[Ledger, Collect]:
 def span_view(sp: Span) -> tuple[Any, ...]:
     return (sp.span_id, sp.kind, sp.name, sp.model, sp.provider, sp.tokens, sp.cost_nanos, sp.tree_cost, sp.unpriced,
             sp.estimated, sp.cache_hit, tuple(sorted(sp.flags or ())), sp.status, sp.error, sp.prices, sp.is_root,
-            sp.exported, sp.run.run_id, sp.detail, sp.reserved, sp.request_sig is _DEFERRED)
+            sp.exported, sp.run.run_id, sp.detail, sp.reserved, sp.request_sig is _DEFERRED, every_field(sp))
+
+
+_MISSING = object()
+_SPAN_FIELDS = sorted({*(k for c in Span.__mro__ for k in getattr(c, "__annotations__", {})),
+                       *(k for k, v in vars(Span).items() if not k.startswith("__") and not callable(v)
+                         and not isinstance(v, property))})
+_NOT_COMPARED = {"start_wall", "start_perf", "end_wall", "latency_ms",  # times
+                 "_sid", "run", "parent",  # compared as ids (span_view, and the parent's id below)
+                 "prompt", "prompt_ops", "extra", "max_tokens", "request_sig"}  # the request: kept by some paths only
+
+
+def every_field(sp: Span) -> tuple[Any, ...]:
+    """Every other field a span has, read as the exporter and the ledger read them (a class default where the
+    instance set none): a fast path that makes spans by hand (``record_llm``, ``record_scoped_llm``) and misses a
+    field ``new_span`` sets shows here, whatever the field."""
+    parent = sp.parent
+    out: list[Any] = [("parent", None if parent is None else parent.span_id)]
+    for k in _SPAN_FIELDS:
+        if k in _NOT_COMPARED:
+            continue
+        v = getattr(sp, k, _MISSING)
+        out.append((k, "<missing>" if v is _MISSING else v if k != "flags" else tuple(sorted(v or ()))))
+    return tuple(out)
 
 
 def item_view(it: Any) -> tuple[Any, ...]:
