@@ -199,3 +199,23 @@ def test_a_message_with_an_id_is_counted_once_wherever_it_appears():
     n, _ = MESSAGES.count_tokens(model, [[m]], ({}, {}))
     assert _tokens._COUNTS[("m-1", 0, model)] == (n - 7, True)
     assert MESSAGES.token_upper_bound(model, [[HumanMessage("x"), m]], ({}, {}))[0] == n + 4 + len("x")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60) | st.just("x" * (_tokens.MAX_EXACT_CHARS + 1)),
+       model=st.sampled_from((*MODELS, None)), loaded=st.booleans())
+def test_the_remembered_count_is_count_text_with_the_encoder_loaded_or_not(text: str, model: str | None,
+                                                                          loaded: bool) -> None:
+    """``count`` calls the loaded encoder itself on a cache miss (a prompt seen for the first time, on the app's
+    thread); it must give what ``count_text`` gives for every text (lone surrogates and texts too long to tokenize
+    included), before the encoding is loaded and after, and again from its cache."""
+    want = count_text(text, model)
+    _tokens._COUNTS.clear()
+    saved = dict(_tokens._encoders)
+    if not loaded:
+        _tokens._encoders.clear()
+    try:
+        assert _tokens.count(text, model) == want
+        assert _tokens.count(text, model) == want  # remembered
+    finally:
+        _tokens._encoders.update(saved)
