@@ -10,9 +10,12 @@ the items are exactly what the ledger hands the exporter in production:
   each span brings.
 
 Span and run ids are made as LangChain makes them (``--ids uuid7``, the default: its callback manager's run ids
-since langchain-core 1.1.1, and ``tracker.run()``'s), or at random (``--ids uuid4``: LlamaIndex's span ids, and
-LangChain's before 1.1.1). It matters to SQLite: ids in time order are appended to the id indexes, random ones
-land all over them, so every span dirties pages of its own (a WAL write each), more so as the file grows.
+since langchain-core 1.1.1, and ``tracker.run()``'s), as the LlamaIndex adapter makes them (``--ids llamaindex``:
+LlamaIndex's own span ids, random, and a UUIDv7 naming each run a root span opens), or all at random (``--ids
+uuid4``: LangChain's before 1.1.1, and LlamaIndex's runs before they were named anew). It matters to SQLite: run
+ids in time order are appended to the run-id indexes (the run table's key, the span table's run index), random
+ones land all over them, so every run dirties pages of its own (a WAL write each), more so as the file grows.
+Span ids are stored, not indexed.
 
 Then, for each workload and each backend (``--backend``: a SQLite file, and a fresh PostgreSQL database on the
 machine's server, ``$COSTOBS_TEST_POSTGRES_URL`` or ``postgresql+psycopg://postgres@127.0.0.1:5432/test``, made
@@ -87,7 +90,8 @@ class Capture:
 
 def make_workload(n_runs: int, spans_per_run: int = 10, ids: str = "uuid7") -> tuple[list[Any], int]:
     """Items as the ledger emits them for ``n_runs`` runs of 10 spans (or of one LLM call: ``spans_per_run=1``),
-    span ids made by ``ids`` (``uuid7``, LangChain's, or ``uuid4``); returns (items, span count).
+    ids made by ``ids`` (``uuid7``, LangChain's; ``llamaindex``, random span ids and a UUIDv7 for each root's run,
+    as the LlamaIndex adapter names them; ``uuid4``, all random); returns (items, span count).
 
     A 10-span run: the graph's root chain; node ``agent`` (LLM call, ``web_search`` tool priced per call,
     LLM call); node ``tools`` (retriever, LLM call, ``calculator`` tool, LLM call). A 1-span run: one LLM call.
@@ -106,13 +110,21 @@ def make_workload(n_runs: int, spans_per_run: int = 10, ids: str = "uuid7") -> t
         led = tracker.ledger
         led.exporter = cap
         new = uuid7 if ids == "uuid7" else uuid.uuid4
+        if ids == "llamaindex":
+            from costobs_callbacks.integrations.llamaindex.calls import new_run_id
+
+            def run_of(parent: Any) -> Any:  # the id of the run a root opens, as the adapter names it
+                return new_run_id() if parent is None else None
+        else:
+            def run_of(parent: Any) -> Any:  # the root's own id names its run
+                return None
         k = 0
 
         def llm(parent: Any, meta: dict[str, Any]) -> None:
             nonlocal k
             k += 1
             sid = new()
-            led.start_llm(sid, parent, "ChatOpenAI", meta, MODEL_NAME, "openai")
+            led.start_llm(sid, parent, "ChatOpenAI", meta, MODEL_NAME, "openai", run_id=run_of(parent))
             led.end(sid, usage=TokenUsage(input=800 + (k * 7) % 900, output=50 + k % 400,
                                           cache_read=256 if k % 3 == 0 else 0), model=MODEL_NAME)
 
@@ -128,7 +140,7 @@ def make_workload(n_runs: int, spans_per_run: int = 10, ids: str = "uuid7") -> t
                 llm(None, meta)
                 continue
             root = new()
-            led.start_span(root, None, "chain", "LangGraph", meta)
+            led.start_span(root, None, "chain", "LangGraph", meta, run_id=run_of(None))
             node = new()
             led.start_span(node, root, "chain", "agent", meta)
             llm(node, meta)
@@ -320,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=float(TARGET_SPANS_PER_S), help="spans/s of the paced phase")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase (medians reported)")
     ap.add_argument("--no-paced", action="store_true", help="skip the paced phase")
-    ap.add_argument("--ids", choices=("uuid7", "uuid4"), default="uuid7",
-                    help="span and run ids: in time order as LangChain makes them, or random as LlamaIndex's")
+    ap.add_argument("--ids", choices=("uuid7", "llamaindex", "uuid4"), default="uuid7",
+                    help="span and run ids: LangChain's (uuid7), the LlamaIndex adapter's (random span ids, "
+                         "uuid7 runs) or all random")
     ap.add_argument("--raw", action="store_true", help="also time Store.write_batch called directly")
     ap.add_argument("--batch", type=int, default=4096, help="items per raw write_batch call")
     ap.add_argument("--profile", action="store_true", help="cProfile the raw write_batch phase (with --raw)")

@@ -118,15 +118,24 @@ def prompt_of(texts: list[str]) -> list[list[Any]]:
     return [[SystemMessage("be brief"), *(HumanMessage(t) for t in texts)]]
 
 
+def _decline(*args: Any) -> None:
+    return None
+
+
 def start_call(lg: Ledger, rid: uuid.UUID, parent: uuid.UUID | None, model: str, provider: str | None,
-               texts: list[str], max_tokens: int | None, meta: dict[str, Any] | None, general: bool) -> Any:
+               texts: list[str], max_tokens: int | None, meta: dict[str, Any] | None, general: bool,
+               run_id: uuid.UUID | None = None) -> Any:
+    """Start a model call ``rid`` (its run named ``run_id``, default ``rid``); ``general``: with the new-run shortcut
+    declining every call, so that the general path takes it (``_start_new_llm_run`` says ``None`` whenever it
+    cannot take a call)."""
     ip: dict[str, Any] = {"model": model}
     if max_tokens:
         ip["max_tokens"] = max_tokens
     extra = (ip, meta or {})
+    if general:
+        lg._start_new_llm_run = _decline  # type: ignore[method-assign]
     try:
-        lg.start_llm(rid, parent, "ChatX", meta, model, provider, prompt_of(texts), MESSAGES, extra,
-                     run_id=rid if general and parent is None else None)
+        lg.start_llm(rid, parent, "ChatX", meta, model, provider, prompt_of(texts), MESSAGES, extra, run_id=run_id)
     except RunAborted as exc:
         return (type(exc).__name__, exc.reason, exc.detail.get("estimate_usd") if exc.detail else None)
     return "started"
@@ -182,11 +191,14 @@ def test_a_model_end_gives_the_same_spans_and_totals_on_both_paths(
 
 
 @given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, p_in=prices_st, p_out=prices_st,
-       served=st.sampled_from([None, "same", "other"]), estimated=st.booleans(), flags=flags_st, detail=details_st)
+       served=st.sampled_from([None, "same", "other"]), estimated=st.booleans(), flags=flags_st, detail=details_st,
+       run_id=st.sampled_from([None, uuid.UUID(int=99).int, "run-1"]))
 def test_a_lone_call_recorded_whole_equals_its_start_and_end(
     model_i: int, tokens: tuple[int, int, int, int, int], p_in: Decimal, p_out: Decimal, served: str | None,
-    estimated: bool, flags: tuple[str, ...], detail: UsageDetail | None,
+    estimated: bool, flags: tuple[str, ...], detail: UsageDetail | None, run_id: Any,
 ) -> None:
+    """``record_llm`` against ``start_llm`` + ``end_llm``, the run named by the call's key or by a ``run_id`` of
+    its own (a UUID's integer, as LlamaIndex's roots are named, or a text)."""
     model, provider = MODELS[model_i]
     reported = reported_model(model, served)
     prices = book(p_in, p_out)
@@ -194,14 +206,14 @@ def test_a_lone_call_recorded_whole_equals_its_start_and_end(
     assert a.lone_calls
     key = "lone-1"
     t0, p0 = time.time(), time.perf_counter()
-    a.record_llm(key, "ChatX", model, provider, t0, p0, tokens, reported, estimated, flags, detail)
+    a.record_llm(key, "ChatX", model, provider, t0, p0, tokens, reported, estimated, flags, detail, run_id)
     b, out_b = ledger(prices)
-    b.start_llm(key, None, "ChatX", None, model, provider)
+    b.start_llm(key, None, "ChatX", None, model, provider, run_id=run_id)
     b.end_llm(key, tokens, reported, estimated, flags, detail)
 
     def view(lg: Ledger, out: Collect) -> Any:
-        run = lg.recent.get(key) or lg.runs.get(key)
-        assert run is not None
+        run = lg.recent_run(key if run_id is None else run_id)
+        assert run is not None and not lg.runs and not lg.spans
         return [item_view(i) for i in out.items], run.snapshot(), lg.largest_output
 
     assert view(a, out_a) == view(b, out_b)
@@ -244,26 +256,30 @@ def policy_meta(budget: dict[str, Any] | None, loops: dict[str, Any] | None) -> 
 
 
 @given(model_i=st.integers(0, len(MODELS) - 1), texts=messages_st, max_tokens=st.sampled_from([None, 1, 50, 4000]),
-       budget=budget_st, loops=loops_st, tokens=tokens_st, calls=st.integers(1, 4), overlap=st.booleans())
+       budget=budget_st, loops=loops_st, tokens=tokens_st, calls=st.integers(1, 4), overlap=st.booleans(),
+       named=st.booleans())
 def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_general_path(
     model_i: int, texts: list[str], max_tokens: int | None, budget: dict[str, Any] | None,
-    loops: dict[str, Any] | None, tokens: tuple[int, int, int, int, int], calls: int, overlap: bool,
+    loops: dict[str, Any] | None, tokens: tuple[int, int, int, int, int], calls: int, overlap: bool, named: bool,
 ) -> None:
     """A model invoked directly opens its run through ``_start_new_llm_run`` unless the policy needs the full
-    checks; the general path (``open_run`` and ``_guard_start``) is what a root with an explicit run id takes.
-    ``overlap``: the invocations of the config overlap (all start, then all end), as threads sharing it do."""
+    checks; the general path (``open_run`` and ``_guard_start``) takes what the shortcut declines.
+    ``overlap``: the invocations of the config overlap (all start, then all end), as threads sharing it do;
+    ``named``: the run has an id of its own (``run_id``, as LlamaIndex's roots), else the call's id names it."""
     model, provider = MODELS[model_i]
     meta = policy_meta(budget, loops)
     views = []
     for general in (False, True):
         lg, out = ledger(book(Decimal("2"), Decimal("8")))
         took: list[bool] = []  # per call that tried the shortcut: whether it opened the span
-        lg._start_new_llm_run = spy_on_shortcut(lg, took)  # type: ignore[method-assign]
+        if not general:
+            lg._start_new_llm_run = spy_on_shortcut(lg, took)  # type: ignore[method-assign]
         rid = uuid.UUID(int=777)
+        run_id = uuid.UUID(int=778) if named else None
         decisions = []
         started = 0
         for _ in range(calls):  # the same config again: the run continues
-            d = start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general)
+            d = start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general, run_id)
             decisions.append(d)
             if d == "started":
                 if overlap:
@@ -273,14 +289,14 @@ def test_a_new_runs_first_call_takes_the_same_decisions_on_the_shortcut_and_the_
         for _ in range(started - 1):
             lg.end_llm(rid.int, tokens, None)
         # once more, after the others (while the last of overlapping ones is still in flight)
-        decisions.append(start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general))
+        decisions.append(start_call(lg, rid, None, model, provider, texts, max_tokens, meta, general, run_id))
         while rid.int in lg.spans:
             lg.end_llm(rid.int, tokens, None)
-        views.append((decisions, [item_view(i) for i in out.items], run_view(lg, rid)))
-        run = lg.runs.get(rid.int) or lg.recent.get(rid.int)
-        if general:
-            assert not took  # an explicit run id: the general path only
-        elif run is not None:
+        views.append((decisions, [item_view(i) for i in out.items], run_view(lg, run_id or rid)))
+        run = lg.runs.get((run_id or rid).int) or lg.recent.get((run_id or rid).int)
+        if named:
+            assert run is None or run.run_id == str(run_id)
+        if not general and run is not None:
             # the first call opened the run on the shortcut whenever its policy allows it, and only then
             assert took[0] == (_first_call(run.budget, run.loops) != _FIRST_CHECKED)
     assert views[0] == views[1]

@@ -14,6 +14,7 @@ import contextvars
 import json
 import os
 import threading
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -338,8 +339,11 @@ def test_lone_calls_are_recorded_as_the_same_calls_in_a_run(tr, stub_openai):
     in_run = spans_by_kind(tr, run.run_id)["llm"]
     assert sorted(_row(s[0]) for s in lone_spans) == sorted(_row(s) for s in in_run)
     for rid, (span,) in zip(lone, lone_spans, strict=True):
-        assert (span["span_id"], span["parent_id"], span["feature"]) == (rid, None, "unattributed")
+        assert (span["run_id"], span["parent_id"], span["feature"]) == (rid, None, "unattributed")
+        # the span keeps LlamaIndex's id (a uuid4); its run is named by a UUIDv7, in time order for the store's indexes
+        assert (uuid.UUID(span["span_id"]).version, uuid.UUID(rid).version) == (4, 7)
         assert span["latency_ms"] > 0 and span["start_at"] <= span["end_at"]
+    assert lone == sorted(lone)
     assert "stream_closed" in lone_spans[4][0]["flags"]
 
 
@@ -969,7 +973,8 @@ def test_streaming_chat_engine_outside_a_scope_ends_with_its_stream(tr):
     rid = row_run_id(tr)
     names = {s["name"]: s for s in tr.spans(rid)}
     root, llm = names["SimpleChatEngine"], names["MockLLM"]
-    assert root["span_id"] == rid and root["parent_id"] is None and llm["parent_id"] == rid
+    assert root["run_id"] == rid and root["parent_id"] is None and llm["parent_id"] == root["span_id"]
+    assert (uuid.UUID(rid).version, uuid.UUID(root["span_id"]).version) == (7, 4)  # a run id in time order
     assert root["end_at"] >= llm["end_at"] and root["tree_cost_nanos"] == int(row.cost_usd * 10**9)
     assert tr.run_cost(rid).status == "ok"
 

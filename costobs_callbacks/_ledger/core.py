@@ -180,7 +180,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         max_tokens: int | None = None,
         kind: str = "llm",
         root: bool = False,
-        run_id: str | UUID | None = None,
+        run_id: str | UUID | int | None = None,
     ) -> Span:
         """Open the span of a paid model call (``kind``: ``"llm"``, or ``"embedding"``) before it is sent; raises
         ``RunAborted`` if a guard refuses it (its budget estimate, the loop guard).
@@ -190,13 +190,14 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         requested. What a budget estimate or the loop guard may read, only when one needs it: ``prompt``, the
         framework's own prompt object, through ``prompt_ops`` (``PromptOps``), with ``extra``, the request beside
         it (tools, ``max_tokens``); ``max_tokens``, the output limit if the adapter knows it. A span whose parent is
-        unknown opens a root run (or joins the ``tracker.run()`` scope around it); ``root=True`` forces a root run
-        named ``run_id`` (default: the span id).
+        unknown opens a root run (or joins the ``tracker.run()`` scope around it); ``root=True`` forces a root run.
+        ``run_id``: the id of the run a root opens or joins (default: the span id; see ``open_run``). Ignored by a
+        span that joins a parent or a scope.
 
         Parameters are positional-or-keyword, none keyword-only: a keyword-only parameter stops CPython 3.11 from
         specialising the call (about 280 instructions more per call, counted with callgrind), and adapters call this
         on every model request. Adapters pass the request by position; what follows ``max_tokens``, by keyword."""
-        if run_id is None and kind == "llm":
+        if kind == "llm":
             scope = None if root or parent_id is not None else current_scope.get()
             if scope is not None:  # a model call made inside a tracker.run() scope, as an app attributes a request
                 span = self._start_scoped_llm(scope, span_id, name, model, provider, prompt, prompt_ops, extra,
@@ -206,7 +207,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             elif root or parent_id is None:
                 # A model invoked directly, the commonest start: most often the first call of a new run.
                 span = self._start_new_llm_run(span_id, name, meta, model, provider, prompt, prompt_ops, extra,
-                                               max_tokens)
+                                               max_tokens, run_id)
                 if span is not None:
                     return span
         return self._start(span_id, parent_id, kind, name, meta, root, run_id, None, True, model, provider, prompt,
@@ -222,7 +223,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         exported: bool = True,
         tool_args: Any = None,
         root: bool = False,
-        run_id: str | UUID | None = None,
+        run_id: str | UUID | int | None = None,
     ) -> Span:
         """Open the span of a step that is not a model call: ``kind`` ``"chain"`` (a chain, a graph node),
         ``"tool"`` (``tool_args``, its arguments, for the loop guard; a tool with a price holds it of a budget),
@@ -233,7 +234,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
 
     def _start(
         self, span_id: Any, parent_id: Any, kind: str, name: str, meta: Mapping[str, Any] | None, root: bool,
-        run_id: str | UUID | None, tool_args: Any, exported: bool, model: str | None = None,
+        run_id: str | UUID | int | None, tool_args: Any, exported: bool, model: str | None = None,
         provider: str | None = None, prompt: Any = None, prompt_ops: PromptOps | None = None, extra: Any = None,
         max_tokens: int | None = None,
     ) -> Span:
@@ -414,7 +415,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
 
     def _start_new_llm_run(
         self, span_id: Any, name: str, meta: Mapping[str, Any] | None, model: str | None, provider: str | None,
-        prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None,
+        prompt: Any, prompt_ops: PromptOps | None, extra: Any, max_tokens: int | None, run_id: Any = None,
     ) -> Span | None:
         """``_start`` of a root model call (no parent, no scope) that opens a new run, when its policy lets at most its
         cost estimate refuse a first call (``_first_call``); ``None`` otherwise, or when a run is open or remembered
@@ -424,10 +425,14 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         still free; the estimate is checked on the published run, as ``_guard_start`` would, so that concurrent
         first calls of one config share one run and one budget."""
         key: Any = span_id.int if type(span_id) is UUID else str(span_id)  # as _start keys it
-        if key in self.runs or key in self.recent:
+        if run_id is None:
+            rid = rkey = key
+        else:
+            rid, rkey = run_id, run_key(run_id)  # as open_run keys it
+        if rkey in self.runs or rkey in self.recent:
             return None
         wall, perf = time.time(), time.perf_counter()
-        run = new_run(key, key, wall, perf)
+        run = new_run(rid, rkey, wall, perf)
         first = self._attribute(run, meta, None)
         if not first:
             return None
@@ -437,9 +442,9 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         if first & _FIRST_DEFER and prompt is not None and prompt_ops is not None:
             span.request_sig = _DEFERRED
         with self._runs_lock:
-            if key in self.runs or key in self.recent or key in self.spans:
+            if rkey in self.runs or rkey in self.recent or key in self.spans:
                 return None
-            self.runs[key] = run
+            self.runs[rkey] = run
             self.spans[key] = span
         if first & _FIRST_GUARDED:
             try:
@@ -557,12 +562,13 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
     def record_llm(
         self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
         tokens: Tokens, served: str | None, estimated: bool = False, flags: tuple[str, ...] = (),
-        detail: UsageDetail | None = None,
+        detail: UsageDetail | None = None, run_id: Any = None,
     ) -> Span:
-        """Record a model call made on its own, whole, once it has ended ok with its token counts: its run opens and
-        ends here. For a call whose start ``lone_calls`` allowed to skip ``start_llm`` (no parent span, no
-        ``tracker.run()`` scope around it, no metadata): nothing could have refused it, and nothing can be refused by
-        its end. The adapter kept its start times meanwhile.
+        """Record a model call made on its own, whole, once it has ended ok with its token counts: its run (named
+        ``run_id``, default the call's ``key``, as ``start_llm`` names it) opens and ends here. For a call whose
+        start ``lone_calls`` allowed to skip ``start_llm`` (no parent span, no ``tracker.run()`` scope around it, no
+        metadata): nothing could have refused it, and nothing can be refused by its end. The adapter kept its start
+        times meanwhile.
 
         It is ``start_llm`` + ``end_llm`` of such a call in one step (a lone LlamaIndex call pays for one ledger call
         instead of two), made with their helpers (``new_run``, ``_attribute``, ``new_span``, ``_set_cost``,
@@ -570,7 +576,8 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
 
         ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
-        run = new_run(key, key, start_wall, start_perf)
+        run = new_run(key, key, start_wall, start_perf) if run_id is None else new_run(
+            run_id, run_key(run_id), start_wall, start_perf)
         self._attribute(run, None, None)
         run.open_roots = run.steps = run.llm_calls = 1
         span = new_span(key, None, run, "llm", name, model, provider, None, None, None, None, start_wall, start_perf)
@@ -590,7 +597,7 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         run.ended_wall = end
         run.status = "ok"
         recent = self.recent
-        recent[key] = run
+        recent[run.key] = run
         if len(recent) > _RECENT_HARD_CAP:
             self.trim_recent()
         self.exporter.emit(span)
