@@ -3,6 +3,7 @@ migrations, the shared salt. Spans come from real LangChain runs through the han
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -172,13 +173,44 @@ def test_sqlite_binds_nulls_through_our_adapter_and_leaves_an_apps_own_alone(tmp
 
 
 def test_sqlite_connections_are_in_wal_mode_with_a_16_mib_page_cache(tmp_path):
-    """Every connection of a SQLite store: WAL, ``synchronous=NORMAL`` and a page cache of up to 16 MiB (a full
-    batch's dirty pages fit, instead of spilling to the WAL before the commit)."""
+    """Every connection of a SQLite store: WAL, ``synchronous=NORMAL``, a page cache of up to 16 MiB (a full
+    batch's dirty pages fit, instead of spilling to the WAL before the commit), and 16 KiB pages in a new file."""
     tracker = CostTracker(f"sqlite:///{tmp_path}/c.db")
     try:
         with tracker.store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL
             assert conn.exec_driver_sql("PRAGMA cache_size").scalar_one() == -16 * 1024  # KiB
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar_one() == 16 * 1024
     finally:
         tracker.close()
+
+
+def test_a_sqlite_file_made_with_4_kib_pages_keeps_them_and_every_row(tmp_path):
+    """A database made before the store chose 16 KiB pages (SQLite's default 4 KiB, in WAL mode) is opened as it
+    is: its pages stay 4 KiB, its rows are read and new ones written beside them."""
+    path = tmp_path / "old.db"
+    first = CostTracker(f"sqlite:///{path}")
+    first.close()
+    with sqlite3.connect(path) as raw:  # the same schema, rebuilt with 4 KiB pages, as an older file has them
+        raw.execute("PRAGMA journal_mode=DELETE")
+        raw.execute("PRAGMA page_size=4096")
+        raw.execute("VACUUM")
+        raw.execute("PRAGMA journal_mode=WAL")
+        assert raw.execute("PRAGMA page_size").fetchone() == (4096,)
+    tracker = CostTracker(f"sqlite:///{path}", prices={"m-old": {"input": "1", "output": "2"}})
+    try:
+        tracker.record_usage(model="m-old", input_tokens=1_000_000, output_tokens=0, feature="before")
+        tracker.flush()
+    finally:
+        tracker.close()
+    again = CostTracker(f"sqlite:///{path}", prices={"m-old": {"input": "1", "output": "2"}})
+    try:
+        again.record_usage(model="m-old", input_tokens=0, output_tokens=1_000_000, feature="after")
+        again.flush()
+        with again.store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar_one() == 4096
+        assert {r.key["feature"]: r.cost_usd for r in again.rollup(by=("feature",))} == {
+            "before": Decimal("1"), "after": Decimal("2")}
+    finally:
+        again.close()
