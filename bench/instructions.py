@@ -16,7 +16,8 @@ own root run:
   (c) usage   ``langchain_core.callbacks.UsageMetadataCallbackHandler``
   (d) ours    ``CostTracker(...).langchain_handler()`` (default loop guard, priced model)
 
-LlamaIndex, one ``MockLLM.complete(prompt)`` (the same prompt every call):
+LlamaIndex, one ``MockLLM.complete(prompt)`` (the same prompt every call; ``--unique-prompts``: a prompt of its
+own every call, see below):
 
   none         no handler: ``Settings._callback_manager`` cleared first, then
                ``MockLLM(callback_manager=CallbackManager([]))``, its handler list asserted empty
@@ -32,6 +33,14 @@ LlamaIndex, one ``MockLLM.complete(prompt)`` (the same prompt every call):
   ours_run_each  ``tracker.instrument_llamaindex()``, each call inside a ``with tracker.run(feature=...,
                user_id=..., tenant_id=...)`` of its own: a whole request of one LLM call, run included
   ours         ``tracker.instrument_llamaindex()``, no scope (the call is its own root run)
+
+**``--unique-prompts``.** Every LlamaIndex call sends a prompt of its own (``LI_PROMPT`` and a call number,
+built before counting, the same sequence in every configuration), so no token count can be remembered from an
+earlier call: each configuration tokenizes what each call sends, as with real traffic. ``ours_scoped`` then
+keeps the loop guard on, as ``llamaindex_overhead.py``'s ``ours_in_run`` does (distinct requests pass it; each
+call's request signature is computed and counted), but for its step cap: ``LoopPolicy(max_steps=None)``, since a
+counted run makes ``--calls`` calls. Drawing the next prompt costs
+every configuration the same, and cancels in "over nothing".
 
 **How the count is taken.** Each configuration runs in a process of its own under
 ``valgrind --tool=callgrind --separate-threads=yes --dump-before=os_getppid``, with ``PYTHONHASHSEED``
@@ -230,7 +239,21 @@ def langchain_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
     raise ValueError(f"unknown LangChain configuration {kind!r}")
 
 
-def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
+def _li_prompts(unique: int) -> Callable[[Callable[[str], Any]], Callable[[], Any]]:
+    """How a LlamaIndex configuration calls ``complete``: ``LI_PROMPT`` every call, or (``unique``: how many calls
+    at most) a prompt of its own every call, drawn from a list built now."""
+    if not unique:
+        return lambda complete: partial(complete, LI_PROMPT)
+
+    def each_its_own(complete: Callable[[str], Any]) -> Callable[[], Any]:
+        prompts = iter([f"{LI_PROMPT} (#{i})" for i in range(unique)])
+        return lambda: complete(next(prompts))
+
+    return each_its_own
+
+
+def llamaindex_setup(kind: str, db_dir: str, export_delay: float, unique: int = 0) -> Setup:
+    """``unique``: 0 for the same prompt every call, else a prompt of its own for each of up to ``unique`` calls."""
     import llama_index.core
     from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
     from llama_index.core.llms import MockLLM
@@ -239,6 +262,7 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
     if llama_index.core.global_handler is not None:
         raise RuntimeError(f"a LlamaIndex global handler is set ({llama_index.core.global_handler!r})")
     Settings._callback_manager = None  # CallbackManager([]) would take the handlers of the one in Settings
+    with_prompt = _li_prompts(unique)
 
     if kind == "none":
         llm = MockLLM(callback_manager=CallbackManager([]))
@@ -248,7 +272,7 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
                 raise AssertionError(f"the 'none' MockLLM has handlers: {llm.callback_manager.handlers!r}")
 
         clean_none()
-        return Setup(partial(llm.complete, LI_PROMPT), lambda n: {"ok": True, "calls": n}, assert_clean=clean_none)
+        return Setup(with_prompt(llm.complete), lambda n: {"ok": True, "calls": n}, assert_clean=clean_none)
     if kind == "tokencount":
         counter = TokenCountingHandler()
         llm = MockLLM(callback_manager=CallbackManager([counter]))
@@ -263,7 +287,7 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
                     "events": len(counter.llm_token_counts), "tokens": counter.total_llm_token_count}
 
         clean_tc()
-        return Setup(partial(llm.complete, LI_PROMPT), check_tc, assert_clean=clean_tc)
+        return Setup(with_prompt(llm.complete), check_tc, assert_clean=clean_tc)
     if kind in ("ours", "ours_scoped", "ours_run_each"):
         from costobs_callbacks import LoopPolicy
 
@@ -277,19 +301,22 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float) -> Setup:
             t.close()
 
         def enter() -> None:
-            scope = t.run(**META, loops=LoopPolicy(enabled=False))
+            # the same prompt every call would be refused by the loop guard by the third: off then
+            loops = LoopPolicy(max_steps=None) if unique else LoopPolicy(enabled=False)
+            scope = t.run(**META, loops=loops)
             scope.__enter__()
             scopes.append(scope)
 
         def leave() -> None:
             scopes.pop().__exit__(None, None, None)
 
+        call = with_prompt(llm.complete)
         if kind == "ours_run_each":
+            complete = call
+
             def call() -> Any:
                 with t.run(**META):
-                    return llm.complete(LI_PROMPT)
-        else:
-            call = partial(llm.complete, LI_PROMPT)
+                    return complete()
         hooks = {"enter": enter, "leave": leave} if kind == "ours_scoped" else {}
         return Setup(call, lambda n: _stored(t, n, None), close=close,
                      before=t.instrument_llamaindex, after=t.uninstrument_llamaindex, **hooks)
@@ -302,13 +329,14 @@ SETUPS = {"langchain": (LANGCHAIN, langchain_setup), "llamaindex": (LLAMAINDEX, 
 # -- the child: one configuration under callgrind ----------------------------------------------------
 
 
-def child(spec: str, calls: int, warmup: int, freeze: bool = True) -> int:
+def child(spec: str, calls: int, warmup: int, freeze: bool = True, unique: bool = False) -> int:
     """Run under callgrind: warm up, then three markers around N calls and 0 calls; print the check."""
     logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
     framework, kind = spec.split(":", 1)
     mark = os.getppid
     with tempfile.TemporaryDirectory(prefix="costobs-cg-") as d:
-        s = SETUPS[framework][1](kind, d, 3600.0)
+        s = (llamaindex_setup(kind, d, 3600.0, warmup + calls) if unique and framework == "llamaindex"
+             else SETUPS[framework][1](kind, d, 3600.0))
         try:
             s.enter()
             for _ in range(warmup):
@@ -348,14 +376,15 @@ def _totals(path: Path) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-def count(spec: str, calls: int, warmup: int, freeze: bool = True) -> dict[str, Any]:
+def count(spec: str, calls: int, warmup: int, freeze: bool = True, unique: bool = False) -> dict[str, Any]:
     """Run one configuration under callgrind and return its instructions per call (and its check)."""
     with tempfile.TemporaryDirectory(prefix="costobs-cgout-") as d:
         out = Path(d) / "cg.out"
         cmd = [VALGRIND, "--tool=callgrind", "--separate-threads=yes", f"--dump-before={MARKER_SYMBOL}",
                "--dump-instr=no", "--compress-strings=no", f"--callgrind-out-file={out}",
                sys.executable, "-m", "bench.instructions", "--child", spec, "--calls", str(calls),
-               "--warmup", str(warmup), *([] if freeze else ["--no-gc-freeze"])]
+               "--warmup", str(warmup), *([] if freeze else ["--no-gc-freeze"]),
+               *(["--unique-prompts"] if unique else [])]
         env = dict(os.environ, PYTHONHASHSEED=HASH_SEED)
         for k in ("LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING", "LANGSMITH_TRACING", "LANGSMITH_TRACING_V2"):
             env[k] = "false"
@@ -390,13 +419,13 @@ def ratio(x: float, a: float, b: float) -> float:
 
 
 def run_counts(frameworks: list[str], calls: int, warmup: int, jobs: int,
-               freeze: bool = True) -> dict[str, dict[str, Any]]:
+               freeze: bool = True, unique: bool = False) -> dict[str, dict[str, Any]]:
     specs = [f"{fw}:{k}" for fw in frameworks for k in SETUPS[fw][0]]
     print(f"# callgrind: {len(specs)} processes, {jobs} at a time, N = {calls} and 0 calls after {warmup} "
           "warm-up calls ...", flush=True)
     out: dict[str, dict[str, Any]] = {fw: {} for fw in frameworks}
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        futures = {s: ex.submit(count, s, calls, warmup, freeze) for s in specs}
+        futures = {s: ex.submit(count, s, calls, warmup, freeze, unique) for s in specs}
         for s, fut in futures.items():
             fw, k = s.split(":", 1)
             out[fw][k] = fut.result()
@@ -405,10 +434,11 @@ def run_counts(frameworks: list[str], calls: int, warmup: int, jobs: int,
     return out
 
 
-def timed_llamaindex(rounds: int, batch: int, warmup: int) -> dict[str, Any]:
+def timed_llamaindex(rounds: int, batch: int, warmup: int, unique: bool = False) -> dict[str, Any]:
     logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="costobs-li-timed-") as d:
-        setups = {k: llamaindex_setup(k, d, 0.5) for k in TIMED}
+        n = warmup + rounds * batch if unique else 0
+        setups = {k: llamaindex_setup(k, d, 0.5, n) for k in TIMED}
         try:
             calls = {k: s.call for k, s in setups.items()}
             before: dict[str, Callable[[], Any]] = {}
@@ -551,10 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer calls and rounds: a smoke test")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="count without gc.freeze(): full collections then walk the whole import-time heap")
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="LlamaIndex: a prompt of its own every call (no token count can be remembered)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.calls, args.warmup, not args.no_gc_freeze)
+        return child(args.child, args.calls, args.warmup, not args.no_gc_freeze, args.unique_prompts)
     if args.quick:
         args.calls, args.warmup, args.rounds, args.batch, args.timed_warmup = 100, 30, 30, 30, 50
     if args.calls < 1:
@@ -574,11 +606,12 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{VALGRIND} not found: instructions not counted")
             print(f"# {notes[-1]}")
         else:
-            counts = run_counts(frameworks, args.calls, args.warmup, max(1, args.jobs), not args.no_gc_freeze)
+            counts = run_counts(frameworks, args.calls, args.warmup, max(1, args.jobs), not args.no_gc_freeze,
+                                args.unique_prompts)
     timed = None
     if not args.no_timed:
         print(f"# timed LlamaIndex rounds ({args.rounds} x {args.batch}) ...", flush=True)
-        timed = timed_llamaindex(args.rounds, args.batch, args.timed_warmup)
+        timed = timed_llamaindex(args.rounds, args.batch, args.timed_warmup, args.unique_prompts)
 
     summary = report(counts, timed)
     print()
@@ -588,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(
         NAME,
         {"calls": args.calls, "warmup": args.warmup, "hash_seed": HASH_SEED, "marker": MARKER_SYMBOL,
-         "gc_freeze": not args.no_gc_freeze, "rounds": args.rounds, "batch": args.batch,
+         "gc_freeze": not args.no_gc_freeze, "unique_prompts": args.unique_prompts, "rounds": args.rounds,
+         "batch": args.batch,
          "timed_warmup": args.timed_warmup, "metadata": META,
          "valgrind": _valgrind_version()},
         {"counts": counts, "timed": timed, "notes": notes},
