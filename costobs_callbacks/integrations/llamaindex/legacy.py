@@ -218,51 +218,35 @@ def start_alone(a: Adapter, event_type: CBEventType, payload: Any, event_id: str
 # -- ends, either way ---------------------------------------------------------------------------------------
 
 
-def end(a: Adapter, payload: Any, event_id: str) -> None:
-    track = a.events.pop(event_id, None)
-    p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else EMPTY
-    if track is None:  # not ours, or a nested call
-        outer = a.nested_events.pop(event_id, None) if a.nested_events else None
-        if outer is not None and outer.inner_usage is None:
-            resp = p.get(P_RESPONSE)
-            if resp is None:
-                resp = p.get(P_COMPLETION)
-            if resp is not None:
-                try:
-                    outer.inner_usage = usage_of(resp)
-                except (ValueError, TypeError):
-                    pass
-        return
-    if track.ended:
-        return
-    track.event_id = None  # popped
-    error = p.get(P_EXCEPTION)
-    if error is not None and not isinstance(error, BaseException):
-        error = None
-    kind = track.kind
-    if kind == "llm":
-        if track.ctx_token is not None:
-            try:
-                a.legacy_llm.reset(track.ctx_token)
-            except ValueError:  # a stream ending in another context
-                pass
-            track.ctx_token = None
+def end_untracked(a: Adapter, p: Mapping[Any, Any], event_id: str) -> None:
+    """The end of an event we opened nothing for: not ours, or a call nested in another (its usage is the outer
+    call's, if the outer call reports none)."""
+    outer = a.nested_events.pop(event_id, None) if a.nested_events else None
+    if outer is not None and outer.inner_usage is None:
         resp = p.get(P_RESPONSE)
         if resp is None:
             resp = p.get(P_COMPLETION)
-        a.finish_llm(track, resp, error, False)
-    elif kind == "embedding":
+        if resp is not None:
+            try:
+                outer.inner_usage = usage_of(resp)
+            except (ValueError, TypeError):
+                pass
+
+
+def end_step(a: Adapter, track: Track, p: Mapping[Any, Any], error: BaseException | None) -> None:
+    """The end of a step we opened that is not an LLM call: an embedding call, a chain, a retriever, a tool."""
+    if track.kind == "embedding":
         if error is not None:
             a.finish(track, status="error", error=error)
         else:
             a.finish_embedding(track, p.get(P_CHUNKS), quiet=False)
-    else:
-        try:
-            a.finish(track, status="error" if error is not None else "ok", error=error)
-        except RunAborted:
-            if isinstance(error, RunAborted):
-                return
-            raise
+        return
+    try:
+        a.finish(track, status="error" if error is not None else "ok", error=error)
+    except RunAborted:
+        if isinstance(error, RunAborted):
+            return
+        raise
 
 
 class CostLlamaIndexHandler(BaseCallbackHandler):
@@ -310,11 +294,36 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
 
     def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                      **kwargs: Any) -> None:
+        """An event's end, either way (instrumented or alone). An LLM call's end is handled in this frame (one per
+        call, on the app's thread); the rest in ``end_untracked`` and ``end_step``."""
         if event_type is _EV_EXCEPTION:
             return
         a = self._adapter
         try:
-            end(a, payload, event_id)
+            track = a.events.pop(event_id, None)
+            p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else EMPTY
+            if track is None:
+                end_untracked(a, p, event_id)
+                return
+            if track.ended:
+                return
+            track.event_id = None  # popped
+            error = p.get(P_EXCEPTION)
+            if error is not None and not isinstance(error, BaseException):
+                error = None
+            if track.kind != "llm":
+                end_step(a, track, p, error)
+                return
+            if track.ctx_token is not None:
+                try:
+                    a.legacy_llm.reset(track.ctx_token)
+                except ValueError:  # a stream ending in another context
+                    pass
+                track.ctx_token = None
+            resp = p.get(P_RESPONSE)
+            if resp is None:
+                resp = p.get(P_COMPLETION)
+            a.finish_llm(track, resp, error, False)
         except RunAborted:
             raise
         except Exception as exc:
