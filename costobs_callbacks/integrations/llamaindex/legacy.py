@@ -218,10 +218,10 @@ def start_alone(a: Adapter, event_type: CBEventType, payload: Any, event_id: str
 # -- ends, either way ---------------------------------------------------------------------------------------
 
 
-def end_untracked(a: Adapter, p: Mapping[Any, Any], event_id: str) -> None:
-    """The end of an event we opened nothing for: not ours, or a call nested in another (its usage is the outer
-    call's, if the outer call reports none)."""
-    outer = a.nested_events.pop(event_id, None) if a.nested_events else None
+def end_nested(a: Adapter, p: Mapping[Any, Any], event_id: str) -> None:
+    """The end of an event we opened nothing for, while LLM calls nested in others are open: if it is one of them,
+    its usage is the outer call's (if the outer call reports none)."""
+    outer = a.nested_events.pop(event_id, None)
     if outer is not None and outer.inner_usage is None:
         resp = p.get(P_RESPONSE)
         if resp is None:
@@ -295,15 +295,16 @@ class CostLlamaIndexHandler(BaseCallbackHandler):
     def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                      **kwargs: Any) -> None:
         """An event's end, either way (instrumented or alone). An LLM call's end is handled in this frame (one per
-        call, on the app's thread); the rest in ``end_untracked`` and ``end_step``."""
+        call, on the app's thread); the rest in ``end_nested`` and ``end_step``."""
         if event_type is _EV_EXCEPTION:
             return
         a = self._adapter
         try:
             track = a.events.pop(event_id, None)
             p: Mapping[Any, Any] = payload if type(payload) is dict or isinstance(payload, Mapping) else EMPTY
-            if track is None:
-                end_untracked(a, p, event_id)
+            if track is None:  # not ours, or a call nested in another
+                if a.nested_events:
+                    end_nested(a, p, event_id)
                 return
             if track.ended:
                 return
