@@ -94,7 +94,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     try:
         # 16 KiB pages for a new file (SQLite's default: 4 KiB), set before WAL mode, which fixes the page size:
         # a batch's rows fill a quarter as many pages, each a system call to write to the WAL and another to copy
-        # at a checkpoint (on 100,000 one-call runs, 0.42 page writes and reads a span against 1.16, and 10% less
+        # at a checkpoint (on 100,000 one-call runs, 0.43 page writes and reads a span against 1.16, and 10% less
         # CPU on the exporter's thread; no more instructions in user space). A file made with other pages keeps
         # them: the pragma does nothing to an existing database in WAL mode.
         cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
