@@ -128,8 +128,8 @@ class Adapter:
             if parent.span is None:
                 self.materialize(parent)
             pk = parent.key
-        else:
-            rid = new_run_id()  # used if it opens a run (not in a tracker.run() scope)
+        elif current_scope.get() is None:  # it opens a run (in a tracker.run() scope it joins the scope's)
+            rid = new_run_id()
         span = (self.ledger.start_llm(key, pk, name, None, kind=kind, run_id=rid, **kw) if kind == "embedding"
                 else self.ledger.start_span(key, pk, kind, name, run_id=rid, **kw))
         track = new_track(key, parent, kind, span, node)
@@ -147,8 +147,8 @@ class Adapter:
             if parent.span is None:
                 self.materialize(parent)
             pk = parent.key
-        else:
-            rid = new_run_id()  # used if it opens a run (not in a tracker.run() scope)
+        elif current_scope.get() is None:  # it opens a run (in a tracker.run() scope it joins the scope's)
+            rid = new_run_id()
         span = self.ledger.start_llm(key, pk, name, None, model, provider, prompt, OPS, tools, max_tokens,
                                      run_id=rid)
         track = new_track(key, parent, "llm", span, node)
