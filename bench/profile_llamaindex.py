@@ -1,6 +1,7 @@
 """Where our LlamaIndex adapter's per-call work goes: a breakdown for optimising ``MockLLM.complete`` inside an open
 ``tracker.run()`` (the ``ours_in_run`` configuration of ``llamaindex_overhead.py``), every call with a prompt of
-its own (so the prompt is tokenized at the call's end, as with real traffic).
+its own (so the prompt is tokenized, as with real traffic: on the exporter's thread when the call's count is left
+for later, see the README's "How tokens are counted", else at the call's end).
 
 Two views of the same workload:
 
@@ -9,9 +10,10 @@ Two views of the same workload:
    LlamaIndex call. Time follows bytecodes and frames closely on this path; what it leaves out is native work
    (tiktoken's encoder, dict and object internals).
 2. In-situ cost of the two parts that are not bytecodes-bound, by difference: the tokenizer (its encoder replaced
-   by one that returns no tokens) and the ledger's end of the call (``Ledger.end_llm`` replaced by popping the span),
-   each against the unchanged adapter, interleaved, calling-thread CPU time. These two runs change what is recorded:
-   they are measurements, not behaviour.
+   by one that returns no tokens: about nothing while the counts are left to the exporter's thread) and the ledger's
+   end of the call (``Ledger.record_scoped_llm`` replaced by one that records nothing), each against the unchanged
+   adapter, interleaved, calling-thread CPU time. These two runs change what is recorded: they are measurements,
+   not behaviour.
 
 Run: ``python -m bench.profile_llamaindex [--calls N] [--rounds N]``.
 """
@@ -106,7 +108,7 @@ def in_situ(rounds: int) -> None:
         n = (rounds + 10) * BATCH
         setups = {k: Setup(d, k, n) for k in ("adapter", "no_tokenizer", "no_ledger_end")}
         led = setups["no_ledger_end"].tracker.ledger
-        led.end_llm = lambda key, *a, **k: led.spans.pop(key, None)  # type: ignore[method-assign]
+        led.record_scoped_llm = lambda *a, **k: None  # type: ignore[method-assign,assignment,return-value]
         _tokens.count_text("warm", "MockLLM")
         real = dict(_tokens._encoders)
         hollow = {k: (None if v is None else (lambda text: ())) for k, v in real.items()}
@@ -132,7 +134,7 @@ def in_situ(rounds: int) -> None:
     base = cpu["adapter"]
     print(f"\n## in situ, {rounds} rounds x {BATCH} calls, calling-thread CPU us per call (median)\n")
     print(f"adapter as is: {statistics.median(base):.1f} us per complete() (LlamaIndex's own work included)")
-    for k, what in (("no_tokenizer", "tiktoken's encoder"), ("no_ledger_end", "Ledger.end_llm")):
+    for k, what in (("no_tokenizer", "tiktoken's encoder"), ("no_ledger_end", "Ledger.record_scoped_llm")):
         diff = statistics.median(a - b for a, b in zip(base, cpu[k], strict=True))
         print(f"{what}: {diff:.1f} us per call")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ESTIMATED", "ESTIMATED_CHARS",
     "PER_MESSAGE", "REPLY_PRIMING", "chat_token_bound", "chat_tokens", "count", "count_text", "encoding_for_model",
     "known_or_bytes", "texts_token_bound", "texts_tokens", "utf8_len", "warm",
 ]
@@ -39,6 +40,11 @@ _URLS = {
 }
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
 _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding", "davinci", "babbage")
+
+ESTIMATED = ("estimated",)
+"""The flags of a call whose tokens were counted by us (the provider reported none)."""
+ESTIMATED_CHARS = ("estimated", "estimate:chars")
+"""The same, counted at 4 characters a token (no tokenizer for its model offline)."""
 
 _lock = threading.Lock()
 _encoders: dict[str, Callable[[str], list[int]] | None] = {}

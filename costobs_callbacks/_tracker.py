@@ -163,6 +163,9 @@ class CostTracker:
             on_budget_warning=on_budget_warning,
             caps=self._caps,
         )
+        # the exporter settles each batch's calls left for later (their token counts) before writing it
+        self.exporter.prepare = self.ledger.settle
+        self.ledger.room_for_later = self.exporter.room_for_later
         self._handler: CostCallbackHandler | None = None
         self._handler_lock = threading.Lock()
         self._closed = False

@@ -219,6 +219,48 @@ def test_a_lone_call_recorded_whole_equals_its_start_and_end(
     assert view(a, out_a) == view(b, out_b)
 
 
+@given(model_i=st.integers(0, len(MODELS) - 1), tokens=tokens_st, exact=st.booleans(),
+       served=st.sampled_from([None, "same", "other"]), room=st.booleans(),
+       settled_by=st.sampled_from(["exporter", "reader"]), fails=st.booleans())
+def test_a_lone_call_counted_later_equals_one_counted_at_its_end(
+    model_i: int, tokens: tuple[int, int, int, int, int], exact: bool, served: str | None, room: bool,
+    settled_by: str, fails: bool,
+) -> None:
+    """``record_llm`` given ``later`` (its count left to ``settle``, or made at once when the exporter has no room)
+    against ``record_llm`` given the tokens and estimate flags, or, for an estimate that fails, the general end of a
+    call whose payload could not be read. Settled by the exporter (``settle`` with what it was handed) or by a reader
+    (``recent_run``) first: the same spans, run and largest outputs."""
+    from costobs_callbacks._tokens import ESTIMATED, ESTIMATED_CHARS
+
+    model, provider = MODELS[model_i]
+    reported = reported_model(model, served)
+    prices = book(Decimal("3"), Decimal("7"))
+    rid = uuid.UUID(int=99).int
+    t0, p0 = time.time(), time.perf_counter()
+    a, out_a = ledger(prices)
+    if fails:
+        a.start_llm("lone-1", None, "ChatX", None, model, provider, run_id=rid)
+        a.end("lone-1", "ok", None, None, reported, False, False, ("internal_error",))
+    else:
+        a.record_llm("lone-1", "ChatX", model, provider, t0, p0, tokens, reported, True,
+                     ESTIMATED if exact else ESTIMATED_CHARS, None, rid)
+    b, out_b = ledger(prices)
+    b.room_for_later = lambda: room
+    later = (failing_estimate,) if fails else (estimate_of, tokens, exact)
+    b.record_llm("lone-1", "ChatX", model, provider, t0, p0, None, reported, True, (), None, rid, later)
+    assert [it.pending is not None for it in out_b.items] == [room]
+    if settled_by == "exporter":
+        b.settle(list(out_b.items))
+
+    def view(lg: Ledger, out: Collect) -> Any:
+        run = lg.recent_run(rid)
+        assert run is not None and not run.pending and not lg.runs and not lg.spans
+        return [item_view(i) for i in out.items], run.snapshot(), lg.largest_output, run.open_roots
+
+    assert view(a, out_a) == view(b, out_b)
+    assert b.internal_errors == (1 if fails else 0)
+
+
 budget_st = st.one_of(
     st.none(),
     st.builds(lambda c, n, t: {"max_cost_usd": c, "max_llm_calls": n, "max_tokens": t},
@@ -413,6 +455,102 @@ def test_a_model_call_in_a_run_scope_takes_the_same_decisions_on_the_shortcut_an
         elif budget is not None:
             assert not any(took)  # a budget: always the general path
     assert views[0] == views[1] == views[2]
+
+
+def estimate_of(tokens: tuple[int, int, int, int, int], exact: bool) -> tuple[tuple[int, int, int, int, int], bool]:
+    """A call's token estimate, as ``Later`` carries one (a function and its arguments)."""
+    return tokens, exact
+
+
+def failing_estimate() -> Any:
+    raise ValueError("no estimate")
+
+
+@given(model_i=st.integers(0, len(MODELS) - 1),
+       calls=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), tokens_st, st.booleans(),
+                                st.sampled_from([None, "same", "other"]), st.sampled_from(["none", "read", "settle"])),
+                      max_size=6),
+       loops=scoped_loops_st, room=st.sampled_from(["always", "never", "alternate"]),
+       adopt_at=st.sampled_from([None, 0, 2]), fail_at=st.sampled_from([None, 1]))
+@example(model_i=0, calls=[("a", (10, 5, 0, 0, 0), True, None, "none")] * 3, loops=None, room="always", adopt_at=None,
+         fail_at=None)
+def test_a_call_counted_later_equals_one_counted_at_its_end(
+    model_i: int, calls: list[tuple[str, tuple[int, int, int, int, int], bool, str | None, str]],
+    loops: dict[str, Any] | None, room: str, adopt_at: int | None, fail_at: int | None,
+) -> None:
+    """``record_scoped_llm`` given ``later`` (a call that reported no usage, its estimate left to ``settle``) against
+    the same calls given their tokens and estimate flags at once. Between calls the run's totals are read
+    (``run_cost``, which settles what is pending first) or the exporter settles what it holds; a budget may be adopted
+    midway (``adopt_policy``: settled first, and no call is left for later after it); the exporter may have no room
+    (counted at once). Every live read, every exported item (the scope's root span with its tree cost included), the
+    run's totals, its request counts and the largest outputs must be the same. An estimate that fails is recorded as
+    an end whose payload could not be read."""
+    from costobs_callbacks._ledger import DECLINED, current_scope
+    from costobs_callbacks._tokens import ESTIMATED, ESTIMATED_CHARS
+
+    model, provider = MODELS[model_i]
+    meta = policy_meta(None, loops)
+    views = []
+    for path in ("now", "later"):
+        lg, out = ledger(book(Decimal("2"), Decimal("8")))
+        if path == "later":
+            flips = iter(range(1_000))
+            lg.room_for_later = (lambda: True) if room == "always" else (lambda: False) if room == "never" else (
+                lambda _flips=flips: next(_flips) % 2 == 0)
+        root = uuid.UUID(int=5)
+        scope = lg.start_span(root, None, "run", "run", meta, root=True)
+        token = current_scope.set(scope)
+        seen: list[Any] = []
+        failures = 0
+        try:
+            for i, (text, tokens, exact, served, then) in enumerate(calls):
+                if adopt_at == i:
+                    lg.adopt_policy(lg.runs[root.int], budget=Budget(max_cost_usd=Decimal("1000")))
+                try:
+                    sig = lg.admit_scoped_llm(scope, model, prompt_of([text]), MESSAGES)
+                    if sig is DECLINED:
+                        lg.start_llm(f"c{i}", None, "ChatX", None, model, provider, prompt_of([text]), MESSAGES,
+                                     ({"model": model}, {}), None)
+                        lg.end_llm(f"c{i}", tokens, reported_model(model, served), True,
+                                   ESTIMATED if exact else ESTIMATED_CHARS)
+                    else:
+                        t0, p0 = time.time(), time.perf_counter()
+                        if fail_at == i:
+                            if path == "later":  # counted now or later, as the exporter has room
+                                failures += 1
+                                lg.record_scoped_llm(scope, f"c{i}", "ChatX", model, provider, t0, p0, sig, None,
+                                                     reported_model(model, served), True, (), None,
+                                                     (failing_estimate,))
+                            else:  # what the adapter does with an end it cannot read: no usage, flagged
+                                sp = lg.open_admitted(scope, f"c{i}", "ChatX", model, provider, t0, p0, sig)
+                                sp.flags = ("internal_error",)
+                                lg.end(f"c{i}", "ok", None, None, reported_model(model, served), False, False,
+                                       ("internal_error",))
+                        elif path == "now":
+                            lg.record_scoped_llm(scope, f"c{i}", "ChatX", model, provider, t0, p0, sig, tokens,
+                                                 reported_model(model, served), True,
+                                                 ESTIMATED if exact else ESTIMATED_CHARS)
+                        else:
+                            lg.record_scoped_llm(scope, f"c{i}", "ChatX", model, provider, t0, p0, sig, None,
+                                                 reported_model(model, served), True, (), None,
+                                                 (estimate_of, tokens, exact))
+                    seen.append("ok")
+                except RunAborted as exc:
+                    seen.append((type(exc).__name__, exc.reason))
+                if then == "read":
+                    seen.append(lg.run_cost(root))
+                elif then == "settle":
+                    lg.settle(list(out.items))
+        finally:
+            current_scope.reset(token)
+        lg.end(root, "ok")
+        lg.settle(list(out.items))  # the exporter, before it writes them
+        run = lg.recent.get(root.int) or lg.runs[root.int]
+        assert not run.pending
+        views.append((seen, [item_view(it) for it in out.items], run.snapshot(), dict(run.model_reqs or {}),
+                      dict(lg.largest_output), lg.internal_errors))
+    assert views[0][:-1] == views[1][:-1]
+    assert views[1][-1] == failures  # the estimate that failed, counted
 
 
 @given(texts=messages_st, max_tokens=st.sampled_from([1, 50, 4000]), delta=st.sampled_from([-1, 0, 1]),

@@ -676,6 +676,113 @@ def test_totals_are_running_sums(tr):
     assert live.input_tokens == sum(tok(p) for p in prompts)
 
 
+def test_a_call_with_no_usage_in_a_run_is_counted_after_it_ends_and_exactly(tmp_path):
+    """MockLLM reports no usage (its reply repeats the prompt). A call admitted in a ``tracker.run()`` scope (and a
+    lone call) is
+    recorded at its end with its prompt and reply left to count (``Ledger.record_scoped_llm``'s ``later``): the
+    app's thread does not tokenize them; the exporter does before it writes the span, or whatever reads the run's
+    totals first. A prompt over ``LATER_MAX_CHARS`` is counted at once. The live totals, the stored spans and the
+    scope's tree cost are the exact counts either way."""
+    from costobs_callbacks.integrations.llamaindex.calls import LATER_MAX_CHARS
+
+    t = _tracker(tmp_path, export_delay=3600)  # nothing is written until flush(): the reads below settle
+    t.instrument_llamaindex()
+    try:
+        llm = MockLLM()
+        short = "What is the capital of France? Answer in one short sentence."
+        long = "word " * (LATER_MAX_CHARS // 5 + 1)
+        with t.run(feature="later") as scope:
+            run = scope._span.run  # type: ignore[union-attr]
+            llm.complete(short)
+            assert [s.pending is not None for s in (run.pending or {})] == [True]
+            assert (run.input, run.output, run.cost_nanos) == (0, 0, 0)  # not counted yet
+            llm.complete(long)
+            assert len(run.pending or {}) == 1  # the long prompt: counted at once
+            assert (run.input, run.output) == (tok(long), tok(long))
+            live = scope.cost
+            assert not run.pending
+        t.flush()
+        want_in = tok(short) + tok(long)
+        assert live is not None
+        assert (live.llm_calls, live.input_tokens, live.output_tokens, live.estimated_calls) == (
+            2, want_in, want_in, 2)
+        assert live.cost_usd == cost(want_in, want_in, P_MOCK)
+        kinds = spans_by_kind(t, scope.run_id)
+        calls = sorted(kinds["llm"], key=lambda s: s["input_tokens"])
+        assert [(s["input_tokens"], s["output_tokens"], s["flags"], s["estimated"]) for s in calls] == [
+            (tok(short), tok(short), "estimated", True), (tok(long), tok(long), "estimated", True)]
+        assert [Decimal(s["cost_nanos"]).scaleb(-9) for s in calls] == [
+            cost(tok(short), tok(short), P_MOCK), cost(tok(long), tok(long), P_MOCK)]
+        (root,) = kinds["run"]
+        assert Decimal(root["tree_cost_nanos"]).scaleb(-9) == live.cost_usd
+        stored = t.run_cost(scope.run_id)
+        assert stored is not None and (stored.cost_usd, stored.input_tokens) == (live.cost_usd, want_in)
+        lone = "A call on its own, outside any scope: its run ends with it."
+        llm.complete(lone)  # a lone call: left for later too
+        (lone_run,) = [r for r in t.ledger.recent.values() if r.feature == "unattributed"]
+        assert list(lone_run.pending or {}) and lone_run.input == 0
+        t.flush()  # the exporter settles it before writing it
+        assert not lone_run.pending and lone_run.input == tok(lone)
+        stored = t.run_cost(lone_run.run_id)
+        assert stored is not None
+        assert (stored.input_tokens, stored.output_tokens, stored.estimated_calls, stored.cost_usd) == (
+            tok(lone), tok(lone), 1, cost(tok(lone), tok(lone), P_MOCK))
+    finally:
+        t.uninstrument_llamaindex()
+        assert t.stats["internal_errors"] == 0
+        t.close()
+
+
+def test_calls_counted_later_from_many_threads_are_each_counted_once(tmp_path):
+    """Six threads make calls in one run (copied context) while a seventh reads its totals and the exporter
+    writes every few milliseconds: each call is settled by whichever thread comes first, and counted once; the
+    live totals at the end, the stored run and the stored spans all equal the exact sums."""
+    t = _tracker(tmp_path, export_delay=0.002)
+    t.instrument_llamaindex()
+    try:
+        llm = MockLLM()
+        prompts = [[f"thread {i} asks question number {j} about item {i * j}" for j in range(40)] for i in range(6)]
+        reads: list[int] = []
+        stop = threading.Event()
+        with t.run(feature="threads") as scope:
+            def ask(mine: list[str]) -> None:
+                for p in mine:
+                    llm.complete(p)
+
+            def read() -> None:
+                while not stop.is_set():
+                    c = scope.cost
+                    assert c is not None
+                    reads.append(c.llm_calls)
+
+            reader = threading.Thread(target=contextvars.copy_context().run, args=(read,))
+            reader.start()
+            workers = [threading.Thread(target=contextvars.copy_context().run, args=(ask, mine)) for mine in prompts]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            stop.set()
+            reader.join()
+            live = scope.cost
+        t.flush()
+        want = sum(tok(p) for mine in prompts for p in mine)
+        assert live is not None and reads
+        assert (live.llm_calls, live.input_tokens, live.output_tokens) == (240, want, want)
+        assert live.cost_usd == cost(want, want, P_MOCK)
+        stored = t.run_cost(scope.run_id)
+        assert stored is not None
+        assert (stored.llm_calls, stored.input_tokens, stored.output_tokens, stored.cost_usd) == (
+            240, want, want, live.cost_usd)
+        kinds = spans_by_kind(t, scope.run_id)
+        assert sorted(s["input_tokens"] for s in kinds["llm"]) == sorted(tok(p) for mine in prompts for p in mine)
+        assert Decimal(kinds["run"][0]["tree_cost_nanos"]).scaleb(-9) == live.cost_usd
+    finally:
+        t.uninstrument_llamaindex()
+        assert t.stats["internal_errors"] == 0
+        t.close()
+
+
 def test_identical_model_requests_stop_the_run(tr):
     llm = MockLLM(max_tokens=1)
     with pytest.raises(LoopDetectedError) as ei, tr.run(feature="same"):

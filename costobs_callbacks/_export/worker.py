@@ -30,6 +30,14 @@ __all__ = ["BatchExporter", "ExportStats"]
 
 logger = logging.getLogger("costobs_callbacks")
 
+LATER_BATCHES = 2
+"""``room_for_later`` says no once the queue holds this many full batches (``max_batch_size`` items; at most half
+the queue): the exporter is falling behind, and the app's thread does the work itself. Until then, the queue is
+written before it gets there (a full batch wakes the exporter), so what is left for later is done on time. Such an
+item keeps the texts of its call until written (a call's estimate keeps its prompt and reply, at most
+``integrations.llamaindex.calls.LATER_MAX_CHARS`` characters): this bounds what they hold (8,192 items of at most
+8,192 characters with the defaults)."""
+
 
 class ExportStats:
     """Counters of the exporter; read them to see that nothing was lost."""
@@ -88,6 +96,10 @@ class BatchExporter:
         self._on_start = on_start
         self._fallback = fallback
         self._final_budget = 5.0
+        self.prepare: Callable[[Sequence[Any]], None] | None = None
+        """Called on the worker's thread with each batch before it is written or spooled (the ledger's ``settle``:
+        the calls whose tokens the app's thread left for later are counted here)."""
+        self._later_limit = max(1, min(max_queue_size // 2, LATER_BATCHES * max_batch_size))
         self.stats = ExportStats(lambda: len(self._queue))
         self._init_state()
         self._shutdown_once = threading.Lock()
@@ -132,6 +144,12 @@ class BatchExporter:
                 self._ensure_worker()
             if n >= self._wake_at and not self._wake.is_set():
                 self._wake.set()
+
+    def room_for_later(self) -> bool:
+        """Whether an item whose work is left to ``prepare`` may be queued now: ``prepare`` is set, the exporter is
+        open, and its queue holds fewer than ``LATER_BATCHES`` full batches (it is not falling behind: the item is
+        written, not dropped, and what such items keep in memory until then stays bounded)."""
+        return self.prepare is not None and len(self._queue) < self._later_limit and not self._closed
 
     def _drop(self) -> None:
         self.stats.dropped += 1
@@ -188,6 +206,11 @@ class BatchExporter:
             due -= n
             self.stats.taken += n  # first: emitted (taken + queued) may read high for a moment, never low
             batch = Batch([q.popleft() for _ in range(n)])
+            if self.prepare is not None:
+                try:
+                    self.prepare(batch)
+                except Exception:  # written as it is: a call left uncounted is better than a batch lost
+                    logger.exception("costobs: preparing a batch of %d failed", n)
             self._write(batch)
 
     def _tick(self, fb: Fallback, final: bool = False) -> None:

@@ -12,6 +12,7 @@ from .model import (
     _DEFERRED,
     DECLINED,
     UNATTRIBUTED,
+    Later,
     Run,
     RunCost,
     Span,
@@ -25,7 +26,7 @@ from .model import (
 )
 
 __all__ = [
-    "BUDGET_META_KEY", "DECLINED", "LOOPS_META_KEY", "UNATTRIBUTED", "Ledger", "Run", "RunCost", "Span", "Tokens",
-    "_DEFERRED", "_again", "current_scope", "new_run", "new_span", "run_text", "salt_from", "span_key", "tokens_of",
-    "user_hash",
+    "BUDGET_META_KEY", "DECLINED", "LOOPS_META_KEY", "UNATTRIBUTED", "Later", "Ledger", "Run", "RunCost", "Span",
+    "Tokens", "_DEFERRED", "_again", "current_scope", "new_run", "new_span", "run_text", "salt_from", "span_key",
+    "tokens_of", "user_hash",
 ]

@@ -58,8 +58,13 @@ def _account(run: Run, span: Span, cost: int, sig: Any) -> bool:
             else:
                 bm[m] = bm.get(m, 0) + cost
     if sig is not None and sig is not _DEFERRED:
-        reqs = run.model_reqs
-        if reqs is None:
-            reqs = run.model_reqs = {}
-        reqs[sig] = reqs.get(sig, 0) + 1
+        _count_request(run, sig)
     return last
+
+
+def _count_request(run: Run, sig: Any) -> None:
+    """Count a model request by its signature, for the loop guard's identical-request rule (under ``run.lock``)."""
+    reqs = run.model_reqs
+    if reqs is None:
+        reqs = run.model_reqs = {}
+    reqs[sig] = reqs.get(sig, 0) + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -21,7 +21,8 @@ from uuid import UUID
 from .._events import TokenUsage, UsageDetail, usd_to_nanos
 from .._exceptions import RunAborted
 from .._policy import Budget, BudgetHook, LoopPolicy
-from .accounting import _account
+from .._tokens import ESTIMATED, ESTIMATED_CHARS
+from .accounting import _account, _count_request
 from .attribution import (
     _FIRST_CAPS,
     _FIRST_CHECKED,
@@ -40,6 +41,7 @@ from .model import (
     COST_KINDS,
     DECLINED,
     Exporter,
+    Later,
     PromptOps,
     Run,
     RunCost,
@@ -104,6 +106,9 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         # model -> the most output tokens one of its calls reported in this process (see output_hold)
         self.largest_output: dict[str, int] = {}
         self.internal_errors = 0
+        # Whether a call's token count may be left for later now (see record_scoped_llm); None: never. The tracker
+        # sets its exporter's, which settles every batch before writing it (see settle).
+        self.room_for_later: Callable[[], bool] | None = None
         # attribution values -> what a run gets from them (see _attribute); bounded
         self._attr_memo: dict[tuple[Any, ...], _Attribution] = {}
         self._bare_attribution: _Attribution | None = None  # of a run without metadata (see _attribute)
@@ -349,13 +354,20 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
 
     def record_scoped_llm(
         self, scope: Span, key: Any, name: str, model: str | None, provider: str | None, start_wall: float,
-        start_perf: float, sig: Any, tokens: Tokens, served: str | None, estimated: bool = False,
-        flags: tuple[str, ...] = (), detail: UsageDetail | None = None,
+        start_perf: float, sig: Any, tokens: Tokens | None, served: str | None, estimated: bool = False,
+        flags: tuple[str, ...] = (), detail: UsageDetail | None = None, later: Later | None = None,
     ) -> Span:
         """Record a call ``admit_scoped_llm`` admitted (``sig``: what it returned), whole, once it has ended ok with
         its token counts: ``open_admitted`` + ``end_llm`` in one step, leaving out the open spans' table, which nothing
         read meanwhile. Raises ``RunAborted`` as ``end_llm`` does (a budget the run was given meanwhile).
         tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
+
+        ``later`` instead of ``tokens``: the call reported no usage, and ``later`` estimates it (see ``Later``). When
+        the exporter has room (``room_for_later``) and the run no budget, the estimate is left to ``settle``: on the
+        exporter's thread before the span is written, or first on the thread of whatever reads the run's totals
+        (``run_cost``, a guard, a budget adopted); the span is in its run's ``pending`` until then. Else it is
+        counted now. Either way the span, the run's totals and its flags (``estimated``, and ``estimate:chars``
+        without a tokenizer) come out the same (tests/test_fast_paths.py).
 
         What ``new_span``, ``_set_cost`` and ``_end_child`` do for such a span (a model call in ``scope``, no request
         kept, not yet costed) is written out here rather than called: this runs on the app's thread once per call in a
@@ -387,6 +399,18 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
+        if later is not None:
+            if not flags and detail is None and self._leave_for_later(run, span, served, later, sig):
+                self.exporter.emit(span)
+                return span
+            est = self._estimate_now(later)
+            if est is None:
+                span.flags = ("internal_error",)
+                return self._finish(span, "ok", None, None, served, False, False, None)
+            tokens, exact = est
+            estimated = True
+            flags += ESTIMATED if exact else ESTIMATED_CHARS
+        assert tokens is not None
         if flags:
             span.flags = flags  # distinct, as the adapter makes them; kept as given (see record_llm)
         if detail is not None:
@@ -561,8 +585,8 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
 
     def record_llm(
         self, key: str, name: str, model: str | None, provider: str | None, start_wall: float, start_perf: float,
-        tokens: Tokens, served: str | None, estimated: bool = False, flags: tuple[str, ...] = (),
-        detail: UsageDetail | None = None, run_id: Any = None,
+        tokens: Tokens | None, served: str | None, estimated: bool = False, flags: tuple[str, ...] = (),
+        detail: UsageDetail | None = None, run_id: Any = None, later: Later | None = None,
     ) -> Span:
         """Record a model call made on its own, whole, once it has ended ok with its token counts: its run (named
         ``run_id``, default the call's ``key``, as ``start_llm`` names it) opens and ends here. For a call whose
@@ -575,7 +599,9 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         ``_account``), leaving out what a run no other thread has seen does not need: publishing it, locks.
         tests/test_fast_paths.py holds it to ``start_llm`` + ``end_llm``.
 
-        ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does)."""
+        ``model``: as requested; ``served``: as reported by the provider (priced, as ``end_llm`` does). ``later``
+        instead of ``tokens``: as for ``record_scoped_llm`` (the run ends here all the same, and its totals and its
+        span's cost are settled before the span is written)."""
         run = new_run(key, key, start_wall, start_perf) if run_id is None else new_run(
             run_id, run_key(run_id), start_wall, start_perf)
         self._attribute(run, None, None)
@@ -584,15 +610,28 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         end = span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
-        if flags:
-            span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
-        if detail is not None:
-            span.detail = detail
-        priced = self.prices.price_nanos(served or model, provider, tokens, detail)
-        if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
-            return self._finish(span, "ok", None, tokens, served, estimated, False, None)
-        cost = self._set_cost(span, tokens, served, estimated, priced)
-        _account(run, span, cost, None)  # no lock: no other thread has seen the run
+        if later is not None and not flags and detail is None and self._leave_for_later(run, span, served, later,
+                                                                                         None):
+            pass  # its run ends below, uncounted until settled
+        else:
+            if later is not None:
+                est = self._estimate_now(later)
+                if est is None:
+                    span.flags = ("internal_error",)
+                    return self._finish(span, "ok", None, None, served, False, False, None)
+                tokens, exact = est
+                estimated = True
+                flags += ESTIMATED if exact else ESTIMATED_CHARS
+            assert tokens is not None
+            if flags:
+                span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
+            if detail is not None:
+                span.detail = detail
+            priced = self.prices.price_nanos(served or model, provider, tokens, detail)
+            if priced is None:  # no price: the general end (flagged, listed apart, never a silent $0)
+                return self._finish(span, "ok", None, tokens, served, estimated, False, None)
+            cost = self._set_cost(span, tokens, served, estimated, priced)
+            _account(run, span, cost, None)  # no lock: no other thread has seen the run
         # The run ends with its only call (_close_run, for a run that was never published).
         run.ended_wall = end
         run.status = "ok"
@@ -804,18 +843,117 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             logger.debug("costobs: could not compute a request signature", exc_info=True)
             return
         with run.lock:
-            reqs = run.model_reqs
-            if reqs is None:
-                reqs = run.model_reqs = {}
-            reqs[sig] = reqs.get(sig, 0) + 1
+            _count_request(run, sig)
 
     def run_cost(self, run_id: str | UUID) -> RunCost | None:
         run = _find(self.runs, run_id)
-        return run.snapshot() if run is not None else None
+        if run is None:
+            return None
+        if run.pending:
+            self.settle_run(run)
+        return run.snapshot()
 
     def recent_run(self, run_id: str | UUID) -> Run | None:
-        """An ended run this process still remembers (its last ``_RECENT_RUNS`` or so)."""
-        return _find(self.recent, run_id)
+        """An ended run this process still remembers (its last ``_RECENT_RUNS`` or so), its calls settled."""
+        run = _find(self.recent, run_id)
+        if run is not None and run.pending:
+            self.settle_run(run)
+        return run
+
+    # -- calls recorded before their tokens were counted (record_scoped_llm's ``later``) ----------------
+
+    def settle(self, items: Iterable[Any]) -> None:
+        """Settle the calls among ``items`` recorded before their tokens were counted: the exporter calls this on
+        its thread with each batch before writing it (or spooling it), so that every span is written counted and
+        priced, and a run's root span, which follows its calls in the queue, is written with their cost."""
+        for it in items:
+            if type(it) is Span and it.pending is not None:
+                self._settle(it)
+
+    def settle_run(self, run: Run) -> None:
+        """Settle every call of ``run`` still waiting for its count (before its totals are read)."""
+        pend = run.pending
+        if pend:
+            for span in list(pend):  # one C call: another thread may be settling some meanwhile
+                self._settle(span)
+
+    def _leave_for_later(self, run: Run, span: Span, served: str | None, later: Later, sig: Any) -> bool:
+        """Leave a call's count to ``settle`` (see ``record_scoped_llm``) if the exporter has room and the run no
+        budget: the call is in its run's ``pending`` then, its request (``sig``) counted for the loop guard now.
+        Returns whether it was."""
+        room = self.room_for_later
+        if room is None or run.budget is not None or not room():
+            return False
+        span.estimated = True
+        span.pending = (served, later)
+        with run.lock:
+            pend = run.pending
+            if pend is None:
+                pend = run.pending = {}
+            pend[span] = None
+            if sig is not None:
+                _count_request(run, sig)
+        return True
+
+    def _estimate_now(self, later: Later) -> tuple[Tokens, bool] | None:
+        """A call's estimate (``Later``) made now: ``(tokens, exact)``, ``None`` if it failed (counted, logged)."""
+        try:
+            est: tuple[Tokens, bool] = later[0](*later[1:])
+        except Exception:
+            self._estimate_failed()
+            return None
+        return est
+
+    def _estimate_failed(self) -> None:
+        """A call's token estimate raised (our bug, or a text no tokenizer takes): counted in ``internal_errors``,
+        logged; the call is recorded as an end whose payload could not be read (``internal_error``, ``no_usage``)."""
+        self.internal_errors += 1
+        logger.warning("costobs: a call's token estimate failed (%d internal errors so far)", self.internal_errors,
+                       exc_info=True)
+
+    def _settle(self, span: Span) -> None:
+        """Count, price and account one call ``record_scoped_llm`` or ``record_llm`` left for later, as they would have
+        done then. The
+        count runs on this thread, outside every lock; two threads may both count one call, but only the first to
+        take its run's lock accounts it, and sets its fields before it stops being pending (so that a thread that
+        finds it settled reads it whole)."""
+        p = span.pending
+        if p is None:
+            return
+        served, later = p
+        requested = span.model
+        tokens: Tokens | None = None
+        exact = False
+        priced = None
+        est = self._estimate_now(later)  # (an estimate that cannot be made: as an end whose payload could not be read)
+        if est is not None:
+            tokens, exact = est
+            priced = self.prices.price_nanos(served or requested, span.provider, tokens, span.detail)
+        if tokens is not None and requested is not None and tokens[1] > self.largest_output.get(requested, 0):
+            self._saw_output(requested, tokens[1])
+        run = span.run
+        with run.lock:
+            if span.pending is None:
+                return
+            if served:
+                span.model = served
+            cost = 0
+            if tokens is None:
+                span.estimated = False
+                span.flags = ("internal_error", "no_usage")
+            else:
+                span.tokens = tokens
+                span.flags = ESTIMATED if exact else ESTIMATED_CHARS
+                if priced is None:
+                    span.unpriced = True
+                else:
+                    cost, span.prices = priced
+                    span.cost_nanos = span.tree_cost = cost
+            _account(run, span, cost, None)  # its request was counted when it was recorded
+            pend = run.pending
+            if pend is not None:
+                pend.pop(span, None)
+            span.pending = None
 
     def open_run_ids(self) -> list[str]:
         return [r.run_id for r in list(self.runs.values())]
@@ -826,6 +964,8 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         """Policy given by an agent middleware (``CostGuardMiddleware``): its budget and loop policy replace
         the tracker's defaults, never a policy the run was given itself (config metadata, ``tracker.run()``).
         ``graceful``: after an abort, chain starts no longer raise (paid calls still do)."""
+        if run.pending:  # a budget reads the run's totals from now on
+            self.settle_run(run)
         with run.lock:
             if graceful:
                 run.graceful = True

@@ -74,9 +74,13 @@ class GuardsMixin:
 
         def cap_estimate(self, span: Span) -> int: ...
 
+        def settle_run(self, run: Run) -> None: ...
+
     def _guard_start(self, run: Run, span: Span, kind: str, name: str, tool_args: Any) -> None:
         if run.aborted is not None:
             raise _again(run.aborted)
+        if run.pending:  # calls whose count was left for later: every check below reads the run's totals
+            self.settle_run(run)
         loops = run.loops
         budget = run.budget
         max_steps = max_reqs = None

@@ -40,6 +40,11 @@ Tokens = tuple[int, int, int, int, int]
 """A call's token counts in ``TokenUsage``'s order: input, output, cache read, cache write, reasoning."""
 
 
+Later = tuple[Any, ...]
+"""A call's token estimate left for later (``Ledger.record_scoped_llm``): a function returning ``(Tokens, exact)``
+followed by its arguments, which must not change meanwhile (texts, not the app's message objects)."""
+
+
 def tokens_of(usage: TokenUsage) -> Tokens:
     """A ``TokenUsage`` as ``Tokens``."""
     return (usage.input, usage.output, usage.cache_read, usage.cache_write, usage.reasoning)
@@ -209,6 +214,9 @@ class Run:
     """Pre-call estimates of the calls in flight (sum of their ``Span.reserved``)."""
     loose_holds: set[Span] | None = None
     """Calls in flight holding an upper bound of their estimate."""
+    pending: dict[Span, None] | None = None
+    """Its calls recorded but not yet counted (``Span.pending``), in order: ``Ledger.settle_run`` settles them before
+    anything reads the run's totals."""
     caps: Any = None
     """Spend caps hook: the run's tenant and user caps (``_caps.guard._Binding``) once a capped call or record bound
     them; ``_account`` settles every ended span's cost through it."""
@@ -309,6 +317,9 @@ class Span:
     """nano-USD of the run's budget this call holds while in flight."""
     cap_holds: Any = None
     """Spend caps hook: what this call holds of its tenant's and user's caps while in flight (``SpendCaps.admit``)."""
+    pending: tuple[str | None, Later] | None = None
+    """A call recorded before its tokens were counted (``Ledger.record_scoped_llm``'s ``later``): the model that
+    served it and its estimate, which ``Ledger.settle`` counts, prices and adds to its run; ``None`` once it has."""
 
     # Set by new_span (and, written out, by Ledger.record_scoped_llm):
     _sid: str | UUID | int

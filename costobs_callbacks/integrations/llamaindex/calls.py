@@ -24,8 +24,8 @@ from ... import _usage
 from ..._errors import Faults
 from ..._events import TokenUsage, UsageDetail
 from ..._exceptions import RunAborted
-from ..._ledger import Tokens, _again, current_scope
-from ..._tokens import count
+from ..._ledger import Later, Tokens, _again, current_scope
+from ..._tokens import ESTIMATED, ESTIMATED_CHARS, count
 from .payloads import OPS, Prompt, Tools, chunks_tokens, response_text, served_model, usage_of
 from .state import Node, Track, new_track, span_key
 
@@ -37,8 +37,19 @@ if TYPE_CHECKING:
 
 __all__ = ["Adapter"]
 
-_ESTIMATED = ("estimated",)
-_ESTIMATED_CHARS = ("estimated", "estimate:chars")
+LATER_MAX_CHARS = 8_192
+"""A lone call, or one admitted in a ``tracker.run()`` scope, whose provider reports no usage has its prompt and reply
+counted after it ends, on the exporter's thread (``Ledger.record_scoped_llm``'s and ``record_llm``'s ``later``), when
+they are text of at most this many characters together: longer ones are counted at once, so that what waits in the
+queue stays small."""
+
+
+def estimate_text(prompt: str, text: str, model: str | None) -> tuple[Tokens, bool]:
+    """The tokens of a completion that reported no usage, counted from its prompt and its reply (``count``: with the
+    model's tokenizer, else 4 characters a token): ``(tokens, exact)``."""
+    inp, ok_in = count(prompt, model)
+    out, ok_out = count(text, model)
+    return (inp, out, 0, 0, 0), ok_in and ok_out
 
 
 def new_run_id() -> int:
@@ -349,11 +360,12 @@ class Adapter:
                 flags = ("stream_closed",)  # the app stopped reading; what streamed is billed
             else:
                 status = "error"
+        later: Later | None
         try:
-            usage, model, estimated, detail, flags = self._read_end(track, response, status, flags)
+            usage, model, estimated, detail, flags, later = self._read_end(track, response, status, flags)
         except Exception as exc:  # a payload we could not read: end the span anyway
             self.fault("llm end", exc)
-            usage, model, estimated, detail = None, None, False, None
+            usage, model, estimated, detail, later = None, None, False, None, None
             flags += ("internal_error",)
         # drop the app's messages now (only what was set: the rest are class defaults)
         track.prompt = track.tools = None
@@ -368,16 +380,21 @@ class Adapter:
                 self.release_events()
         scope = None
         if track.lone:
-            if status != "ok" or usage is None:
+            if status != "ok" or (usage is None and later is None):
                 self._open_lone(track)
             elif track.scope is None:
                 self.ledger.record_llm(track.key, track.name, track.model, track.provider, track.start_wall,
-                                       track.start_perf, usage, model, estimated, flags, detail, new_run_id())
+                                       track.start_perf, usage, model, estimated, flags, detail, new_run_id(), later)
                 return
             else:  # a call in a scope admitted at its start (see Ledger.admit_scoped_llm): recorded whole
                 scope = track.scope
         try:
-            if status == "ok" and usage is not None:
+            if later is not None:  # a call admitted in a scope (see _read_end)
+                assert scope is not None
+                self.ledger.record_scoped_llm(scope, track.key, track.name, track.model, track.provider,
+                                              track.start_wall, track.start_perf, track.sig, None, model, True, flags,
+                                              None, later)
+            elif status == "ok" and usage is not None:
                 if scope is not None:
                     self.ledger.record_scoped_llm(scope, track.key, track.name, track.model, track.provider,
                                                   track.start_wall, track.start_perf, track.sig, usage, model,
@@ -397,9 +414,11 @@ class Adapter:
                 self.release(track.parent)
 
     def _read_end(self, track: Track, response: Any, status: str, flags: tuple[str, ...]
-                  ) -> tuple[Tokens | None, str | None, bool, UsageDetail | None, tuple[str, ...]]:
+                  ) -> tuple[Tokens | None, str | None, bool, UsageDetail | None, tuple[str, ...], Later | None]:
         """What an LLM call's end reports: its tokens (the provider's, else estimated), the model that served it,
-        whether the tokens are estimated, the usage detail and the flags."""
+        whether the tokens are estimated, the usage detail, the flags, and, instead of the tokens, their estimate
+        left for later (``Later``, for ``Ledger.record_llm`` and ``Ledger.record_scoped_llm``): for a lone call or a
+        call admitted in a scope that ended ok with no usage, no flag and a text prompt (``LATER_MAX_CHARS``)."""
         resp = response if response is not None else track.partial
         parsed: _usage.Parsed | None = None
         model: str | None = None
@@ -430,14 +449,23 @@ class Adapter:
                     model or track.model, track.span.provider if track.span is not None else track.provider,
                     detail.service_tier):
                 flags += ("tier_unpriced",)
-            return usage, model, estimated, detail, flags
+            return usage, model, estimated, detail, flags, None
         if status == "ok" or resp is not None:
+            if status == "ok" and track.lone and not flags and not track.stream_usage_requested:
+                if track.inner_prompt is not None:
+                    prompt, tools = track.inner_prompt
+                else:
+                    prompt, tools = track.prompt, track.tools
+                if tools is None and type(prompt) is str:
+                    text = (resp.text or "") if type(resp) is CompletionResponse else response_text(resp)
+                    if len(prompt) + len(text) <= LATER_MAX_CHARS:
+                        return None, model, True, None, flags, (estimate_text, prompt, text, model or track.model)
             usage, exact = self._estimate(track, model, resp)
-            flags += _ESTIMATED if exact else _ESTIMATED_CHARS
+            flags += ESTIMATED if exact else ESTIMATED_CHARS
             if track.stream_usage_requested:
                 flags += ("no_stream_usage",)
-            return usage, model, True, None, flags
-        return None, model, False, None, flags
+            return usage, model, True, None, flags, None
+        return None, model, False, None, flags, None
 
     @staticmethod
     def _estimate(track: Track, model: str | None, resp: Any) -> tuple[Tokens, bool]:
@@ -447,7 +475,9 @@ class Adapter:
         else:
             prompt, tools = track.prompt, track.tools
         text = (resp.text or "") if type(resp) is CompletionResponse else response_text(resp)
-        inp, ok_in = count(prompt, m) if tools is None and type(prompt) is str else OPS.count_tokens(m, prompt, tools)
+        if tools is None and type(prompt) is str:
+            return estimate_text(prompt, text, m)
+        inp, ok_in = OPS.count_tokens(m, prompt, tools)
         out, ok_out = count(text, m)
         return (inp, out, 0, 0, 0), ok_in and ok_out
 
