@@ -85,9 +85,10 @@ calling-thread CPU time (``time.thread_time_ns``), ``--rounds`` rounds of one ba
 of every configuration, in an order shuffled each round, the median over rounds of the batch means,
 and the median of paired per-round differences (as ``handler_overhead.py``). ``instrument_llamaindex()``
 is process-wide, so each configuration of ours (one tracker each) has it switched on only around its own
-batches, and ``ours_scoped`` its run opened and closed around each batch (both untimed); the handler lists
-of the other two models are asserted before each of their batches. "Met" compares the paired per-round
-difference to ``TokenCountingHandler``.
+batches, and ``ours_scoped`` its run opened and closed around each batch (both untimed), and its tracker
+flushed after each batch (untimed: the exporter's thread does its work for the batch then, not during another
+configuration's batch); the handler lists of the other two models are asserted before each of their batches.
+"Met" compares the paired per-round difference to ``TokenCountingHandler``.
 
 After counting, each process checks that the work was done: every call of ours stored and priced,
 ``UsageMetadataCallbackHandler`` and ``TokenCountingHandler`` holding every call's tokens; a failed check
@@ -318,8 +319,14 @@ def llamaindex_setup(kind: str, db_dir: str, export_delay: float, unique: int = 
                 with t.run(**META):
                     return complete()
         hooks = {"enter": enter, "leave": leave} if kind == "ours_scoped" else {}
+
+        def after() -> None:
+            # the timed rounds: the exporter's work for this batch (its writes, the token counts left for later)
+            # done here, untimed, not on the next configuration's batch
+            t.uninstrument_llamaindex()
+            t.flush()
         return Setup(call, lambda n: _stored(t, n, None), close=close,
-                     before=t.instrument_llamaindex, after=t.uninstrument_llamaindex, **hooks)
+                     before=t.instrument_llamaindex, after=after, **hooks)
     raise ValueError(f"unknown LlamaIndex configuration {kind!r}")
 
 
