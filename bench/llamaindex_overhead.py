@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--unique-prompts", action="store_true",
                     help="a distinct prompt for every call (no configuration can reuse a previous count)")
+    ap.add_argument("--count-at-once", action="store_true",
+                    help="count every call's tokens when it ends, none left for the exporter's thread")
     args = ap.parse_args(argv)
     logging.getLogger("costobs_callbacks").setLevel(logging.ERROR)
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="costobs-li-") as d:
         tracker = CostTracker(f"sqlite:///{d}/li.db", prices=MOCK_PRICES, user_salt="bench-salt")
         legacy_tracker = CostTracker(f"sqlite:///{d}/li_legacy.db", prices=MOCK_PRICES, user_salt="bench-salt")
+        if args.count_at_once:
+            tracker.ledger.room_for_later = legacy_tracker.ledger.room_for_later = None
         try:
             return _run(args, tracker, legacy_tracker, MockLLM, CallbackManager, TokenCountingHandler, ChatMessage)
         finally:

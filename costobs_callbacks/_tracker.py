@@ -71,6 +71,9 @@ class CostTracker:
         db_timeout: seconds a database call of the exporter may take (PostgreSQL: ``connect_timeout``,
             ``statement_timeout``, and its sockets cut past it) before its batch goes to the spool; the
             ``statement_timeout`` bounds this tracker's queries (``rollup``) too: raise it for long reports.
+        count_later: a LlamaIndex completion that reports no usage is counted by the exporter's thread before it is
+            written, not on the app's thread when it ends (see the README's "How tokens are counted"); ``False``:
+            always when it ends (an app whose threads make calls flat out, never waiting on a provider).
 
     SIGTERM: where the default handler is in place (and the tracker is made on the main thread), one is installed
     that closes the tracker (its queue flushed to the database, or the spool) and then dies of SIGTERM as before;
@@ -97,7 +100,10 @@ class CostTracker:
         tenant_budgets: Mapping[str, Any] | None = None,
         user_budgets: Mapping[str, Any] | None = None,
         cap_refresh_s: float = 5.0,
+        count_later: bool = True,
     ) -> None:
+        if not isinstance(count_later, bool):
+            raise ConfigurationError(f"count_later must be True or False, not {count_later!r}")
         if isinstance(require, str):
             require = (require,)
         req = tuple(require)
@@ -165,7 +171,8 @@ class CostTracker:
         )
         # the exporter settles each batch's calls left for later (their token counts) before writing it
         self.exporter.prepare = self.ledger.settle
-        self.ledger.room_for_later = self.exporter.room_for_later
+        if count_later:
+            self.ledger.room_for_later = self.exporter.room_for_later
         self._handler: CostCallbackHandler | None = None
         self._handler_lock = threading.Lock()
         self._closed = False

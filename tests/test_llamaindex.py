@@ -733,6 +733,28 @@ def test_a_call_with_no_usage_in_a_run_is_counted_after_it_ends_and_exactly(tmp_
         t.close()
 
 
+def test_count_later_false_counts_every_call_when_it_ends(tmp_path):
+    """``CostTracker(count_later=False)``: nothing is left for the exporter's thread; the figures are the same."""
+    from costobs_callbacks import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="count_later"):
+        _tracker(tmp_path, count_later="no")
+    t = _tracker(tmp_path, count_later=False, export_delay=3600)
+    t.instrument_llamaindex()
+    try:
+        prompt = "What is the capital of France? Answer in one short sentence."
+        with t.run(feature="now") as scope:
+            run = scope._span.run  # type: ignore[union-attr]
+            MockLLM().complete(prompt)
+            assert not run.pending and (run.input, run.output) == (tok(prompt), tok(prompt))
+        t.flush()
+        stored = t.run_cost(scope.run_id)
+        assert stored is not None and stored.cost_usd == cost(tok(prompt), tok(prompt), P_MOCK)
+    finally:
+        t.uninstrument_llamaindex()
+        t.close()
+
+
 def test_calls_counted_later_from_many_threads_are_each_counted_once(tmp_path):
     """Six threads make calls in one run (copied context) while a seventh reads its totals and the exporter
     writes every few milliseconds: each call is settled by whichever thread comes first, and counted once; the
