@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "handler_overhead": ("LangChain handler overhead", ["--rounds", "40", "--chain-rounds", "20", "--batch", "50",
                                                       "--warmup", "100"]),
     "llamaindex_overhead": ("LlamaIndex overhead", ["--rounds", "40", "--batch", "30", "--warmup", "50"]),
+    "later_counts": ("LlamaIndex token counts left to the exporter", ["--calls", "4000", "--rounds", "2"]),
     "exporter_throughput": ("Exporter into SQLite and PostgreSQL", ["--runs", "5000", "--runs1", "20000",
                                                                     "--no-paced"]),
     "memory": ("Memory", ["--runs", "20000", "--warmup", "2000"]),
