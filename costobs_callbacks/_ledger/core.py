@@ -610,10 +610,9 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
         end = span.end_wall = time.time()
         span.latency_ms = (time.perf_counter() - start_perf) * 1000.0
         span.status = "ok"
-        if later is not None and not flags and detail is None and self._leave_for_later(run, span, served, later,
-                                                                                         None):
-            pass  # its run ends below, uncounted until settled
-        else:
+        left = later is not None and not flags and detail is None and self._leave_for_later(run, span, served, later,
+                                                                                             None)
+        if not left:  # (a call left for later: its run ends below all the same, settled before it is written)
             if later is not None:
                 est = self._estimate_now(later)
                 if est is None:

@@ -41,8 +41,9 @@ Tokens = tuple[int, int, int, int, int]
 
 
 Later = tuple[Any, ...]
-"""A call's token estimate left for later (``Ledger.record_scoped_llm``): a function returning ``(Tokens, exact)``
-followed by its arguments, which must not change meanwhile (texts, not the app's message objects)."""
+"""A call's token estimate left for later (``Ledger.record_llm``, ``record_scoped_llm``): a function returning
+``(Tokens, exact)`` followed by its arguments, which must not change meanwhile (texts, not the app's message
+objects)."""
 
 
 def tokens_of(usage: TokenUsage) -> Tokens:
@@ -318,8 +319,9 @@ class Span:
     cap_holds: Any = None
     """Spend caps hook: what this call holds of its tenant's and user's caps while in flight (``SpendCaps.admit``)."""
     pending: tuple[str | None, Later] | None = None
-    """A call recorded before its tokens were counted (``Ledger.record_scoped_llm``'s ``later``): the model that
-    served it and its estimate, which ``Ledger.settle`` counts, prices and adds to its run; ``None`` once it has."""
+    """A call recorded before its tokens were counted (``Ledger.record_llm``'s or ``record_scoped_llm``'s ``later``):
+    the model that served it and its estimate, which ``Ledger.settle`` counts, prices and adds to its run; ``None``
+    once it has."""
 
     # Set by new_span (and, written out, by Ledger.record_scoped_llm):
     _sid: str | UUID | int
