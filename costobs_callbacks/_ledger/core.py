@@ -403,13 +403,11 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             if not flags and detail is None and self._leave_for_later(run, span, served, later, sig):
                 self.exporter.emit(span)
                 return span
-            est = self._estimate_now(later)
-            if est is None:
-                span.flags = ("internal_error",)
+            counted = self._count_now(span, later, flags)
+            if counted is None:
                 return self._finish(span, "ok", None, None, served, False, False, None)
-            tokens, exact = est
+            tokens, flags = counted
             estimated = True
-            flags += ESTIMATED if exact else ESTIMATED_CHARS
         assert tokens is not None
         if flags:
             span.flags = flags  # distinct, as the adapter makes them; kept as given (see record_llm)
@@ -614,13 +612,11 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
                                                                                              None)
         if not left:  # (a call left for later: its run ends below all the same, settled before it is written)
             if later is not None:
-                est = self._estimate_now(later)
-                if est is None:
-                    span.flags = ("internal_error",)
+                counted = self._count_now(span, later, flags)
+                if counted is None:
                     return self._finish(span, "ok", None, None, served, False, False, None)
-                tokens, exact = est
+                tokens, flags = counted
                 estimated = True
-                flags += ESTIMATED if exact else ESTIMATED_CHARS
             assert tokens is not None
             if flags:
                 span.flags = flags  # distinct, as the adapter makes them; kept as given (often a constant: no object)
@@ -893,6 +889,15 @@ class Ledger(AttributionMixin, GuardsMixin, HoldsMixin):
             if sig is not None:
                 _count_request(run, sig)
         return True
+
+    def _count_now(self, span: Span, later: Later, flags: tuple[str, ...]) -> tuple[Tokens, tuple[str, ...]] | None:
+        """A call's estimate made at its end (not left for later): its tokens and ``flags`` with the estimate's
+        added; ``None`` if it failed, the span flagged ``internal_error`` (the caller ends it with no usage)."""
+        est = self._estimate_now(later)
+        if est is None:
+            span.flags = ("internal_error",)
+            return None
+        return est[0], flags + (ESTIMATED if est[1] else ESTIMATED_CHARS)
 
     def _estimate_now(self, later: Later) -> tuple[Tokens, bool] | None:
         """A call's estimate (``Later``) made now: ``(tokens, exact)``, ``None`` if it failed (counted, logged)."""
